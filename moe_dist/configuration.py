@@ -1,0 +1,197 @@
+"""Model configuration: the single source of truth for model shape and routing.
+
+Field names follow Hugging Face (Mixtral/Llama) so that tools which read
+`config.json` (lm-evaluation-harness, vLLM-style loaders) find what they expect.
+Parallelism (EP size, ZeRO, engine) is deliberately absent: it is a property of a
+run, not of a model, and never lands in `config.json`.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+NORM_TYPES = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "swiglu")
+POSITION_TYPES = ("learned", "rope")
+ROUTER_TYPES = ("softmax", "random")
+
+# GPT-2 style block used by the seed studies. With biases in attention, LayerNorm and the
+# dense FFN, and none in experts or router, this reproduces the seed parameter table
+# (70.51M / 108.25M / 158.60M / 259.29M / 158.62M at vocab 50257, untied head).
+_SEED = dict(
+    hidden_size=512,
+    num_hidden_layers=6,
+    num_attention_heads=8,
+    intermediate_size=2048,
+    max_position_embeddings=256,
+    hidden_act="gelu",
+    norm_type="layernorm",
+    position_embedding_type="learned",
+    bias=True,
+    expert_bias=False,
+)
+# CPU-sized twin: same block, 128 wide, 4 layers, 128 tokens of context.
+_TINY = dict(_SEED, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+             intermediate_size=512, max_position_embeddings=128)
+# RMSNorm, RoPE, GQA and SwiGLU experts, balanced by the aux-loss-free bias
+# (DeepSeek-V3, arXiv:2412.19437 §2.1.2, update rate 1e-3) plus the ST-MoE z-loss
+# (arXiv:2202.08906, coefficient 1e-3).
+_MODERN = dict(
+    hidden_size=512,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    intermediate_size=1408,
+    max_position_embeddings=256,
+    hidden_act="swiglu",
+    norm_type="rmsnorm",
+    position_embedding_type="rope",
+    bias=False,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=704,
+    norm_topk_prob=True,
+    router_aux_loss_coef=0.0,
+    router_bias_update_rate=1e-3,
+    router_z_loss_coef=1e-3,
+)
+
+PRESETS: dict[str, dict] = {
+    "seed-baseline": dict(_SEED),
+    "seed-moe-e4": dict(_SEED, num_local_experts=4, num_experts_per_tok=1),
+    "seed-moe-e8": dict(_SEED, num_local_experts=8, num_experts_per_tok=1),
+    "seed-moe-e16": dict(_SEED, num_local_experts=16, num_experts_per_tok=1),
+    "seed-top2-e16": dict(_SEED, num_local_experts=16, num_experts_per_tok=2,
+                          moe_intermediate_size=1024, norm_topk_prob=True),
+    "modern-moe": dict(_MODERN),
+    "tiny-dense": dict(_TINY),
+    # Same active parameters as tiny-dense: one expert of the dense FFN's size per token.
+    "tiny-moe": dict(_TINY, num_local_experts=8, num_experts_per_tok=1),
+    "tiny-modern": dict(_MODERN, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=352, moe_intermediate_size=176,
+                        max_position_embeddings=128),
+}
+
+
+class MoEConfig(PretrainedConfig):
+    """Shape and routing of a decoder-only (MoE) language model.
+
+    A model is dense when `num_local_experts == 0`; otherwise every `moe_every`-th FFN
+    after the first `skip_first_moe` is a routed MoE block.
+    """
+
+    model_type = "moe_dist"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    # One name per concept: short names are aliases of the HF fields. `top_k` is not one:
+    # transformers reserves it for generation, so the CLI maps --top_k itself.
+    attribute_map = {"num_experts": "num_local_experts", "num_kv_heads": "num_key_value_heads"}
+
+    vocab_size: int = 50257
+    hidden_size: int = 512
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None  # None: multi-head attention (= num_attention_heads)
+    intermediate_size: int = 2048  # dense FFN width
+    max_position_embeddings: int = 256  # context length; lm-eval-harness reads it
+    hidden_act: str = "gelu"  # "gelu": 2-matrix GPT-2 MLP; "swiglu": 3-matrix gated MLP
+    norm_type: str = "layernorm"
+    norm_eps: float = 1e-5
+    position_embedding_type: str = "learned"
+    rope_theta: float = 10000.0
+    bias: bool = True  # biases in attention, LayerNorm and the dense FFN (GPT-2)
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    use_cache: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    num_local_experts: int = 0  # experts per MoE layer; 0 = dense model
+    num_experts_per_tok: int = 1  # top-k
+    moe_intermediate_size: int | None = None  # expert width; None = intermediate_size
+    moe_every: int = 1
+    skip_first_moe: int = 0
+    num_shared_experts: int = 0  # always-on experts of moe_intermediate_size (DeepSeekMoE)
+    expert_bias: bool = False
+    router_type: str = "softmax"  # "random": a frozen random projection picks the experts
+    norm_topk_prob: bool = False  # renormalise the k gate weights to sum to 1
+    capacity_factor: float | None = 1.0  # training; None = dropless
+    eval_capacity_factor: float | None = None  # None = dropless, so eval is batch-independent
+    min_capacity: int = 4
+    router_jitter_noise: float = 0.0  # multiplicative input noise, training only
+    router_aux_loss_coef: float = 0.01  # Switch/GShard load balancing
+    router_z_loss_coef: float = 0.0  # ST-MoE
+    router_bias_update_rate: float = 0.0  # DeepSeek-V3 aux-loss-free bias; 0 = off
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
+        super().__post_init__(**kwargs)
+        self._validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_local_experts > 0
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        if not self.is_moe or layer_idx < self.skip_first_moe:
+            return False
+        return (layer_idx - self.skip_first_moe) % self.moe_every == 0
+
+    @property
+    def moe_layer_indices(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "MoEConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        overrides = {cls.attribute_map.get(k, k): v for k, v in overrides.items()}
+        unknown = sorted(set(overrides) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown MoEConfig field(s) {unknown} for preset {name!r}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def _validate(self) -> None:
+        def bad(field: str, valid: str) -> ValueError:
+            return ValueError(f"MoEConfig.{field}={getattr(self, field)!r} is invalid: {valid}")
+
+        for field, choices in (("norm_type", NORM_TYPES), ("hidden_act", ACTIVATIONS),
+                               ("position_embedding_type", POSITION_TYPES), ("router_type", ROUTER_TYPES)):
+            if getattr(self, field) not in choices:
+                raise bad(field, f"expected one of {choices}")
+        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                      "intermediate_size", "max_position_embeddings", "moe_intermediate_size",
+                      "moe_every", "num_experts_per_tok"):
+            if getattr(self, field) < 1:
+                raise bad(field, "must be >= 1")
+        if self.hidden_size % self.num_attention_heads:
+            raise bad("num_attention_heads", f"must divide hidden_size={self.hidden_size}")
+        if not 1 <= self.num_key_value_heads <= self.num_attention_heads or \
+                self.num_attention_heads % self.num_key_value_heads:
+            raise bad("num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}")
+        if self.position_embedding_type == "rope" and self.head_dim % 2:
+            raise bad("num_attention_heads", f"RoPE needs an even head_dim, got {self.head_dim}")
+        if self.num_local_experts == 1 or self.num_local_experts < 0:
+            raise bad("num_local_experts", "use 0 for a dense model or >= 2 experts")
+        if self.is_moe and self.num_experts_per_tok > self.num_local_experts:
+            raise bad("num_experts_per_tok", f"top_k must be in [1, num_local_experts={self.num_local_experts}]")
+        if not 0 <= self.skip_first_moe < self.num_hidden_layers:
+            raise bad("skip_first_moe", f"must be in [0, num_hidden_layers={self.num_hidden_layers})")
+        if self.num_shared_experts < 0:
+            raise bad("num_shared_experts", "must be >= 0")
+        for field in ("router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate", "norm_eps",
+                      "min_capacity", "initializer_range"):
+            if getattr(self, field) < 0:
+                raise bad(field, "must be >= 0 (a coefficient or rate cannot be negative)")
+        if not 0 <= self.router_jitter_noise < 1:
+            raise bad("router_jitter_noise", "must be in [0, 1)")
+        for field in ("capacity_factor", "eval_capacity_factor"):
+            if getattr(self, field) is not None and getattr(self, field) <= 0:
+                raise bad(field, "must be > 0, or None for dropless routing")

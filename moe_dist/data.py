@@ -1,0 +1,392 @@
+"""Text to training batches: load stories (hub or local files), build a tokenizer, pack the
+tokens into fixed-length blocks, and give each rank its resumable share of every global batch."""
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerFast
+
+log = logging.getLogger(__name__)
+
+SEPARATOR = "<|endoftext|>"
+# A byte-level BPE keeps all 256 byte symbols plus SEPARATOR, so smaller vocabularies are impossible.
+MIN_TRAINED_VOCAB = 257
+# Bump when pack_blocks changes what it writes, so old caches are never trusted.
+_CACHE_VERSION = 1
+_HUB_SPLITS = {"train": "train", "valid": "validation"}
+
+
+class DataError(ValueError):
+    """Bad data input. The message is one line naming the field or path and what is valid."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "roneneldan/TinyStories"  # hub dataset with train/validation splits; used without files
+    train_file: str | None = None  # local .txt (stories split by <|endoftext|> lines), .json or .jsonl
+    valid_file: str | None = None  # given together with train_file
+    tokenizer: str = "gpt2"  # AutoTokenizer name/path, or "train:N" = train an N-token byte-level BPE
+    seq_len: int = 256  # model context; each stored block holds seq_len + 1 tokens (inputs + shifted labels)
+    cache_dir: str | None = None  # token caches (default <run_dir>/cache) and the datasets cache
+    max_valid_blocks: int | None = None  # keep only the first N validation blocks (faster evals)
+    seed: int = 0  # seed of the training-order permutation
+
+    def __post_init__(self) -> None:
+        if (self.train_file is None) != (self.valid_file is None):
+            raise DataError("train_file/valid_file: give both or neither (neither loads the hub dataset)")
+        if not isinstance(self.seq_len, int) or self.seq_len < 8:
+            raise DataError(f"seq_len: must be an int >= 8, got {self.seq_len!r}")
+        if self.max_valid_blocks is not None and self.max_valid_blocks < 1:
+            raise DataError(f"max_valid_blocks: must be None or >= 1, got {self.max_valid_blocks!r}")
+        trained_vocab_size(self.tokenizer)
+
+
+def trained_vocab_size(spec: str) -> int | None:
+    """N for a "train:N" tokenizer spec; None for a name or path."""
+    if not spec.startswith("train:"):
+        return None
+    n = spec.removeprefix("train:")
+    if not n.isdigit() or int(n) < MIN_TRAINED_VOCAB:
+        raise DataError(f"tokenizer: 'train:N' needs an int N >= {MIN_TRAINED_VOCAB}, got {spec!r}")
+    return int(n)
+
+
+# ---------------------------------------------------------------- loading text
+
+def load_text_splits(cfg: DataConfig) -> tuple[Dataset, Dataset]:
+    """(train, valid) datasets with one story per row in a `text` column."""
+    return _load_split(cfg, "train")[0], _load_split(cfg, "valid")[0]
+
+
+def _load_split(cfg: DataConfig, split: str) -> tuple[Dataset, int]:
+    """One split's stories and how many bytes of it were not valid UTF-8."""
+    path = cfg.train_file if split == "train" else cfg.valid_file
+    raw, bad = _load_hub(cfg, split) if path is None else _load_file(f"{split}_file", path, cfg.cache_dir)
+    stories = raw.map(_split_stories, batched=True, remove_columns=raw.column_names, desc=f"split {split}")
+    if len(stories) == 0:
+        raise DataError(f"{_source_name(cfg, split)}: no story found (only blank text or {SEPARATOR} lines)")
+    return stories, bad
+
+
+def _split_stories(batch: dict[str, list]) -> dict[str, list[str]]:
+    # Hub and JSON records may also hold several stories, or CRLF endings; treat every source alike.
+    stories = (s.strip() for text in batch["text"] for s in (text or "").replace("\r\n", "\n").split(SEPARATOR))
+    return {"text": [s for s in stories if s]}
+
+
+def _load_hub(cfg: DataConfig, split: str) -> tuple[Dataset, int]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(cfg.dataset, split=_HUB_SPLITS[split], cache_dir=cfg.cache_dir)
+    except Exception as e:  # offline, a wrong name and a missing split all surface as assorted types
+        raise DataError(f"dataset {cfg.dataset!r} (split {_HUB_SPLITS[split]!r}): could not load it from the hub "
+                        f"({type(e).__name__}); no internet? pass --train_file and --valid_file") from e
+    if "text" not in ds.column_names:
+        raise DataError(f"dataset {cfg.dataset!r}: needs a 'text' column, has {ds.column_names}")
+    return ds, 0
+
+
+def _load_file(field: str, path: str, cache_dir: str | None) -> tuple[Dataset, int]:
+    import datasets
+
+    p = Path(path)
+    kinds = {".txt": "text", ".json": "json", ".jsonl": "json"}
+    if not p.exists():
+        raise DataError(f"{field}: {path} does not exist; pass a .txt, .json or .jsonl file")
+    if not p.is_file():
+        raise DataError(f"{field}: {path} is a directory, not a file; pass a .txt, .json or .jsonl file")
+    if p.suffix.lower() not in kinds:
+        raise DataError(f"{field}: {path} has suffix {p.suffix!r}; valid are .txt, .json and .jsonl")
+    bad = _count_bad_bytes(p)
+    if bad:
+        log.warning("%s: %d bytes are not valid UTF-8; each was replaced with U+FFFD", path, bad)
+    kind = kinds[p.suffix.lower()]
+    # One row per file; _split_stories cuts it at the separators (which may span lines).
+    extra = {"sample_by": "document"} if kind == "text" else {}
+    try:
+        # "utf_8", not "utf-8": only then does the json builder decode in Python, where errors="replace"
+        # applies; with "utf-8" it hands the raw bytes to pyarrow, which rejects invalid UTF-8.
+        ds = datasets.load_dataset(kind, data_files={"train": str(p)}, split="train", cache_dir=cache_dir,
+                                   encoding="utf_8", encoding_errors="replace", **extra)
+    except datasets.exceptions.DatasetGenerationError as e:
+        raise DataError(f"{field}: {path} is not valid {kind} ({e.__cause__ or e})".replace("\n", " ")) from e
+    if "text" not in ds.column_names:
+        raise DataError(f"{field}: {path} needs a 'text' field in every record, has {ds.column_names}")
+    return ds, bad
+
+
+def _count_bad_bytes(path: Path) -> int:
+    """Bytes that are not valid UTF-8 (streamed, so huge files are fine)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
+    total = good = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            total += len(chunk)
+            good += len(decoder.decode(chunk).encode("utf-8"))
+        good += len(decoder.decode(b"", final=True).encode("utf-8"))
+    return total - good
+
+
+def _source_name(cfg: DataConfig, split: str) -> str:
+    path = cfg.train_file if split == "train" else cfg.valid_file
+    return f"{split}_file {path}" if path else f"dataset {cfg.dataset!r} split {_HUB_SPLITS[split]!r}"
+
+
+# ---------------------------------------------------------------- tokenizer
+
+def build_tokenizer(spec: str, train_texts: Iterable[str] | None, save_dir: str | Path | None
+                    ) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE ("train:N", on train_texts) or load a named one; save it if save_dir."""
+    n = trained_vocab_size(spec)
+    if n is None:
+        tokenizer = load_tokenizer(spec)
+    elif train_texts is None:
+        raise DataError(f"tokenizer: {spec!r} needs training texts")
+    else:
+        tokenizer = _train_bpe(train_texts, n)
+    if save_dir is not None:
+        _save_tokenizer_atomic(tokenizer, Path(save_dir))
+    return tokenizer
+
+
+def _train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[SEPARATOR], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer=trainer)
+    # Without bos/eos/pad, eos_token_id is None and generate() never stops (DESIGN.md, pitfalls).
+    # No space clean-up on decode, so decode(encode(text)) == text.
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=SEPARATOR, eos_token=SEPARATOR,
+                                   pad_token=SEPARATOR, clean_up_tokenization_spaces=False)
+
+
+def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerFast:
+    """A saved or hub tokenizer, with pad = eos when it has no pad token (GPT-2 has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    except (OSError, ValueError) as e:
+        raise DataError(f"tokenizer: cannot load {str(name_or_path)!r} ({type(e).__name__}); "
+                        "no internet? pass a local path or train:N") from e
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"tokenizer: {str(name_or_path)!r} has no eos_token; packing puts one after every story")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _save_tokenizer_atomic(tokenizer: PreTrainedTokenizerFast, save_dir: Path) -> None:
+    # A resumed run trusts an existing save_dir, so it must never exist half-written.
+    tmp = save_dir.with_name(f"{save_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(save_dir, ignore_errors=True)
+    os.replace(tmp, save_dir)
+
+
+# ---------------------------------------------------------------- packing and caching
+
+def pack_blocks(texts: Dataset, tokenizer: PreTrainedTokenizerFast, seq_len: int,
+                cache_path: str | Path | None = None) -> np.ndarray:
+    """Tokenize every story, end each with eos, concatenate, and cut into blocks (the tail is dropped).
+
+    Returns shape [num_blocks, seq_len + 1]. With cache_path, an existing file is returned as a
+    read-only memmap instead, and a fresh result is written there atomically.
+    """
+    if cache_path is not None and Path(cache_path).exists():
+        return np.load(cache_path, mmap_mode="r")
+    eos = tokenizer.eos_token_id
+
+    def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
+        return {"ids": [story + [eos] for story in ids]}
+
+    tokenized = texts.map(encode, batched=True, remove_columns=texts.column_names, desc="tokenize")
+    dtype = np.uint16 if len(tokenizer) < 2**16 else np.int32
+    # Flatten chunk by chunk in the narrow dtype: the int64 lists of a large corpus would not fit in memory.
+    chunks = [chunk.flatten().to_numpy().astype(dtype) for chunk in tokenized.data.column("ids").chunks]
+    flat = np.concatenate(chunks) if chunks else np.empty(0, dtype)
+    num_blocks = len(flat) // (seq_len + 1)
+    blocks = flat[: num_blocks * (seq_len + 1)].reshape(num_blocks, seq_len + 1)
+    if cache_path is not None:
+        _write_atomic(Path(cache_path), lambda f: np.save(f, blocks))
+    return blocks
+
+
+def cache_fingerprint(source: str, tokenizer: PreTrainedTokenizerFast, seq_len: int) -> str:
+    """Key of one split's token cache: changes with the source, the tokenizer or seq_len."""
+    path = Path(source)
+    if path.is_file():  # size + mtime: hashing a multi-GB corpus on every start would be slow
+        st = path.stat()
+        source = f"file:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    key = json.dumps([_CACHE_VERSION, source, seq_len, tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _cache_paths(cfg: DataConfig, split: str, tokenizer: PreTrainedTokenizerFast, cache_dir: Path
+                 ) -> tuple[Path, Path]:
+    path = cfg.train_file if split == "train" else cfg.valid_file
+    source = path if path is not None else f"hub:{cfg.dataset}:{_HUB_SPLITS[split]}"
+    key = cache_fingerprint(source, tokenizer, cfg.seq_len)
+    return cache_dir / f"{split}-{key}.npy", cache_dir / f"{split}-{key}.json"
+
+
+def _write_atomic(path: Path, write: Callable) -> None:
+    # Write a tmp file and rename it, so a killed process never leaves a half file that a later run trusts.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- prepare (all ranks)
+
+@dataclass
+class PreparedData:
+    train_blocks: np.ndarray  # shape: [num_train_blocks, seq_len + 1]
+    valid_blocks: np.ndarray  # shape: [num_valid_blocks, seq_len + 1]
+    tokenizer: PreTrainedTokenizerFast
+    stats: dict[str, int]
+
+
+def prepare_data(cfg: DataConfig, run_dir: str | Path, *, is_main: bool, barrier: Callable[[], None],
+                 min_valid_blocks: int = 1) -> PreparedData:
+    """The main process builds the tokenizer (run_dir/tokenizer) and the token caches; then, after
+    barrier(), every process loads them from disk. A resumed run reuses run_dir/tokenizer."""
+    run_dir = Path(run_dir)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else run_dir / "cache"
+    if is_main:
+        _build_on_main(cfg, run_dir, cache_dir)
+    barrier()
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    blocks, meta = {}, {}
+    for split in ("train", "valid"):
+        npy, meta_path = _cache_paths(cfg, split, tokenizer, cache_dir)
+        blocks[split], meta[split] = np.load(npy, mmap_mode="r"), json.loads(meta_path.read_text())
+    blocks["valid"] = blocks["valid"][: cfg.max_valid_blocks]
+    for split, needed in (("train", 1), ("valid", min_valid_blocks)):
+        if len(blocks[split]) < needed:
+            raise DataError(f"{_source_name(cfg, split)}: makes {len(blocks[split])} blocks of seq_len + 1 = "
+                            f"{cfg.seq_len + 1} tokens, need >= {needed}; use more text or a smaller seq_len")
+    stats = {"bad_bytes": meta["train"]["bad_bytes"] + meta["valid"]["bad_bytes"]}
+    for split in ("train", "valid"):
+        stats |= {f"n_{split}_stories": meta[split]["stories"], f"n_{split}_blocks": len(blocks[split]),
+                  f"n_{split}_tokens": int(blocks[split].size)}
+    return PreparedData(blocks["train"], blocks["valid"], tokenizer, stats)
+
+
+def _build_on_main(cfg: DataConfig, run_dir: Path, cache_dir: Path) -> None:
+    loaded: dict[str, tuple[Dataset, int]] = {}
+
+    def split_texts(split: str) -> tuple[Dataset, int]:
+        if split not in loaded:
+            loaded[split] = _load_split(cfg, split)
+        return loaded[split]
+
+    tok_dir = run_dir / "tokenizer"
+    if not tok_dir.is_dir():
+        texts = split_texts("train")[0]["text"] if trained_vocab_size(cfg.tokenizer) else None
+        build_tokenizer(cfg.tokenizer, texts, tok_dir)
+    # Fingerprint the tokenizer as every rank will load it, so all ranks agree on the cache names.
+    tokenizer = load_tokenizer(tok_dir)
+    for split in ("train", "valid"):
+        npy, meta_path = _cache_paths(cfg, split, tokenizer, cache_dir)
+        if npy.exists() and meta_path.exists():
+            continue
+        texts, bad = split_texts(split)
+        pack_blocks(texts, tokenizer, cfg.seq_len, npy)
+        meta = json.dumps({"stories": len(texts), "bad_bytes": bad}).encode()
+        _write_atomic(meta_path, lambda f: f.write(meta))
+
+
+# ---------------------------------------------------------------- batches
+
+class BlockSampler:
+    """Deterministic, rank-sharded, resumable training batches of block indices.
+
+    Each optimizer step takes the next global batch (micro_batch_size * grad_accum * world_size
+    blocks) of a per-epoch permutation; the epoch tail that cannot fill a global batch is dropped,
+    so every rank gets exactly micro_batch_size blocks per micro-step: expert-parallel all-to-all
+    needs equal token counts across ranks (DESIGN.md §3). The position is just the number of
+    global steps consumed, so resuming in a new process continues exactly where it stopped.
+    """
+
+    def __init__(self, num_blocks: int, *, micro_batch_size: int, grad_accum: int, rank: int,
+                 world_size: int, seed: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank: must be in [0, {world_size}), got {rank}")
+        self.num_blocks, self.seed, self.rank = num_blocks, seed, rank
+        self.shape = (grad_accum, world_size, micro_batch_size)  # one global batch
+        self.global_batch = micro_batch_size * grad_accum * world_size
+        if num_blocks < self.global_batch:
+            raise DataError(f"train set: {num_blocks} blocks < one global batch of {self.global_batch} "
+                            f"(micro_batch_size {micro_batch_size} x grad_accum {grad_accum} x world_size "
+                            f"{world_size}); use a smaller batch or seq_len, or more data")
+        self.steps_per_epoch = num_blocks // self.global_batch
+        self.step = 0
+        self._epoch, self._perm = -1, np.empty(0, np.int64)
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    def next_step(self) -> list[np.ndarray]:
+        """grad_accum index arrays of micro_batch_size blocks each: this rank's share of the next step."""
+        epoch, i = divmod(self.step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.num_blocks, generator=generator).numpy()
+        batch = self._perm[i * self.global_batch:(i + 1) * self.global_batch].reshape(self.shape)
+        self.step += 1
+        return list(batch[:, self.rank])
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "seed": self.seed, "num_blocks": self.num_blocks,
+                "global_batch": self.global_batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key in ("seed", "num_blocks", "global_batch"):
+            if state[key] != getattr(self, key):
+                raise DataError(f"data position: checkpoint has {key}={state[key]}, this run has "
+                                f"{getattr(self, key)}; resume with the same data, seed and batch sizes")
+        self.step = state["step"]
+
+
+def batch_tensors(blocks: np.ndarray, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, labels), int64, shape [len(idx), seq_len]; labels are already shifted by one."""
+    batch = torch.from_numpy(np.asarray(blocks[idx], dtype=np.int64))
+    return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+
+def validation_shard(num_blocks: int, *, rank: int, world_size: int, micro_batch_size: int) -> list[np.ndarray]:
+    """This rank's fixed validation micro-batches: the same count on every rank, disjoint, unshuffled."""
+    per_rank = num_blocks // (world_size * micro_batch_size)
+    if per_rank == 0:
+        raise DataError(f"validation set: {num_blocks} blocks < one micro-batch per rank ({world_size} ranks x "
+                        f"micro_batch_size {micro_batch_size}); use more validation data or a smaller batch")
+    idx = np.arange(per_rank * world_size * micro_batch_size).reshape(per_rank, world_size, micro_batch_size)
+    return list(idx[:, rank])

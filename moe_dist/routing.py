@@ -1,0 +1,205 @@
+"""Routers: which experts see which tokens, with what weight, and what balancing costs.
+
+Pure torch, no DeepSpeed: the functions are the math, `Router` holds the parameters and
+the per-layer statistics of the last forward. The expert-parallel layer consumes the same
+`Routing` that the single-device path does, so both drop exactly the same tokens.
+
+Shape suffixes: T tokens, D model width, E experts, K experts per token (top-k).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Routing:
+    """The routing decision for one MoE layer's tokens."""
+
+    expert_idx_TK: torch.Tensor  # int64; column 0 is each token's first choice
+    weight_TK: torch.Tensor  # fp32 gate weights; 0 where the route was dropped
+    position_TK: torch.Tensor  # int64 slot of the route in its expert's buffer
+    keep_TK: torch.Tensor  # bool; False where capacity dropped the route
+    capacity: int | None  # slots per expert; None = dropless
+    loss: torch.Tensor  # weighted aux + z loss, to be added to the LM loss
+    num_experts: int
+
+
+# ---- pure functions -------------------------------------------------------------------
+
+
+def load_balancing_loss(*, probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch Transformer aux loss (arXiv:2101.03961 eq. 4-6), GShard's top-k form.
+
+    E * sum_e f_e * P_e, with f_e the fraction of routes sent to expert e (before capacity
+    drops) and P_e its mean router probability. It is 1 for perfectly uniform routing.
+    """
+    counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=num_experts).to(probs_TE.dtype)
+    f_E = counts_E / expert_idx_TK.numel()
+    return num_experts * torch.sum(f_E * probs_TE.mean(dim=0))
+
+
+def router_z_loss(*, logits_TE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE z-loss (arXiv:2202.08906 eq. 5): mean squared log-partition, keeps logits small."""
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+def routing_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of -sum_e p log p: log E for uniform routing, 0 for one-hot."""
+    return -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(dim=-1).mean()
+
+
+def expert_capacity(*, num_tokens: int, num_experts: int, top_k: int, capacity_factor: float,
+                    min_capacity: int) -> int:
+    """Slots per expert: capacity_factor times the fair share of the T*K routes.
+
+    Capped at T, since top-k picks distinct experts and an expert never sees a token twice.
+    """
+    fair = math.ceil(num_tokens * top_k / num_experts * capacity_factor)
+    return min(max(fair, min_capacity), num_tokens)
+
+
+def assign_positions(expert_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Slot of every route in its expert's buffer.
+
+    Priority is route-major, as in GShard: every token's first choice is placed before any
+    second choice, then token order. Capacity therefore drops second choices first.
+    """
+    T, K = expert_idx_TK.shape
+    expert_R = expert_idx_TK.t().reshape(-1)  # R = K*T routes, route-major
+    # A stable sort keeps route order within each expert, so a route's slot is its rank in
+    # the sorted list minus the rank of its expert's first route. This equals the one-hot
+    # cumsum over [R, E] but costs O(R log R), not O(R * E): measured 1.3-6x faster on CPU
+    # at 2k-32k tokens and 8-16 experts, and without one_hot's device sync on GPU.
+    sorted_R, order_R = torch.sort(expert_R, stable=True)
+    start_E = torch.searchsorted(sorted_R, torch.arange(num_experts, device=expert_R.device, dtype=expert_R.dtype))
+    rank_R = torch.arange(expert_R.numel(), device=expert_R.device) - start_E.index_select(0, sorted_R)
+    position_R = torch.empty_like(rank_R).scatter_(0, order_R, rank_R)
+    return position_R.view(K, T).t()
+
+
+def aux_free_bias_update(bias_E: torch.Tensor, load_E: torch.Tensor, rate: float) -> torch.Tensor:
+    """DeepSeek-V3 aux-loss-free balancing (arXiv:2412.19437 §2.1.2).
+
+    Raise the selection bias of under-loaded experts and lower it for over-loaded ones by
+    a fixed step; the bias only changes which experts are chosen, never the gate weight.
+    """
+    load_E = load_E.to(bias_E.dtype)
+    return bias_E + rate * torch.sign(load_E.mean() - load_E)
+
+
+# ---- the router module ----------------------------------------------------------------
+
+
+class Router(nn.Module):
+    """Token-choice top-k router with capacity, jitter, z-loss and aux-loss-free bias."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_experts = config.num_local_experts
+        self.top_k = config.num_experts_per_tok
+        self.random = config.router_type == "random"
+        self.norm_topk_prob = config.norm_topk_prob
+        self.jitter = config.router_jitter_noise
+        self.capacity_factor = config.capacity_factor
+        self.eval_capacity_factor = config.eval_capacity_factor
+        self.min_capacity = config.min_capacity
+        self.aux_coef = config.router_aux_loss_coef
+        self.z_coef = config.router_z_loss_coef
+        self.bias_rate = config.router_bias_update_rate
+        # A random router is a fixed random projection: a deterministic, untrained baseline
+        # in the spirit of hash routing (Roller et al. 2021, arXiv:2106.04426).
+        self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size),
+                                   requires_grad=not self.random)
+        self.register_buffer("score_bias", torch.zeros(self.num_experts))
+        # int64 so that casting the model to bf16 cannot round the counts.
+        self.register_buffer("load_sum", torch.zeros(self.num_experts, dtype=torch.long), persistent=False)
+        self.stats: dict[str, torch.Tensor] = {}
+
+    def _apply(self, fn, recurse=True):
+        # The balancing bias moves in 1e-3 steps that bf16 would round away: keep it fp32
+        # when the engine casts the model.
+        bias = self.score_bias
+        super()._apply(fn, recurse)
+        if self.score_bias.dtype != torch.float32:
+            self.score_bias = self.score_bias.float() if bias.is_meta else bias.to(self.score_bias.device)
+        return self
+
+    def capacity(self, num_tokens: int) -> int | None:
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if factor is None:
+            return None
+        return expert_capacity(num_tokens=num_tokens, num_experts=self.num_experts, top_k=self.top_k,
+                               capacity_factor=factor, min_capacity=self.min_capacity)
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        x_TD = x_TD.float()  # routing in fp32: bf16 logits flip near-ties and overflow the z-loss
+        if self.training and self.jitter > 0:
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.jitter, 1 + self.jitter)
+        logits_TE = F.linear(x_TD, self.weight.float())
+        probs_TE = logits_TE.softmax(dim=-1)
+
+        if self.random:
+            expert_idx_TK = logits_TE.topk(self.top_k, dim=-1).indices
+            weight_TK = torch.full(expert_idx_TK.shape, 1.0 / self.top_k, device=x_TD.device)
+            loss = logits_TE.new_zeros(())
+            aux = z = loss
+        else:
+            expert_idx_TK = (probs_TE + self.score_bias).topk(self.top_k, dim=-1).indices
+            weight_TK = probs_TE.gather(1, expert_idx_TK)
+            if self.norm_topk_prob:
+                weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+            aux = load_balancing_loss(probs_TE=probs_TE, expert_idx_TK=expert_idx_TK, num_experts=self.num_experts)
+            z = router_z_loss(logits_TE=logits_TE)
+            loss = self.aux_coef * aux + self.z_coef * z
+
+        capacity = self.capacity(x_TD.shape[0])
+        position_TK = assign_positions(expert_idx_TK, self.num_experts)
+        keep_TK = position_TK < capacity if capacity is not None else torch.ones_like(expert_idx_TK, dtype=torch.bool)
+        weight_TK = weight_TK * keep_TK
+        self._record(probs_TE, expert_idx_TK, keep_TK, aux, z)
+        return Routing(expert_idx_TK, weight_TK, position_TK, keep_TK, capacity, loss, self.num_experts)
+
+    @torch.no_grad()
+    def _record(self, probs_TE, expert_idx_TK, keep_TK, aux, z) -> None:
+        """Keep this forward's statistics as tensors; reading them (a host sync) is the logger's call."""
+        self.stats = {
+            "selected_per_expert": torch.bincount(expert_idx_TK.reshape(-1), minlength=self.num_experts),
+            "tokens_per_expert": torch.bincount(expert_idx_TK[keep_TK], minlength=self.num_experts),
+            "drop_fraction": 1.0 - keep_TK.float().mean(),
+            "entropy": routing_entropy(probs_TE),
+            "aux_loss": aux.detach(),
+            "z_loss": z.detach(),
+            "score_bias": self.score_bias.clone(),
+        }
+
+    @torch.no_grad()
+    def accumulate_load(self) -> None:
+        """Add the last forward's selection counts to the bias-update window.
+
+        Called once per model forward, outside the layers, so that activation-checkpoint
+        recomputation (which re-runs the layers) does not count tokens twice.
+        """
+        if self.bias_rate > 0 and self.stats:
+            self.load_sum += self.stats["selected_per_expert"]
+
+    @torch.no_grad()
+    def update_bias(self, group=None) -> None:
+        """Apply one aux-loss-free step from the loads seen since the last call.
+
+        The loads are summed over data-parallel ranks first, so every rank moves its bias
+        identically and the replicas never diverge.
+        """
+        if self.bias_rate <= 0:
+            return
+        load_E = self.load_sum.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load_E, group=group)
+        self.score_bias.copy_(aux_free_bias_update(self.score_bias, load_E, self.bias_rate))
+        self.load_sum.zero_()

@@ -1,0 +1,47 @@
+"""Shared test helpers: the repository on sys.path and a factory for CPU-sized model configs."""
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # plain `pytest` does not put the repository root on sys.path
+    sys.path.insert(0, str(ROOT))
+
+# A preset shrunk to a few thousand parameters per layer: every test model is built in milliseconds.
+TINY_SHAPE = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=128, max_position_embeddings=64)
+
+
+@pytest.fixture
+def make_config():
+    """`make_config(preset="tiny-moe", **overrides)`: the preset at TINY_SHAPE, then the overrides."""
+    from moe_dist import MoEConfig
+
+    def make(preset: str = "tiny-moe", **overrides):
+        shape = dict(TINY_SHAPE)
+        if preset in ("tiny-modern", "modern-moe"):
+            shape.update(num_key_value_heads=2, moe_intermediate_size=64)
+        return MoEConfig.from_preset(preset, **{**shape, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ep2_run(tmp_path_factory):
+    """One uninterrupted 24-step EP=2 DeepSpeed run (2 CPU ranks), shared by every test that reads it."""
+    from launcher import EP2_ARGS, TRAIN, check, deepspeed
+
+    run_dir = tmp_path_factory.mktemp("ep2") / "run"
+    check(deepspeed(TRAIN, [*EP2_ARGS, "--output_dir", str(run_dir)]))
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def accel_run(tmp_path_factory):
+    """One uninterrupted 24-step single-process run through accelerate (no DeepSpeed engine)."""
+    from launcher import ACCEL_ARGS, TRAIN, check, python
+
+    run_dir = tmp_path_factory.mktemp("accel") / "run"
+    check(python(TRAIN, [*ACCEL_ARGS, "--output_dir", str(run_dir)]))
+    return run_dir
