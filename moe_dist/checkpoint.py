@@ -1,0 +1,192 @@
+"""Atomic, verifiable checkpoints that every engine writes into.
+
+A save goes to `checkpoints/stepNNNNNNNN.partial/`. Only after every rank has written its
+shards (a barrier) does rank 0 list the files with their sizes in `MANIFEST.json`, fsync
+them, rename the folder to `stepNNNNNNNN/` and point `latest` at it (tmp file, fsync,
+rename). DeepSpeed's own save writes `latest` with a plain write and no barrier, so a rank
+killed mid-save could leave `latest` naming a checkpoint without its expert files.
+
+Resume takes the newest checkpoint whose manifest matches the disk, and says which.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "MANIFEST.json"
+_PARTIAL = ".partial"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step"))
+
+
+class CheckpointStore:
+    def __init__(self, root: str | Path, *, is_main: bool, barrier: Callable[[], None]):
+        self.root = Path(root)
+        self.is_main = is_main
+        self.barrier = barrier
+
+    # ---- saving ---------------------------------------------------------------------------
+
+    def begin(self, step: int) -> Path:
+        """A fresh staging folder for this step, visible to every rank on return."""
+        staging = self.root / f"step{step:08d}{_PARTIAL}"
+        if self.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self.barrier()
+        return staging
+
+    def commit(self, staging: Path, *, best: bool, keep_last: int) -> Path:
+        """Publish a staged save once every rank has finished writing into it."""
+        self.barrier()
+        final = staging.with_name(staging.name.removesuffix(_PARTIAL))
+        if self.is_main:
+            files = sorted(p for p in staging.rglob("*") if p.is_file())
+            for path in files:
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+            manifest = {str(p.relative_to(staging)): p.stat().st_size for p in files}
+            write_atomic(staging / MANIFEST, json.dumps(manifest, indent=1).encode())
+            if final.exists():  # re-saving a step after a resume: the new save replaces it
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            _fsync_dir(self.root)
+            write_atomic(self.root / "latest", final.name.encode())
+            if best:
+                write_atomic(self.root / "best", final.name.encode())
+            self._prune(keep_last)
+        self.barrier()
+        return final
+
+    def _prune(self, keep_last: int) -> None:
+        """Keep the newest `keep_last` complete checkpoints and the best; never the only good one."""
+        complete = self.complete()
+        keep = set(complete[-keep_last:]) | {self.pointer("best")}
+        for path in complete:
+            if path not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    # ---- finding and checking -------------------------------------------------------------
+
+    def pointer(self, name: str) -> Path | None:
+        try:
+            return self.root / (self.root / name).read_text().strip()
+        except FileNotFoundError:
+            return None
+
+    def complete(self) -> list[Path]:
+        """Committed checkpoints, oldest first (unverified)."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.glob("step*") if p.is_dir() and not p.name.endswith(_PARTIAL)]
+        return sorted(found, key=step_of)
+
+    def candidates(self) -> list[Path]:
+        """Checkpoints to try on resume, newest first; corrupt ones are reported and skipped."""
+        good = []
+        for path in reversed(self.complete()):
+            try:
+                verify(path)
+                good.append(path)
+            except CheckpointError as e:
+                log.warning("%s; falling back to an older checkpoint", e)
+        return good
+
+    def remove_partials(self) -> None:
+        """Leftovers of a save that was killed: never trusted, so remove them (rank 0, at start)."""
+        for path in self.root.glob(f"step*{_PARTIAL}"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def verify(path: Path) -> None:
+    manifest_path = path / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        raise CheckpointError(f"checkpoint {path} has no readable {MANIFEST}") from None
+    for rel, size in manifest.items():
+        file = path / rel
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint file {file} is missing")
+        if file.stat().st_size != size:
+            raise CheckpointError(f"checkpoint file {file} is truncated or changed "
+                                  f"({file.stat().st_size} bytes, manifest says {size})")
+
+
+# ---- per-rank state that no engine saves for us ------------------------------------------
+
+
+def capture_rng() -> dict:
+    """Every RNG this process draws from. DeepSpeed saves none, and the MoE path writes its
+    client state from rank 0 only; without the torch RNG, routing noise diverges on resume."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                  "gauss": gauss},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_rank_state(staging: Path, rank: int, state: dict) -> None:
+    path = staging / "ranks" / f"rank{rank:05d}.pt"
+    path.parent.mkdir(exist_ok=True)
+    torch.save(state, path)
+
+
+def load_rank_state(path: Path, rank: int) -> dict:
+    file = path / "ranks" / f"rank{rank:05d}.pt"
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {path} has no state for rank {rank} ({file}); "
+                              f"it was saved with fewer ranks")
+    try:
+        return torch.load(file, weights_only=True)
+    except Exception as e:  # a corrupt pickle raises many different types
+        raise CheckpointError(f"checkpoint file {file} cannot be read ({type(e).__name__}: {e})") from None

@@ -1,0 +1,46 @@
+"""Entry point shared by `launch/train.py` and the `moe-dist-train` console script.
+
+Bad input (ConfigError, DataError, an invalid MoEConfig, an impossible EP layout) ends the
+run with one line on stderr and exit status 2, before any process group or model exists
+where the mistake can be seen that early.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from .args import parse_args
+from .checkpoint import CheckpointError
+from .data import DataError
+from .ds_config import ConfigError
+from .expert_parallel import ExpertParallelError
+from .export import ExportError
+
+# Errors we raise on purpose with a one-line message. While planning, a bare ValueError is
+# an invalid MoEConfig field; once training runs, a ValueError is a bug and keeps its traceback.
+RUN_ERRORS = (ConfigError, DataError, ExpertParallelError, CheckpointError, ExportError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .plan import plan_run
+    from .trainer import run
+
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        plan = plan_run(*parse_args(argv))
+    except (*RUN_ERRORS, ValueError) as e:
+        # Every rank sees the same mistake in the command line: rank 0 reports it, and the
+        # others wait a moment so the launcher does not kill rank 0 before it has printed.
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        else:
+            time.sleep(2)
+        return 2
+    try:
+        run(plan)
+    except RUN_ERRORS as e:
+        print(f"error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,179 @@
+"""Turn the command line into a checked run plan, before any process group or model exists.
+
+Everything a user can get wrong and we can see without a GPU is caught here, as one line
+naming the flag or file: a bad DeepSpeed JSON, an EP size that does not divide the experts
+or the world, missing data, a tokenizer that does not fit the model, or an output folder
+that holds a different run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .args import DataArgs, ModelArgs, TrainArgs
+from .configuration import MoEConfig
+from .data import SEPARATOR, DataConfig, DataError, trained_vocab_size
+from .ds_config import ConfigError, launcher_world_size, load_deepspeed_config
+from .engines import EngineSpec
+from .expert_parallel import validate_expert_parallel
+
+RUN_RECORD = "run.json"
+# Shape fields that --init_from cannot change: the loaded weights would not fit.
+_SHAPE_FIELDS = ("num_local_experts", "moe_every", "skip_first_moe", "num_shared_experts", "vocab_size")
+# Filled in from the tokenizer once the data is ready, so not comparable before that.
+_FROM_TOKENIZER = {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"}
+# Fields that differ between runs without making them different models.
+_VOLATILE = {"transformers_version", "architectures", "auto_map", "_name_or_path", "dtype", "torch_dtype"}
+
+
+@dataclass
+class RunPlan:
+    run_dir: Path
+    engine: str  # "deepspeed" | "accelerate"
+    world_size: int
+    preset: str
+    model_config: MoEConfig
+    vocab_from_tokenizer: bool  # model vocab = tokenizer size (rounded up), known once data is ready
+    init_from: Path | None
+    grad_ckpt: bool
+    data: DataConfig
+    spec: EngineSpec
+    train: TrainArgs
+
+
+def plan_run(model: ModelArgs, data: DataArgs, train: TrainArgs) -> RunPlan:
+    world = launcher_world_size()
+    ds = load_deepspeed_config(train.deepspeed, world_size=world) if train.deepspeed else None
+    engine = "deepspeed" if ds else "accelerate"
+    overrides = model.model_overrides()
+    if ds is None and "capacity_factor" not in overrides:
+        overrides["capacity_factor"] = None  # one device needs no capacity: route dropless
+    init_from = _resolve_init_from(model.init_from) if model.init_from else None
+    config = _model_config(model.model, init_from, overrides)
+
+    ep_size = ds.ep_size if ds else 1
+    validate_expert_parallel(num_experts=config.num_local_experts, ep_size=ep_size, world_size=world)
+    seq_len = data.seq_len or config.max_position_embeddings
+    if seq_len > config.max_position_embeddings:
+        raise ConfigError(f"--seq_len={seq_len} exceeds the model's context "
+                          f"(max_position_embeddings={config.max_position_embeddings})")
+    _check_data_files(data)
+    # A model continues with the tokenizer it was trained with, unless told otherwise.
+    tokenizer = data.tokenizer or (str(init_from) if init_from and (init_from / "tokenizer.json").is_file()
+                                   else "gpt2")
+    data_cfg = DataConfig(dataset=data.dataset, train_file=data.train_file, valid_file=data.valid_file,
+                          tokenizer=tokenizer, seq_len=seq_len, cache_dir=data.cache_dir,
+                          max_valid_blocks=data.max_valid_blocks)
+    vocab_fixed = "vocab_size" in overrides or init_from is not None
+    trained = trained_vocab_size(tokenizer)
+    if vocab_fixed and trained and trained > config.vocab_size:
+        raise ConfigError(f"--tokenizer {tokenizer} makes {trained} tokens but the model's vocab_size is "
+                          f"{config.vocab_size}; use a smaller tokenizer or a larger --vocab_size")
+
+    spec = _engine_spec(train, ds, ep_size)
+    plan = RunPlan(Path(train.output_dir), engine, world, model.model, config, not vocab_fixed, init_from,
+                   model.grad_ckpt, data_cfg, spec, train)
+    check_run_folder(plan)
+    return plan
+
+
+def _model_config(preset: str, init_from: Path | None, overrides: dict) -> MoEConfig:
+    if init_from is None:
+        return MoEConfig.from_preset(preset, **overrides)
+    changed = sorted(k for k in overrides if k in _SHAPE_FIELDS)
+    if changed:
+        raise ConfigError(f"--init_from {init_from}: cannot change the model's shape ({changed}); "
+                          f"routing settings such as --capacity_factor may change")
+    base = MoEConfig.from_pretrained(init_from).to_dict()
+    return MoEConfig(**{k: v for k, v in {**base, **overrides}.items() if k not in _VOLATILE | {"model_type"}})
+
+
+def _resolve_init_from(path: str) -> Path:
+    p = Path(path)
+    for candidate in (p, p / "hf"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise ConfigError(f"--init_from {path}: no config.json there or in {p / 'hf'}; pass an hf/ export or a run folder")
+
+
+def _check_data_files(data: DataArgs) -> None:
+    for flag, path in (("--train_file", data.train_file), ("--valid_file", data.valid_file)):
+        if path is None:
+            continue
+        p = Path(path)
+        if p.is_dir():
+            raise DataError(f"{flag} {path} is a directory; pass a .txt, .json or .jsonl file")
+        if not p.is_file():
+            raise DataError(f"{flag} {path} does not exist")
+        if not _has_text(p):
+            raise DataError(f"{flag} {path} is empty: it holds no story, only blank lines or "
+                            f"{SEPARATOR} separators")
+
+
+def _has_text(path: Path) -> bool:
+    """Whether any line holds text; stops at the first one, so big corpora cost nothing."""
+    with open(path, "rb") as f:
+        return any(line.strip() and line.strip() != SEPARATOR.encode() for line in f)
+
+
+def _engine_spec(train: TrainArgs, ds, ep_size: int) -> EngineSpec:
+    if ds is not None:
+        micro, accum, clip, precision = ds.micro_batch_size, ds.grad_accum, ds.grad_clip, ds.precision
+    else:
+        micro, accum = train.micro_batch_size or 8, train.grad_accum or 1
+        clip = 1.0 if train.grad_clip is None else train.grad_clip
+        precision = train.precision
+        if precision == "auto":
+            precision = "bf16" if torch.cuda.is_available() else "fp32"
+        if micro < 1 or accum < 1 or clip < 0:
+            raise ConfigError("--micro_batch_size and --grad_accum must be >= 1, --grad_clip >= 0")
+    return EngineSpec(micro_batch_size=micro, grad_accum=accum, grad_clip=clip, precision=precision,
+                      ep_size=ep_size, lr=train.lr, betas=(train.beta1, train.beta2), adam_eps=train.adam_eps,
+                      weight_decay=train.weight_decay, warmup_steps=train.warmup_steps, max_steps=train.max_steps,
+                      min_lr_ratio=train.min_lr_ratio, dist_timeout_s=train.dist_timeout,
+                      ds_config=ds.raw if ds else None)
+
+
+# ---- the run folder's identity -------------------------------------------------------------
+
+
+def run_record(plan: RunPlan, config: MoEConfig) -> dict:
+    return {"engine": plan.engine, "ep_size": plan.spec.ep_size, "preset": plan.preset,
+            "model_config": _comparable(config)}
+
+
+def _comparable(config: MoEConfig) -> dict:
+    # Through JSON, so a fresh config compares equal to one read back from run.json.
+    return json.loads(json.dumps({k: v for k, v in config.to_dict().items() if k not in _VOLATILE}, sort_keys=True))
+
+
+def check_run_folder(plan: RunPlan, config: MoEConfig | None = None) -> None:
+    """Refuse to resume a folder that holds a different run, and say how to start fresh.
+
+    Without `config` (before the tokenizer is known) the tokenizer-derived fields are not compared.
+    """
+    path = plan.run_dir / RUN_RECORD
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    fresh = f"use a new --output_dir, or delete {plan.run_dir} to start over"
+    if saved["engine"] != plan.engine:
+        how = "add --deepspeed" if saved["engine"] == "deepspeed" else "drop --deepspeed"
+        raise ConfigError(f"{plan.run_dir} holds a {saved['engine']} run; this command uses {plan.engine}. "
+                          f"To resume it, {how}; to continue on the other engine, start a new run with "
+                          f"--init_from {plan.run_dir / 'hf'}")
+    if saved["ep_size"] != plan.spec.ep_size:
+        raise ConfigError(f"{plan.run_dir} was trained with moe.ep_size={saved['ep_size']}, this command uses "
+                          f"{plan.spec.ep_size}; resume with the same ep_size, or {fresh}")
+    old, new = saved["model_config"], _comparable(config or plan.model_config)
+    if config is None:
+        skip = _FROM_TOKENIZER if plan.vocab_from_tokenizer else _FROM_TOKENIZER - {"vocab_size"}
+        old, new = ({k: v for k, v in d.items() if k not in skip} for d in (old, new))
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
+        raise ConfigError(f"{plan.run_dir} holds a run of a different model ({changes}); {fresh}")

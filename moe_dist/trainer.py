@@ -1,0 +1,260 @@
+"""The training loop: one loop, two engines (DeepSpeed or accelerate).
+
+step -> log -> evaluate -> early-stop -> checkpoint, resumable from the run folder, and at
+the end `summary.json` plus an `hf/` export. The engine owns parallelism and the optimizer
+step; this module owns the schedule of what happens when.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+
+from .checkpoint import CheckpointStore, capture_rng, load_rank_state, restore_rng, save_rank_state, write_atomic
+from .configuration import MoEConfig
+from .data import BlockSampler, DataError, batch_tensors, prepare_data, validation_shard
+from .ds_config import ConfigError
+from .engines import TrainEngine, make_engine
+from .evaluation import evaluate
+from .export import export_checkpoint
+from .faults import fault_point
+from .logging_io import MetricsWriter, write_summary
+from .metrics import (CollapseMonitor, Throughput, format_progress, peak_memory_mb, routing_health,
+                      routing_utilization)
+from .modeling import MoEForCausalLM
+from .plan import RUN_RECORD, RunPlan, check_run_folder, run_record
+
+log = logging.getLogger("moe_dist")
+TRAINER_STATE = "trainer_state.json"
+
+
+@dataclass
+class TrainerState:
+    """Everything the loop needs to continue exactly where a checkpoint left it (saved by rank 0)."""
+
+    step: int = 0
+    best_val_loss: float = math.inf
+    best_step: int = -1
+    last_val: dict = field(default_factory=dict)
+    evals_without_improvement: int = 0
+    max_tok_s: float = 0.0
+    peak_mem_mb: float = 0.0
+    sampler: dict = field(default_factory=dict)
+    collapse: dict = field(default_factory=dict)
+
+
+def run(plan: RunPlan) -> dict | None:
+    """Train as planned; returns the summary on rank 0 (None elsewhere)."""
+    engine = make_engine(plan.engine, plan.spec)
+    _configure_logging(engine.is_main)
+    if engine.is_main:
+        plan.run_dir.mkdir(parents=True, exist_ok=True)
+    spec = plan.spec
+    data = prepare_data(plan.data, plan.run_dir, is_main=engine.is_main, barrier=engine.barrier,
+                        min_valid_blocks=spec.micro_batch_size * engine.world_size)
+    config = _fit_vocab(plan, data.tokenizer)
+    check_run_folder(plan, config)
+    engine.barrier()  # every rank has compared against the old record before rank 0 replaces it
+    if engine.is_main:
+        write_atomic(plan.run_dir / RUN_RECORD, json.dumps(run_record(plan, config), indent=1).encode())
+
+    model = _build_model(plan, config)
+    params_total, params_active = model.num_parameters(), model.num_active_parameters()
+    engine.setup(model)
+    torch.manual_seed(plan.train.seed * 1000 + engine.rank + 1)  # router jitter differs across ranks
+
+    loop = _Loop(plan, engine, data, config)
+    loop.resume()
+    loop.train()
+    final = loop.save(best=False) if loop.last_saved != loop.state.step else loop.last_saved_path
+    if engine.is_main:
+        export_checkpoint(final, plan.run_dir / "hf", tokenizer_dir=plan.run_dir / "tokenizer")
+    engine.barrier()
+    if not engine.is_main:
+        return None
+    summary = loop.summary(params_total, params_active)
+    write_summary(plan.run_dir, summary)
+    loop.writer.close()
+    log.info("done: %s", json.dumps({k: summary[k] for k in ("steps", "final_val_ppl", "best_val_ppl", "max_tok_s")}))
+    return summary
+
+
+def _configure_logging(is_main: bool) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if is_main else logging.WARNING, force=True)
+    transformers.logging.set_verbosity_error()
+
+
+def _fit_vocab(plan: RunPlan, tokenizer) -> MoEConfig:
+    """The model's vocabulary: the tokenizer's size rounded up to 64 (tensor-core friendly), or checked."""
+    config = plan.model_config
+    n = len(tokenizer)
+    if plan.vocab_from_tokenizer:
+        config = MoEConfig.from_dict({**config.to_dict(), "vocab_size": -(-n // 64) * 64})
+    elif n > config.vocab_size:
+        raise ConfigError(f"the tokenizer has {n} tokens but the model's vocab_size is {config.vocab_size}; "
+                          f"token ids would index past the embedding")
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+def _build_model(plan: RunPlan, config: MoEConfig) -> MoEForCausalLM:
+    # Same seed on every rank: every rank builds identical weights before experts are sharded.
+    transformers.set_seed(plan.train.seed)
+    if plan.init_from is not None:
+        model = MoEForCausalLM.from_pretrained(plan.init_from, config=config, dtype=torch.float32)
+    else:
+        model = MoEForCausalLM(config)
+    if plan.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+class _Loop:
+    def __init__(self, plan: RunPlan, engine: TrainEngine, data, config: MoEConfig):
+        self.plan, self.engine, self.data, self.config = plan, engine, data, config
+        self.args, spec = plan.train, plan.spec
+        self.sampler = BlockSampler(len(data.train_blocks), micro_batch_size=spec.micro_batch_size,
+                                    grad_accum=spec.grad_accum, rank=engine.rank, world_size=engine.world_size,
+                                    seed=self.args.seed)
+        self.valid_shards = validation_shard(len(data.valid_blocks), rank=engine.rank, world_size=engine.world_size,
+                                             micro_batch_size=spec.micro_batch_size)
+        self.tokens_per_step = self.sampler.global_batch * plan.data.seq_len
+        self.store = CheckpointStore(plan.run_dir / "checkpoints", is_main=engine.is_main, barrier=engine.barrier)
+        self.writer = MetricsWriter(plan.run_dir, enabled=engine.is_main)
+        self.throughput = Throughput()
+        self.collapse = CollapseMonitor(max(config.num_local_experts, 1))
+        self.state = TrainerState()
+        self.last_saved, self.last_saved_path = -1, None
+
+    # ---- resume ---------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        if self.engine.is_main:
+            self.store.remove_partials()
+        self.engine.barrier()
+        for path in self.store.candidates():
+            self.engine.load(path)
+            restore_rng(load_rank_state(path, self.engine.rank)["rng"])
+            saved = json.loads((path / TRAINER_STATE).read_text())
+            self.state = TrainerState(**saved)
+            self.sampler.load_state_dict(self.state.sampler)
+            self.collapse.load_state_dict(self.state.collapse)
+            self.writer.truncate_after(self.state.step)
+            self.last_saved, self.last_saved_path = self.state.step, path
+            log.info("resumed from %s (step %d)", path, self.state.step)
+            return
+        if self.store.complete():
+            raise DataError(f"no usable checkpoint in {self.store.root} (see the warnings above); "
+                            f"move it away to start fresh")
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def train(self) -> None:
+        args, state = self.args, self.state
+        log.info("training %s for %d steps on %d rank(s), %d tokens per step", self.plan.preset, args.max_steps,
+                 self.engine.world_size, self.tokens_per_step)
+        while state.step < args.max_steps:
+            micro = [batch_tensors(self.data.train_blocks, idx) for idx in self.sampler.next_step()]
+            out = self.engine.train_batch(micro)
+            state.step += 1
+            self.throughput.update(self.tokens_per_step)
+            if state.step % args.log_every == 0 or state.step in (1, args.max_steps):
+                self._log_train(out)
+            improved, stop = False, False
+            if state.step % args.eval_every == 0 or state.step == args.max_steps:
+                improved, stop = self._evaluate()
+            if improved or stop or state.step % args.save_every == 0:
+                self.save(best=improved)
+            fault_point("after_step", state.step, self.engine.rank)
+            if stop:
+                log.info("early stopping at step %d: no improvement for %d evals", state.step,
+                         args.early_stopping_patience)
+                break
+            self.throughput.resume()  # evals and saves are not training time
+
+    def _log_train(self, out) -> None:
+        engine, state = self.engine, self.state
+        losses = engine.all_reduce(torch.stack([out.loss, out.router_loss])) / engine.world_size
+        loss, router_loss = losses.tolist()
+        mem = self._peak_memory()
+        tok_s = self.throughput.tokens_per_s
+        state.max_tok_s = max(state.max_tok_s, self.throughput.max_tokens_per_s)
+        scalars = {"loss": loss, "lm_loss": loss - router_loss, "router_loss": router_loss, "lr": engine.lr(),
+                   "tok_s": tok_s, "peak_mem_mb": mem, "grad_norm": out.grad_norm,
+                   **routing_health(engine.model.routing_stats())}
+        self.writer.log(state.step, "train", scalars)
+        if engine.is_main:
+            log.info(format_progress(state.step, self.args.max_steps, loss, engine.lr(), tok_s,
+                                     self.throughput.eta_s(state.step, self.args.max_steps)))
+
+    def _peak_memory(self) -> float:
+        peak = torch.tensor(peak_memory_mb(self.engine.device)["peak_mem_mb"], device=self.engine.device)
+        self.engine.all_reduce(peak, op=torch.distributed.ReduceOp.MAX if self.engine.world_size > 1 else None)
+        self.state.peak_mem_mb = max(self.state.peak_mem_mb, float(peak))
+        return float(peak)
+
+    def _evaluate(self) -> tuple[bool, bool]:
+        engine, state, args = self.engine, self.state, self.args
+        result = evaluate(engine.model, self.data.valid_blocks, self.valid_shards, device=engine.device,
+                          all_reduce=engine.all_reduce, autocast=engine.eval_context)
+        routing = result.pop("routing")
+        state.last_val = result
+        improved = result["loss"] < state.best_val_loss
+        if improved:
+            state.best_val_loss, state.best_step = result["loss"], state.step
+            state.evals_without_improvement = 0
+        else:
+            state.evals_without_improvement += 1
+        warnings = self.collapse.update(state.step, routing) if routing else []
+        for w in warnings:
+            log.warning(w)
+        self.writer.log(state.step, "eval", {**result, "best_ppl": math.exp(min(state.best_val_loss, 50)),
+                                             **routing_health(routing)})
+        if routing:
+            self.writer.utilization_heatmap(state.step, routing_utilization(routing), layers=sorted(routing))
+        if engine.is_main:
+            log.info("eval step %d | val loss %.4f | ppl %.2f | top1 %.3f | top3 %.3f%s", state.step, result["loss"],
+                     result["ppl"], result["top1_acc"], result["top3_acc"], " | new best" if improved else "")
+        patience = args.early_stopping_patience
+        return improved, bool(patience) and state.evals_without_improvement >= patience
+
+    # ---- checkpoints and summary ----------------------------------------------------------
+
+    def save(self, *, best: bool) -> Path:
+        engine, state = self.engine, self.state
+        staging = self.store.begin(state.step)
+        engine.save(staging)
+        save_rank_state(staging, engine.rank, {"rng": capture_rng()})
+        if engine.is_main:
+            state.sampler = self.sampler.state_dict()
+            state.collapse = self.collapse.state_dict()
+            (staging / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=1))
+            self.config.to_json_file(staging / "config.json")
+        path = self.store.commit(staging, best=best, keep_last=self.args.keep_last)
+        self.last_saved, self.last_saved_path = state.step, path
+        return path
+
+    def summary(self, params_total: int, params_active: int) -> dict:
+        state, c, spec = self.state, self.config, self.plan.spec
+        return {
+            "final_val_ppl": state.last_val.get("ppl"), "final_val_loss": state.last_val.get("loss"),
+            "best_val_ppl": math.exp(min(state.best_val_loss, 50)), "best_step": state.best_step,
+            "final_top1_acc": state.last_val.get("top1_acc"), "final_top3_acc": state.last_val.get("top3_acc"),
+            "max_tok_s": state.max_tok_s, "peak_mem_mb": state.peak_mem_mb, "steps": state.step,
+            "params_total": params_total, "params_active": params_active, "ep_size": spec.ep_size,
+            "world_size": self.engine.world_size, "engine": self.engine.kind, "model": self.plan.preset,
+            "precision": spec.precision, "tokens_per_step": self.tokens_per_step,
+            "num_local_experts": c.num_local_experts, "num_experts_per_tok": c.num_experts_per_tok,
+            "capacity_factor": c.capacity_factor, "router_jitter_noise": c.router_jitter_noise,
+            "router_aux_loss_coef": c.router_aux_loss_coef, "router_z_loss_coef": c.router_z_loss_coef,
+            "router_bias_update_rate": c.router_bias_update_rate, "router_type": c.router_type,
+            "routing_warnings": self.collapse.warnings,
+        }

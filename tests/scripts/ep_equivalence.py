@@ -1,0 +1,66 @@
+"""Run under `deepspeed --num_gpus 2`: the EP=2 engine against a single-process EP=1 reference.
+
+Both ranks build the same model from the same seed. Rank r feeds micro-batch r to the
+EP=2 DeepSpeed engine (ZeRO stage 0, so gradients stay whole); the reference runs both
+micro-batches through the plain EP=1 model and averages, which is what data parallelism
+computes. Rank 0 writes the largest loss and gradient differences to argv[1].
+"""
+
+import json
+import re
+import sys
+
+import deepspeed
+import torch
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+from moe_dist import MoEConfig, MoEForCausalLM
+from moe_dist.expert_parallel import apply_expert_parallel
+
+
+def main(out_path: str, top_k: int, capacity_factor: float | None) -> None:
+    deepspeed.init_distributed()
+    rank = torch.distributed.get_rank()
+    config = MoEConfig.from_preset("tiny-moe", vocab_size=512, num_experts_per_tok=top_k,
+                                   capacity_factor=capacity_factor, router_z_loss_coef=1e-3)
+    torch.manual_seed(0)
+    reference = MoEForCausalLM(config).train()
+    torch.manual_seed(0)
+    model = MoEForCausalLM(config).train()
+    data = torch.randint(0, 512, (4, 33), generator=torch.Generator().manual_seed(1))
+    halves = [data[i * 2:(i + 1) * 2] for i in range(2)]
+
+    ref_loss = sum(reference(input_ids=h[:, :-1], shift_labels=h[:, 1:]).loss for h in halves) / 2
+    ref_loss.backward()
+
+    apply_expert_parallel(model, 2)
+    groups = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()), "name": "all"})
+    config_ds = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 0},
+                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config_ds)
+    mine = halves[rank]
+    loss = engine(input_ids=mine[:, :-1], shift_labels=mine[:, 1:]).loss
+    engine.backward(loss)
+    mean_loss = loss.detach().clone()
+    torch.distributed.all_reduce(mean_loss)
+    mean_loss /= 2
+
+    ref_params = dict(reference.named_parameters())
+    worst, checked = 0.0, 0
+    for name, param in model.named_parameters():
+        local = re.search(r"deepspeed_experts\.(\d+)\.", name)
+        if local:  # this rank's expert i is global expert rank * 4 + i
+            name = re.sub(r"experts\.deepspeed_moe\.experts\.deepspeed_experts\.\d+\.",
+                          f"experts.{rank * 4 + int(local.group(1))}.", name)
+        worst = max(worst, (param.grad - ref_params[name].grad).abs().max().item())
+        checked += 1
+    result = torch.tensor([worst, abs(mean_loss.item() - ref_loss.item()), checked])
+    torch.distributed.all_reduce(result, op=torch.distributed.ReduceOp.MAX)
+    if rank == 0:
+        json.dump({"max_grad_diff": result[0].item(), "loss_diff": result[1].item(), "params_checked": int(result[2]),
+                   "loss": mean_loss.item()}, open(out_path, "w"))
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    main(args[0], int(args[1]), None if args[2] == "none" else float(args[2]))

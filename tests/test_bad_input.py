@@ -1,0 +1,108 @@
+"""Bad input ends the run early with exit status 2 and one line naming the field and what is valid.
+
+These mistakes are all caught while planning, before any process group or model exists, so
+most tests call the CLI in-process; one runs the real script to pin the exit status.
+"""
+
+import json
+import re
+
+import pytest
+
+from launcher import CPU_EP2, DATA_ARGS, FIXTURES, TRAIN, python
+from moe_dist.cli import main
+
+
+def run_cli(capsys, args, tmp_path):
+    code = main([*args, "--output_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+def write_json(tmp_path, payload, name="ds.json"):
+    path = tmp_path / name
+    path.write_text(payload if isinstance(payload, str) else json.dumps(payload))
+    return str(path)
+
+
+def ds_json(**changes):
+    config = json.loads(open(CPU_EP2).read())
+    config.update(changes)
+    return config
+
+
+@pytest.mark.parametrize("make_path,expected", [
+    (lambda tmp: str(tmp / "missing.json"), r"missing\.json: does not exist"),
+    (lambda tmp: write_json(tmp, "{not json"), r"not valid JSON"),
+    (lambda tmp: str(tmp), r"is a directory"),
+    (lambda tmp: write_json(tmp, ds_json(zero_optimization={"stage": 3})), r"stage=3 is not supported.*ZeRO-3"),
+    (lambda tmp: write_json(tmp, ds_json(zero_optimization={"stage": 2, "overlap_com": True})),
+     r"unknown zero_optimization key\(s\) \['overlap_com'\]"),
+    (lambda tmp: write_json(tmp, {k: v for k, v in ds_json().items() if k != "moe"}), r'missing "moe"'),
+    (lambda tmp: write_json(tmp, ds_json(optimizer={"type": "Adam"})), r"remove the 'optimizer' block"),
+])
+def test_bad_deepspeed_json_is_refused_with_one_line(capsys, tmp_path, make_path, expected):
+    code, err = run_cli(capsys, ["--deepspeed", make_path(tmp_path), *DATA_ARGS], tmp_path)
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("error: ")
+    assert re.search(expected, err[0]), err[0]
+
+
+def test_ep_size_must_divide_the_world_size(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    code, err = run_cli(capsys, ["--deepspeed", CPU_EP2, *DATA_ARGS], tmp_path)
+    assert code == 2 and "moe.ep_size=2 does not divide the world size 3" in err[0] and "[1, 3]" in err[0]
+
+
+def test_ep_size_must_divide_the_number_of_experts(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, err = run_cli(capsys, ["--deepspeed", CPU_EP2, "--num_experts", "3", *DATA_ARGS], tmp_path)
+    assert code == 2 and "moe.ep_size=2 does not divide num_experts=3" in err[0]
+
+
+def test_invalid_model_config_names_field_and_range(capsys, tmp_path):
+    code, err = run_cli(capsys, ["--num_experts", "4", "--top_k", "5", *DATA_ARGS], tmp_path)
+    assert code == 2 and "num_experts_per_tok=5" in err[0] and "[1, num_local_experts=4]" in err[0]
+
+
+def test_unknown_preset_lists_the_valid_ones(capsys, tmp_path):
+    code, err = run_cli(capsys, ["--model", "tiny-mo", *DATA_ARGS], tmp_path)
+    assert code == 2 and "unknown preset 'tiny-mo'" in err[0] and "tiny-moe" in err[0]
+
+
+@pytest.mark.parametrize("flag", ["--train_file", "--valid_file"])
+def test_missing_data_file_is_named(capsys, tmp_path, flag):
+    args = dict(zip(DATA_ARGS[::2], DATA_ARGS[1::2]), **{flag: str(tmp_path / "nope.txt")})
+    code, err = run_cli(capsys, [x for kv in args.items() for x in kv], tmp_path)
+    assert code == 2 and f"{flag} {tmp_path / 'nope.txt'} does not exist" in err[0]
+
+
+def test_corpus_of_only_separators_is_empty(capsys, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("<|endoftext|>\n\n<|endoftext|>\n")
+    args = ["--train_file", str(empty), "--valid_file", str(FIXTURES / "stories_valid.txt"), "--tokenizer", "train:512"]
+    code, err = run_cli(capsys, args, tmp_path)
+    assert code == 2 and "is empty" in err[0] and "--train_file" in err[0]
+
+
+def test_tokenizer_larger_than_the_model_vocabulary(capsys, tmp_path):
+    code, err = run_cli(capsys, [*DATA_ARGS[:4], "--tokenizer", "train:2048", "--vocab_size", "1024"], tmp_path)
+    assert code == 2 and "makes 2048 tokens but the model's vocab_size is 1024" in err[0]
+
+
+def test_max_steps_zero_is_refused(capsys, tmp_path):
+    code, err = run_cli(capsys, [*DATA_ARGS, "--max_steps", "0"], tmp_path)
+    assert code == 2 and "--max_steps=0 is invalid: must be >= 1" in err[0]
+
+
+def test_batch_flags_conflict_with_deepspeed_json(capsys, tmp_path):
+    code, err = run_cli(capsys, ["--deepspeed", CPU_EP2, "--micro_batch_size", "4", *DATA_ARGS], tmp_path)
+    assert code == 2 and "set batch" in err[0] and "DeepSpeed JSON" in err[0]
+
+
+def test_the_real_script_exits_2_and_prints_one_line(tmp_path):
+    proc = python(TRAIN, ["--deepspeed", str(tmp_path / "nope.json"), *DATA_ARGS, "--output_dir", str(tmp_path / "r")])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --deepspeed")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists()  # nothing half-written for the next launch to trip over

@@ -1,0 +1,119 @@
+"""Expert-parallel training through the real `deepspeed` launcher on 2 CPU ranks (EP=2, ZeRO-2, fp32)."""
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from launcher import EP2_ARGS, ROOT, STEPS, TRAIN, check, deepspeed, metrics
+
+pytestmark = pytest.mark.multirank
+
+
+@pytest.mark.parametrize("top_k,capacity", [(1, "none"), (2, "1.0")])
+def test_ep2_loss_and_gradients_equal_single_process_ep1(tmp_path, top_k, capacity):
+    out = tmp_path / "result.json"
+    check(deepspeed(ROOT / "tests" / "scripts" / "ep_equivalence.py", [str(out), str(top_k), capacity]))
+    result = json.loads(out.read_text())
+    assert result["params_checked"] >= 80  # every parameter, experts included
+    assert result["loss_diff"] <= 1e-5
+    assert result["max_grad_diff"] <= 1e-5
+
+
+def test_ep2_training_loss_falls(ep2_run):
+    run_dir = ep2_run
+    train = metrics(run_dir)
+    first = np.mean([train[s]["loss"] for s in (1, 2, 3)])
+    last = np.mean([train[s]["loss"] for s in (STEPS - 2, STEPS - 1, STEPS)])
+    assert last < first - 1.0, (first, last)
+    assert metrics(run_dir, "eval")[STEPS]["loss"] < 5.5
+
+
+def test_summary_has_every_contract_key(ep2_run):
+    from moe_dist.logging_io import REQUIRED_SUMMARY_KEYS
+
+    summary = json.loads((ep2_run / "summary.json").read_text())
+    assert set(REQUIRED_SUMMARY_KEYS) <= set(summary)
+    assert summary["steps"] == STEPS and summary["ep_size"] == 2 and summary["world_size"] == 2
+    assert summary["model"] == "tiny-moe" and summary["num_local_experts"] == 8
+    assert 0 < summary["params_active"] < summary["params_total"]
+    assert summary["best_val_ppl"] <= summary["final_val_ppl"] < 300
+    assert summary["max_tok_s"] > 0 and summary["peak_mem_mb"] > 0
+
+
+def test_checkpoint_holds_one_file_per_global_expert(ep2_run):
+    ckpt_root = ep2_run / "checkpoints"
+    latest = ckpt_root / (ckpt_root / "latest").read_text()
+    assert latest.name == f"step{STEPS:08d}"
+    names = {p.name for p in latest.iterdir()}
+    for layer in range(4):
+        for expert in range(8):
+            assert f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt" in names
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+            "MANIFEST.json", "config.json", "trainer_state.json"} <= names
+    assert sorted(p.name for p in (latest / "ranks").iterdir()) == ["rank00000.pt", "rank00001.pt"]
+    # The expert file's keys name the global expert, whichever rank wrote it.
+    keys = torch.load(latest / "layer_2_expert_7_mp_rank_00_model_states.pt", weights_only=True)
+    assert all(".deepspeed_experts.7." in k for k in keys)
+
+
+def test_hf_export_loads_with_from_pretrained_and_generates(ep2_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import moe_dist  # noqa: F401  (registers the Auto classes)
+
+    hf = ep2_run / "hf"
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    tok = AutoTokenizer.from_pretrained(hf)
+    assert type(model).__name__ == "MoEForCausalLM" and tok.eos_token_id is not None
+    assert len(model.model.layers[0].mlp.experts) == 8  # every EP rank's experts, consolidated
+    ids = tok("Once upon a time", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert out.shape[1] > ids.shape[1]
+    assert isinstance(tok.decode(out[0]), str)
+
+
+def test_exported_model_reproduces_the_trainers_last_evaluation(ep2_run):
+    from moe_dist.data import validation_shard
+    from moe_dist.evaluation import evaluate
+    from moe_dist.modeling import MoEForCausalLM
+
+    run_dir = ep2_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    blocks = np.load(next((run_dir / "cache").glob("valid-*.npy")))
+    model = MoEForCausalLM.from_pretrained(run_dir / "hf")
+    # The trainer's eval averaged two equal rank shards; evaluate the same two shards here.
+    losses = [evaluate(model, blocks, validation_shard(len(blocks), rank=r, world_size=2, micro_batch_size=8),
+                       device=torch.device("cpu"))["loss"] for r in (0, 1)]
+    assert abs(np.mean(losses) - summary["final_val_loss"]) <= 1e-5
+
+
+def test_offline_export_equals_end_of_training_export(ep2_run, tmp_path):
+    run_dir = ep2_run
+    ckpt = run_dir / "checkpoints" / f"step{STEPS:08d}"
+    proc = subprocess.run([sys.executable, "-m", "moe_dist.export", str(ckpt), str(tmp_path / "hf")],
+                          cwd=ROOT, capture_output=True, text=True)
+    check(proc)
+    offline, online = load_file(tmp_path / "hf" / "model.safetensors"), load_file(run_dir / "hf" / "model.safetensors")
+    assert offline.keys() == online.keys()
+    assert all(torch.equal(offline[k], online[k]) for k in online)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text()) == json.loads((run_dir / "hf" / "config.json").read_text())
+
+
+def test_resume_after_a_crash_continues_with_identical_losses(ep2_run, tmp_path):
+    """Crash right after the step-12 checkpoint, re-run the same command: steps 13..24 match the straight run."""
+    straight = metrics(ep2_run)
+    run_dir = tmp_path / "run"
+    crashed = deepspeed(TRAIN, [*EP2_ARGS, "--output_dir", str(run_dir)], env={"MOE_DIST_FAULT": "exit@after_step:12"})
+    assert crashed.returncode != 0
+    resumed = check(deepspeed(TRAIN, [*EP2_ARGS, "--output_dir", str(run_dir)]))
+    assert re.search(r"resumed from .*step00000012 \(step 12\)", resumed.stderr + resumed.stdout)
+    again = metrics(run_dir)
+    assert sorted(again) == list(range(1, STEPS + 1))
+    for step in range(13, STEPS + 1):
+        assert abs(again[step]["loss"] - straight[step]["loss"]) <= 1e-5, step
