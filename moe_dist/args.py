@@ -89,12 +89,17 @@ class TrainArgs:
     grad_accum: int | None = _help("micro-steps per optimizer step (accelerate path)")
     grad_clip: float | None = _help("max gradient norm, 0 = off (accelerate path)")
     precision: str = _help("auto | bf16 | fp32 (accelerate path; auto = bf16 on GPU, fp32 on CPU)", "auto")
-    dist_timeout: int = _help("seconds before a stuck collective aborts the job", 1800)
+    dist_timeout: int = _help("seconds without progress before a stuck rank ends the job", 1800)
+    max_bad_steps: int = _help("stop after N consecutive steps skipped for a non-finite loss or gradient", 10)
+    allow_engine_change: bool = _help("resume a run saved by the other engine (DeepSpeed <-> accelerate)", False)
+    allow_optimizer_reset: bool = _help("when resharding cannot carry the optimizer state, continue with a "
+                                        "fresh one instead of stopping", False)
 
     def __post_init__(self):
         if not self.output_dir:
             raise ConfigError("--output_dir is required")
-        for name in ("max_steps", "eval_every", "save_every", "log_every", "keep_last", "dist_timeout"):
+        for name in ("max_steps", "eval_every", "save_every", "log_every", "keep_last", "dist_timeout",
+                     "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name}={getattr(self, name)} is invalid: must be >= 1")
         if self.warmup_steps < 0 or self.early_stopping_patience < 0:

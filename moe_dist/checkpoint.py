@@ -1,12 +1,13 @@
 """Atomic, verifiable checkpoints that every engine writes into.
 
 A save goes to `checkpoints/stepNNNNNNNN.partial/`. Only after every rank has written its
-shards (a barrier) does rank 0 list the files with their sizes in `MANIFEST.json`, fsync
-them, rename the folder to `stepNNNNNNNN/` and point `latest` at it (tmp file, fsync,
-rename). DeepSpeed's own save writes `latest` with a plain write and no barrier, so a rank
-killed mid-save could leave `latest` naming a checkpoint without its expert files.
+shards (a barrier) does rank 0 fsync them and list them with size and CRC32 in
+`MANIFEST.json` (`seal`), then rename the folder to `stepNNNNNNNN/` and point `latest` at
+it (`publish`). DeepSpeed's own save writes `latest` with a plain write and no barrier, so
+a rank killed mid-save could leave `latest` naming a checkpoint without its expert files.
 
-Resume takes the newest checkpoint whose manifest matches the disk, and says which.
+Resume takes the newest checkpoint whose files all match their manifest, and says which;
+a truncated or corrupted file is named and the previous checkpoint is used instead.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import os
 import random
 import shutil
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,17 +73,21 @@ class CheckpointStore:
         self.barrier()
         return staging
 
-    def commit(self, staging: Path, *, best: bool, keep_last: int) -> Path:
-        """Publish a staged save once every rank has finished writing into it."""
+    def seal(self, staging: Path) -> None:
+        """Once every rank has written into `staging`: fsync everything and write the manifest."""
         self.barrier()
-        final = staging.with_name(staging.name.removesuffix(_PARTIAL))
         if self.is_main:
-            files = sorted(p for p in staging.rglob("*") if p.is_file())
-            for path in files:
+            manifest = {}
+            for path in sorted(p for p in staging.rglob("*") if p.is_file()):
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
-            manifest = {str(p.relative_to(staging)): p.stat().st_size for p in files}
+                manifest[str(path.relative_to(staging))] = {"bytes": path.stat().st_size, "crc32": _crc32(path)}
             write_atomic(staging / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+    def publish(self, staging: Path, *, best: bool, keep_last: int) -> Path:
+        """Make a sealed save visible: rename it into place, then point `latest` (and `best`) at it."""
+        final = staging.with_name(staging.name.removesuffix(_PARTIAL))
+        if self.is_main:
             if final.exists():  # re-saving a step after a resume: the new save replaces it
                 shutil.rmtree(final)
             os.replace(staging, final)
@@ -133,19 +139,30 @@ class CheckpointStore:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
 def verify(path: Path) -> None:
+    """Every file of the manifest is there with its size and CRC32, or CheckpointError names it."""
     manifest_path = path / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         raise CheckpointError(f"checkpoint {path} has no readable {MANIFEST}") from None
-    for rel, size in manifest.items():
+    for rel, expected in manifest.items():
         file = path / rel
         if not file.is_file():
             raise CheckpointError(f"checkpoint file {file} is missing")
-        if file.stat().st_size != size:
-            raise CheckpointError(f"checkpoint file {file} is truncated or changed "
-                                  f"({file.stat().st_size} bytes, manifest says {size})")
+        if file.stat().st_size != expected["bytes"]:
+            raise CheckpointError(f"checkpoint file {file} is truncated ({file.stat().st_size} bytes, "
+                                  f"the manifest says {expected['bytes']})")
+        if _crc32(file) != expected["crc32"]:
+            raise CheckpointError(f"checkpoint file {file} is corrupted (CRC32 differs from the manifest)")
 
 
 # ---- per-rank state that no engine saves for us ------------------------------------------

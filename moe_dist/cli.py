@@ -25,7 +25,7 @@ RUN_ERRORS = (ConfigError, DataError, ExpertParallelError, CheckpointError, Expo
 
 def main(argv: list[str] | None = None) -> int:
     from .plan import plan_run
-    from .trainer import run
+    from .trainer import TrainingHalted, run
 
     rank = int(os.environ.get("RANK", "0"))
     try:
@@ -43,4 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     except RUN_ERRORS as e:
         print(f"error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
         return 2
+    except TrainingHalted as e:
+        print(f"error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
+        return 3
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -16,9 +17,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .expert_parallel import apply_expert_parallel
+from .expert_parallel import apply_expert_parallel, hf_named_parameters
+from .faults import count_saved_files
 from .modeling import MoEForCausalLM
 from .optim import build_optimizer, param_groups, warmup_cosine
+from .portable import PortableState, apply_plain, apply_zero
 
 
 @dataclass
@@ -46,6 +49,12 @@ class StepOutput:
     loss: torch.Tensor  # mean training loss over the micro-batches (LM + router losses), on device
     router_loss: torch.Tensor
     grad_norm: float | None
+    skipped: bool  # non-finite loss or gradients on some rank: no rank updated its weights
+
+
+def _nonfinite(losses: list[torch.Tensor]) -> torch.Tensor:
+    """1.0 if any loss is NaN/inf, as a device tensor (no host sync)."""
+    return (~torch.isfinite(torch.stack(losses))).any().float()
 
 
 class TrainEngine:
@@ -69,11 +78,24 @@ class TrainEngine:
             dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
         return tensor
 
+    def broadcast_int(self, value: int) -> int:
+        """Rank 0's value on every rank."""
+        if not dist.is_initialized() or self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.long, device=self.device)
+        dist.broadcast(t, src=0)
+        return int(t)
+
     def eval_context(self):
         return contextlib.nullcontext()
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    def restore_schedule(self, steps: int) -> None:
+        """Put the lr schedule where `steps` optimizer steps left it (when resharding)."""
+        self.scheduler.last_epoch = steps - 1
+        self.scheduler.step()
 
 
 class DeepSpeedEngine(TrainEngine):
@@ -84,6 +106,11 @@ class DeepSpeedEngine(TrainEngine):
         from deepspeed.accelerator import get_accelerator
 
         self.spec = spec
+        if "RANK" not in os.environ:
+            # Plain `python launch/train.py --deepspeed ...`: one rank. Without these variables
+            # DeepSpeed falls back to MPI discovery and needs mpi4py.
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
         deepspeed.init_distributed(timeout=timedelta(seconds=spec.dist_timeout_s))
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         accel = get_accelerator()
@@ -103,33 +130,49 @@ class DeepSpeedEngine(TrainEngine):
         if model.config.is_moe:
             # Expert parameters get their own groups, reduced over expert-data-parallel ranks only.
             groups = split_params_into_different_moe_groups_for_optimizer(groups)
-        optimizer = build_optimizer(groups, lr=spec.lr, betas=spec.betas, eps=spec.adam_eps)
-        scheduler = warmup_cosine(optimizer, warmup_steps=spec.warmup_steps, max_steps=spec.max_steps,
+        self.guard = build_optimizer(groups, lr=spec.lr, betas=spec.betas, eps=spec.adam_eps)
+        scheduler = warmup_cosine(self.guard, warmup_steps=spec.warmup_steps, max_steps=spec.max_steps,
                                   min_lr_ratio=spec.min_lr_ratio)
+        # ZeRO accepts only the optimizer classes it lists; GuardedAdamW is torch's AdamW plus an
+        # agreed skip of non-finite steps, so it is vouched for here rather than in every JSON.
+        config = {**spec.ds_config, "zero_allow_untested_optimizer": True}
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=spec.ds_config)
+            model=model, optimizer=self.guard, lr_scheduler=scheduler, config=config)
         self.model = self.ds.module
 
     def train_batch(self, micro_batches) -> StepOutput:
         losses, router = [], []
+        skipped_before, self.guard.overflow = self.ds.skipped_steps, False
         for input_ids, labels in micro_batches:
             out = self.ds(input_ids=input_ids.to(self.device), shift_labels=labels.to(self.device))
             self.ds.backward(out.loss)
-            self.ds.step()  # DeepSpeed steps the optimizer on the accumulation boundary
             losses.append(out.loss.detach().float())
             router.append(out.aux_loss.detach().float())
-        self.model.update_router_biases()
+            self.guard.nonfinite_loss = _nonfinite(losses)
+            # Steps the optimizer on the accumulation boundary. ZeRO-1/2 skip a step with a
+            # non-finite gradient norm on all ranks themselves; the guard covers the rest.
+            self.ds.step()
+        skipped = self.ds.skipped_steps > skipped_before or self.guard.overflow
+        self.model.update_router_biases(apply=not skipped)
         norm = self.ds.get_global_grad_norm()
         return StepOutput(torch.stack(losses).mean(), torch.stack(router).mean(),
-                          None if norm is None else float(norm))
+                          None if norm is None else float(norm), skipped)
 
     def save(self, staging: Path) -> None:
+        count_saved_files(self.ds.checkpoint_engine, self.rank)  # a no-op unless a fault test asks
         self.ds.save_checkpoint(str(staging.parent), tag=staging.name, save_latest=False)
 
     def load(self, path: Path) -> None:
         loaded, _ = self.ds.load_checkpoint(str(path.parent), tag=path.name)
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+
+    def load_portable(self, state: PortableState) -> None:
+        named = list(hf_named_parameters(self.ds.module))
+        if hasattr(self.ds.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 or bf16 partitions
+            apply_zero(self.ds, state, named)
+        else:
+            apply_plain(named, self.guard, state)
 
 
 class AccelerateEngine(TrainEngine):
@@ -157,30 +200,35 @@ class AccelerateEngine(TrainEngine):
 
     def setup(self, model: MoEForCausalLM) -> None:
         spec = self.spec
-        optimizer = build_optimizer(param_groups(model, spec.weight_decay), lr=spec.lr, betas=spec.betas,
-                                    eps=spec.adam_eps)
+        self.guard = build_optimizer(param_groups(model, spec.weight_decay), lr=spec.lr, betas=spec.betas,
+                                     eps=spec.adam_eps)
         # Stepped by hand once per optimizer step: accelerate's wrapper would step it once per process.
-        self.scheduler = warmup_cosine(optimizer, warmup_steps=spec.warmup_steps, max_steps=spec.max_steps,
+        self.scheduler = warmup_cosine(self.guard, warmup_steps=spec.warmup_steps, max_steps=spec.max_steps,
                                        min_lr_ratio=spec.min_lr_ratio)
-        self.wrapped, self.optimizer = self.acc.prepare(model, optimizer)
+        self.wrapped, self.optimizer = self.acc.prepare(model, self.guard)
         self.acc.register_for_checkpointing(self.scheduler)
         self.model = self.acc.unwrap_model(self.wrapped)
 
     def train_batch(self, micro_batches) -> StepOutput:
         losses, router, norm = [], [], None
+        self.guard.overflow = False
         for input_ids, labels in micro_batches:
             with self.acc.accumulate(self.wrapped):
                 out = self.wrapped(input_ids=input_ids.to(self.device), shift_labels=labels.to(self.device))
                 self.acc.backward(out.loss)
-                if self.acc.sync_gradients and self.spec.grad_clip > 0:
-                    norm = float(self.acc.clip_grad_norm_(self.wrapped.parameters(), self.spec.grad_clip))
-                self.optimizer.step()
+                losses.append(out.loss.detach().float())
+                router.append(out.aux_loss.detach().float())
+                if self.acc.sync_gradients:
+                    self.guard.nonfinite_loss = _nonfinite(losses)
+                    if self.spec.grad_clip > 0:
+                        norm = float(self.acc.clip_grad_norm_(self.wrapped.parameters(), self.spec.grad_clip))
+                self.optimizer.step()  # the guard skips it on every rank if anything is non-finite
                 self.optimizer.zero_grad(set_to_none=True)
-            losses.append(out.loss.detach().float())
-            router.append(out.aux_loss.detach().float())
-        self.scheduler.step()
-        self.model.update_router_biases()
-        return StepOutput(torch.stack(losses).mean(), torch.stack(router).mean(), norm)
+        skipped = self.guard.overflow
+        if not skipped:
+            self.scheduler.step()
+        self.model.update_router_biases(apply=not skipped)
+        return StepOutput(torch.stack(losses).mean(), torch.stack(router).mean(), norm, skipped)
 
     def eval_context(self):
         return self.acc.autocast()
@@ -190,6 +238,15 @@ class AccelerateEngine(TrainEngine):
 
     def load(self, path: Path) -> None:
         self.acc.load_state(str(path / "accelerate"))
+
+    def load_portable(self, state: PortableState) -> None:
+        apply_plain(self.model.named_parameters(), self.guard, state)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_engine(kind: str, spec: EngineSpec) -> TrainEngine:

@@ -21,7 +21,7 @@ from .metrics import RoutingAccumulator
 @torch.no_grad()
 def evaluate(model, blocks: np.ndarray, shards: list[np.ndarray], *, device: torch.device,
              all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-             autocast=contextlib.nullcontext) -> dict:
+             autocast=contextlib.nullcontext, progress: Callable[[], None] = lambda: None) -> dict:
     """Returns loss, ppl, top1_acc, top3_acc and `routing` (stats averaged over the pass, this rank)."""
     was_training = model.training
     model.eval()
@@ -39,6 +39,7 @@ def evaluate(model, blocks: np.ndarray, shards: list[np.ndarray], *, device: tor
                                      (top3[..., 0] == labels).sum(), (top3 == labels[..., None]).any(-1).sum()]
                                     ).to(sums)
                 routing.add(model.routing_stats())
+                progress()
     finally:
         model.train(was_training)
     all_reduce(sums)

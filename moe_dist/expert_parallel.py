@@ -26,6 +26,7 @@ from .routing import Routing
 # container path differs, the expert id is global in both.
 _DS_EXPERTS = ".experts.deepspeed_moe.experts.deepspeed_experts."
 _HF_EXPERTS = ".experts."
+_LOCAL = re.compile(re.escape(_DS_EXPERTS) + r"(\d+)\.")
 
 
 class ExpertParallelError(ValueError):
@@ -49,10 +50,6 @@ def _divisors(n: int) -> list[int]:
 
 def ds_to_hf_key(key: str) -> str:
     return key.replace(_DS_EXPERTS, _HF_EXPERTS)
-
-
-def hf_to_ds_key(key: str) -> str:
-    return re.sub(r"\.experts\.(\d+)\.", lambda m: f"{_DS_EXPERTS}{m.group(1)}.", key)
 
 
 class _PrecomputedGate(nn.Module):
@@ -137,6 +134,27 @@ def _expert_parallel_class():
             return self.deepspeed_moe(x_TD, routing)
 
     return ExpertParallelExperts
+
+
+def local_to_hf_key(key: str, ep_rank: int, local_experts: int) -> str:
+    """A sharded model's key (local expert id) as the HF key (global id = ep_rank * local + local id)."""
+    return _LOCAL.sub(lambda m: f"{_HF_EXPERTS}{ep_rank * local_experts + int(m.group(1))}.", key)
+
+
+def hf_named_parameters(model: nn.Module):
+    """(HF name, parameter) for a model whose experts may be sharded over expert-parallel ranks."""
+    for name, param in model.named_parameters():
+        if _DS_EXPERTS not in name:
+            yield name, param
+            continue
+        layer = model.get_submodule(name[:name.index(_DS_EXPERTS)] + ".experts")
+        yield local_to_hf_key(name, _ep_rank(layer.expert_group_name), layer.num_local_experts), param
+
+
+def _ep_rank(group_name: str) -> int:
+    from deepspeed.utils import groups
+
+    return groups._get_expert_parallel_rank(group_name)
 
 
 def apply_expert_parallel(model: nn.Module, ep_size: int) -> nn.Module:

@@ -288,10 +288,11 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         return {r.layer_idx: r.stats for r in self.routers() if r.stats}
 
     @torch.no_grad()
-    def update_router_biases(self, group=None) -> None:
-        """One aux-loss-free balancing step per router; call after each optimizer step, on every rank."""
+    def update_router_biases(self, group=None, apply: bool = True) -> None:
+        """One aux-loss-free balancing step per router; call after each optimizer step, on every rank
+        (`apply=False` after a skipped step drops its loads)."""
         for router in self.routers():
-            router.update_bias(group)
+            router.update_bias(group, apply)
 
     def num_active_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameters one token passes through: the routed experts count k of E times."""

@@ -8,25 +8,56 @@ import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: norms, biases and the router are exempt.
+def named_param_groups(shapes: dict[str, torch.Size]) -> tuple[list[str], list[str]]:
+    """(decayed, exempt) parameter names, in module order: decay matrices only.
 
-    The router is kept out because decay pulls its logits toward uniform, fighting the
-    specialisation it is there to learn. Each group has a `name`, which DeepSpeed's MoE
-    helper needs to split expert parameters into their own groups.
+    Norms, biases and the router are exempt: decay pulls router logits toward uniform,
+    fighting the specialisation the router is there to learn. Works from shapes alone, so
+    a checkpoint's optimizer state can be matched to names without building the engine.
     """
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        exempt = param.ndim < 2 or ".router." in name
-        (no_decay if exempt else decay).append(param)
-    return [{"name": "decay", "params": decay, "weight_decay": weight_decay},
-            {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    exempt = {n for n, shape in shapes.items() if len(shape) < 2 or ".router." in n}
+    return [n for n in shapes if n not in exempt], [n for n in shapes if n in exempt]
 
 
-def build_optimizer(groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """The two AdamW groups. Each has a `name`, which DeepSpeed's MoE helper needs to split
+    expert parameters into groups of their own."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    decay, exempt = named_param_groups({n: p.shape for n, p in params.items()})
+    return [{"name": "decay", "params": [params[n] for n in decay], "weight_decay": weight_decay},
+            {"name": "no_decay", "params": [params[n] for n in exempt], "weight_decay": 0.0}]
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that skips, on every rank at once, a step whose loss or gradients are not finite.
+
+    Ranks must agree: expert gradients differ across expert-parallel ranks, so a NaN in one
+    rank's experts would otherwise update the replicated weights on some ranks only. The
+    engine sets `nonfinite_loss` before stepping; `overflow` is what DeepSpeed's engine reads
+    to count the step as skipped and hold the learning-rate schedule.
+    """
+
+    nonfinite_loss = False
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        device = grads[0].device if grads else torch.device("cpu")
+        bad = torch.as_tensor(self.nonfinite_loss, dtype=torch.float32).to(device)
+        if grads:
+            bad = torch.maximum(bad, (~torch.isfinite(torch.stack(torch._foreach_norm(grads)))).any().float())
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        self.overflow = bool(bad)
+        if self.overflow:
+            self.zero_grad(set_to_none=True)
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float) -> GuardedAdamW:
+    return GuardedAdamW(groups, lr=lr, betas=betas, eps=eps)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, *, warmup_steps: int, max_steps: int,

@@ -142,8 +142,9 @@ def _engine_spec(train: TrainArgs, ds, ep_size: int) -> EngineSpec:
 
 
 def run_record(plan: RunPlan, config: MoEConfig) -> dict:
-    return {"engine": plan.engine, "ep_size": plan.spec.ep_size, "preset": plan.preset,
-            "model_config": _comparable(config)}
+    # EP size and world size may change between launches (the checkpoint is resharded); the
+    # engine may only with --allow_engine_change; the model never.
+    return {"engine": plan.engine, "preset": plan.preset, "model_config": _comparable(config)}
 
 
 def _comparable(config: MoEConfig) -> dict:
@@ -161,14 +162,12 @@ def check_run_folder(plan: RunPlan, config: MoEConfig | None = None) -> None:
         return
     saved = json.loads(path.read_text())
     fresh = f"use a new --output_dir, or delete {plan.run_dir} to start over"
-    if saved["engine"] != plan.engine:
+    if saved["engine"] != plan.engine and not plan.train.allow_engine_change:
         how = "add --deepspeed" if saved["engine"] == "deepspeed" else "drop --deepspeed"
         raise ConfigError(f"{plan.run_dir} holds a {saved['engine']} run; this command uses {plan.engine}. "
-                          f"To resume it, {how}; to continue on the other engine, start a new run with "
-                          f"--init_from {plan.run_dir / 'hf'}")
-    if saved["ep_size"] != plan.spec.ep_size:
-        raise ConfigError(f"{plan.run_dir} was trained with moe.ep_size={saved['ep_size']}, this command uses "
-                          f"{plan.spec.ep_size}; resume with the same ep_size, or {fresh}")
+                          f"To resume it as it was, {how}; to continue it on {plan.engine} (weights, Adam "
+                          f"moments and data position carried over), add --allow_engine_change; or start a "
+                          f"new run with --init_from {plan.run_dir / 'hf'}")
     old, new = saved["model_config"], _comparable(config or plan.model_config)
     if config is None:
         skip = _FROM_TOKENIZER if plan.vocab_from_tokenizer else _FROM_TOKENIZER - {"vocab_size"}

@@ -190,13 +190,15 @@ class Router(nn.Module):
             self.load_sum += self.stats["selected_per_expert"]
 
     @torch.no_grad()
-    def update_bias(self, group=None) -> None:
+    def update_bias(self, group=None, apply: bool = True) -> None:
         """Apply one aux-loss-free step from the loads seen since the last call.
 
         The loads are summed over data-parallel ranks first, so every rank moves its bias
-        identically and the replicas never diverge.
+        identically and the replicas never diverge. With `apply=False` (a skipped,
+        non-finite step, agreed by all ranks) the window is dropped instead.
         """
-        if self.bias_rate <= 0:
+        if self.bias_rate <= 0 or not apply:
+            self.load_sum.zero_()
             return
         load_E = self.load_sum.clone()
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from .checkpoint import CheckpointStore, capture_rng, load_rank_state, restore_rng, save_rank_state, write_atomic
+from .checkpoint import (CheckpointError, CheckpointStore, capture_rng, load_rank_state, restore_rng, save_rank_state,
+                         step_of, write_atomic)
 from .configuration import MoEConfig
 from .data import BlockSampler, DataError, batch_tensors, prepare_data, validation_shard
 from .ds_config import ConfigError
@@ -29,9 +30,15 @@ from .metrics import (CollapseMonitor, Throughput, format_progress, peak_memory_
                       routing_utilization)
 from .modeling import MoEForCausalLM
 from .plan import RUN_RECORD, RunPlan, check_run_folder, run_record
+from .portable import read_state
+from .watchdog import Watchdog
 
 log = logging.getLogger("moe_dist")
 TRAINER_STATE = "trainer_state.json"
+
+
+class TrainingHalted(RuntimeError):
+    """Training cannot usefully go on (e.g. every step is non-finite); the last good checkpoint stays."""
 
 
 @dataclass
@@ -45,6 +52,12 @@ class TrainerState:
     evals_without_improvement: int = 0
     max_tok_s: float = 0.0
     peak_mem_mb: float = 0.0
+    skipped_steps: int = 0
+    bad_in_a_row: int = 0
+    scheduler_steps: int = 0  # optimizer steps taken (skipped ones hold the lr schedule)
+    engine: str = ""  # the layout that wrote the checkpoint: a different one means resharding
+    ep_size: int = 0
+    world_size: int = 0
     sampler: dict = field(default_factory=dict)
     collapse: dict = field(default_factory=dict)
 
@@ -71,7 +84,12 @@ def run(plan: RunPlan) -> dict | None:
 
     loop = _Loop(plan, engine, data, config)
     loop.resume()
-    loop.train()
+    try:
+        loop.train()
+    except Exception as e:
+        # Under the launcher every rank's stderr is shown: say who failed, and when.
+        log.error("rank %d failed at step %d: %s: %s", engine.rank, loop.current_step, type(e).__name__, e)
+        raise
     final = loop.save(best=False) if loop.last_saved != loop.state.step else loop.last_saved_path
     if engine.is_main:
         export_checkpoint(final, plan.run_dir / "hf", tokenizer_dir=plan.run_dir / "tokenizer")
@@ -132,28 +150,58 @@ class _Loop:
         self.throughput = Throughput()
         self.collapse = CollapseMonitor(max(config.num_local_experts, 1))
         self.state = TrainerState()
+        self.current_step = 0
         self.last_saved, self.last_saved_path = -1, None
 
     # ---- resume ---------------------------------------------------------------------------
 
     def resume(self) -> None:
+        """Continue from the newest intact checkpoint. Rank 0 checks the files and every rank loads its choice."""
+        choice = -1  # -1: nothing saved yet; -2: only broken checkpoints
         if self.engine.is_main:
             self.store.remove_partials()
-        self.engine.barrier()
-        for path in self.store.candidates():
+            good = self.store.candidates()
+            choice = step_of(good[0]) if good else (-2 if self.store.complete() else -1)
+        choice = self.engine.broadcast_int(choice)
+        if choice == -2:
+            raise CheckpointError(f"no intact checkpoint in {self.store.root} (see the warnings above); "
+                                  f"move it away to start fresh")
+        if choice == -1:
+            return
+        path = self.store.root / f"step{choice:08d}"
+        saved = TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
+        if (saved.engine, saved.ep_size, saved.world_size) == self._layout():
             self.engine.load(path)
             restore_rng(load_rank_state(path, self.engine.rank)["rng"])
-            saved = json.loads((path / TRAINER_STATE).read_text())
-            self.state = TrainerState(**saved)
-            self.sampler.load_state_dict(self.state.sampler)
-            self.collapse.load_state_dict(self.state.collapse)
-            self.writer.truncate_after(self.state.step)
-            self.last_saved, self.last_saved_path = self.state.step, path
-            log.info("resumed from %s (step %d)", path, self.state.step)
-            return
-        if self.store.complete():
-            raise DataError(f"no usable checkpoint in {self.store.root} (see the warnings above); "
-                            f"move it away to start fresh")
+        else:
+            self._reshard(path, saved)
+        self.state = saved
+        self.sampler.load_state_dict(self.state.sampler)
+        self.collapse.load_state_dict(self.state.collapse)
+        self.writer.truncate_after(self.state.step)
+        self.last_saved, self.last_saved_path = self.state.step, path
+        log.info("resumed from %s (step %d)", path, self.state.step)
+
+    def _layout(self) -> tuple[str, int, int]:
+        return self.engine.kind, self.plan.spec.ep_size, self.engine.world_size
+
+    def _reshard(self, path: Path, saved: TrainerState) -> None:
+        """Load a checkpoint written by another engine, EP size or world size, through the portable state."""
+        with torch.device("meta"):
+            shapes = {n: p.shape for n, p in MoEForCausalLM(self.config).named_parameters() if p.requires_grad}
+        state = read_state(path, engine=saved.engine, ep_size=saved.ep_size,
+                           num_experts=self.config.num_local_experts, shapes=shapes)
+        if state.exp_avg is None and not self.args.allow_optimizer_reset:
+            raise CheckpointError(f"cannot carry the optimizer state of {path} over to this layout "
+                                  f"({state.why_no_moments}); add --allow_optimizer_reset to continue with exact "
+                                  f"weights and a fresh optimizer")
+        self.engine.load_portable(state)
+        self.engine.restore_schedule(saved.scheduler_steps)
+        if saved.world_size > self.engine.rank:  # this rank existed before: keep its random streams
+            restore_rng(load_rank_state(path, self.engine.rank)["rng"])
+        log.info("resharded %s from %s EP=%d on %d rank(s) to %s EP=%d on %d rank(s); optimizer %s",
+                 path.name, saved.engine, saved.ep_size, saved.world_size, *self._layout(),
+                 "state carried over" if state.exp_avg is not None else "reset (--allow_optimizer_reset)")
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -161,17 +209,26 @@ class _Loop:
         args, state = self.args, self.state
         log.info("training %s for %d steps on %d rank(s), %d tokens per step", self.plan.preset, args.max_steps,
                  self.engine.world_size, self.tokens_per_step)
+        self.watchdog = Watchdog(args.dist_timeout, self.plan.run_dir / "heartbeats", self.engine.rank)
         while state.step < args.max_steps:
+            self.current_step = state.step + 1
+            fault_point("before_step", self.current_step, self.engine.rank, self.engine.model)
+            # After the fault point: a rank stuck before its step still reports the previous one,
+            # which is how the watchdog tells it from the peers blocked waiting for it.
+            self.watchdog.beat(self.current_step)
             micro = [batch_tensors(self.data.train_blocks, idx) for idx in self.sampler.next_step()]
             out = self.engine.train_batch(micro)
             state.step += 1
+            self._count_skip(out.skipped)
             self.throughput.update(self.tokens_per_step)
             if state.step % args.log_every == 0 or state.step in (1, args.max_steps):
                 self._log_train(out)
             improved, stop = False, False
             if state.step % args.eval_every == 0 or state.step == args.max_steps:
                 improved, stop = self._evaluate()
-            if improved or stop or state.step % args.save_every == 0:
+            # Never save in a non-finite streak: the weights may be what went wrong, and the
+            # last checkpoint must stay the last good one.
+            if (improved or stop or state.step % args.save_every == 0) and not state.bad_in_a_row:
                 self.save(best=improved)
             fault_point("after_step", state.step, self.engine.rank)
             if stop:
@@ -179,6 +236,21 @@ class _Loop:
                          args.early_stopping_patience)
                 break
             self.throughput.resume()  # evals and saves are not training time
+
+    def _count_skip(self, skipped: bool) -> None:
+        state = self.state
+        if not skipped:
+            state.bad_in_a_row = 0
+            return
+        state.skipped_steps += 1
+        state.bad_in_a_row += 1
+        if self.engine.is_main:
+            log.warning("step %d skipped on every rank: non-finite loss or gradients (%d in a row, %d in total)",
+                        state.step, state.bad_in_a_row, state.skipped_steps)
+        if state.bad_in_a_row >= self.args.max_bad_steps:
+            last = self.last_saved_path or "none yet"
+            raise TrainingHalted(f"{state.bad_in_a_row} consecutive non-finite steps up to step {state.step} "
+                                 f"(--max_bad_steps {self.args.max_bad_steps}); stopping. Last good checkpoint: {last}")
 
     def _log_train(self, out) -> None:
         engine, state = self.engine, self.state
@@ -204,7 +276,8 @@ class _Loop:
     def _evaluate(self) -> tuple[bool, bool]:
         engine, state, args = self.engine, self.state, self.args
         result = evaluate(engine.model, self.data.valid_blocks, self.valid_shards, device=engine.device,
-                          all_reduce=engine.all_reduce, autocast=engine.eval_context)
+                          all_reduce=engine.all_reduce, autocast=engine.eval_context,
+                          progress=lambda: self.watchdog.beat(state.step, "eval"))
         routing = result.pop("routing")
         state.last_val = result
         improved = result["loss"] < state.best_val_loss
@@ -230,15 +303,22 @@ class _Loop:
 
     def save(self, *, best: bool) -> Path:
         engine, state = self.engine, self.state
+        if hasattr(self, "watchdog"):
+            self.watchdog.beat(state.step, "save")
         staging = self.store.begin(state.step)
+        fault_point("save_begin", state.step, engine.rank)
         engine.save(staging)
         save_rank_state(staging, engine.rank, {"rng": capture_rng()})
         if engine.is_main:
             state.sampler = self.sampler.state_dict()
             state.collapse = self.collapse.state_dict()
+            state.scheduler_steps = engine.scheduler.last_epoch
+            state.engine, state.ep_size, state.world_size = self._layout()
             (staging / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=1))
             self.config.to_json_file(staging / "config.json")
-        path = self.store.commit(staging, best=best, keep_last=self.args.keep_last)
+        self.store.seal(staging)
+        fault_point("before_commit", state.step, engine.rank)
+        path = self.store.publish(staging, best=best, keep_last=self.args.keep_last)
         self.last_saved, self.last_saved_path = state.step, path
         return path
 
@@ -249,6 +329,7 @@ class _Loop:
             "best_val_ppl": math.exp(min(state.best_val_loss, 50)), "best_step": state.best_step,
             "final_top1_acc": state.last_val.get("top1_acc"), "final_top3_acc": state.last_val.get("top3_acc"),
             "max_tok_s": state.max_tok_s, "peak_mem_mb": state.peak_mem_mb, "steps": state.step,
+            "skipped_steps": state.skipped_steps,
             "params_total": params_total, "params_active": params_active, "ep_size": spec.ep_size,
             "world_size": self.engine.world_size, "engine": self.engine.kind, "model": self.plan.preset,
             "precision": spec.precision, "tokens_per_step": self.tokens_per_step,

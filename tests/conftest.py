@@ -5,8 +5,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # plain `pytest` does not put the repository root on sys.path
-    sys.path.insert(0, str(ROOT))
+# Plain `pytest` puts neither the repository root nor tests/ (for `launcher`) on sys.path
+# when the test file sits in a subfolder such as tests/faults/.
+for path in (ROOT, ROOT / "tests"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 # A preset shrunk to a few thousand parameters per layer: every test model is built in milliseconds.
 TINY_SHAPE = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -1,0 +1,120 @@
+"""Engine-neutral training state: resume at another EP size, world size or engine.
+
+Every parameter under its HF name (global expert ids) with its fp32 value and AdamW
+moments, plus the optimizer step. It is read from either engine's checkpoint files and
+written into either engine after setup, so experts and their moments move to whichever
+rank owns them now. DeepSpeed's own converters (`ds_to_universal`, `zero_to_fp32`) fail
+on native-MoE checkpoints; ZeRO-1/2 shards record where each parameter lies in them
+(`param_slice_mappings`), which is all this needs. Every file is read with
+`torch.load(weights_only=True)`; DeepSpeed's shards need three of its classes allowlisted.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .expert_parallel import local_to_hf_key
+from .export import load_hf_state_dict
+from .optim import named_param_groups
+
+
+@dataclass
+class PortableState:
+    weights: dict[str, torch.Tensor]  # fp32, HF names
+    exp_avg: dict[str, torch.Tensor] | None  # None: the source's optimizer state cannot be read
+    exp_avg_sq: dict[str, torch.Tensor] | None
+    step: int | None
+    why_no_moments: str = ""
+
+
+def read_state(ckpt: Path, *, engine: str, ep_size: int, num_experts: int, shapes: dict[str, torch.Size]
+               ) -> PortableState:
+    weights = {k: v.float() for k, v in load_hf_state_dict(ckpt).items()}
+    if engine == "accelerate":
+        return _read_accelerate(ckpt, weights, shapes)
+    shards = sorted(ckpt.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=lambda p: int(p.name.split("_")[3]))
+    if not shards:
+        return PortableState(weights, None, None, None, "it was saved with ZeRO stage 0, whose optimizer "
+                                                        "state is not sharded by parameter name")
+    return _read_zero_shards(shards, weights, ep_size, max(num_experts, 1) // ep_size, shapes)
+
+
+def _read_accelerate(ckpt: Path, weights: dict, shapes: dict) -> PortableState:
+    saved = torch.load(ckpt / "accelerate" / "optimizer.bin", map_location="cpu", weights_only=True)
+    # torch numbers optimizer state by position in the parameter groups, which
+    # named_param_groups reproduces for the same model.
+    names = [n for group in named_param_groups(shapes) for n in group]
+    state = {names[i]: s for i, s in saved["state"].items()}
+    step = int(next(iter(state.values()))["step"]) if state else 0
+    return PortableState(weights, {n: s["exp_avg"].float() for n, s in state.items()},
+                         {n: s["exp_avg_sq"].float() for n, s in state.items()}, step)
+
+
+def _read_zero_shards(shards: list[Path], weights: dict, ep_size: int, local_experts: int, shapes: dict
+                      ) -> PortableState:
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    pieces: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    step = 0
+    for rank, shard in enumerate(shards):
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
+            osd = torch.load(shard, map_location="cpu", weights_only=True)["optimizer_state_dict"]
+        for g, mapping in enumerate(osd["param_slice_mappings"]):
+            state = osd["base_optimizer_state"]["state"][g]
+            step = int(state["step"])
+            flat = {"fp32": osd["single_partition_of_fp32_groups"][g], "exp_avg": state["exp_avg"],
+                    "exp_avg_sq": state["exp_avg_sq"]}
+            for local, frag in mapping.items():
+                # Shards are read in rank order, so a parameter split across partitions
+                # is reassembled by concatenating its fragments.
+                # EP groups are consecutive ranks (DeepSpeed's default), so rank r is EP rank r % ep_size.
+                name = local_to_hf_key(local, rank % ep_size, local_experts)
+                for key, tensor in flat.items():
+                    pieces[name][key].append(tensor.narrow(0, frag.start, frag.numel))
+    full = {key: {n: torch.cat(p[key]).view(shapes[n]) for n, p in pieces.items()} for key in ("fp32", "exp_avg",
+                                                                                               "exp_avg_sq")}
+    weights.update(full["fp32"])  # the fp32 masters, exact even when the module ran in bf16
+    return PortableState(weights, full["exp_avg"], full["exp_avg_sq"], step)
+
+
+# ---- writing into a live engine --------------------------------------------------------------
+
+
+@torch.no_grad()
+def apply_plain(named_params, optimizer, state: PortableState) -> None:
+    """A torch optimizer over whole module parameters (accelerate, or DeepSpeed with ZeRO-0).
+    `named_params` yields (HF name, parameter)."""
+    for name, param in named_params:
+        param.copy_(state.weights[name])
+        if state.exp_avg is not None and param.requires_grad:
+            optimizer.state[param] = {"step": torch.tensor(float(state.step)),
+                                      "exp_avg": state.exp_avg[name].to(param),
+                                      "exp_avg_sq": state.exp_avg_sq[name].to(param)}
+
+
+@torch.no_grad()
+def apply_zero(ds_engine, state: PortableState, named_params) -> None:
+    """DeepSpeed ZeRO-1/2 (or its bf16 optimizer): each rank writes its own fragments of the
+    flat fp32 partitions. `named_params` yields (HF name, module parameter)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    zero = ds_engine.optimizer
+    if state.exp_avg is not None:
+        base = zero.optimizer  # Adam states are created lazily at the first step: create them now
+        for group in base.param_groups:
+            for flat in group["params"]:
+                base.state[flat] = {"step": torch.tensor(float(state.step)), "exp_avg": torch.zeros_like(flat),
+                                    "exp_avg_sq": torch.zeros_like(flat)}
+        zero._lazy_init_hp_params_optimizer_state()
+    for name, param in named_params:
+        param.copy_(state.weights[name])
+        safe_set_full_fp32_param(param, state.weights[name])
+        if state.exp_avg is not None:
+            safe_set_full_optimizer_state(param, state.exp_avg[name], "exp_avg")
+            safe_set_full_optimizer_state(param, state.exp_avg_sq[name], "exp_avg_sq")
