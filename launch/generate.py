@@ -1,0 +1,84 @@
+"""Generate text with an exported model (`run/hf`, or the run folder itself).
+
+    python launch/generate.py --model_path runs/quickstart --prompt "Once upon a time" --num_samples 3
+    python launch/generate.py --model_path runs/quickstart/hf --prompt_file prompts.txt --temperature 0 \\
+        --max_new_tokens 200 --json samples.json
+
+--temperature 0 is greedy; top_k 0 and top_p 1 are off. A prompt file holds one prompt per line, or
+multi-line prompts separated by `<|endoftext|>` lines. No prompt at all samples unconditionally.
+Bad input (no model, a prompt longer than the context, no GPU for --device cuda) exits with
+status 2 and one line; prompt + --max_new_tokens beyond the context is clamped with a warning.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from moe_dist.generation import (GenerationError, build_generation_config, context_length, fit_to_context,
+                                 generate, load_model, load_tokenizer_for_generation, prompt_lengths,
+                                 read_prompt_file, resolve_device, resolve_model_dir)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model_path", required=True, help="exported hf/ folder, or a run folder (uses its hf/)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
+    p.add_argument("--prompt_file", help="one prompt per line, or prompts separated by <|endoftext|> lines")
+    p.add_argument("--max_new_tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens; 0 = off")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling; 1 = off")
+    p.add_argument("--repetition_penalty", type=float, default=1.0, help="CTRL-style; 1 = off")
+    p.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--batch_size", type=int, default=8, help="prompts per generate() call")
+    p.add_argument("--json", help="also write prompts, samples and settings to this JSON file")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    _quiet_transformers()
+    try:
+        prompts = (args.prompt + (read_prompt_file(args.prompt_file) if args.prompt_file else [])) or [""]
+        model_dir = resolve_model_dir(args.model_path)
+        device = resolve_device(args.device)
+        context = context_length(model_dir)
+        tokenizer = load_tokenizer_for_generation(model_dir)
+        max_new_tokens, warning = fit_to_context(prompt_lengths(tokenizer, prompts), context, args.max_new_tokens)
+        config = build_generation_config(
+            tokenizer, max_new_tokens=max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, repetition_penalty=args.repetition_penalty, num_samples=args.num_samples)
+        if args.batch_size < 1:
+            raise GenerationError(f"--batch_size {args.batch_size}: must be >= 1")
+        if args.json and not Path(args.json).parent.is_dir():  # found out now, not after generating
+            raise GenerationError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
+        model = load_model(model_dir, device)
+    except GenerationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if warning:
+        print(warning, file=sys.stderr)
+    samples = generate(model, tokenizer, prompts, config, seed=args.seed, batch_size=args.batch_size)
+    for s in samples:
+        print(f"=== prompt {s.prompt_index + 1}/{len(prompts)}, sample {s.sample_index + 1}/{args.num_samples}"
+              f" ({s.num_new_tokens} new tokens) ===\n{s.text}\n")
+    if args.json:
+        record = {"model_dir": str(model_dir), "device": str(device), "settings": vars(args),
+                  "max_new_tokens_used": max_new_tokens, "samples": [s.to_json() for s in samples]}
+        Path(args.json).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    return 0
+
+
+def _quiet_transformers() -> None:
+    # Progress bars and load-time notices would interleave with the samples on the terminal.
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
