@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .moe import LocalExperts, MoEBlock
-from .routing import Routing
+from .routing import Routing, count_per_expert
 
 # An expert's key in DeepSpeed's checkpoint vs. in the model / HF export: only the
 # container path differs, the expert id is global in both.
@@ -69,7 +69,7 @@ class _PrecomputedGate(nn.Module):
     def forward(self, x_TD, routing: Routing, sparse_routes=True, use_tutel=False):
         import deepspeed.comm as dist
 
-        counts_E = torch.bincount(routing.expert_idx_TK[routing.keep_TK], minlength=routing.num_experts)
+        counts_E = count_per_expert(routing.expert_idx_TK, routing.num_experts, weight=routing.keep_TK)
         capacity = routing.capacity
         if capacity is None:
             # Dropless: the all-to-all splits evenly, so every EP rank must use the same buffer

@@ -1,0 +1,212 @@
+"""Analytic cost model: parameters, forward FLOPs per token and per-rank training memory.
+
+Pure functions of an `MoEConfig` (no model is built), so a tool can size a 100B-parameter
+run on a laptop. The counts follow the layer definitions in `modeling.py` and `moe.py`
+exactly; the memory estimate states every assumption where it is made.
+
+Units: FLOPs count a multiply-add as 2 (the PaLM / Chinchilla convention); memory is bytes.
+"""
+
+from __future__ import annotations
+
+from .configuration import MoEConfig
+
+GiB = 2**30
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+# ---- parameters -----------------------------------------------------------------------
+
+
+def _mlp_matmul_params(config: MoEConfig, width: int) -> int:
+    """Weight elements of one `FeedForward`: 2 matrices for GELU, 3 for SwiGLU (no biases)."""
+    return (3 if config.hidden_act == "swiglu" else 2) * config.hidden_size * width
+
+
+def _mlp_params(config: MoEConfig, width: int, bias: bool) -> int:
+    mats = 3 if config.hidden_act == "swiglu" else 2
+    return _mlp_matmul_params(config, width) + (bias * ((mats - 1) * width + config.hidden_size))
+
+
+def _attention_params(config: MoEConfig) -> int:
+    D, kv = config.hidden_size, config.num_key_value_heads * config.head_dim
+    return 2 * D * D + 2 * D * kv + config.bias * (2 * D + 2 * kv)
+
+
+def parameter_counts(config: MoEConfig) -> dict[str, int]:
+    """Parameter counts as `MoEForCausalLM` builds them.
+
+    `expert` is the routed experts of all layers (the parameters expert parallelism shards);
+    `dense` is everything else (embeddings, attention, norms, dense FFNs, routers, shared
+    experts: replicated on every rank). `active` counts k of the E routed experts, as
+    `MoEForCausalLM.num_active_parameters()` does.
+    """
+    D, V = config.hidden_size, config.vocab_size
+    norm = D * (2 if config.norm_type == "layernorm" and config.bias else 1)
+    embedding = V * D + (config.max_position_embeddings * D if config.position_embedding_type == "learned" else 0)
+    dense = embedding + norm + (0 if config.tie_word_embeddings else V * D)
+    expert = active_expert = 0
+    for layer in range(config.num_hidden_layers):
+        dense += _attention_params(config) + 2 * norm
+        if not config.is_moe_layer(layer):
+            dense += _mlp_params(config, config.intermediate_size, config.bias)
+            continue
+        E, k, width = config.num_local_experts, config.num_experts_per_tok, config.moe_intermediate_size
+        dense += E * D  # router, no bias
+        if config.num_shared_experts:
+            dense += _mlp_params(config, config.num_shared_experts * width, config.expert_bias)
+        one = _mlp_params(config, width, config.expert_bias)
+        expert += E * one
+        active_expert += k * one
+    return {"total": dense + expert, "active": dense + active_expert, "dense": dense, "expert": expert,
+            "embedding": embedding}
+
+
+# ---- FLOPs ----------------------------------------------------------------------------
+
+
+def flops_per_token(config: MoEConfig, *, context: int) -> dict[str, int]:
+    """Forward FLOPs of one token that attends to `context` tokens, itemised.
+
+    Convention (PaLM, Chowdhery et al. 2022, App. B; Chinchilla, Hoffmann et al. 2022,
+    App. F): a matmul with an m x n weight costs 2mn FLOPs per token; attention costs
+    2 * context * d_attn for QK^T plus the same for softmax(.)V per layer, with the FULL
+    context (no causal discount: a kernel that skips the masked half does half of that).
+    d_attn = heads * head_dim; GQA shrinks the k/v projections but not these products,
+    since every query head still attends. Biases, norms, activations, softmax and the
+    router's top-k are not counted (O(d) per token, under 1% here), nor embedding lookups
+    (no FLOPs). The lm_head is a matmul and is counted. Hence
+    total = 2 x (matmul weights a token passes through) + attention scores.
+    """
+    D, L = config.hidden_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * config.head_dim
+    d_attn = config.num_attention_heads * config.head_dim
+    out = {"attention_proj": L * 2 * (2 * D * D + 2 * D * kv), "attention_scores": L * 2 * 2 * context * d_attn,
+           "dense_ffn": 0, "routed_experts": 0, "shared_experts": 0, "router": 0,
+           "lm_head": 2 * D * config.vocab_size}
+    for layer in range(L):
+        if not config.is_moe_layer(layer):
+            out["dense_ffn"] += 2 * _mlp_matmul_params(config, config.intermediate_size)
+            continue
+        width = config.moe_intermediate_size
+        out["routed_experts"] += 2 * config.num_experts_per_tok * _mlp_matmul_params(config, width)
+        out["shared_experts"] += 2 * _mlp_matmul_params(config, config.num_shared_experts * width)
+        out["router"] += 2 * D * config.num_local_experts
+    out["total"] = sum(out.values())
+    return out
+
+
+# ---- memory ---------------------------------------------------------------------------
+
+
+def _optimizer_bytes_per_param(precision: str, zero_stage: int) -> int:
+    """AdamW state: two fp32 moments, plus an fp32 master copy where one exists.
+
+    Mixed precision keeps an fp32 master (ZeRO paper, Rajbhandari et al. 2020 §3.1: K = 12).
+    DeepSpeed's ZeRO-1/2 optimizer also clones its fp32 partition when training in fp32
+    (`single_partition_of_fp32_groups` in deepspeed/runtime/zero/stage_1_and_2.py), so only
+    plain fp32 AdamW without ZeRO has the moments alone.
+    """
+    return 12 if precision != "fp32" or zero_stage >= 1 else 8
+
+
+def _norm_bytes(config: MoEConfig, a: int) -> int:
+    """What one norm keeps per token: LayerNorm its input; torch's RMSNorm computes in fp32 and
+    keeps the fp32 input and the fp32 normalised tensor (measured with saved-tensor hooks)."""
+    return a * config.hidden_size if config.norm_type == "layernorm" else 8 * config.hidden_size
+
+
+def _activation_bytes_per_token(config: MoEConfig, layer: int, *, a: int, context: int, ep_size: int,
+                                flash_attention: bool) -> float:
+    """Bytes one token keeps alive for the backward of one layer (`a` = bytes per activation).
+
+    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+    Models", §4.1, eq. 1) count 34sbh + 5as^2b bytes per layer for a GPT block in 16-bit.
+    Adapted to this model: no dropout (their 1-byte masks and dropout outputs go); sdpa
+    keeps a per-row fp32 logsumexp instead of the a*s^2 probabilities (FlashAttention, Dao
+    et al. 2022) unless `flash_attention=False`; GQA keys/values are kv wide; SwiGLU keeps 4
+    intermediates (gate, silu(gate), up, product) where GELU keeps 2 (its input and output).
+    MoE: the router works in fp32; every route keeps its gathered input and expert body, and
+    the fp32 combine keeps the expert output and its weighted copy (moe.LocalExperts).
+    """
+    D, H, E = config.hidden_size, config.num_attention_heads, config.num_local_experts
+    kv = config.num_key_value_heads * config.head_dim
+    body = 4 if config.hidden_act == "swiglu" else 2
+    norm = _norm_bytes(config, a)
+    # QKV input, Q, K, V, attention output (= o_proj input); then the softmax state
+    attention = norm + a * (3 * D + 2 * kv) + (4 * H if flash_attention else a * H * context)
+    if not config.is_moe_layer(layer):
+        return attention + norm + a * (D + body * config.intermediate_size)  # FFN input, body
+    width = config.moe_intermediate_size
+    # DeepSpeed's all-to-all dispatch pads every expert to capacity (capacity_factor x the
+    # fair share of T*k routes); at EP=1 and dropless the experts run exact slices.
+    cf = config.capacity_factor if ep_size > 1 and config.capacity_factor is not None else 1.0
+    routes = config.num_experts_per_tok * cf
+    router = (4 * D if a != 4 else 0) + 4 * 2 * E  # fp32 copy of the input; fp32 logits and probs
+    experts = routes * (a * (D + body * width) + 2 * 4 * D)
+    shared = a * body * config.num_shared_experts * width
+    return attention + norm + a * D + router + experts + shared
+
+
+def memory_bytes(config: MoEConfig, *, zero_stage: int, ep_size: int, world_size: int, precision: str,
+                 micro_batch: int, seq_len: int, grad_ckpt: bool = False, flash_attention: bool = True
+                 ) -> dict[str, float]:
+    """Predicted per-rank training memory (bytes) of one DeepSpeed rank, itemised.
+
+    Assumptions:
+    - weights: dense parameters are replicated; each rank holds E/ep_size experts per layer.
+      Held in `precision` (bf16/fp16 weights are 2 bytes, fp32 4).
+    - gradients: same dtype as the weights; ZeRO-2 shards them (dense over `world_size`
+      ranks, experts over the world/ep_size ranks of their expert-data-parallel group).
+    - optimizer: AdamW, see `_optimizer_bytes_per_param`; ZeRO-1 and 2 shard it like the
+      gradients. ZeRO-3 does not exist for native MoE (DeepSpeed refuses it).
+    - activations: `micro_batch * seq_len` tokens through every layer, per
+      `_activation_bytes_per_token`, plus the head: final norm and lm_head inputs, the logits
+      in `precision` and the fp32 log-probabilities of the loss. With `grad_ckpt` every block
+      keeps only its input, plus one block's activations while it is recomputed
+      (Korthikanti et al. 2022 §4.2, full recomputation).
+    - total: the sum, as if every part were alive at once (activations are in fact freed
+      while gradients are written, so this bounds the backward-pass peak from above).
+    - not modelled: DeepSpeed's reduce/all-gather buckets, the all-to-all buffers, the
+      transient fp32 gradient partition of the step, allocator fragmentation, the CUDA
+      context and library code; a measurement includes them.
+    The activation count agrees within 5% with the bytes autograd really saves for the tiny
+    presets (tests/test_profile_memory.py, measured with saved-tensor hooks on CPU).
+    """
+    if precision not in _BYTES:
+        raise ValueError(f"precision={precision!r} is invalid: expected one of {sorted(_BYTES)}")
+    if zero_stage not in (0, 1, 2):
+        raise ValueError(f"zero_stage={zero_stage!r} is invalid: 0, 1 or 2 (native MoE refuses ZeRO-3)")
+    if world_size % ep_size:
+        raise ValueError(f"ep_size={ep_size} must divide world_size={world_size}")
+    a = _BYTES[precision]
+    params = parameter_counts(config)
+    dense, expert = params["dense"], params["expert"] / ep_size  # per rank
+    edp = world_size // ep_size  # expert-data-parallel replicas of each expert
+    shard_grads, shard_optim = zero_stage >= 2, zero_stage >= 1
+    grads = a * (dense / (world_size if shard_grads else 1) + expert / (edp if shard_grads else 1))
+    optim = _optimizer_bytes_per_param(precision, zero_stage) * (
+        dense / (world_size if shard_optim else 1) + expert / (edp if shard_optim else 1))
+
+    tokens = micro_batch * seq_len
+    per_layer = [_activation_bytes_per_token(config, i, a=a, context=seq_len, ep_size=ep_size,
+                                             flash_attention=flash_attention)
+                 for i in range(config.num_hidden_layers)]
+    layers = (config.num_hidden_layers * a * config.hidden_size + max(per_layer)) if grad_ckpt else sum(per_layer)
+    head = _norm_bytes(config, a) + a * config.hidden_size + (a + 4) * config.vocab_size
+    out = {"weights": a * (dense + expert), "gradients": grads, "optimizer": optim,
+           "activations": tokens * (layers + head)}
+    out["total"] = sum(out.values())
+    return out
+
+
+def fit_verdict(total_bytes: float, *, gpu_mem_gib: float, headroom: float = 0.1) -> str:
+    """'fits' within (1 - headroom) of one GPU's memory, 'tight' within all of it, else 'does not fit'.
+
+    The headroom stands for what `memory_bytes` leaves out (CUDA context, communication
+    buckets, fragmentation): a prediction that needs all of the GPU will not run reliably.
+    """
+    capacity = gpu_mem_gib * GiB
+    if total_bytes <= (1 - headroom) * capacity:
+        return "fits"
+    return "tight" if total_bytes <= capacity else "does not fit"

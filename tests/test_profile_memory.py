@@ -1,0 +1,163 @@
+"""The analytic memory model (`moe_dist.costs.memory_bytes`), the fit verdict, and `tools/profile_memory.py`."""
+import json
+
+import pytest
+import torch
+
+from launcher import CPU_EP2, FIXTURES, ROOT, check, python
+from moe_dist import MoEConfig, MoEForCausalLM
+from moe_dist.costs import GiB, fit_verdict, memory_bytes
+from moe_dist.moe import LocalExperts
+
+SETTINGS = dict(zero_stage=2, precision="bf16", micro_batch=4, seq_len=64)
+
+
+def expert_and_dense_params(config: MoEConfig) -> tuple[int, int]:
+    with torch.device("meta"):
+        model = MoEForCausalLM(config)
+    experts = sum(p.numel() for m in model.modules() if isinstance(m, LocalExperts) for p in m.parameters())
+    return experts, model.num_parameters() - experts
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_expert_memory_halves_when_ep_size_doubles(make_config, zero_stage):
+    """On ep_size GPUs (the tool's default world), each rank's expert weights, grads and AdamW state halve."""
+    config = make_config("tiny-moe", num_local_experts=8)
+    experts, dense = expert_and_dense_params(config)
+
+    def expert_bytes(ep: int) -> dict:
+        mem = memory_bytes(config, **{**SETTINGS, "zero_stage": zero_stage}, ep_size=ep, world_size=ep)
+        # Dense parameters: bf16 weights and grads, 12 bytes of AdamW state; ZeRO shards over the world.
+        dense_bytes = {"weights": 2 * dense, "gradients": 2 * dense / (ep if zero_stage == 2 else 1),
+                       "optimizer": 12 * dense / (ep if zero_stage else 1)}
+        return {k: mem[k] - v for k, v in dense_bytes.items()}
+
+    one, two, four = expert_bytes(1), expert_bytes(2), expert_bytes(4)
+    assert one == pytest.approx({"weights": 2 * experts, "gradients": 2 * experts, "optimizer": 12 * experts})
+    assert two == pytest.approx({k: v / 2 for k, v in one.items()})
+    assert four == pytest.approx({k: v / 4 for k, v in one.items()})
+
+
+def test_zero_shards_expert_state_over_the_expert_data_parallel_group(make_config):
+    config = make_config("tiny-moe", num_local_experts=8)
+    experts, dense = expert_and_dense_params(config)
+    mem = memory_bytes(config, **SETTINGS, ep_size=2, world_size=8)  # 4 replicas of each expert
+    assert mem["gradients"] == pytest.approx(2 * dense / 8 + 2 * experts / 2 / 4)
+    assert mem["optimizer"] == pytest.approx(12 * dense / 8 + 12 * experts / 2 / 4)
+
+
+def test_zero2_shards_gradients_and_zero1_shards_only_the_optimizer_state(make_config):
+    config = make_config("tiny-moe")
+    params = sum(expert_and_dense_params(config))
+    mem = {stage: memory_bytes(config, **{**SETTINGS, "zero_stage": stage}, ep_size=1, world_size=4)
+           for stage in (0, 1, 2)}
+    assert mem[0]["gradients"] == mem[1]["gradients"] == pytest.approx(2 * params)
+    assert mem[2]["gradients"] == pytest.approx(2 * params / 4)
+    assert mem[0]["optimizer"] == pytest.approx(12 * params)  # fp32 master + two fp32 moments
+    assert mem[1]["optimizer"] == mem[2]["optimizer"] == pytest.approx(12 * params / 4)
+    assert mem[0]["weights"] == mem[1]["weights"] == mem[2]["weights"]
+    assert mem[0]["activations"] == mem[2]["activations"]
+
+
+def test_fp32_adamw_keeps_only_its_moments_without_zero_and_a_master_copy_with_it(make_config):
+    config = make_config("tiny-dense")
+    params = sum(expert_and_dense_params(config))
+    fp32 = dict(SETTINGS, precision="fp32")
+    assert memory_bytes(config, **{**fp32, "zero_stage": 0}, ep_size=1, world_size=1)["optimizer"] == 8 * params
+    # DeepSpeed's ZeRO-1/2 optimizer clones its partition as an fp32 master even in fp32.
+    assert memory_bytes(config, **{**fp32, "zero_stage": 1}, ep_size=1, world_size=1)["optimizer"] == 12 * params
+
+
+def test_dense_model_memory_does_not_depend_on_ep_size(make_config):
+    config = make_config("tiny-dense")
+    mems = [memory_bytes(config, **SETTINGS, ep_size=ep, world_size=8) for ep in (1, 2, 4, 8)]
+    assert all(m == mems[0] for m in mems)
+
+
+@pytest.mark.parametrize("dtype, precision", [(torch.bfloat16, "bf16"), (torch.float32, "fp32")])
+def test_predicted_weights_are_the_bytes_of_the_built_model(make_config, dtype, precision):
+    config = make_config("tiny-modern", num_shared_experts=1)
+    model = MoEForCausalLM(config).to(dtype)
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    mem = memory_bytes(config, **{**SETTINGS, "precision": precision}, ep_size=1, world_size=1)
+    assert mem["weights"] == held
+
+
+def saved_activation_bytes(model: MoEForCausalLM, input_ids: torch.Tensor) -> int:
+    """Bytes of the tensors autograd keeps for backward (parameters excluded), plus the returned logits."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(input_ids=input_ids, shift_labels=input_ids)
+    return sum(saved.values()) + out.logits.untyped_storage().nbytes()
+
+
+@pytest.mark.parametrize("preset, overrides, dtype, precision", [
+    ("tiny-moe", {}, torch.float32, "fp32"),
+    ("tiny-dense", {}, torch.bfloat16, "bf16"),
+    ("tiny-modern", dict(num_shared_experts=1), torch.bfloat16, "bf16"),
+    ("tiny-modern", dict(num_experts_per_tok=2), torch.float32, "fp32"),
+])
+def test_predicted_activations_match_what_autograd_saves(make_config, preset, overrides, dtype, precision):
+    config = make_config(preset, capacity_factor=None, **overrides)
+    torch.manual_seed(0)
+    model = MoEForCausalLM(config).to(dtype).train()
+    B, S = 4, config.max_position_embeddings
+    measured = saved_activation_bytes(model, torch.randint(0, config.vocab_size, (B, S)))
+    mem = memory_bytes(config, **{**SETTINGS, "precision": precision, "micro_batch": B, "seq_len": S},
+                       ep_size=1, world_size=1)
+    assert mem["activations"] == pytest.approx(measured, rel=0.05)
+
+
+def test_activation_checkpointing_cuts_only_activations(make_config):
+    config = make_config("tiny-moe", num_hidden_layers=6)
+    plain = memory_bytes(config, **SETTINGS, ep_size=1, world_size=1)
+    ckpt = memory_bytes(config, **SETTINGS, ep_size=1, world_size=1, grad_ckpt=True)
+    assert ckpt["activations"] < plain["activations"] / 2
+    assert all(ckpt[k] == plain[k] for k in ("weights", "gradients", "optimizer"))
+
+
+def test_memory_bytes_rejects_settings_deepspeed_cannot_run(make_config):
+    config = make_config("tiny-moe")
+    with pytest.raises(ValueError, match="zero_stage=3"):
+        memory_bytes(config, **{**SETTINGS, "zero_stage": 3}, ep_size=1, world_size=1)
+    with pytest.raises(ValueError, match="precision='int8'"):
+        memory_bytes(config, **{**SETTINGS, "precision": "int8"}, ep_size=1, world_size=1)
+    with pytest.raises(ValueError, match="ep_size=4 must divide world_size=2"):
+        memory_bytes(config, **SETTINGS, ep_size=4, world_size=2)
+
+
+@pytest.mark.parametrize("gib, verdict", [(1.0, "fits"), (72.0, "fits"), (72.1, "tight"), (80.0, "tight"),
+                                          (80.01, "does not fit")])
+def test_fit_verdict_keeps_ten_percent_headroom(gib, verdict):
+    assert fit_verdict(gib * GiB, gpu_mem_gib=80) == verdict
+
+
+@pytest.mark.multirank
+def test_profile_memory_reports_every_gpu_scale_and_a_measured_deepspeed_run(tmp_path):
+    out = tmp_path / "mem"
+    proc = check(python(ROOT / "tools" / "profile_memory.py", [
+        "--preset", "tiny-moe", "--measure", CPU_EP2, "--max_steps", "2", "--seq_len", "32",
+        "--train_file", str(FIXTURES / "stories.txt"), "--valid_file", str(FIXTURES / "stories_valid.txt"),
+        "--output_dir", str(out)]))
+    report = (out / "report.md").read_text()
+    for scale in ("ep1", "ep2", "ep4", "ep8", "cpu_ep2 (run)"):
+        assert f"| {scale} |" in report, proc.stdout
+    rows = {r["config"]: r for r in json.loads((out / "memory.json").read_text())["rows"]}
+    assert [rows[f"ep{n}"]["world_size"] for n in (1, 2, 4, 8)] == [1, 2, 4, 8]
+    assert all(rows[f"ep{n}"]["verdict"] == "fits" for n in (1, 2, 4, 8))  # tiny-moe on 80 GiB GPUs
+    run = rows["cpu_ep2 (run)"]
+    assert run["world_size"] == 2 and run["precision"] == "fp32" and run["measured_mb"] > 0
+    assert 0 < run["predicted"]["total"] < rows["ep2"]["predicted"]["total"]  # 8 x 32 tokens vs 32 x 128
+    png = (out / "memory.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    import matplotlib.image
+
+    assert matplotlib.image.imread(out / "memory.png").shape[2] in (3, 4)
