@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -51,7 +52,9 @@ class TrainerState:
     last_val: dict = field(default_factory=dict)
     evals_without_improvement: int = 0
     max_tok_s: float = 0.0
-    peak_mem_mb: float = 0.0
+    peak_mem_mb: float = 0.0  # the largest rank's; torch's allocator peak on GPU, peak RSS on CPU
+    peak_mem_mb_per_rank: list = field(default_factory=list)
+    nvml_used_mb_per_rank: list = field(default_factory=list)  # whole-GPU use seen by NVML, max over logs
     skipped_steps: int = 0
     bad_in_a_row: int = 0
     scheduler_steps: int = 0  # optimizer steps taken (skipped ones hold the lr schedule)
@@ -68,6 +71,10 @@ def run(plan: RunPlan) -> dict | None:
     _configure_logging(engine.is_main)
     if engine.is_main:
         plan.run_dir.mkdir(parents=True, exist_ok=True)
+        if not (plan.run_dir / RUN_RECORD).exists():
+            # A tokenizer without a run record is left over from a launch that failed while
+            # preparing data (say, on a corpus since fixed): never reuse it.
+            shutil.rmtree(plan.run_dir / "tokenizer", ignore_errors=True)
     spec = plan.spec
     data = prepare_data(plan.data, plan.run_dir, is_main=engine.is_main, barrier=engine.barrier,
                         min_valid_blocks=spec.micro_batch_size * engine.world_size)
@@ -90,8 +97,10 @@ def run(plan: RunPlan) -> dict | None:
         # Under the launcher every rank's stderr is shown: say who failed, and when.
         log.error("rank %d failed at step %d: %s: %s", engine.rank, loop.current_step, type(e).__name__, e)
         raise
-    final = loop.save(best=False) if loop.last_saved != loop.state.step else loop.last_saved_path
-    if engine.is_main:
+    # The export is the last checkpoint; a run that ended in a non-finite streak keeps its last good one.
+    settled = loop.state.bad_in_a_row or loop.last_saved == loop.state.step
+    final = loop.last_saved_path if settled else loop.save(best=False)
+    if engine.is_main and final is not None:
         export_checkpoint(final, plan.run_dir / "hf", tokenizer_dir=plan.run_dir / "tokenizer")
     engine.barrier()
     if not engine.is_main:
@@ -268,10 +277,17 @@ class _Loop:
                                      self.throughput.eta_s(state.step, self.args.max_steps)))
 
     def _peak_memory(self) -> float:
-        peak = torch.tensor(peak_memory_mb(self.engine.device)["peak_mem_mb"], device=self.engine.device)
-        self.engine.all_reduce(peak, op=torch.distributed.ReduceOp.MAX if self.engine.world_size > 1 else None)
-        self.state.peak_mem_mb = max(self.state.peak_mem_mb, float(peak))
-        return float(peak)
+        """Every rank's peak (and NVML reading, where there is one); returns the largest peak."""
+        engine, state = self.engine, self.state
+        mine = peak_memory_mb(engine.device)
+        table = torch.zeros(2, engine.world_size, dtype=torch.float64, device=engine.device)
+        table[:, engine.rank] = torch.tensor([mine["peak_mem_mb"], mine.get("nvml_used_mb", -1.0)])
+        peak, nvml = engine.all_reduce(table).tolist()  # each rank filled its own column
+        state.peak_mem_mb_per_rank = [max(a, b) for a, b in zip(state.peak_mem_mb_per_rank or peak, peak)]
+        if max(nvml) >= 0:
+            state.nvml_used_mb_per_rank = [max(a, b) for a, b in zip(state.nvml_used_mb_per_rank or nvml, nvml)]
+        state.peak_mem_mb = max(state.peak_mem_mb_per_rank)
+        return max(peak)
 
     def _evaluate(self) -> tuple[bool, bool]:
         engine, state, args = self.engine, self.state, self.args
@@ -329,6 +345,7 @@ class _Loop:
             "best_val_ppl": math.exp(min(state.best_val_loss, 50)), "best_step": state.best_step,
             "final_top1_acc": state.last_val.get("top1_acc"), "final_top3_acc": state.last_val.get("top3_acc"),
             "max_tok_s": state.max_tok_s, "peak_mem_mb": state.peak_mem_mb, "steps": state.step,
+            "peak_mem_mb_per_rank": state.peak_mem_mb_per_rank, "nvml_used_mb_per_rank": state.nvml_used_mb_per_rank,
             "skipped_steps": state.skipped_steps,
             "params_total": params_total, "params_active": params_active, "ep_size": spec.ep_size,
             "world_size": self.engine.world_size, "engine": self.engine.kind, "model": self.plan.preset,
