@@ -221,7 +221,8 @@ class AccelerateEngine(TrainEngine):
                 if self.acc.sync_gradients:
                     self.guard.nonfinite_loss = _nonfinite(losses)
                     if self.spec.grad_clip > 0:
-                        norm = float(self.acc.clip_grad_norm_(self.wrapped.parameters(), self.spec.grad_clip))
+                        self.guard.grad_norm = self.acc.clip_grad_norm_(self.wrapped.parameters(), self.spec.grad_clip)
+                        norm = float(self.guard.grad_norm)
                 self.optimizer.step()  # the guard skips it on every rank if anything is non-finite
                 self.optimizer.zero_grad(set_to_none=True)
         skipped = self.guard.overflow

@@ -90,12 +90,18 @@ def _read_zero_shards(shards: list[Path], weights: dict, ep_size: int, local_exp
 def apply_plain(named_params, optimizer, state: PortableState) -> None:
     """A torch optimizer over whole module parameters (accelerate, or DeepSpeed with ZeRO-0).
     `named_params` yields (HF name, parameter)."""
+    fused = any(group.get("fused") for group in optimizer.param_groups)
     for name, param in named_params:
         param.copy_(state.weights[name])
         if state.exp_avg is not None and param.requires_grad:
-            optimizer.state[param] = {"step": torch.tensor(float(state.step)),
+            optimizer.state[param] = {"step": _step_tensor(state.step, param, fused),
                                       "exp_avg": state.exp_avg[name].to(param),
                                       "exp_avg_sq": state.exp_avg_sq[name].to(param)}
+
+
+def _step_tensor(step: int, param: torch.Tensor, fused: bool) -> torch.Tensor:
+    # torch's AdamW wants the step on the parameter's device when fused, on the CPU otherwise.
+    return torch.tensor(float(step), device=param.device if fused else "cpu")
 
 
 @torch.no_grad()
@@ -109,8 +115,8 @@ def apply_zero(ds_engine, state: PortableState, named_params) -> None:
         base = zero.optimizer  # Adam states are created lazily at the first step: create them now
         for group in base.param_groups:
             for flat in group["params"]:
-                base.state[flat] = {"step": torch.tensor(float(state.step)), "exp_avg": torch.zeros_like(flat),
-                                    "exp_avg_sq": torch.zeros_like(flat)}
+                base.state[flat] = {"step": _step_tensor(state.step, flat, bool(group.get("fused"))),
+                                    "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
         zero._lazy_init_hp_params_optimizer_state()
     for name, param in named_params:
         param.copy_(state.weights[name])
