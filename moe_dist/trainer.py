@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -321,6 +322,7 @@ class _Loop:
         engine, state = self.engine, self.state
         if hasattr(self, "watchdog"):
             self.watchdog.beat(state.step, "save")
+        started = time.perf_counter()
         staging = self.store.begin(state.step)
         fault_point("save_begin", state.step, engine.rank)
         engine.save(staging)
@@ -336,6 +338,10 @@ class _Loop:
         fault_point("before_commit", state.step, engine.rank)
         path = self.store.publish(staging, best=best, keep_last=self.args.keep_last)
         self.last_saved, self.last_saved_path = state.step, path
+        if engine.is_main:
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            log.info("saved %s (%.1f MB) in %.2f s%s", path.name, size / 2**20, time.perf_counter() - started,
+                     " | best" if best else "")
         return path
 
     def summary(self, params_total: int, params_active: int) -> dict:

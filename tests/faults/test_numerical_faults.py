@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from launcher import EP2_ARGS, TRAIN, deepspeed, metrics
+from launcher import CPU_EP2, EP2_ARGS, TRAIN, deepspeed, metrics
 from moe_dist import MoEConfig, MoEForCausalLM
 from moe_dist.checkpoint import CheckpointStore
 from moe_dist.optim import GuardedAdamW
@@ -16,8 +16,13 @@ from moe_dist.optim import GuardedAdamW
 @pytest.mark.faults
 @pytest.mark.multirank
 def test_a_nan_batch_on_one_rank_is_skipped_by_both_and_training_goes_on(tmp_path):
+    # Under ZeRO stage 1 (the other tests use stage 2), so every selectable stage trains somewhere.
+    zero1 = json.loads(open(CPU_EP2).read())
+    zero1["zero_optimization"] = {"stage": 1}
+    (tmp_path / "zero1.json").write_text(json.dumps(zero1))
+    args = [a if a != CPU_EP2 else str(tmp_path / "zero1.json") for a in EP2_ARGS]
     run = tmp_path / "run"
-    proc = deepspeed(TRAIN, [*EP2_ARGS, "--max_steps", "8", "--output_dir", str(run)],
+    proc = deepspeed(TRAIN, [*args, "--max_steps", "8", "--output_dir", str(run)],
                      env={"MOE_DIST_FAULT": "nan_batch@before_step:3:1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 3 skipped on every rank: non-finite loss or gradients (1 in a row, 1 in total)" in proc.stderr
