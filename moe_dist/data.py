@@ -187,8 +187,9 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerFast:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     except (OSError, ValueError) as e:
-        raise DataError(f"tokenizer: cannot load {str(name_or_path)!r} ({type(e).__name__}); "
-                        "no internet? pass a local path or train:N") from e
+        hint = ("the folder holds no readable tokenizer" if Path(name_or_path).is_dir() else
+                "not a local folder, and the hub could not provide it (no internet?); pass a local path or train:N")
+        raise DataError(f"tokenizer: cannot load {str(name_or_path)!r} ({type(e).__name__}): {hint}") from e
     if tokenizer.eos_token_id is None:
         raise DataError(f"tokenizer: {str(name_or_path)!r} has no eos_token; packing puts one after every story")
     if tokenizer.pad_token is None:

@@ -210,9 +210,10 @@ def test_loaded_tokenizer_without_pad_gets_pad_equal_to_eos(tmp_path, tokenizer)
 
 
 def test_unloadable_tokenizer_raises_data_error(tmp_path):
-    for bad in (tmp_path / "missing", tmp_path):  # no such path; a folder without tokenizer files
-        with pytest.raises(DataError, match=r"tokenizer: cannot load .*no internet\? pass a local path or train:N"):
-            build_tokenizer(str(bad), None, None)
+    with pytest.raises(DataError, match=r"tokenizer: cannot load .*no internet\?\); pass a local path or train:N"):
+        build_tokenizer(str(tmp_path / "missing"), None, None)  # neither a folder nor reachable on the hub
+    with pytest.raises(DataError, match=r"tokenizer: cannot load .*the folder holds no readable tokenizer"):
+        build_tokenizer(str(tmp_path), None, None)  # a folder without tokenizer files
 
 
 # ---------------------------------------------------------------- packing
