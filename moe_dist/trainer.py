@@ -70,6 +70,8 @@ def run(plan: RunPlan) -> dict | None:
     """Train as planned; returns the summary on rank 0 (None elsewhere)."""
     engine = make_engine(plan.engine, plan.spec)
     _configure_logging(engine.is_main)
+    for segment in engine.released_shm:
+        log.info("unlinked %s once every rank had mapped it, so no launch leaves it in RAM", segment)
     if engine.is_main:
         plan.run_dir.mkdir(parents=True, exist_ok=True)
         if not (plan.run_dir / RUN_RECORD).exists():

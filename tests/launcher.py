@@ -49,6 +49,12 @@ def deepspeed(script: Path | str, args: list[str], *, timeout: int = 300, env: d
     return subprocess.run(cmd, cwd=ROOT, env=_env(env), capture_output=True, text=True, timeout=timeout)
 
 
+def leftover_shm(proc: subprocess.CompletedProcess) -> list[Path]:
+    """DeepSpeed's CPU all-reduce segments still in /dev/shm from this launch (named after its port)."""
+    port = proc.args[proc.args.index("--master_port") + 1]
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
 def python(script: Path | str, args: list[str], *, timeout: int = 300, env: dict | None = None
            ) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(script), *args], cwd=ROOT, env=_env(env), capture_output=True,

@@ -9,14 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launcher import ROOT, STEPS, check, deepspeed, metrics
+from launcher import ROOT, STEPS, check, deepspeed, leftover_shm, metrics
 
 pytestmark = pytest.mark.multirank
 
 
 def test_ep2_loss_and_gradients_equal_single_process_ep1(tmp_path):
     out = tmp_path / "result.json"
-    check(deepspeed(ROOT / "tests" / "scripts" / "ep_equivalence.py", [str(out)]))
+    proc = check(deepspeed(ROOT / "tests" / "scripts" / "ep_equivalence.py", [str(out)]))
+    assert leftover_shm(proc) == []
     results = json.loads(out.read_text())
     assert set(results) == {"top1-dropless", "top2-capacity1.0"}
     for result in results.values():

@@ -10,7 +10,7 @@ from datetime import datetime
 
 import pytest
 
-from launcher import EP2_ARGS, TRAIN, deepspeed
+from launcher import EP2_ARGS, TRAIN, deepspeed, leftover_shm
 from moe_dist.checkpoint import CheckpointStore, verify
 
 pytestmark = [pytest.mark.faults, pytest.mark.multirank]
@@ -35,6 +35,9 @@ def test_an_exception_on_rank_1_ends_the_job_and_names_rank_and_step(tmp_path):
     crash_to_exit = ended - log_time("rank 1 failed at step 6", out)
     print(f"\ncrash on rank 1 -> job exit: {crash_to_exit:.1f} s (1 s log resolution)")
     assert crash_to_exit < 60
+    # A crashed job leaves no shared memory behind: the segments were unlinked right after init.
+    assert "unlinked /dev/shm/deepspeed_allreduce_buffer_" in out
+    assert leftover_shm(proc) == []
     # The last complete checkpoint (step 4) is intact and is what a relaunch would take.
     store = CheckpointStore(run / "checkpoints", is_main=True, barrier=lambda: None)
     assert store.candidates()[0].name == "step00000004"
@@ -54,4 +57,5 @@ def test_a_stuck_rank_ends_the_job_after_dist_timeout_and_is_named(tmp_path):
     stuck_to_exit = ended - log_time(r"step 5/24", out)
     print(f"\nrank 1 stuck at step 6 -> job exit: {stuck_to_exit:.1f} s with --dist_timeout {timeout}")
     assert timeout <= stuck_to_exit < timeout + 30
+    assert leftover_shm(proc) == []
     assert CheckpointStore(run / "checkpoints", is_main=True, barrier=lambda: None).candidates()[0].name == "step00000004"

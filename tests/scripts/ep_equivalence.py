@@ -16,6 +16,7 @@ import torch
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
 from moe_dist import MoEConfig, MoEForCausalLM
+from moe_dist.engines import init_distributed
 from moe_dist.expert_parallel import apply_expert_parallel
 
 
@@ -64,7 +65,7 @@ def compare(top_k: int, capacity_factor: float | None) -> dict:
 
 if __name__ == "__main__":
     out_path = next(a for a in sys.argv[1:] if not a.startswith("--local_rank"))
-    deepspeed.init_distributed()
+    init_distributed(timeout_s=600)
     results = {name: compare(*setting) for name, setting in SETTINGS.items()}
     if torch.distributed.get_rank() == 0:
         json.dump(results, open(out_path, "w"))
