@@ -93,6 +93,10 @@ class TrainEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    def close(self) -> None:
+        """End the process group once every rank has finished cleanly (see shutdown_distributed)."""
+        shutdown_distributed()
+
     def restore_schedule(self, steps: int) -> None:
         """Put the lr schedule where `steps` optimizer steps left it (when resharding)."""
         self.scheduler.last_epoch = steps - 1
@@ -119,6 +123,20 @@ def init_distributed(timeout_s: int) -> tuple[Path, ...]:
     dist.barrier()
     segment.unlink(missing_ok=True)
     return (segment,)
+
+
+def shutdown_distributed() -> None:
+    """Barrier, then destroy the process groups: the last call of a rank that succeeded.
+
+    A process that exits with gloo groups still alive tears their worker threads down during
+    interpreter finalization, which can abort it (SIGABRT, "terminate called without an active
+    exception") after all its work is done, and the launcher reports the job as failed. The
+    barrier keeps a fast rank from destroying the groups while a peer is still in a collective.
+    Only for success: a rank that failed must not wait here for peers that will never come.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 class DeepSpeedEngine(TrainEngine):

@@ -106,12 +106,14 @@ def run(plan: RunPlan) -> dict | None:
     if engine.is_main and final is not None:
         export_checkpoint(final, plan.run_dir / "hf", tokenizer_dir=plan.run_dir / "tokenizer")
     engine.barrier()
-    if not engine.is_main:
-        return None
-    summary = loop.summary(params_total, params_active)
-    write_summary(plan.run_dir, summary)
-    loop.writer.close()
-    log.info("done: %s", json.dumps({k: summary[k] for k in ("steps", "final_val_ppl", "best_val_ppl", "max_tok_s")}))
+    summary = None
+    if engine.is_main:
+        summary = loop.summary(params_total, params_active)
+        write_summary(plan.run_dir, summary)
+        loop.writer.close()
+        log.info("done: %s", json.dumps({k: summary[k] for k in ("steps", "final_val_ppl", "best_val_ppl",
+                                                                  "max_tok_s")}))
+    engine.close()
     return summary
 
 

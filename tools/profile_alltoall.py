@@ -298,11 +298,15 @@ def main(argv=None) -> None:
         mine = profile_steps(engine, plan, probe, args, sync)
     ranks = [None] * engine.world_size
     dist.all_gather_object(ranks, mine)
-    if not engine.is_main:
-        return
+    if engine.is_main:
+        write_outputs(args, plan, engine, dist.get_backend(group), micro, ranks)
+    engine.close()
+
+
+def write_outputs(args, plan, engine, backend: str, micro, ranks) -> None:
     command = ["deepspeed", "--num_gpus", str(engine.world_size), *(a for a in sys.argv if "--local_rank" not in a)]
     setup = dict(model=args.model, ep_size=plan.spec.ep_size, world_size=engine.world_size,
-                 backend=dist.get_backend(group), dtype=plan.spec.precision, device=engine.device.type,
+                 backend=backend, dtype=plan.spec.precision, device=engine.device.type,
                  tokens_per_micro_batch=plan.spec.micro_batch_size * plan.data.seq_len,
                  micro_batches=plan.spec.grad_accum, capacity_factor=plan.model_config.capacity_factor,
                  machine=machine(engine.device))

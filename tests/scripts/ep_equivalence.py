@@ -16,7 +16,7 @@ import torch
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
 from moe_dist import MoEConfig, MoEForCausalLM
-from moe_dist.engines import init_distributed
+from moe_dist.engines import init_distributed, shutdown_distributed
 from moe_dist.expert_parallel import apply_expert_parallel
 
 
@@ -69,3 +69,4 @@ if __name__ == "__main__":
     results = {name: compare(*setting) for name, setting in SETTINGS.items()}
     if torch.distributed.get_rank() == 0:
         json.dump(results, open(out_path, "w"))
+    shutdown_distributed()
