@@ -105,8 +105,7 @@ def run(plan: RunPlan) -> dict | None:
     final = loop.last_saved_path if settled else loop.save(best=False)
     if engine.is_main and final is not None:
         export_checkpoint(final, plan.run_dir / "hf", tokenizer_dir=plan.run_dir / "tokenizer")
-    engine.barrier()
-    summary = None
+    summary = None  # rank 0's; the others wait for it in engine.close()
     if engine.is_main:
         summary = loop.summary(params_total, params_active)
         write_summary(plan.run_dir, summary)
