@@ -29,6 +29,18 @@ from .configuration import MoEConfig
 from .moe import FeedForward, MoEBlock
 from .routing import Router
 
+# transformers 5.24 renamed the KV cache from `past_key_values` to `cache` (in `generate`, the model
+# inputs and the outputs), keeping the old name as a deprecated alias. Models must take either
+# name, and return the cache under the field the installed release declares, or `generate` finds
+# no cache and decodes each new token without its context.
+CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the KV cache once, as `cache` (or the older name `past_key_values`)")
+    return past_key_values if cache is None else cache
+
 
 def build_norm(config: MoEConfig) -> nn.Module:
     if config.norm_type == "rmsnorm":
@@ -93,15 +105,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, kv, bias=config.bias)
         self.o_proj = nn.Linear(D, D, bias=config.bias)
 
-    def forward(self, x_BSD, position_embeddings, attention_mask, past_key_values: Cache | None):
+    def forward(self, x_BSD, position_embeddings, attention_mask, cache: Cache | None):
         B, S, _ = x_BSD.shape
         q = self.q_proj(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, H, S, hd)
         k = self.k_proj(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
         v = self.v_proj(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
         if position_embeddings is not None:
             q, k = apply_rotary(q, k, *position_embeddings)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)  # (B, Hkv, L, hd)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, L, hd)
         attend: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                                  eager_attention_forward)
         y_BSHd, _ = attend(self, q, k, v, attention_mask, scaling=self.scaling, dropout=0.0)
@@ -119,8 +131,8 @@ class DecoderLayer(GradientCheckpointingLayer):
         self.mlp = (MoEBlock(config, layer_idx) if config.is_moe_layer(layer_idx) else
                     FeedForward(config.hidden_size, config.intermediate_size, config.hidden_act, config.bias))
 
-    def forward(self, x_BSD, position_embeddings=None, attention_mask=None, past_key_values=None):
-        x_BSD = x_BSD + self.self_attn(self.input_norm(x_BSD), position_embeddings, attention_mask, past_key_values)
+    def forward(self, x_BSD, position_embeddings=None, attention_mask=None, cache=None):
+        x_BSD = x_BSD + self.self_attn(self.input_norm(x_BSD), position_embeddings, attention_mask, cache)
         out = self.mlp(self.post_attention_norm(x_BSD))
         ffn_BSD, router_loss = out if isinstance(out, tuple) else (out, x_BSD.new_zeros(()))
         return x_BSD + ffn_BSD, router_loss
@@ -132,7 +144,6 @@ class MoEPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["DecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -209,23 +220,24 @@ class MoEModel(MoEPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs) -> MoEModelOutput:
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                inputs_embeds=None, use_cache=None, past_key_values=None, **kwargs) -> MoEModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x_BSD = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        cache = _one_cache(cache, past_key_values)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past = cache.get_seq_length() if cache is not None else 0
             if self.embed_positions is not None and past + x_BSD.shape[1] > self.config.max_position_embeddings:
                 raise ValueError(f"{past + x_BSD.shape[1]} tokens exceed the context length "
                                  f"(max_position_embeddings={self.config.max_position_embeddings})")
             position_ids = torch.arange(past, past + x_BSD.shape[1], device=x_BSD.device).unsqueeze(0)
 
-        mask = create_causal_mask(config=self.config, inputs_embeds=x_BSD, attention_mask=attention_mask,
-                                  past_key_values=past_key_values, position_ids=position_ids)
+        # The cache goes positionally: its keyword is `past_key_values` before transformers 5.24, `cache` after.
+        mask = create_causal_mask(self.config, x_BSD, attention_mask, cache, position_ids=position_ids)
         rope = None
         if self.embed_positions is not None:
             x_BSD = x_BSD + self.embed_positions(position_ids.clamp_min(0))  # left padding has negative ids
@@ -235,10 +247,9 @@ class MoEModel(MoEPreTrainedModel):
         router_loss = x_BSD.new_zeros((), dtype=torch.float32)
         for layer in self.layers:
             x_BSD, layer_loss = layer(x_BSD, position_embeddings=rope, attention_mask=mask,
-                                      past_key_values=past_key_values if use_cache else None)
+                                      cache=cache if use_cache else None)
             router_loss = router_loss + layer_loss
-        return MoEModelOutput(last_hidden_state=self.norm(x_BSD), past_key_values=past_key_values,
-                              router_loss=router_loss)
+        return MoEModelOutput(last_hidden_state=self.norm(x_BSD), router_loss=router_loss, **{CACHE_FIELD: cache})
 
 
 class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
@@ -256,13 +267,14 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, shift_labels=None, use_cache=None, logits_to_keep=0,
-                **kwargs) -> MoeCausalLMOutputWithPast:
+                past_key_values=None, **kwargs) -> MoeCausalLMOutputWithPast:
         """`labels` follow the HF convention (shifted here); `shift_labels` are already aligned
-        with the inputs, as the trainer's packed `seq_len + 1` blocks give them."""
+        with the inputs, as the trainer's packed `seq_len + 1` blocks give them. The KV cache comes
+        as `cache` (transformers >= 5.24) or `past_key_values` (older callers)."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+                         cache=_one_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache)
         logits = self.lm_head(slice_logits_to_keep(out.last_hidden_state, logits_to_keep))
         router_loss = out.router_loss
         if self.training:
@@ -276,7 +288,7 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
             if self.training:
                 loss = loss + router_loss
         return MoeCausalLMOutputWithPast(loss=loss, aux_loss=router_loss, logits=logits,
-                                         past_key_values=out.past_key_values)
+                                         **{CACHE_FIELD: getattr(out, CACHE_FIELD)})
 
     # ---- MoE-specific API ---------------------------------------------------------------
 

@@ -139,6 +139,44 @@ def test_batched_prompts_of_different_lengths_continue_as_they_do_alone(hf_dir):
     assert len({s.num_new_tokens for s in alone}) > 1  # rows stopped at eos at different steps
 
 
+def _greedy_without_cache(model, tokenizer, prompts, new_tokens):
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, use_cache=False,
+                         pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(out, skip_special_tokens=True)
+
+
+def test_trained_model_decodes_the_same_with_and_without_the_cache_and_logs_no_deprecation(hf_dir, caplog):
+    # transformers 5.24 passes the cache as `cache=`; a model that only read `past_key_values`
+    # decoded every step without context, which only a trained model shows as different text.
+    import moe_dist  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir, padding_side="left")
+    for prompts in ([PROMPT], [PROMPT, "Sam was", "The little dog"]):  # one prompt; a left-padded batch
+        batch = tokenizer(prompts, return_tensors="pt", padding=True)
+        with caplog.at_level("WARNING", logger="transformers"):
+            cached = model.generate(**batch, max_new_tokens=30, do_sample=False, use_cache=True,
+                                    pad_token_id=tokenizer.pad_token_id)
+        assert tokenizer.batch_decode(cached, skip_special_tokens=True) == \
+            _greedy_without_cache(model, tokenizer, prompts, 30)
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
+
+
+def test_pipeline_and_cli_equal_the_greedy_continuation_without_cache(capsys, tmp_path, hf_dir):
+    import moe_dist  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir, padding_side="left")
+    reference = _greedy_without_cache(model, tokenizer, [PROMPT], 30)[0]
+    pipe = pipeline("text-generation", model=str(hf_dir), tokenizer=str(hf_dir), device="cpu")
+    assert pipe(PROMPT, max_new_tokens=30, do_sample=False)[0]["generated_text"] == reference
+    cli = generate(capsys, tmp_path, hf_dir, "--prompt", PROMPT, "--temperature", 0, "--max_new_tokens", 30)[1]
+    assert cli[0]["text"] == reference != PROMPT
+
+
 def test_text_generation_pipeline_loads_the_exported_folder_and_matches_the_cli(capsys, tmp_path, hf_dir):
     from transformers import pipeline
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from moe_dist import PRESETS, MoEConfig, MoEForCausalLM
 from moe_dist.expert_parallel import ExpertParallelError, validate_expert_parallel
 from moe_dist.moe import FeedForward, MoEBlock
+from moe_dist.modeling import CACHE_FIELD
 
 VOCAB = 256  # conftest.TINY_SHAPE
 
@@ -271,7 +272,7 @@ def test_router_bias_stays_fp32_when_the_model_is_cast_to_bf16(make_config):
 # ---- generation -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", ["tiny-moe", "tiny-modern"])
+@pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe", "tiny-modern"])
 def test_greedy_decoding_with_cache_matches_decoding_without(make_config, preset):
     model = build(make_config(preset)).eval()
     prompt = tokens(2, 6)
@@ -283,8 +284,9 @@ def test_greedy_decoding_with_cache_matches_decoding_without(make_config, preset
     torch.testing.assert_close(torch.stack(cached.scores), torch.stack(uncached.scores), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("cache_name", ["cache", "past_key_values"])  # the 5.24 name and the older one
 @pytest.mark.parametrize("preset", ["tiny-moe", "tiny-modern"])
-def test_incremental_forward_with_cache_matches_the_full_forward(make_config, preset):
+def test_incremental_forward_with_cache_matches_the_full_forward(make_config, preset, cache_name):
     # No position_ids passed: the model must take the positions from the cache length itself.
     model = build(make_config(preset)).eval()
     ids = tokens(2, 12)
@@ -293,7 +295,7 @@ def test_incremental_forward_with_cache_matches_the_full_forward(make_config, pr
         out = model(ids[:, :8], use_cache=True)
         steps = [out.logits]
         for t in range(8, 12):
-            out = model(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = model(ids[:, t:t + 1], **{cache_name: getattr(out, CACHE_FIELD)}, use_cache=True)
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
@@ -308,7 +310,7 @@ def test_batch_of_one_generation_works_for_top1_moe(make_config, eval_capacity_f
         assert router.stats["drop_fraction"].item() == 0.0
 
 
-@pytest.mark.parametrize("preset", ["tiny-modern", "tiny-moe"])  # RoPE and learned positions
+@pytest.mark.parametrize("preset", ["tiny-modern", "tiny-moe", "tiny-dense"])  # RoPE and learned positions
 def test_left_padded_batch_generation_matches_each_sequence_alone(make_config, preset):
     model = build(make_config(preset)).eval()
     long, short = tokens(1, 9), tokens(1, 5)

@@ -17,7 +17,7 @@ weights (`--preset`), on `--device` (cpu or cuda) in `--dtype`:
   `peak_mem_mb` from `moe_dist.metrics.peak_memory_mb` (CUDA: the allocator's peak for
   this batch size; CPU: the process's lifetime peak RSS, which only grows).
 
-Method: explicit forward calls with `past_key_values` (what `generate` does, minus its
+Method: explicit forward calls with the KV `cache` (what `generate` does, minus its
 bookkeeping), in `torch.no_grad` and eval mode (MoE routing is dropless at eval), timed
 with a device sync; `--warmup` untimed generations, then the median over `--repeats`
 generations (and over their decode steps). CPU numbers on a shared machine are noisy.
@@ -44,6 +44,7 @@ from bench_moe import machine, sync  # noqa: E402  (sibling tool: same machine l
 from moe_dist import MoEConfig, MoEForCausalLM  # noqa: E402
 from moe_dist.costs import flops_per_token  # noqa: E402
 from moe_dist.metrics import peak_memory_mb, reset_peak_memory  # noqa: E402
+from moe_dist.modeling import CACHE_FIELD  # noqa: E402
 
 
 def load_model(args) -> MoEForCausalLM:
@@ -71,7 +72,7 @@ def generate_once(model, prompt_BS: torch.Tensor, new_tokens: int) -> tuple[floa
     steps = []
     for _ in range(new_tokens - 1):  # the prefill already produced the first new token
         start = time.perf_counter()
-        out = model(input_ids=next_B1, past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=next_B1, cache=getattr(out, CACHE_FIELD), use_cache=True)
         next_B1 = out.logits[:, -1].argmax(-1, keepdim=True)
         sync(device)
         steps.append(time.perf_counter() - start)
