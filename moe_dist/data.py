@@ -3,6 +3,7 @@ tokens into fixed-length blocks, and give each rank its resumable share of every
 from __future__ import annotations
 
 import codecs
+import gzip
 import hashlib
 import json
 import logging
@@ -28,6 +29,12 @@ MIN_TRAINED_VOCAB = 257
 # Bump when pack_blocks changes what it writes, so old caches are never trusted.
 _CACHE_VERSION = 1
 _HUB_SPLITS = {"train": "train", "valid": "validation"}
+# Local text kinds by suffix; each may also be gzip-compressed (".txt.gz"), read directly.
+_FILE_KINDS = {".txt": "text", ".json": "json", ".jsonl": "json"}
+_VALID_SUFFIXES = ".txt, .json and .jsonl, optionally .gz"
+# The TinyStories sample bundled with the repository (CDLA-Sharing-1.0, see its SOURCE.md): the
+# offline default, so the quick start and the tests need no hub.
+BUNDLED_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "tinystories"
 
 
 class DataError(ValueError):
@@ -36,8 +43,8 @@ class DataError(ValueError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "roneneldan/TinyStories"  # hub dataset with train/validation splits; used without files
-    train_file: str | None = None  # local .txt (stories split by <|endoftext|> lines), .json or .jsonl
+    dataset: str | None = None  # hub dataset with train/validation splits; with no files either: the bundled sample
+    train_file: str | None = None  # local .txt (stories split by <|endoftext|> lines), .json or .jsonl; or .gz
     valid_file: str | None = None  # given together with train_file
     tokenizer: str = "gpt2"  # AutoTokenizer name/path, or "train:N" = train an N-token byte-level BPE
     seq_len: int = 256  # model context; each stored block holds seq_len + 1 tokens (inputs + shifted labels)
@@ -47,12 +54,48 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if (self.train_file is None) != (self.valid_file is None):
-            raise DataError("train_file/valid_file: give both or neither (neither loads the hub dataset)")
+            raise DataError("train_file/valid_file: give both or neither")
+        if self.dataset is not None and self.train_file is not None:
+            raise DataError(f"data: give a hub dataset or train_file/valid_file, not both "
+                            f"(got dataset={self.dataset!r}, train_file={self.train_file!r})")
+        if self.dataset is None and self.train_file is None:
+            self.train_file, self.valid_file = bundled_sample()
         if not isinstance(self.seq_len, int) or self.seq_len < 8:
             raise DataError(f"seq_len: must be an int >= 8, got {self.seq_len!r}")
         if self.max_valid_blocks is not None and self.max_valid_blocks < 1:
             raise DataError(f"max_valid_blocks: must be None or >= 1, got {self.max_valid_blocks!r}")
         trained_vocab_size(self.tokenizer)
+
+
+def bundled_sample() -> tuple[str, str]:
+    """(train, valid) paths of the bundled TinyStories sample."""
+    train, valid = BUNDLED_SAMPLE / "train.txt.gz", BUNDLED_SAMPLE / "valid.txt.gz"
+    if not (train.is_file() and valid.is_file()):
+        raise DataError(f"data: the bundled sample is not at {BUNDLED_SAMPLE} (moe_dist installed without its "
+                        f"source tree?); pass --train_file and --valid_file, or --dataset NAME")
+    return str(train), str(valid)
+
+
+def describe_source(cfg: DataConfig) -> str:
+    """One phrase for the log: which data this run trains on."""
+    if cfg.dataset is not None:
+        return f"hub dataset {cfg.dataset!r}"
+    if (cfg.train_file, cfg.valid_file) == tuple(str(BUNDLED_SAMPLE / f"{s}.txt.gz") for s in ("train", "valid")):
+        return f"the bundled TinyStories sample ({BUNDLED_SAMPLE})"
+    return f"local files {cfg.train_file} and {cfg.valid_file}"
+
+
+def file_kind(path: str | Path) -> str | None:
+    """"text" or "json" for a supported local file (by suffix, .gz allowed), else None."""
+    suffixes = [s.lower() for s in Path(path).suffixes[-2:]]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes.pop()
+    return _FILE_KINDS.get(suffixes[-1]) if suffixes else None
+
+
+def open_bytes(path: str | Path):
+    """A binary file object over the text, decompressing .gz on the fly."""
+    return gzip.open(path, "rb") if str(path).lower().endswith(".gz") else open(path, "rb")
 
 
 def trained_vocab_size(spec: str) -> int | None:
@@ -105,17 +148,16 @@ def _load_file(field: str, path: str, cache_dir: str | None) -> tuple[Dataset, i
     import datasets
 
     p = Path(path)
-    kinds = {".txt": "text", ".json": "json", ".jsonl": "json"}
     if not p.exists():
-        raise DataError(f"{field}: {path} does not exist; pass a .txt, .json or .jsonl file")
+        raise DataError(f"{field}: {path} does not exist; pass a file of kind {_VALID_SUFFIXES}")
     if not p.is_file():
-        raise DataError(f"{field}: {path} is a directory, not a file; pass a .txt, .json or .jsonl file")
-    if p.suffix.lower() not in kinds:
-        raise DataError(f"{field}: {path} has suffix {p.suffix!r}; valid are .txt, .json and .jsonl")
+        raise DataError(f"{field}: {path} is a directory, not a file; pass a file of kind {_VALID_SUFFIXES}")
+    kind = file_kind(p)
+    if kind is None:
+        raise DataError(f"{field}: {path} has suffix {''.join(p.suffixes[-2:])!r}; valid are {_VALID_SUFFIXES}")
     bad = _count_bad_bytes(p)
     if bad:
         log.warning("%s: %d bytes are not valid UTF-8; each was replaced with U+FFFD", path, bad)
-    kind = kinds[p.suffix.lower()]
     # One row per file; _split_stories cuts it at the separators (which may span lines).
     extra = {"sample_by": "document"} if kind == "text" else {}
     try:
@@ -134,7 +176,7 @@ def _count_bad_bytes(path: Path) -> int:
     """Bytes that are not valid UTF-8 (streamed, so huge files are fine)."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
     total = good = 0
-    with open(path, "rb") as f:
+    with open_bytes(path) as f:
         while chunk := f.read(1 << 24):
             total += len(chunk)
             good += len(decoder.decode(chunk).encode("utf-8"))
@@ -383,11 +425,20 @@ def batch_tensors(blocks: np.ndarray, idx: np.ndarray) -> tuple[torch.Tensor, to
     return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
 
-def validation_shard(num_blocks: int, *, rank: int, world_size: int, micro_batch_size: int) -> list[np.ndarray]:
-    """This rank's fixed validation micro-batches: the same count on every rank, disjoint, unshuffled."""
-    per_rank = num_blocks // (world_size * micro_batch_size)
-    if per_rank == 0:
-        raise DataError(f"validation set: {num_blocks} blocks < one micro-batch per rank ({world_size} ranks x "
-                        f"micro_batch_size {micro_batch_size}); use more validation data or a smaller batch")
-    idx = np.arange(per_rank * world_size * micro_batch_size).reshape(per_rank, world_size, micro_batch_size)
-    return list(idx[:, rank])
+def validation_shard(num_blocks: int, *, rank: int, world_size: int, micro_batch_size: int
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """This rank's fixed validation micro-batches, as (block indices, real-row mask) pairs, unshuffled.
+
+    Every block is in exactly one rank's shard, so the set evaluated is the same at any world
+    size. Every rank still gets the same number of micro_batch_size-row batches, because the
+    expert-parallel all-to-alls and the dropless capacity all-reduce need matched collectives:
+    the slots past the last block repeat real blocks, with mask False, for `evaluate` to leave out.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank: must be in [0, {world_size}), got {rank}")
+    if num_blocks < 1:
+        raise DataError("validation set: has no blocks; use more validation data or a smaller seq_len")
+    per_step = world_size * micro_batch_size
+    steps = -(-num_blocks // per_step)
+    slots = np.arange(steps * per_step).reshape(steps, world_size, micro_batch_size)[:, rank]
+    return [(s % num_blocks, s < num_blocks) for s in slots]

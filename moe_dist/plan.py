@@ -16,7 +16,7 @@ import torch
 
 from .args import DataArgs, ModelArgs, TrainArgs
 from .configuration import MoEConfig
-from .data import SEPARATOR, DataConfig, DataError, trained_vocab_size
+from .data import SEPARATOR, DataConfig, DataError, open_bytes, trained_vocab_size
 from .ds_config import ConfigError, launcher_world_size, load_deepspeed_config
 from .engines import EngineSpec
 from .expert_parallel import validate_expert_parallel
@@ -61,11 +61,11 @@ def plan_run(model: ModelArgs, data: DataArgs, train: TrainArgs) -> RunPlan:
     if seq_len > config.max_position_embeddings:
         raise ConfigError(f"--seq_len={seq_len} exceeds the model's context "
                           f"(max_position_embeddings={config.max_position_embeddings})")
-    _check_data_files(data)
+    train_file, valid_file = _data_source(data)
     # A model continues with the tokenizer it was trained with, unless told otherwise.
     tokenizer = data.tokenizer or (str(init_from) if init_from and (init_from / "tokenizer.json").is_file()
                                    else "gpt2")
-    data_cfg = DataConfig(dataset=data.dataset, train_file=data.train_file, valid_file=data.valid_file,
+    data_cfg = DataConfig(dataset=data.dataset, train_file=train_file, valid_file=valid_file,
                           tokenizer=tokenizer, seq_len=seq_len, cache_dir=data.cache_dir,
                           max_valid_blocks=data.max_valid_blocks)
     vocab_fixed = "vocab_size" in overrides or init_from is not None
@@ -100,6 +100,17 @@ def _resolve_init_from(path: str) -> Path:
     raise ConfigError(f"--init_from {path}: no config.json there or in {p / 'hf'}; pass an hf/ export or a run folder")
 
 
+def _data_source(data: DataArgs) -> tuple[str | None, str | None]:
+    """(train_file, valid_file) as given, checked; DataConfig fills in the bundled sample when none is."""
+    if data.dataset is not None and (data.train_file or data.valid_file):
+        raise DataError(f"--dataset {data.dataset} and --train_file/--valid_file contradict each other; pass one")
+    if (data.train_file is None) != (data.valid_file is None):
+        raise DataError("--train_file and --valid_file: give both or neither")
+    if data.train_file is not None:
+        _check_data_files(data)
+    return data.train_file, data.valid_file
+
+
 def _check_data_files(data: DataArgs) -> None:
     for flag, path in (("--train_file", data.train_file), ("--valid_file", data.valid_file)):
         if path is None:
@@ -116,7 +127,7 @@ def _check_data_files(data: DataArgs) -> None:
 
 def _has_text(path: Path) -> bool:
     """Whether any line holds text; stops at the first one, so big corpora cost nothing."""
-    with open(path, "rb") as f:
+    with open_bytes(path) as f:
         return any(line.strip() and line.strip() != SEPARATOR.encode() for line in f)
 
 

@@ -21,7 +21,7 @@ import transformers
 from .checkpoint import (CheckpointError, CheckpointStore, capture_rng, load_rank_state, restore_rng, save_rank_state,
                          step_of, write_atomic)
 from .configuration import MoEConfig
-from .data import BlockSampler, DataError, batch_tensors, prepare_data, validation_shard
+from .data import BlockSampler, DataError, batch_tensors, describe_source, prepare_data, validation_shard
 from .ds_config import ConfigError
 from .engines import TrainEngine, make_engine
 from .evaluation import evaluate
@@ -78,9 +78,9 @@ def run(plan: RunPlan) -> dict | None:
             # A tokenizer without a run record is left over from a launch that failed while
             # preparing data (say, on a corpus since fixed): never reuse it.
             shutil.rmtree(plan.run_dir / "tokenizer", ignore_errors=True)
-    spec = plan.spec
-    data = prepare_data(plan.data, plan.run_dir, is_main=engine.is_main, barrier=engine.barrier,
-                        min_valid_blocks=spec.micro_batch_size * engine.world_size)
+    # Any non-empty validation set works at any world size: validation_shard pads the last batches.
+    log.info("data: %s", describe_source(plan.data))
+    data = prepare_data(plan.data, plan.run_dir, is_main=engine.is_main, barrier=engine.barrier)
     config = _fit_vocab(plan, data.tokenizer)
     check_run_folder(plan, config)
     engine.barrier()  # every rank has compared against the old record before rank 0 replaces it

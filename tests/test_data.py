@@ -1,4 +1,5 @@
 """Behaviour of moe_dist.data: text loading, tokenizer, packing, caches, and rank-sharded batches."""
+import gzip
 import json
 import os
 from pathlib import Path
@@ -9,12 +10,14 @@ import pytest
 import torch
 
 from moe_dist.data import (
+    BUNDLED_SAMPLE,
     SEPARATOR,
     BlockSampler,
     DataConfig,
     DataError,
     batch_tensors,
     build_tokenizer,
+    bundled_sample,
     load_text_splits,
     load_tokenizer,
     pack_blocks,
@@ -24,7 +27,6 @@ from moe_dist.data import (
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TRAIN, VALID = FIXTURES / "stories.txt", FIXTURES / "stories_valid.txt"
-REAL_SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/tinystories"
 
 
 @pytest.fixture(autouse=True)
@@ -128,7 +130,7 @@ def test_bad_byte_count_reaches_prepare_data_stats(tmp_path):
 
 
 def test_missing_file_raises_data_error(tmp_path):
-    with pytest.raises(DataError, match=r"train_file: .*nope.txt does not exist; pass a .txt, .json or .jsonl"):
+    with pytest.raises(DataError, match=r"train_file: .*nope.txt does not exist; pass a file of kind .txt, .json and .jsonl, optionally .gz"):
         load_text_splits(file_cfg(tmp_path / "nope.txt", VALID, tmp_path))
 
 
@@ -171,7 +173,7 @@ def test_unreachable_hub_raises_data_error_suggesting_local_files(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError, match=r"dataset 'roneneldan/TinyStories'.*no internet\? pass --train_file"):
-        load_text_splits(DataConfig())
+        load_text_splits(DataConfig(dataset="roneneldan/TinyStories"))
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -407,26 +409,108 @@ def test_batch_tensors_shift_labels_by_one_token():
     assert inputs[1, 0] == 0 and labels[1, -1] == 9
 
 
-def test_validation_shard_gives_every_rank_equal_disjoint_fixed_micro_batches():
-    shards = [validation_shard(23, rank=r, world_size=3, micro_batch_size=2) for r in range(3)]
-    assert [len(s) for s in shards] == [3, 3, 3] and all(len(mb) == 2 for s in shards for mb in s)
-    taken = np.concatenate([np.concatenate(s) for s in shards])
-    assert sorted(taken.tolist()) == list(range(18))  # remainder 5 dropped
-    again = validation_shard(23, rank=1, world_size=3, micro_batch_size=2)
-    assert [mb.tolist() for mb in again] == [mb.tolist() for mb in shards[1]]
+@pytest.mark.parametrize("num_blocks, world_size, micro", [(23, 3, 2), (13, 2, 4), (18, 3, 2), (1, 4, 3), (5, 2, 3)])
+def test_validation_shard_covers_every_block_once_in_equal_batches_on_every_rank(num_blocks, world_size, micro):
+    shards = [validation_shard(num_blocks, rank=r, world_size=world_size, micro_batch_size=micro)
+              for r in range(world_size)]
+    steps = -(-num_blocks // (world_size * micro))
+    assert [len(s) for s in shards] == [steps] * world_size  # same forward count, same shape on every rank
+    assert all(idx.shape == real.shape == (micro,) and real.dtype == bool for s in shards for idx, real in s)
+    real_idx = [i for s in shards for idx, real in s for i in idx[real].tolist()]
+    assert sorted(real_idx) == list(range(num_blocks))  # every block exactly once
+    pads = [i for s in shards for idx, real in s for i in idx[~real].tolist()]
+    assert len(pads) == steps * world_size * micro - num_blocks and all(0 <= i < num_blocks for i in pads)
+    again = validation_shard(num_blocks, rank=world_size - 1, world_size=world_size, micro_batch_size=micro)
+    assert [(i.tolist(), r.tolist()) for i, r in again] == [(i.tolist(), r.tolist()) for i, r in shards[-1]]
 
 
-def test_validation_shard_needs_one_micro_batch_per_rank():
-    with pytest.raises(DataError, match=r"validation set: 5 blocks < one micro-batch per rank \(2 ranks x micro"):
-        validation_shard(5, rank=0, world_size=2, micro_batch_size=3)
+def test_validation_shard_pads_only_the_tail():
+    shards = [validation_shard(13, rank=r, world_size=2, micro_batch_size=4) for r in range(2)]
+    assert [(i.tolist(), r.all()) for i, r in shards[0]] == [([0, 1, 2, 3], True), ([8, 9, 10, 11], True)]
+    assert [r.tolist() for _, r in shards[1]] == [[True] * 4, [True, False, False, False]]
+    assert shards[1][1][0][0] == 12
+    # One process: the whole set in order, and 3 padded rows in the last batch.
+    single = validation_shard(13, rank=0, world_size=1, micro_batch_size=4)
+    assert np.concatenate([i for i, _ in single])[:13].tolist() == list(range(13))
+    assert [r.sum() for _, r in single] == [4, 4, 4, 1]
+
+
+def test_validation_shard_needs_a_block():
+    with pytest.raises(DataError, match=r"validation set: has no blocks"):
+        validation_shard(0, rank=0, world_size=2, micro_batch_size=3)
+
+
+def test_evaluate_leaves_padded_rows_out_of_every_sum(make_config):
+    from moe_dist import MoEForCausalLM
+    from moe_dist.evaluation import evaluate
+
+    torch.manual_seed(0)
+    model = MoEForCausalLM(make_config(vocab_size=64))
+    blocks = torch.randint(0, 64, (5, 17), generator=torch.Generator().manual_seed(1)).numpy()
+    with torch.no_grad():
+        logits = model.eval()(input_ids=torch.from_numpy(blocks[:, :-1]).long()).logits.double()
+    labels = torch.from_numpy(blocks[:, 1:]).long()
+    plain = {"loss": torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()).item(),
+             "top1_acc": (logits.argmax(-1) == labels).double().mean().item()}
+    for micro in (1, 2, 4, 5):  # 0, 1, 3 and 0 padded rows
+        result = evaluate(model, blocks, validation_shard(5, rank=0, world_size=1, micro_batch_size=micro),
+                          device=torch.device("cpu"))
+        assert result["loss"] == pytest.approx(plain["loss"], abs=1e-6)
+        assert result["top1_acc"] == pytest.approx(plain["top1_acc"], abs=1e-9)
+
+
+@pytest.mark.multirank
+def test_validation_loss_is_the_same_at_world_size_1_and_2(tmp_path):
+    """The same weights, one process vs. 2 ranks (experts replicated and sharded): every block counts."""
+    from launcher import ROOT, check, deepspeed, leftover_shm
+
+    out = tmp_path / "result.json"
+    proc = check(deepspeed(ROOT / "tests" / "scripts" / "valid_world_size.py", [str(out)], timeout=240))
+    assert leftover_shm(proc) == []
+    results = json.loads(out.read_text())
+    assert set(results) == {f"ep{ep}-{n}blocks-micro4" for ep in (1, 2) for n in (13, 3)}
+    for name, r in results.items():
+        assert all(abs(loss - r["world1"]) <= 1e-6 for loss in r["world2"]), (name, r)
+        assert abs(r["world1"] - r["whole_set"]) <= 1e-6, (name, r)
+        if r["tail_dropped"] is not None:  # dropping the tail would show at this tolerance
+            assert abs(r["tail_dropped"] - r["whole_set"]) > 1e-4, (name, r)
 
 
 # ---------------------------------------------------------------- real sample
 
+def test_bundled_sample_is_read_from_gzip_with_every_story(tmp_path):
+    # The offline default: the compressed TinyStories sample in data/, with its licence beside it.
+    assert "CDLA-Sharing-1.0" in (BUNDLED_SAMPLE / "SOURCE.md").read_text()
+    train_path, valid_path = bundled_sample()
+    train, valid = load_text_splits(file_cfg(train_path, valid_path, tmp_path, tokenizer="train:2048"))
+    assert (len(train), len(valid)) == (8231, 433)  # the counts in SOURCE.md
+    assert all(text and SEPARATOR not in text for text in valid["text"])
+
+
+def test_no_data_flag_plans_the_bundled_sample_and_a_hub_name_plans_the_hub(tmp_path):
+    from moe_dist.args import parse_args
+    from moe_dist.plan import plan_run
+
+    default = plan_run(*parse_args(["--output_dir", str(tmp_path / "a"), "--tokenizer", "train:512"])).data
+    assert (default.dataset, default.train_file, default.valid_file) == (None, *bundled_sample())
+    hub = plan_run(*parse_args(["--output_dir", str(tmp_path / "b"), "--dataset", "roneneldan/TinyStories"])).data
+    assert (hub.dataset, hub.train_file) == ("roneneldan/TinyStories", None)
+    with pytest.raises(DataError, match="contradict"):
+        plan_run(*parse_args(["--output_dir", str(tmp_path / "c"), "--dataset", "x", "--train_file", str(TRAIN),
+                              "--valid_file", str(VALID)]))
+
+
+def test_a_gzip_file_and_its_plain_text_give_the_same_stories(tmp_path):
+    plain = write_stories(tmp_path / "s.txt", ["First story.", "Second story,\nline two."])
+    with gzip.open(tmp_path / "s.txt.gz", "wb") as f:
+        f.write(plain.read_bytes())
+    from_plain = load_text_splits(file_cfg(plain, plain, tmp_path / "a"))[0]["text"]
+    from_gz = load_text_splits(file_cfg(tmp_path / "s.txt.gz", tmp_path / "s.txt.gz", tmp_path / "b"))[0]["text"]
+    assert from_gz == from_plain == ["First story.", "Second story,\nline two."]
+
+
 def test_trained_tokenizer_on_real_tinystories_gives_sane_tokens_per_story(tmp_path):
-    if not (REAL_SAMPLE / "train.txt").is_file():
-        pytest.skip(f"real TinyStories sample not found at {REAL_SAMPLE}")
-    cfg = file_cfg(REAL_SAMPLE / "train.txt", REAL_SAMPLE / "valid.txt", tmp_path, tokenizer="train:2048")
+    cfg = file_cfg(*bundled_sample(), tmp_path, tokenizer="train:2048")
     train, _ = load_text_splits(cfg)
     stories = train.select(range(500))
     tokenizer = build_tokenizer(cfg.tokenizer, stories["text"], None)
