@@ -7,7 +7,9 @@ onto the HF config fields in `model_overrides`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import HfArgumentParser
 
@@ -54,8 +56,10 @@ class ModelArgs:
 
 @dataclass
 class DataArgs:
-    dataset: str = _help("hub dataset with train/validation splits", "roneneldan/TinyStories")
-    train_file: str | None = _help("local training text (.txt stories split by <|endoftext|> lines, or .jsonl)")
+    dataset: str | None = _help("hub dataset with train/validation splits, e.g. roneneldan/TinyStories "
+                                "(default, with no data flag: the TinyStories sample bundled in data/)")
+    train_file: str | None = _help("local training text (.txt stories split by <|endoftext|> lines, or .jsonl; "
+                                   ".gz is read directly)")
     valid_file: str | None = _help("local validation text, same format")
     tokenizer: str | None = _help("tokenizer name or path, or train:N for a byte-level BPE of N tokens "
                                   "(default: the --init_from model's own, else gpt2)")
@@ -98,6 +102,9 @@ class TrainArgs:
     def __post_init__(self):
         if not self.output_dir:
             raise ConfigError("--output_dir is required")
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise ConfigError(f"--output_dir {self.output_dir} is an existing file; pass a folder (new, or a run to resume)")
+        self._check_optimizer()
         for name in ("max_steps", "eval_every", "save_every", "log_every", "keep_last", "dist_timeout",
                      "max_bad_steps"):
             if getattr(self, name) < 1:
@@ -111,6 +118,22 @@ class TrainArgs:
             if given or self.precision != "auto":
                 raise ConfigError(f"--{(given or ['precision'])[0]} conflicts with --deepspeed: set batch, "
                                   f"accumulation, clipping and precision in the DeepSpeed JSON")
+
+
+    # (flag, lowest, highest, whether each end is allowed): AdamW and the schedule are undefined outside these.
+    # lr 0 is allowed: it freezes the weights (evaluation-only runs, early-stopping checks).
+    _OPTIMIZER_RANGES = (("lr", 0.0, math.inf, (True, False)), ("weight_decay", 0.0, math.inf, (True, False)),
+                         ("beta1", 0.0, 1.0, (True, False)), ("beta2", 0.0, 1.0, (True, False)),
+                         ("adam_eps", 0.0, math.inf, (False, False)), ("min_lr_ratio", 0.0, 1.0, (True, True)))
+
+    def _check_optimizer(self) -> None:
+        for name, low, high, (low_ok, high_ok) in self._OPTIMIZER_RANGES:
+            value = getattr(self, name)
+            above = value >= low if low_ok else value > low
+            below = value <= high if high_ok else value < high
+            if not (above and below):  # also catches NaN
+                valid = f"{'[' if low_ok else '('}{low:g}, {high:g}{']' if high_ok else ')'}"
+                raise ConfigError(f"--{name}={value:g} is invalid: must be in {valid}")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArgs, DataArgs, TrainArgs]:

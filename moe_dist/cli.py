@@ -34,16 +34,23 @@ def main(argv: list[str] | None = None) -> int:
         # Every rank sees the same mistake in the command line: rank 0 reports it, and the
         # others wait a moment so the launcher does not kill rank 0 before it has printed.
         if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
+            _error_line(f"error: {e}")
         else:
             time.sleep(2)
         return 2
     try:
         run(plan)
     except RUN_ERRORS as e:
-        print(f"error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
+        _error_line(f"error{f' (rank {rank})' if rank else ''}: {e}")
         return 2
     except TrainingHalted as e:
-        print(f"error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
+        _error_line(f"error{f' (rank {rank})' if rank else ''}: {e}")
         return 3
     return 0
+
+
+def _error_line(text: str) -> None:
+    # One write per line: the launcher merges every rank's stderr into one pipe, and print()'s
+    # separate write of the newline let another rank's line land in the middle of ours.
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()

@@ -95,6 +95,26 @@ def test_max_steps_zero_is_refused(capsys, tmp_path):
     assert code == 2 and "--max_steps=0 is invalid: must be >= 1" in err[0]
 
 
+@pytest.mark.parametrize("flag,value,valid", [
+    ("--lr", "-1", "[0, inf)"), ("--weight_decay", "-1", "[0, inf)"),
+    ("--beta1", "1.5", "[0, 1)"), ("--beta2", "1", "[0, 1)"), ("--adam_eps", "0", "(0, inf)"),
+    ("--min_lr_ratio", "2", "[0, 1]"), ("--lr", "nan", "[0, inf)"),
+])
+def test_impossible_optimizer_setting_names_flag_value_and_range(capsys, tmp_path, flag, value, valid):
+    code, err = run_cli(capsys, [*DATA_ARGS, flag, value], tmp_path)
+    assert code == 2 and len(err) == 1
+    assert err[0] == f"error: {flag}={float(value):g} is invalid: must be in {valid}"
+
+
+def test_output_dir_that_is_a_file_is_refused_and_left_alone(capsys, tmp_path):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("keep me")
+    code = main([*DATA_ARGS, "--output_dir", str(existing)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"--output_dir {existing} is an existing file" in err[0]
+    assert existing.read_text() == "keep me"
+
+
 def test_batch_flags_conflict_with_deepspeed_json(capsys, tmp_path):
     code, err = run_cli(capsys, ["--deepspeed", CPU_EP2, "--micro_batch_size", "4", *DATA_ARGS], tmp_path)
     assert code == 2 and "set batch" in err[0] and "DeepSpeed JSON" in err[0]
