@@ -1,0 +1,18 @@
+"""Print `name==lower` for every install requirement in setup.cfg, for pip's --constraint.
+
+CI installs these into a second venv to check that the declared lower bounds are true.
+setup.cfg stays the one place where the bounds are written.
+"""
+import configparser
+import re
+import sys
+from pathlib import Path
+
+cfg = configparser.ConfigParser()
+cfg.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+for line in cfg["options"]["install_requires"].split("\n"):
+    match = re.match(r"\s*([A-Za-z0-9_.\-\[\]]+)\s*>=\s*([0-9][^,;\s]*)", line)
+    if match:
+        print(f"{match[1]}=={match[2]}")
+    elif line.strip():
+        sys.exit(f"setup.cfg: requirement {line.strip()!r} has no '>=' lower bound")
