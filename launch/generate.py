@@ -15,9 +15,19 @@ import json
 import sys
 from pathlib import Path
 
-from moe_dist.generation import (GenerationError, build_generation_config, context_length, fit_to_context,
-                                 generate, load_model, load_tokenizer_for_generation, prompt_lengths,
-                                 read_prompt_file, resolve_device, resolve_model_dir)
+from moe_dist.generation import (
+    GenerationError,
+    build_generation_config,
+    context_length,
+    fit_to_context,
+    generate,
+    load_model,
+    load_tokenizer_for_generation,
+    prompt_lengths,
+    read_prompt_file,
+    resolve_device,
+    resolve_model_dir,
+)
 
 
 def parse_args(argv):

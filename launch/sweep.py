@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from moe_dist.sweep import GRIDS, SCALES, Launcher, SweepError, grid_points, run_sweep
+from moe_dist.analysis.sweep import GRIDS, SCALES, Launcher, SweepError, grid_points, run_sweep
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

@@ -9,7 +9,7 @@ Re-running the same command resumes from --output_dir. Bad input exits with stat
 
 import sys
 
-from moe_dist.cli import main
+from moe_dist.train.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

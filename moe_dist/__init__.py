@@ -6,8 +6,8 @@ Importing the package registers the model with the transformers Auto classes, so
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .configuration import PRESETS, MoEConfig
-from .modeling import MoEForCausalLM, MoEModel
+from .model.configuration import PRESETS, MoEConfig
+from .model.modeling import MoEForCausalLM, MoEModel
 
 __version__ = "0.1.0"
 

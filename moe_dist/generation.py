@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .data import SEPARATOR, DataError, load_tokenizer
+from .train.data import SEPARATOR, DataError, load_tokenizer
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")

@@ -8,9 +8,9 @@ import json
 import re
 
 import pytest
-
 from launcher import CPU_EP2, DATA_ARGS, FIXTURES, TRAIN, python
-from moe_dist.cli import main
+
+from moe_dist.train.cli import main
 
 
 def run_cli(capsys, args, tmp_path):

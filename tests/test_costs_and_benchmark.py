@@ -3,13 +3,13 @@ import json
 
 import pytest
 import torch
+from launcher import ROOT, check, python
 from torch import nn
 
-from launcher import ROOT, check, python
 from moe_dist import PRESETS, MoEConfig, MoEForCausalLM
-from moe_dist.costs import flops_per_token, parameter_counts
-from moe_dist.moe import LocalExperts
-from moe_dist.routing import Router
+from moe_dist.analysis.costs import flops_per_token, parameter_counts
+from moe_dist.model.moe import LocalExperts
+from moe_dist.model.routing import Router
 
 VARIANTS = [(p, {}) for p in PRESETS] + [
     ("tiny-moe", dict(num_shared_experts=2, expert_bias=True, moe_every=2, skip_first_moe=1, tie_word_embeddings=True)),

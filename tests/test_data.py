@@ -1,4 +1,4 @@
-"""Behaviour of moe_dist.data: text loading, tokenizer, packing, caches, and rank-sharded batches."""
+"""Behaviour of moe_dist.train.data: text loading, tokenizer, packing, caches, and rank-sharded batches."""
 import gzip
 import json
 import os
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe_dist.data import (
+from moe_dist.train.data import (
     BUNDLED_SAMPLE,
     SEPARATOR,
     BlockSampler,
@@ -442,7 +442,7 @@ def test_validation_shard_needs_a_block():
 
 def test_evaluate_leaves_padded_rows_out_of_every_sum(make_config):
     from moe_dist import MoEForCausalLM
-    from moe_dist.evaluation import evaluate
+    from moe_dist.train.evaluation import evaluate
 
     torch.manual_seed(0)
     model = MoEForCausalLM(make_config(vocab_size=64))
@@ -488,8 +488,8 @@ def test_bundled_sample_is_read_from_gzip_with_every_story(tmp_path):
 
 
 def test_no_data_flag_plans_the_bundled_sample_and_a_hub_name_plans_the_hub(tmp_path):
-    from moe_dist.args import parse_args
-    from moe_dist.plan import plan_run
+    from moe_dist.train.args import parse_args
+    from moe_dist.train.plan import plan_run
 
     default = plan_run(*parse_args(["--output_dir", str(tmp_path / "a"), "--tokenizer", "train:512"])).data
     assert (default.dataset, default.train_file, default.valid_file) == (None, *bundled_sample())

@@ -11,10 +11,10 @@ import shutil
 
 import pytest
 import torch
+from launcher import FIXTURES, ROOT, check, python
 
 from launch.generate import main
-from launcher import FIXTURES, ROOT, check, python
-from moe_dist.data import SEPARATOR
+from moe_dist.train.data import SEPARATOR
 
 GENERATE = ROOT / "launch" / "generate.py"
 PROMPT = "Once upon a time"
@@ -35,7 +35,7 @@ def one_thread():
 def run_dir(tmp_path_factory):
     """A run folder whose hf/ holds a briefly trained tiny-moe and its byte-level BPE (~3 s)."""
     from moe_dist import MoEConfig, MoEForCausalLM
-    from moe_dist.data import build_tokenizer
+    from moe_dist.train.data import build_tokenizer
 
     root = tmp_path_factory.mktemp("gen")
     stories = [s.strip() for s in (FIXTURES / "stories.txt").read_text().split(SEPARATOR) if s.strip()]
@@ -126,8 +126,8 @@ def test_repetition_penalty_changes_the_output(capsys, tmp_path, hf_dir, tempera
 
 
 def test_batched_prompts_of_different_lengths_continue_as_they_do_alone(hf_dir):
-    from moe_dist.generation import build_generation_config, generate as generate_samples, load_model
-    from moe_dist.generation import load_tokenizer_for_generation
+    from moe_dist.generation import build_generation_config, load_model, load_tokenizer_for_generation
+    from moe_dist.generation import generate as generate_samples
 
     model, tokenizer = load_model(hf_dir, torch.device("cpu")), load_tokenizer_for_generation(hf_dir)
     config = build_generation_config(tokenizer, max_new_tokens=30, temperature=0, top_k=0, top_p=1.0,
@@ -149,8 +149,9 @@ def _greedy_without_cache(model, tokenizer, prompts, new_tokens):
 def test_trained_model_decodes_the_same_with_and_without_the_cache_and_logs_no_deprecation(hf_dir, caplog):
     # transformers 5.24 passes the cache as `cache=`; a model that only read `past_key_values`
     # decoded every step without context, which only a trained model shows as different text.
-    import moe_dist  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import moe_dist  # noqa: F401
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(hf_dir, padding_side="left")
@@ -165,8 +166,9 @@ def test_trained_model_decodes_the_same_with_and_without_the_cache_and_logs_no_d
 
 
 def test_pipeline_and_cli_equal_the_greedy_continuation_without_cache(capsys, tmp_path, hf_dir):
-    import moe_dist  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    import moe_dist  # noqa: F401
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(hf_dir, padding_side="left")

@@ -1,4 +1,4 @@
-"""Behaviour of moe_dist.metrics and moe_dist.logging_io: routing health, collapse warnings,
+"""Behaviour of moe_dist.train.metrics and moe_dist.train.logging_io: routing health, collapse warnings,
 memory, throughput, and the run-folder files (JSONL, tensorboard, heatmaps, summary)."""
 import json
 import math
@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from moe_dist.configuration import MoEConfig
-from moe_dist.logging_io import REQUIRED_SUMMARY_KEYS, MetricsWriter, write_summary
-from moe_dist.metrics import (
+from moe_dist.model.configuration import MoEConfig
+from moe_dist.model.routing import Router
+from moe_dist.train.logging_io import REQUIRED_SUMMARY_KEYS, MetricsWriter, write_summary
+from moe_dist.train.metrics import (
     CollapseMonitor,
     RoutingAccumulator,
     Throughput,
@@ -23,7 +24,6 @@ from moe_dist.metrics import (
     routing_utilization,
     utilization,
 )
-from moe_dist.routing import Router
 
 E = 8
 

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from moe_dist import PRESETS, MoEConfig, MoEForCausalLM
-from moe_dist.expert_parallel import ExpertParallelError, validate_expert_parallel
-from moe_dist.moe import FeedForward, MoEBlock
-from moe_dist.modeling import CACHE_FIELD
+from moe_dist.model.modeling import CACHE_FIELD
+from moe_dist.model.moe import FeedForward, MoEBlock
+from moe_dist.parallel.expert_parallel import ExpertParallelError, validate_expert_parallel
 
 VOCAB = 256  # conftest.TINY_SHAPE
 

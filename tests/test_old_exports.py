@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from launcher import FIXTURES
+from safetensors.torch import load_file
 
 ARCHIVES = sorted((FIXTURES / "exports").glob("*.tar.gz"))
 EXPORTS = sorted(name for archive in ARCHIVES for name in {m.split("/")[0] for m in tarfile.open(archive).getnames()})
@@ -39,8 +38,9 @@ def test_there_are_old_exports_to_check():
 @pytest.mark.parametrize("name", EXPORTS)
 def test_old_export_loads_with_the_installed_package_to_the_same_logits(unpacked, name):
     export = unpacked / name
-    import moe_dist  # noqa: F401
     from transformers import AutoModelForCausalLM
+
+    import moe_dist  # noqa: F401
 
     reference = load_file(export / "reference.safetensors")
     model = AutoModelForCausalLM.from_pretrained(export).eval()

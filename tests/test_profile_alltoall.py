@@ -5,7 +5,6 @@ import json
 
 import matplotlib.image
 import pytest
-
 from launcher import CPU_EP2, ROOT, check, deepspeed
 
 TOOL = ROOT / "tools" / "profile_alltoall.py"
@@ -60,7 +59,7 @@ def test_microbenchmark_covers_each_size_on_the_two_rank_expert_group(profile):
 
 
 def test_dropless_routing_has_no_analytic_byte_count(make_config):
-    from moe_dist.comm_cost import step_alltoall_bytes
+    from moe_dist.analysis.comm_cost import step_alltoall_bytes
 
     with pytest.raises(ValueError, match="dropless"):
         step_alltoall_bytes(make_config(capacity_factor=None), tokens_per_micro_batch=64, micro_batches=1,

@@ -1,13 +1,13 @@
-"""The analytic memory model (`moe_dist.costs.memory_bytes`), the fit verdict, and `tools/profile_memory.py`."""
+"""The analytic memory model (`moe_dist.analysis.costs.memory_bytes`), the fit verdict, and `tools/profile_memory.py`."""
 import json
 
 import pytest
 import torch
-
 from launcher import CPU_EP2, FIXTURES, ROOT, check, python
+
 from moe_dist import MoEConfig, MoEForCausalLM
-from moe_dist.costs import GiB, fit_verdict, memory_bytes
-from moe_dist.moe import LocalExperts
+from moe_dist.analysis.costs import GiB, fit_verdict, memory_bytes
+from moe_dist.model.moe import LocalExperts
 
 SETTINGS = dict(zero_stage=2, precision="bf16", micro_batch=4, seq_len=64)
 

@@ -5,7 +5,6 @@ import re
 
 import matplotlib.image
 import pytest
-
 from launcher import ROOT, check, python
 
 REPORT = ROOT / "tools" / "report.py"
@@ -26,7 +25,7 @@ WARNING = "layer 1 expert 3 collapsed: 1.0% of its fair share for 3 evals (step 
 
 
 def _write_run(run_dir, fields: dict, best_ppl: float, *, finished: bool = True, warnings=()) -> None:
-    from moe_dist.logging_io import MetricsWriter, write_summary
+    from moe_dist.train.logging_io import MetricsWriter, write_summary
 
     settings = {**dict(num_local_experts=8, num_experts_per_tok=1, capacity_factor=None, router_jitter_noise=0.0,
                        router_aux_loss_coef=0.01, router_z_loss_coef=0.0, router_bias_update_rate=0.0,

@@ -1,4 +1,4 @@
-"""Behaviour of the router math (moe_dist.routing) and the MoE block (moe_dist.moe), without a model."""
+"""Behaviour of the router math (moe_dist.model.routing) and the MoE block (moe_dist.model.moe), without a model."""
 import copy
 import math
 
@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from moe_dist import MoEConfig
-from moe_dist.moe import MoEBlock
-from moe_dist.routing import (
+from moe_dist.model.moe import MoEBlock
+from moe_dist.model.routing import (
     Router,
     assign_positions,
     aux_free_bias_update,
     expert_capacity,
     load_balancing_loss,
-    routing_entropy,
     router_z_loss,
+    routing_entropy,
 )
 
 D = 16  # model width of the block-level tests

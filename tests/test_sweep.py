@@ -8,7 +8,6 @@ import json
 import re
 
 import pytest
-
 from launcher import DATA_ARGS, ROOT, check, python
 
 SWEEP = ROOT / "launch" / "sweep.py"
@@ -95,7 +94,7 @@ def test_report_reads_the_sweeps_run_folders(sweep, tmp_path):
 
 
 def test_dry_run_prints_every_command_and_creates_nothing(tmp_path):
-    from moe_dist.sweep import run_sweep
+    from moe_dist.analysis.sweep import run_sweep
 
     printed = []
     assert run_sweep("router", "tiny", tmp_path / "runs", dry_run=True, echo=printed.append) == []
@@ -106,7 +105,7 @@ def test_dry_run_prints_every_command_and_creates_nothing(tmp_path):
 
 
 def test_grids_hold_the_study_points():
-    from moe_dist.sweep import grid_points
+    from moe_dist.analysis.sweep import grid_points
 
     assert [p.name for p in grid_points("experts", "tiny")] == ["dense", "moe-e4-top1", "moe-e8-top1", "moe-e16-top1"]
     assert len({p.name for p in grid_points("router", "seed")}) == 9
@@ -120,15 +119,15 @@ def test_grids_hold_the_study_points():
 @pytest.mark.parametrize("scale,presets", [("tiny", {"tiny-dense", "tiny-moe"}),
                                            ("seed", {"seed-baseline", "seed-moe-e4", "seed-moe-e8", "seed-moe-e16"})])
 def test_scale_picks_the_presets(scale, presets):
-    from moe_dist.configuration import PRESETS
-    from moe_dist.sweep import GRIDS, grid_points
+    from moe_dist.analysis.sweep import GRIDS, grid_points
+    from moe_dist.model.configuration import PRESETS
 
     used = {p.args[p.args.index("--model") + 1] for grid in GRIDS for p in grid_points(grid, scale)}
     assert used == presets and used <= set(PRESETS)
 
 
 def test_deepspeed_runs_go_through_the_launcher_with_the_config(tmp_path):
-    from moe_dist.sweep import Launcher, grid_points
+    from moe_dist.analysis.sweep import Launcher, grid_points
 
     point = grid_points("experts", "tiny", ["moe-e8-top1"])[0]
     cmd = Launcher("ds_configs/cpu_ep2.json", 2).command(point, tmp_path / "run", ["--max_steps", "3"])
@@ -139,7 +138,7 @@ def test_deepspeed_runs_go_through_the_launcher_with_the_config(tmp_path):
 
 @pytest.mark.parametrize("extra", [["--top_k", "2"], ["--capacity_factor=2"], ["--output_dir", "x"]])
 def test_extra_args_may_not_override_what_the_sweep_sets(extra):
-    from moe_dist.sweep import SweepError, check_extra_args, grid_points
+    from moe_dist.analysis.sweep import SweepError, check_extra_args, grid_points
 
     with pytest.raises(SweepError, match=extra[0].split("=")[0]):
         check_extra_args(grid_points("router", "tiny"), extra)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from launcher import ACCEL_ARGS, CPU_EP2, DATA_ARGS, STEPS, TRAIN, check, deepspeed, metrics, python
-from moe_dist.cli import main
-from moe_dist.logging_io import REQUIRED_SUMMARY_KEYS
+
+from moe_dist.train.cli import main
+from moe_dist.train.logging_io import REQUIRED_SUMMARY_KEYS
 
 
 def test_accelerate_run_trains_and_fills_the_run_folder_contract(accel_run):

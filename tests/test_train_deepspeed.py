@@ -7,9 +7,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from launcher import ROOT, STEPS, check, deepspeed, leftover_shm, metrics
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.multirank
 
@@ -36,7 +35,7 @@ def test_ep2_training_loss_falls(ep2_run):
 
 
 def test_summary_has_every_contract_key(ep2_run):
-    from moe_dist.logging_io import REQUIRED_SUMMARY_KEYS
+    from moe_dist.train.logging_io import REQUIRED_SUMMARY_KEYS
 
     summary = json.loads((ep2_run / "summary.json").read_text())
     assert set(REQUIRED_SUMMARY_KEYS) <= set(summary)
@@ -81,9 +80,9 @@ def test_hf_export_loads_with_from_pretrained_and_generates(ep2_run):
 
 
 def test_exported_model_reproduces_the_trainers_last_evaluation(ep2_run):
-    from moe_dist.data import validation_shard
-    from moe_dist.evaluation import evaluate
-    from moe_dist.modeling import MoEForCausalLM
+    from moe_dist.model.modeling import MoEForCausalLM
+    from moe_dist.train.data import validation_shard
+    from moe_dist.train.evaluation import evaluate
 
     run_dir = ep2_run
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -4,8 +4,8 @@ checkpointing and early stopping."""
 import json
 
 import torch
-
 from launcher import DATA_ARGS, TRAIN, check, python
+
 from moe_dist import MoEConfig, MoEForCausalLM
 
 

@@ -40,8 +40,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from moe_dist.configuration import MoEConfig  # noqa: E402
-from moe_dist.moe import FeedForward, MoEBlock  # noqa: E402
+from moe_dist.model.configuration import MoEConfig  # noqa: E402
+from moe_dist.model.moe import FeedForward, MoEBlock  # noqa: E402
 
 COMMAND = "python " + shlex.join(sys.argv)
 

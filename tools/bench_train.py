@@ -51,11 +51,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_moe import machine, sync  # noqa: E402  (sibling tool: same machine line, same device sync)
 
-from moe_dist.args import TrainArgs  # noqa: E402
-from moe_dist.configuration import PRESETS, MoEConfig  # noqa: E402
-from moe_dist.costs import flops_per_token  # noqa: E402
-from moe_dist.engines import AccelerateEngine, EngineSpec  # noqa: E402
-from moe_dist.modeling import MoEForCausalLM  # noqa: E402
+from moe_dist.analysis.costs import flops_per_token  # noqa: E402
+from moe_dist.model.configuration import PRESETS, MoEConfig  # noqa: E402
+from moe_dist.model.modeling import MoEForCausalLM  # noqa: E402
+from moe_dist.parallel.engines import AccelerateEngine, EngineSpec  # noqa: E402
+from moe_dist.train.args import TrainArgs  # noqa: E402
 
 COMMAND = "python " + shlex.join(sys.argv)
 GOAL = ("seed reference (seed shape, one GPU, bf16): E=8 top-1 0.26x dense tok/s (40.4k vs 158.1k), "
@@ -140,7 +140,7 @@ def make_batches(args):
     """[(input_ids, shift_labels)]: one optimizer step of one micro-batch, as the trainer feeds it."""
     gen = torch.Generator().manual_seed(args.seed)
     if args.train_file:
-        from moe_dist.data import DataConfig, build_tokenizer, load_text_splits, pack_blocks
+        from moe_dist.train.data import DataConfig, build_tokenizer, load_text_splits, pack_blocks
 
         cfg = DataConfig(train_file=args.train_file, valid_file=args.train_file, seq_len=args.seq_len,
                          tokenizer=f"train:{args.vocab_size}", cache_dir=tempfile.mkdtemp(prefix="bench_train_"))
@@ -194,7 +194,8 @@ def run(args, batches) -> list[Variant]:
 
 def op_times(v: Variant, batches, steps: int = 3) -> dict[str, tuple[float, float]]:
     """op -> (self ms, calls) per step, over `steps` profiled steps (device time on CUDA, else CPU)."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     cuda = v.device.type == "cuda"
     with torch_profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:

@@ -6,7 +6,7 @@ weights (`--preset`), on `--device` (cpu or cuda) in `--dtype`:
 - `params_total` / `params_active`: all parameters, and those one token passes through
   (k of E routed experts), from the built model;
 - `flops_per_token`: forward FLOPs of one token at `--context` (default: the model's
-  context length), itemised, from the analytic `moe_dist.costs.flops_per_token`
+  context length), itemised, from the analytic `moe_dist.analysis.costs.flops_per_token`
   (2 FLOPs per multiply-add, attention at full context; see its docstring);
 - per batch size (`--batch_sizes`, default 1 and 8), with a `--prompt_len`-token random
   prompt and greedy decoding of `--new_tokens` tokens through the KV cache:
@@ -14,7 +14,7 @@ weights (`--preset`), on `--device` (cpu or cuda) in `--dtype`:
   forward of one new token per sequence), `generate_tok_s` (batch x new tokens / the whole
   prefill + decode time), `prefill_gflop_s` (prefill FLOPs at context = prompt length,
   with the lm_head on the last position only as it runs, / prefill time), and
-  `peak_mem_mb` from `moe_dist.metrics.peak_memory_mb` (CUDA: the allocator's peak for
+  `peak_mem_mb` from `moe_dist.train.metrics.peak_memory_mb` (CUDA: the allocator's peak for
   this batch size; CPU: the process's lifetime peak RSS, which only grows).
 
 Method: explicit forward calls with the KV `cache` (what `generate` does, minus its
@@ -42,9 +42,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_moe import machine, sync  # noqa: E402  (sibling tool: same machine line, same device sync)
 
 from moe_dist import MoEConfig, MoEForCausalLM  # noqa: E402
-from moe_dist.costs import flops_per_token  # noqa: E402
-from moe_dist.metrics import peak_memory_mb, reset_peak_memory  # noqa: E402
-from moe_dist.modeling import CACHE_FIELD  # noqa: E402
+from moe_dist.analysis.costs import flops_per_token  # noqa: E402
+from moe_dist.model.modeling import CACHE_FIELD  # noqa: E402
+from moe_dist.train.metrics import peak_memory_mb, reset_peak_memory  # noqa: E402
 
 
 def load_model(args) -> MoEForCausalLM:

@@ -19,7 +19,7 @@ The model, process groups and engine are built as the trainer builds them (`plan
    both run DeepSpeed's `_AllToAll.forward` between device syncs, so every expert all-to-all,
    forward and backward, is timed and its input bytes counted. DeepSpeed's own `1st_a2a` /
    `2nd_a2a` layer timers cover the forward only and are reported beside the probe's forward
-   time as a cross-check. Bytes are compared with `moe_dist.comm_cost.step_alltoall_bytes`.
+   time as a cross-check. Bytes are compared with `moe_dist.analysis.comm_cost.step_alltoall_bytes`.
 
 Caveats: an all-to-all's time includes waiting for the slowest rank to arrive; the syncs around
 each one remove any overlap a GPU step had, so the share is that of exposed communication.
@@ -43,11 +43,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_moe import machine  # noqa: E402  (tools/ is on sys.path as the script's folder)
-from moe_dist.args import DataArgs, ModelArgs, TrainArgs  # noqa: E402
-from moe_dist.comm_cost import algorithm_bandwidth, bus_bandwidth, step_alltoall_bytes  # noqa: E402
-from moe_dist.engines import make_engine  # noqa: E402
-from moe_dist.modeling import MoEForCausalLM  # noqa: E402
-from moe_dist.plan import plan_run  # noqa: E402
+
+from moe_dist.analysis.comm_cost import algorithm_bandwidth, bus_bandwidth, step_alltoall_bytes  # noqa: E402
+from moe_dist.model.modeling import MoEForCausalLM  # noqa: E402
+from moe_dist.parallel.engines import make_engine  # noqa: E402
+from moe_dist.train.args import DataArgs, ModelArgs, TrainArgs  # noqa: E402
+from moe_dist.train.plan import plan_run  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_SIZES = [4 << 10 << i for i in range(15)]  # 4 KiB, 8 KiB, ..., 64 MiB

@@ -2,13 +2,13 @@
 
 What: for each DeepSpeed JSON (default `ds_configs/ep{1,2,4,8}.json`) on N ranks (N =
 its `moe.ep_size`, or `--world_size`), the per-rank bytes of weights, gradients, optimizer
-state and activations predicted by `moe_dist.costs.memory_bytes` (its docstring lists the
-assumptions) and a verdict on N GPUs of `--gpu_mem_gib` each (`moe_dist.costs.fit_verdict`).
+state and activations predicted by `moe_dist.analysis.costs.memory_bytes` (its docstring lists the
+assumptions) and a verdict on N GPUs of `--gpu_mem_gib` each (`moe_dist.analysis.costs.fit_verdict`).
 
 Measured (`--measure CONFIG ...`): the real trainer (`launch/train.py`) runs `--max_steps`
 steps of the real engine through the `deepspeed` launcher on N ranks (fixture corpus unless
 `--train_file` is given), and its `summary.json` gives `peak_mem_mb`: the maximum over ranks
-of `moe_dist.metrics.peak_memory_mb`, i.e. the CUDA allocator's peak on GPU, the process's
+of `moe_dist.train.metrics.peak_memory_mb`, i.e. the CUDA allocator's peak on GPU, the process's
 peak RSS on CPU (which includes what the model does not predict: the interpreter and
 libraries alone are ~0.36 GB after importing torch, DeepSpeed and transformers). A measured
 config is also predicted, with the vocabulary its run really used.
@@ -36,10 +36,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from moe_dist.configuration import MoEConfig  # noqa: E402
-from moe_dist.costs import GiB, fit_verdict, memory_bytes  # noqa: E402
-from moe_dist.ds_config import load_deepspeed_config  # noqa: E402
-from moe_dist.expert_parallel import ExpertParallelError, validate_expert_parallel  # noqa: E402
+from moe_dist.analysis.costs import GiB, fit_verdict, memory_bytes  # noqa: E402
+from moe_dist.model.configuration import MoEConfig  # noqa: E402
+from moe_dist.parallel.ds_config import load_deepspeed_config  # noqa: E402
+from moe_dist.parallel.expert_parallel import ExpertParallelError, validate_expert_parallel  # noqa: E402
 
 PARTS = ("weights", "gradients", "optimizer", "activations")
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -121,7 +121,7 @@ def write_report(rows: list[dict], args, out: Path) -> None:
     name, scale = _unit(rows)
     lines = [f"# Per-rank training memory: `{args.preset}`", "",
              f"Command: `{' '.join(map(shlex.quote, sys.argv))}`", "",
-             f"Predicted by `moe_dist.costs.memory_bytes` (AdamW; bf16 keeps an fp32 master; ZeRO-1 shards the "
+             f"Predicted by `moe_dist.analysis.costs.memory_bytes` (AdamW; bf16 keeps an fp32 master; ZeRO-1 shards the "
              f"optimizer state, ZeRO-2 also the gradients; experts are split over `ep_size` ranks; activations after "
              f"Korthikanti et al. 2022, adapted for MoE{', with activation checkpointing' if args.grad_ckpt else ''}). "
              f"Verdict on N x {args.gpu_mem_gib:g} GiB: `fits` leaves 10% headroom, `tight` uses more; a measured row "

@@ -9,9 +9,9 @@ import re
 import shutil
 
 import pytest
-
 from launcher import ACCEL_ARGS, EP2_ARGS, STEPS, TRAIN, check, deepspeed, metrics, python
-from moe_dist.checkpoint import CheckpointError, CheckpointStore, verify
+
+from moe_dist.train.checkpoint import CheckpointError, CheckpointStore, verify
 
 pytestmark = [pytest.mark.faults, pytest.mark.multirank]
 

@@ -3,9 +3,9 @@
 import json
 
 import pytest
-
 from launcher import FIXTURES, TRAIN, check, python
-from moe_dist.cli import main
+
+from moe_dist.train.cli import main
 
 pytestmark = pytest.mark.faults
 

@@ -6,11 +6,11 @@ import re
 
 import pytest
 import torch
-
 from launcher import CPU_EP2, EP2_ARGS, TRAIN, deepspeed, metrics
+
 from moe_dist import MoEConfig, MoEForCausalLM
-from moe_dist.checkpoint import CheckpointStore
-from moe_dist.optim import GuardedAdamW
+from moe_dist.parallel.optim import GuardedAdamW
+from moe_dist.train.checkpoint import CheckpointStore
 
 
 @pytest.mark.faults

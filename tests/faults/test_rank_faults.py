@@ -9,9 +9,9 @@ import time
 from datetime import datetime
 
 import pytest
-
 from launcher import EP2_ARGS, TRAIN, deepspeed, leftover_shm
-from moe_dist.checkpoint import CheckpointStore, verify
+
+from moe_dist.train.checkpoint import CheckpointStore, verify
 
 pytestmark = [pytest.mark.faults, pytest.mark.multirank]
 

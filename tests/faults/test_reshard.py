@@ -9,7 +9,6 @@ import re
 import shutil
 
 import pytest
-
 from launcher import CPU_EP2, EP2_ARGS, ROOT, STEPS, TRAIN, check, deepspeed, metrics, python
 
 pytestmark = [pytest.mark.faults, pytest.mark.multirank]

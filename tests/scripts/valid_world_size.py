@@ -13,10 +13,10 @@ import sys
 import torch
 
 from moe_dist import MoEConfig, MoEForCausalLM
-from moe_dist.data import validation_shard
-from moe_dist.engines import init_distributed, shutdown_distributed
-from moe_dist.evaluation import evaluate
-from moe_dist.expert_parallel import apply_expert_parallel
+from moe_dist.parallel.engines import init_distributed, shutdown_distributed
+from moe_dist.parallel.expert_parallel import apply_expert_parallel
+from moe_dist.train.data import validation_shard
+from moe_dist.train.evaluation import evaluate
 
 SEQ_LEN = 32
 # (blocks, micro_batch_size): 13 leaves rank 1 one real row of 4 in its last batch; 3 leaves it none.

@@ -11,12 +11,12 @@ import os
 import sys
 import time
 
+from ..export import ExportError
+from ..parallel.ds_config import ConfigError
+from ..parallel.expert_parallel import ExpertParallelError
 from .args import parse_args
 from .checkpoint import CheckpointError
 from .data import DataError
-from .ds_config import ConfigError
-from .expert_parallel import ExpertParallelError
-from .export import ExportError
 
 # Errors we raise on purpose with a one-line message. While planning, a bare ValueError is
 # an invalid MoEConfig field; once training runs, a ValueError is a bug and keeps its traceback.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from .ds_config import ConfigError
+from ..parallel.ds_config import ConfigError
 
 
 def _help(text: str, default=None):
@@ -22,7 +22,7 @@ def _help(text: str, default=None):
 
 @dataclass
 class ModelArgs:
-    model: str = _help("preset name (see moe_dist.configuration.PRESETS)", "tiny-moe")
+    model: str = _help("preset name (see moe_dist.model.configuration.PRESETS)", "tiny-moe")
     num_experts: int | None = _help("experts per MoE layer (0 = dense)")
     top_k: int | None = _help("experts per token")
     capacity_factor: float | None = _help("training capacity factor (slots = factor x fair share)")

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..model.modeling import MoEForCausalLM
+from ..train.faults import count_saved_files
 from .expert_parallel import apply_expert_parallel, hf_named_parameters
-from .faults import count_saved_files
-from .modeling import MoEForCausalLM
 from .optim import build_optimizer, param_groups, warmup_cosine
 from .portable import PortableState, apply_plain, apply_zero
 

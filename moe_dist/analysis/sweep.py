@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "train.py"
+TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "train.py"
 SCALES = ("tiny", "seed")
 MANIFEST = "sweep.json"
 RUN_LOG = "train.log"

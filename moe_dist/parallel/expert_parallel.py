@@ -19,8 +19,8 @@ import re
 import torch
 from torch import nn
 
-from .moe import LocalExperts, MoEBlock
-from .routing import Routing, count_per_expert
+from ..model.moe import LocalExperts, MoEBlock
+from ..model.routing import Routing, count_per_expert
 
 # An expert's key in DeepSpeed's checkpoint vs. in the model / HF export: only the
 # container path differs, the expert id is global in both.

@@ -34,7 +34,7 @@ _FILE_KINDS = {".txt": "text", ".json": "json", ".jsonl": "json"}
 _VALID_SUFFIXES = ".txt, .json and .jsonl, optionally .gz"
 # The TinyStories sample bundled with the repository (CDLA-Sharing-1.0, see its SOURCE.md): the
 # offline default, so the quick start and the tests need no hub.
-BUNDLED_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "tinystories"
+BUNDLED_SAMPLE = Path(__file__).resolve().parents[2] / "data" / "tinystories"
 
 
 class DataError(ValueError):

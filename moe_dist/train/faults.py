@@ -78,7 +78,7 @@ def _poison_next_forward(model) -> None:
 
 @torch.no_grad()
 def _poison_an_expert(model) -> None:
-    from .moe import MoEBlock
+    from ..model.moe import MoEBlock
 
     block = next(m for m in model.modules() if isinstance(m, MoEBlock))
     next(block.experts.parameters()).fill_(float("nan"))

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .configuration import MoEConfig
-from .expert_parallel import ds_to_hf_key
-from .modeling import MoEForCausalLM
+from ..model.configuration import MoEConfig
+from ..model.modeling import MoEForCausalLM
+from ..parallel.expert_parallel import ds_to_hf_key
 
 
 class ExportError(RuntimeError):
@@ -103,7 +103,3 @@ def _resolve_checkpoint(path: Path) -> Path:
         if latest.is_file():
             return root / latest.read_text().strip()
     return path
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,7 +7,7 @@ same formula. Byte counts are per rank: the size of the buffer a rank hands to
 
 from __future__ import annotations
 
-from .routing import expert_capacity
+from ..model.routing import expert_capacity
 
 
 def alltoall_bytes(*, num_experts: int, capacity: int, hidden_size: int, dtype_bytes: int) -> int:

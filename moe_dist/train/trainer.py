@@ -18,21 +18,28 @@ from pathlib import Path
 import torch
 import transformers
 
-from .checkpoint import (CheckpointError, CheckpointStore, capture_rng, load_rank_state, restore_rng, save_rank_state,
-                         step_of, write_atomic)
-from .configuration import MoEConfig
+from ..export import export_checkpoint
+from ..model.configuration import MoEConfig
+from ..model.modeling import MoEForCausalLM
+from ..parallel.ds_config import ConfigError
+from ..parallel.engines import TrainEngine, make_engine
+from ..parallel.portable import read_state
+from .checkpoint import (
+    CheckpointError,
+    CheckpointStore,
+    capture_rng,
+    load_rank_state,
+    restore_rng,
+    save_rank_state,
+    step_of,
+    write_atomic,
+)
 from .data import BlockSampler, DataError, batch_tensors, describe_source, prepare_data, validation_shard
-from .ds_config import ConfigError
-from .engines import TrainEngine, make_engine
 from .evaluation import evaluate
-from .export import export_checkpoint
 from .faults import fault_point
 from .logging_io import MetricsWriter, write_summary
-from .metrics import (CollapseMonitor, Throughput, format_progress, peak_memory_mb, routing_health,
-                      routing_utilization)
-from .modeling import MoEForCausalLM
+from .metrics import CollapseMonitor, Throughput, format_progress, peak_memory_mb, routing_health, routing_utilization
 from .plan import RUN_RECORD, RunPlan, check_run_folder, run_record
-from .portable import read_state
 from .watchdog import Watchdog
 
 log = logging.getLogger("moe_dist")

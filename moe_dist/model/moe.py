@@ -1,7 +1,7 @@
 """Feed-forward layers: the dense MLP (also each expert's body) and the MoE block.
 
 The MoE block is router -> experts -> (+ shared experts). It knows nothing of expert
-parallelism: `experts` is a `LocalExperts` here, and `moe_dist.expert_parallel` swaps in
+parallelism: `experts` is a `LocalExperts` here, and `moe_dist.parallel.expert_parallel` swaps in
 DeepSpeed's MoE layer, which takes the same `(x_TD, routing)` call, for EP > 1. The
 per-expert weight layout (`experts.{global_id}.up_proj.weight`, ...) is the same in both.
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
+from ..model.configuration import MoEConfig
+from ..parallel.ds_config import ConfigError, launcher_world_size, load_deepspeed_config
+from ..parallel.engines import EngineSpec
+from ..parallel.expert_parallel import validate_expert_parallel
 from .args import DataArgs, ModelArgs, TrainArgs
-from .configuration import MoEConfig
 from .data import SEPARATOR, DataConfig, DataError, open_bytes, trained_vocab_size
-from .ds_config import ConfigError, launcher_world_size, load_deepspeed_config
-from .engines import EngineSpec
-from .expert_parallel import validate_expert_parallel
 
 RUN_RECORD = "run.json"
 # Shape fields that --init_from cannot change: the loaded weights would not fit.

@@ -9,7 +9,7 @@ Units: FLOPs count a multiply-add as 2 (the PaLM / Chinchilla convention); memor
 
 from __future__ import annotations
 
-from .configuration import MoEConfig
+from ..model.configuration import MoEConfig
 
 GiB = 2**30
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}

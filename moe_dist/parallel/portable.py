@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..export import load_hf_state_dict
 from .expert_parallel import local_to_hf_key
-from .export import load_hf_state_dict
 from .optim import named_param_groups
 
 

@@ -1,0 +1,1 @@
+"""Analytic costs (FLOPs, memory, communication bytes) and experiment grids."""
