@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from moe_dist.parallel.process_group import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -34,12 +35,6 @@ def _env(extra: dict | None = None) -> dict:
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra or {})
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deepspeed(script: Path | str, args: list[str], *, timeout: int = 300, env: dict | None = None,

@@ -235,7 +235,7 @@ def test_truncate_after_drops_later_and_torn_lines(tmp_path):
     resumed.log(30, "train", {"loss": 0.5})
     resumed.close()
     assert [(r["step"], r["loss"]) for r in read_jsonl(tmp_path / "metrics.jsonl")] == [(10, 1.0), (20, 1.0), (30, 0.5)]
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp*"))
 
 
 def full_summary() -> dict:
@@ -252,4 +252,4 @@ def test_write_summary_refuses_a_missing_key_and_keeps_the_old_file(tmp_path):
     assert (tmp_path / "summary.json").read_text() == before
     summary = json.loads(before)
     assert summary["model"] == "tiny-moe" and summary["final_val_ppl"] is None
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp*"))

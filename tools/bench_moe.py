@@ -29,37 +29,16 @@ dropped by capacity in the last step.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import shlex
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from moe_dist.model.configuration import MoEConfig  # noqa: E402
-from moe_dist.model.moe import FeedForward, MoEBlock  # noqa: E402
+from moe_dist.analysis.bench import command_line, machine, require_device, sync, write_json
+from moe_dist.model.configuration import MoEConfig
+from moe_dist.model.moe import FeedForward, MoEBlock
 
-COMMAND = "python " + shlex.join(sys.argv)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
-
-
-def machine(device: torch.device) -> str:
-    desc = f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, " \
-           f"{torch.get_num_threads()} intra-op threads"
-    if device.type == "cuda":
-        desc += f", GPU {torch.cuda.get_device_name(device)}"
-    return desc
+COMMAND = command_line("python")
 
 
 def build_ours(d, ff, E, k, cf) -> MoEBlock:
@@ -130,11 +109,6 @@ def build_variants(args) -> list[Variant]:
             if not args.no_deepspeed:
                 variants.append(Variant(f"ds E{E} k{k}", E, k, build_deepspeed(ours, d, ff, E, k), "ds"))
     return variants
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run(args) -> list[Variant]:
@@ -216,16 +190,12 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device visible")
+    require_device(args.device)
     print(f"# command: {COMMAND}")
     print(f"# machine: {machine(torch.device(args.device))}")
     print(f"# d_model={args.d_model} ffn={args.ffn} dtype={args.dtype} device={args.device}; "
           f"{args.stat} of {args.repeats} interleaved rounds x {args.iters} fwd+bwd steps")
-    result = report(args, run(args))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.json, report(args, run(args)))
 
 
 if __name__ == "__main__":

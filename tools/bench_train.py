@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -48,16 +47,15 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_moe import machine, sync  # noqa: E402  (sibling tool: same machine line, same device sync)
+from moe_dist.analysis.bench import command_line, machine, require_device, sync, write_json
+from moe_dist.analysis.costs import flops_per_token
+from moe_dist.model.configuration import PRESETS, MoEConfig
+from moe_dist.model.modeling import MoEForCausalLM
+from moe_dist.parallel.engines import AccelerateEngine
+from moe_dist.train.args import EngineArgs, OptimArgs, RunArgs
+from moe_dist.train.plan import EngineSpec
 
-from moe_dist.analysis.costs import flops_per_token  # noqa: E402
-from moe_dist.model.configuration import PRESETS, MoEConfig  # noqa: E402
-from moe_dist.model.modeling import MoEForCausalLM  # noqa: E402
-from moe_dist.parallel.engines import AccelerateEngine, EngineSpec  # noqa: E402
-from moe_dist.train.args import TrainArgs  # noqa: E402
-
-COMMAND = "python " + shlex.join(sys.argv)
+COMMAND = command_line("python")
 GOAL = ("seed reference (seed shape, one GPU, bf16): E=8 top-1 0.26x dense tok/s (40.4k vs 158.1k), "
         "E=16 0.16x. Goal: >= 0.85x for E=8 and >= 0.8x for E=16, at seed shape on GPU and tiny shape on CPU")
 GOAL_RATIO = {8: 0.85, 16: 0.8}
@@ -81,12 +79,13 @@ def build_config(args, E: int, capacity_factor: float | None) -> MoEConfig:
 
 
 def engine_spec(args) -> EngineSpec:
-    t = TrainArgs(output_dir="-")  # the training CLI's defaults: lr, betas, decay, schedule
+    # The training CLI's defaults: lr, betas, decay, schedule, timeout.
+    o, max_steps, timeout = OptimArgs(), RunArgs(output_dir="-").max_steps, EngineArgs().dist_timeout
     return EngineSpec(micro_batch_size=args.micro_batch_size, grad_accum=1, grad_clip=1.0,  # as plan._engine_spec
-                      precision="bf16" if args.device.startswith("cuda") else "fp32", ep_size=1, lr=t.lr,
-                      betas=(t.beta1, t.beta2), adam_eps=t.adam_eps, weight_decay=t.weight_decay,
-                      warmup_steps=t.warmup_steps, max_steps=t.max_steps, min_lr_ratio=t.min_lr_ratio,
-                      dist_timeout_s=t.dist_timeout)
+                      precision="bf16" if args.device.startswith("cuda") else "fp32", ep_size=1, lr=o.lr,
+                      betas=(o.beta1, o.beta2), adam_eps=o.adam_eps, weight_decay=o.weight_decay,
+                      warmup_steps=o.warmup_steps, max_steps=max_steps, min_lr_ratio=o.min_lr_ratio,
+                      dist_timeout_s=timeout)
 
 
 class Variant:
@@ -309,8 +308,7 @@ def parse_args(argv=None):
         args.isolate = args.profile = False
     if min(args.rounds, args.micro_batch_size, args.threads) < 1 or args.warmup < 0:
         p.error("--rounds, --micro_batch_size and --threads must be >= 1, --warmup >= 0")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device visible")
+    require_device(args.device, p.error)
     return args
 
 
@@ -322,9 +320,7 @@ def main(argv=None):
     result = report(args, run(args, batches), rss_base_mb)
     if not args.only:
         print_table(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -29,22 +29,17 @@ generations (and over their decode steps). CPU numbers on a shared machine are n
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shlex
 import statistics
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_moe import machine, sync  # noqa: E402  (sibling tool: same machine line, same device sync)
-
-from moe_dist import MoEConfig, MoEForCausalLM  # noqa: E402
-from moe_dist.analysis.costs import flops_per_token  # noqa: E402
-from moe_dist.model.modeling import CACHE_FIELD  # noqa: E402
-from moe_dist.train.metrics import peak_memory_mb, reset_peak_memory  # noqa: E402
+from moe_dist import MoEConfig, MoEForCausalLM
+from moe_dist.analysis.bench import command_line, machine, require_device, sync, write_json
+from moe_dist.analysis.costs import flops_per_token
+from moe_dist.model.modeling import CACHE_FIELD
+from moe_dist.train.metrics import peak_memory_mb, reset_peak_memory
 
 
 def load_model(args) -> MoEForCausalLM:
@@ -112,7 +107,7 @@ def run(args) -> dict:
     # The prefill computes logits for the last position only (logits_to_keep=1).
     prefill_flops = (prompt["total"] - prompt["lm_head"]) * args.prompt_len + prompt["lm_head"]
     rows = [bench_batch(model, b, args, prefill_flops) for b in args.batch_sizes]
-    return {"command": " ".join(map(shlex.quote, sys.argv)), "machine": machine(torch.device(args.device)),
+    return {"command": command_line(), "machine": machine(torch.device(args.device)),
             "model": args.model_path or args.preset, "device": args.device, "dtype": args.dtype,
             "params_total": model.num_parameters(), "params_active": model.num_active_parameters(),
             "num_local_experts": config.num_local_experts, "num_experts_per_tok": config.num_experts_per_tok,
@@ -156,8 +151,7 @@ def parse_args(argv=None):
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     if min(args.prompt_len, args.new_tokens, args.repeats, *args.batch_sizes) < 1 or args.warmup < 0:
         p.error("--prompt_len, --new_tokens, --repeats and --batch_sizes must be >= 1, --warmup >= 0")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device visible")
+    require_device(args.device, p.error)
     return args
 
 
@@ -165,9 +159,7 @@ def main(argv=None):
     args = parse_args(argv)
     result = run(args)
     print_report(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

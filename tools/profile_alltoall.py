@@ -29,10 +29,7 @@ Outputs in `--out`: report.md, alltoall.json, alltoall.png (written by rank 0).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import shlex
 import statistics
 import sys
 import time
@@ -41,14 +38,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_moe import machine  # noqa: E402  (tools/ is on sys.path as the script's folder)
-
-from moe_dist.analysis.comm_cost import algorithm_bandwidth, bus_bandwidth, step_alltoall_bytes  # noqa: E402
-from moe_dist.model.modeling import MoEForCausalLM  # noqa: E402
-from moe_dist.parallel.engines import make_engine  # noqa: E402
-from moe_dist.train.args import DataArgs, ModelArgs, TrainArgs  # noqa: E402
-from moe_dist.train.plan import plan_run  # noqa: E402
+from moe_dist.analysis.bench import command_line, machine, write_json
+from moe_dist.analysis.comm_cost import algorithm_bandwidth, bus_bandwidth, step_alltoall_bytes
+from moe_dist.model.modeling import MoEForCausalLM
+from moe_dist.parallel.engines import make_engine
+from moe_dist.train.args import EngineArgs, ModelArgs, RunArgs
+from moe_dist.train.data import DataConfig
+from moe_dist.train.plan import plan_run
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_SIZES = [4 << 10 << i for i in range(15)]  # 4 KiB, 8 KiB, ..., 64 MiB
@@ -275,9 +271,9 @@ def build(args):
 
     plan = plan_run(ModelArgs(model=args.model, capacity_factor=args.capacity_factor, dropless=args.dropless,
                               vocab_size=args.vocab_size),
-                    DataArgs(seq_len=args.seq_len),
-                    TrainArgs(output_dir=args.out, deepspeed=args.deepspeed, seed=args.seed,
-                              max_steps=args.warmup_steps + args.steps))
+                    DataConfig(seq_len=args.seq_len),
+                    RunArgs(output_dir=args.out, seed=args.seed, max_steps=args.warmup_steps + args.steps),
+                    EngineArgs(deepspeed=args.deepspeed))
     if plan.spec.ep_size < 2 or not plan.model_config.is_moe:
         sys.exit("error: needs an MoE model and moe.ep_size >= 2 (with EP=1 no all-to-all runs)")
     plan.spec.ds_config = {**plan.spec.ds_config, "wall_clock_breakdown": True}
@@ -305,17 +301,19 @@ def main(argv=None) -> None:
 
 
 def write_outputs(args, plan, engine, backend: str, micro, ranks) -> None:
-    command = ["deepspeed", "--num_gpus", str(engine.world_size), *(a for a in sys.argv if "--local_rank" not in a)]
+    # The launcher adds --local_rank to each rank's argv; the command a user types has none.
+    command = command_line("deepspeed", "--num_gpus", str(engine.world_size),
+                           argv=[a for a in sys.argv if "--local_rank" not in a])
     setup = dict(model=args.model, ep_size=plan.spec.ep_size, world_size=engine.world_size,
                  backend=backend, dtype=plan.spec.precision, device=engine.device.type,
                  tokens_per_micro_batch=plan.spec.micro_batch_size * plan.data.seq_len,
                  micro_batches=plan.spec.grad_accum, capacity_factor=plan.model_config.capacity_factor,
                  machine=machine(engine.device))
-    result = dict(command=" ".join(map(shlex.quote, command)), setup=setup, microbenchmark=micro, step=ranks,
+    result = dict(command=command, setup=setup, microbenchmark=micro, step=ranks,
                   args={k: v for k, v in vars(args).items() if k != "local_rank"}, bytes=byte_counts(plan, ranks))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "alltoall.json").write_text(json.dumps(result, indent=1))
+    write_json(out / "alltoall.json", result)
     (out / "report.md").write_text(report_md(result))
     plot(result, out / "alltoall.png")
     print(report_md(result))

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,13 +33,14 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from moe_dist.analysis.costs import GiB, fit_verdict, memory_bytes  # noqa: E402
-from moe_dist.model.configuration import MoEConfig  # noqa: E402
-from moe_dist.parallel.ds_config import load_deepspeed_config  # noqa: E402
-from moe_dist.parallel.expert_parallel import ExpertParallelError, validate_expert_parallel  # noqa: E402
+from moe_dist.analysis.bench import command_line, write_json
+from moe_dist.analysis.costs import GiB, fit_verdict, memory_bytes
+from moe_dist.model.configuration import MoEConfig
+from moe_dist.parallel.ds_config import load_deepspeed_config
+from moe_dist.parallel.expert_parallel import ExpertParallelError, validate_expert_parallel
+from moe_dist.parallel.process_group import free_port
 
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: ds_configs/, launch/train.py, test fixtures
 PARTS = ("weights", "gradients", "optimizer", "activations")
 FIXTURES = ROOT / "tests" / "fixtures"
 MB = 2**20
@@ -64,12 +64,6 @@ def predict(config: MoEConfig, ds_path: str, world: int, args) -> dict:
     return row
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(ds_path: str, ranks: int, args) -> tuple[float, MoEConfig]:
     """Train `--max_steps` steps on `ranks` ranks; the peak memory over ranks and the model config used."""
     launcher = Path(sys.executable).parent / "deepspeed"
@@ -84,7 +78,7 @@ def measure(ds_path: str, ranks: int, args) -> tuple[float, MoEConfig]:
              *(["--seq_len", str(args.seq_len)] if args.seq_len else []), *(["--grad_ckpt"] if args.grad_ckpt else [])]
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
-        cmd = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(_free_port()),
+        cmd = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()),
                str(ROOT / "launch" / "train.py"), *train, "--output_dir", str(run_dir)]
         print(f"measuring {ds_path} on {ranks} ranks: {' '.join(map(shlex.quote, cmd))}", flush=True)
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -120,7 +114,7 @@ def _unit(rows: list[dict]) -> tuple[str, float]:
 def write_report(rows: list[dict], args, out: Path) -> None:
     name, scale = _unit(rows)
     lines = [f"# Per-rank training memory: `{args.preset}`", "",
-             f"Command: `{' '.join(map(shlex.quote, sys.argv))}`", "",
+             f"Command: `{command_line()}`", "",
              f"Predicted by `moe_dist.analysis.costs.memory_bytes` (AdamW; bf16 keeps an fp32 master; ZeRO-1 shards the "
              f"optimizer state, ZeRO-2 also the gradients; experts are split over `ep_size` ranks; activations after "
              f"Korthikanti et al. 2022, adapted for MoE{', with activation checkpointing' if args.grad_ckpt else ''}). "
@@ -194,8 +188,7 @@ def main(argv=None):
     rows = build_rows(args)
     write_report(rows, args, out)
     plot(rows, args, out / "memory.png")
-    (out / "memory.json").write_text(json.dumps({"preset": args.preset, "gpu_mem_gib": args.gpu_mem_gib,
-                                                 "rows": rows}, indent=1))
+    write_json(out / "memory.json", {"preset": args.preset, "gpu_mem_gib": args.gpu_mem_gib, "rows": rows})
     print((out / "report.md").read_text())
 
 

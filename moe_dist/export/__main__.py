@@ -1,7 +1,7 @@
-"""`python -m moe_dist.export CHECKPOINT_OR_RUN OUT_DIR`: see `moe_dist.export`."""
+"""`python -m moe_dist.export CHECKPOINT_OR_RUN OUT_DIR`: see `moe_dist.export.cli`."""
 
 import sys
 
-from . import main
+from .cli import main
 
 sys.exit(main())

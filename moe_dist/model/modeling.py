@@ -299,12 +299,25 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         """Per MoE layer, the statistics of the last forward (tensors; no host sync here)."""
         return {r.layer_idx: r.stats for r in self.routers() if r.stats}
 
+    def router_loads(self) -> list[torch.Tensor]:
+        """The bias-update window (`load_sum`, shape [E]) of every router that balances by bias,
+        in `routers()` order: the rows that `update_router_biases` takes back, once summed."""
+        return [r.load_sum for r in self.routers() if r.updates_bias]
+
     @torch.no_grad()
-    def update_router_biases(self, group=None, apply: bool = True) -> None:
-        """One aux-loss-free balancing step per router; call after each optimizer step, on every rank
-        (`apply=False` after a skipped step drops its loads)."""
-        for router in self.routers():
-            router.update_bias(group, apply)
+    def update_router_biases(self, loads_LE: torch.Tensor | None = None, apply: bool = True) -> None:
+        """One aux-loss-free balancing step per router; call after each optimizer step.
+
+        `loads_LE` holds one row per router of `router_loads()`, usually summed over the
+        data-parallel ranks by the engine; without it each router uses its own window. No
+        collective here: the model stays free of process groups. `apply=False` (after a
+        skipped step) drops the windows instead.
+        """
+        balancing = [r for r in self.routers() if r.updates_bias]  # the others keep no window
+        if loads_LE is not None and len(loads_LE) != len(balancing):
+            raise ValueError(f"loads_LE has {len(loads_LE)} rows for {len(balancing)} bias-balanced routers")
+        for i, router in enumerate(balancing):
+            router.update_bias(None if loads_LE is None else loads_LE[i], apply)
 
     def num_active_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameters one token passes through: the routed experts count k of E times."""

@@ -109,30 +109,38 @@ def aux_free_bias_update(bias_E: torch.Tensor, load_E: torch.Tensor, rate: float
 
 
 class Router(nn.Module):
-    """Token-choice top-k router with capacity, jitter, z-loss and aux-loss-free bias."""
+    """Token-choice top-k router with capacity, jitter, z-loss and aux-loss-free bias.
+
+    Reads its settings from `config` (a `MoEConfig`) where they are used, so there is one
+    copy of each. The tensor names (`weight`, `score_bias`, `load_sum`) are checkpoint and
+    export keys: exports written by earlier versions load into this class unchanged.
+    """
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
-        self.layer_idx = layer_idx
-        self.num_experts = config.num_local_experts
-        self.top_k = config.num_experts_per_tok
-        self.random = config.router_type == "random"
-        self.norm_topk_prob = config.norm_topk_prob
-        self.jitter = config.router_jitter_noise
-        self.capacity_factor = config.capacity_factor
-        self.eval_capacity_factor = config.eval_capacity_factor
-        self.min_capacity = config.min_capacity
-        self.aux_coef = config.router_aux_loss_coef
-        self.z_coef = config.router_z_loss_coef
-        self.bias_rate = config.router_bias_update_rate
+        self.config, self.layer_idx = config, layer_idx
+        E = config.num_local_experts
         # A random router is a fixed random projection: a deterministic, untrained baseline
         # in the spirit of hash routing (Roller et al. 2021, arXiv:2106.04426).
-        self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size),
-                                   requires_grad=not self.random)
-        self.register_buffer("score_bias", torch.zeros(self.num_experts))
-        # int64 so that casting the model to bf16 cannot round the counts.
-        self.register_buffer("load_sum", torch.zeros(self.num_experts, dtype=torch.long), persistent=False)
+        self.weight = nn.Parameter(torch.empty(E, config.hidden_size), requires_grad=not self.is_random)
+        self.register_buffer("score_bias", torch.zeros(E))
+        # The bias-update window: selections counted since the last update. int64 so that
+        # casting the model to bf16 cannot round the counts.
+        self.register_buffer("load_sum", torch.zeros(E, dtype=torch.long), persistent=False)
         self.stats: dict[str, torch.Tensor] = {}
+
+    @property
+    def num_experts(self) -> int:
+        return self.config.num_local_experts
+
+    @property
+    def is_random(self) -> bool:
+        return self.config.router_type == "random"
+
+    @property
+    def updates_bias(self) -> bool:
+        """Whether this router balances by the aux-loss-free selection bias (rate > 0)."""
+        return self.config.router_bias_update_rate > 0
 
     def _apply(self, fn, recurse=True):
         # The balancing bias moves in 1e-3 steps that bf16 would round away: keep it fp32
@@ -144,32 +152,36 @@ class Router(nn.Module):
         return self
 
     def capacity(self, num_tokens: int) -> int | None:
-        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        c = self.config
+        factor = c.capacity_factor if self.training else c.eval_capacity_factor
         if factor is None:
             return None
-        return expert_capacity(num_tokens=num_tokens, num_experts=self.num_experts, top_k=self.top_k,
-                               capacity_factor=factor, min_capacity=self.min_capacity)
+        return expert_capacity(num_tokens=num_tokens, num_experts=self.num_experts, top_k=c.num_experts_per_tok,
+                               capacity_factor=factor, min_capacity=c.min_capacity)
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
+        c = self.config
         x_TD = x_TD.float()  # routing in fp32: bf16 logits flip near-ties and overflow the z-loss
-        if self.training and self.jitter > 0:
-            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.jitter, 1 + self.jitter)
+        jitter = c.router_jitter_noise
+        if self.training and jitter > 0:
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - jitter, 1 + jitter)
         logits_TE = F.linear(x_TD, self.weight.float())
         probs_TE = logits_TE.softmax(dim=-1)
+        K = c.num_experts_per_tok
 
-        if self.random:
-            expert_idx_TK = logits_TE.topk(self.top_k, dim=-1).indices
-            weight_TK = torch.full(expert_idx_TK.shape, 1.0 / self.top_k, device=x_TD.device)
+        if self.is_random:
+            expert_idx_TK = logits_TE.topk(K, dim=-1).indices
+            weight_TK = torch.full(expert_idx_TK.shape, 1.0 / K, device=x_TD.device)
             loss = logits_TE.new_zeros(())
             aux = z = loss
         else:
-            expert_idx_TK = (probs_TE + self.score_bias).topk(self.top_k, dim=-1).indices
+            expert_idx_TK = (probs_TE + self.score_bias).topk(K, dim=-1).indices
             weight_TK = probs_TE.gather(1, expert_idx_TK)
-            if self.norm_topk_prob:
+            if c.norm_topk_prob:
                 weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
             aux = load_balancing_loss(probs_TE=probs_TE, expert_idx_TK=expert_idx_TK, num_experts=self.num_experts)
             z = router_z_loss(logits_TE=logits_TE)
-            loss = self.aux_coef * aux + self.z_coef * z
+            loss = c.router_aux_loss_coef * aux + c.router_z_loss_coef * z
 
         capacity = self.capacity(x_TD.shape[0])
         position_TK = assign_positions(expert_idx_TK, self.num_experts)
@@ -198,22 +210,20 @@ class Router(nn.Module):
         Called once per model forward, outside the layers, so that activation-checkpoint
         recomputation (which re-runs the layers) does not count tokens twice.
         """
-        if self.bias_rate > 0 and self.stats:
+        if self.updates_bias and self.stats:
             self.load_sum += self.stats["selected_per_expert"]
 
     @torch.no_grad()
-    def update_bias(self, group=None, apply: bool = True) -> None:
-        """Apply one aux-loss-free step from the loads seen since the last call.
+    def update_bias(self, load_E: torch.Tensor | None = None, apply: bool = True) -> None:
+        """Apply one aux-loss-free step from `load_E`, then start a new window.
 
-        The loads are summed over data-parallel ranks first, so every rank moves its bias
-        identically and the replicas never diverge. With `apply=False` (a skipped,
+        `load_E` defaults to this router's own window (`load_sum`). Under data parallelism
+        the caller passes the window summed over ranks, so every replica moves its bias
+        identically; summing is the engine's job, not the model's (one collective for all
+        layers, see `TrainEngine.update_router_biases`). With `apply=False` (a skipped,
         non-finite step, agreed by all ranks) the window is dropped instead.
         """
-        if self.bias_rate <= 0 or not apply:
-            self.load_sum.zero_()
-            return
-        load_E = self.load_sum.clone()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(load_E, group=group)
-        self.score_bias.copy_(aux_free_bias_update(self.score_bias, load_E, self.bias_rate))
+        if self.updates_bias and apply:
+            load_E = self.load_sum if load_E is None else load_E
+            self.score_bias.copy_(aux_free_bias_update(self.score_bias, load_E, self.config.router_bias_update_rate))
         self.load_sum.zero_()

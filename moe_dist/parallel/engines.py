@@ -1,47 +1,35 @@
-"""Two engines behind one interface: DeepSpeed (expert parallel + ZeRO) and accelerate (one device or DDP).
+"""Two engines behind one declared interface: DeepSpeed (expert parallel + ZeRO) and accelerate
+(one device or DDP).
 
 The trainer's loop is engine-agnostic: it hands an engine the micro-batches of one
-optimizer step and asks it to evaluate, save and load. Everything engine-specific (process
-groups, parameter groups, precision, the optimizer step, checkpoint format) lives here.
+optimizer step and asks it to evaluate, save and load, through `TrainEngine` and nothing
+else. Everything engine-specific (parameter groups, precision, the optimizer step,
+checkpoint format) lives in the two subclasses; the optimizer, the lr schedule and the
+router-bias update are shared and live in the base.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import socket
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
+from ..export.formats import hf_named_parameters
 from ..model.modeling import MoEForCausalLM
-from ..train.faults import count_saved_files
-from .expert_parallel import apply_expert_parallel, hf_named_parameters
-from .optim import build_optimizer, param_groups, warmup_cosine
+from .expert_parallel import apply_expert_parallel
+from .optim import GuardedAdamW, build_optimizer, param_groups, warmup_cosine
 from .portable import PortableState, apply_plain, apply_zero
+from .process_group import free_port, init_distributed, shutdown_distributed
 
-
-@dataclass
-class EngineSpec:
-    """What an engine needs from the run plan."""
-
-    micro_batch_size: int
-    grad_accum: int
-    grad_clip: float
-    precision: str  # "bf16" | "fp16" | "fp32"
-    ep_size: int
-    lr: float
-    betas: tuple[float, float]
-    adam_eps: float
-    weight_decay: float
-    warmup_steps: int
-    max_steps: int
-    min_lr_ratio: float
-    dist_timeout_s: int
-    ds_config: dict | None = None
+if TYPE_CHECKING:
+    from ..train.plan import EngineSpec  # built by the planner; imported here for annotations only
 
 
 @dataclass
@@ -57,13 +45,98 @@ def _nonfinite(losses: list[torch.Tensor]) -> torch.Tensor:
     return (~torch.isfinite(torch.stack(losses))).any().float()
 
 
-class TrainEngine:
-    kind: str
+class TrainEngine(ABC):
+    """Everything the trainer may use of an engine.
+
+    Lifecycle: the constructor joins the process group (if any); `setup(model)` builds the
+    optimizer and lr schedule, once, here, and hands them to the subclass to wrap; then
+    `train_batch` once per optimizer step, `save` / `load` / `load_portable` for checkpoints,
+    and `close` at the end of a successful run.
+    """
+
+    kind: str  # "deepspeed" | "accelerate": recorded in checkpoints, compared on resume
+    spec: EngineSpec
     rank: int
     world_size: int
     device: torch.device
     model: MoEForCausalLM  # the bare module: eval, routing stats, bias updates
+    guard: GuardedAdamW  # the optimizer as built; the engine may wrap it
+    scheduler: torch.optim.lr_scheduler.LRScheduler  # `last_epoch` = optimizer steps applied
     released_shm: tuple[Path, ...] = ()  # library shared-memory names unlinked at init (see init_distributed)
+
+    # ---- set-up: the part both engines share ------------------------------------------------
+
+    def setup(self, model: MoEForCausalLM) -> None:
+        """Shard `model` where the engine does, build AdamW and its schedule, then wrap all three."""
+        spec = self.spec
+        model = self._shard(model)
+        self.guard = build_optimizer(self._param_groups(model), lr=spec.lr, betas=spec.betas, eps=spec.adam_eps)
+        self.scheduler = warmup_cosine(self.guard, warmup_steps=spec.warmup_steps, max_steps=spec.max_steps,
+                                       min_lr_ratio=spec.min_lr_ratio)
+        self._wrap(model)
+
+    def _shard(self, model: MoEForCausalLM) -> MoEForCausalLM:
+        return model
+
+    def _param_groups(self, model: MoEForCausalLM) -> list[dict]:
+        return param_groups(model, self.spec.weight_decay)
+
+    @abstractmethod
+    def _wrap(self, model: MoEForCausalLM) -> None:
+        """Hand model, `self.guard` and `self.scheduler` to the library; set `self.model`."""
+
+    # ---- what the loop calls ------------------------------------------------------------------
+
+    @abstractmethod
+    def train_batch(self, micro_batches) -> StepOutput:
+        """Forward, backward and one optimizer step over the micro-batches of one step.
+
+        Ends with `update_router_biases`. A step with a non-finite loss or gradient on any
+        rank is skipped on every rank, and the schedule does not advance.
+        """
+
+    @abstractmethod
+    def save(self, staging: Path) -> None:
+        """Write this engine's native checkpoint (weights, optimizer, schedule) into `staging`."""
+
+    @abstractmethod
+    def load(self, path: Path) -> None:
+        """Restore a checkpoint that this engine wrote at the same layout."""
+
+    @abstractmethod
+    def load_portable(self, state: PortableState) -> None:
+        """Restore weights and Adam moments written at another engine, EP size or world size."""
+
+    def restore_schedule(self, steps: int) -> None:
+        """Put the lr schedule where `steps` optimizer steps left it (when resharding)."""
+        self.scheduler.last_epoch = steps - 1
+        self.scheduler.step()
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def eval_context(self):
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def update_router_biases(self, apply: bool) -> None:
+        """One aux-loss-free bias step for every MoE layer, with one all-reduce in all.
+
+        The bias must move on the loads of the whole batch, identically on every rank, or the
+        replicas diverge; each rank counted only its own tokens. Stacking every layer's window
+        into one [L, E] tensor makes that one collective per step rather than one per layer,
+        and keeps the model free of process groups (issue 11; torchtitan updates its expert
+        bias outside the model too). A skipped step (`apply=False`, agreed by all ranks)
+        drops the windows, with no collective.
+        """
+        loads = self.model.router_loads()
+        if not (apply and loads):
+            self.model.update_router_biases(apply=False)
+            return
+        loads_LE = self.all_reduce(torch.stack(loads))  # shape [L, E], int64 counts
+        self.model.update_router_biases(loads_LE)
+
+    # ---- collectives and process facts ---------------------------------------------------------
 
     @property
     def is_main(self) -> bool:
@@ -87,56 +160,9 @@ class TrainEngine:
         dist.broadcast(t, src=0)
         return int(t)
 
-    def eval_context(self):
-        return contextlib.nullcontext()
-
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
-
     def close(self) -> None:
         """End the process group once every rank has finished cleanly (see shutdown_distributed)."""
         shutdown_distributed()
-
-    def restore_schedule(self, steps: int) -> None:
-        """Put the lr schedule where `steps` optimizer steps left it (when resharding)."""
-        self.scheduler.last_epoch = steps - 1
-        self.scheduler.step()
-
-
-def init_distributed(timeout_s: int) -> tuple[Path, ...]:
-    """`deepspeed.init_distributed`, then unlink this rank's CPU shared-memory all-reduce segment.
-
-    On the CPU accelerator DeepSpeed (0.19.8) creates a 66 MB `/dev/shm` segment per rank, named
-    after the master address and port, and never unlinks it: every launch, clean or killed,
-    leaves them behind and they hold RAM until reboot. Peers only need the name while they map it
-    during init; after a barrier every rank has, so the mapping outlives the name and the memory
-    is freed when the processes exit, however they exit. Returns the paths unlinked.
-    """
-    import deepspeed
-
-    deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
-            f"{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
-    segment = Path("/dev/shm") / name
-    if not segment.exists():  # GPU backends, or ranks on several hosts: DeepSpeed made none
-        return ()
-    dist.barrier()
-    segment.unlink(missing_ok=True)
-    return (segment,)
-
-
-def shutdown_distributed() -> None:
-    """Barrier, then destroy the process groups: the last call of a rank that succeeded.
-
-    A process that exits with gloo groups still alive tears their worker threads down during
-    interpreter finalization, which can abort it (SIGABRT, "terminate called without an active
-    exception") after all its work is done, and the launcher reports the job as failed. The
-    barrier keeps a fast rank from destroying the groups while a peer is still in a collective.
-    Only for success: a rank that failed must not wait here for peers that will never come.
-    """
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 class DeepSpeedEngine(TrainEngine):
@@ -150,7 +176,7 @@ class DeepSpeedEngine(TrainEngine):
             # Plain `python launch/train.py --deepspeed ...`: one rank. Without these variables
             # DeepSpeed falls back to MPI discovery and needs mpi4py.
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+                              MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
         self.released_shm = init_distributed(spec.dist_timeout_s)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         accel = get_accelerator()
@@ -159,47 +185,50 @@ class DeepSpeedEngine(TrainEngine):
             accel.set_device(local_rank)
         self.device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")
 
-    def setup(self, model: MoEForCausalLM) -> None:
-        import deepspeed
+    def _shard(self, model: MoEForCausalLM) -> MoEForCausalLM:
+        return apply_expert_parallel(model, self.spec.ep_size) if model.config.is_moe else model
+
+    def _param_groups(self, model: MoEForCausalLM) -> list[dict]:
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-        spec = self.spec
-        if model.config.is_moe:
-            apply_expert_parallel(model, spec.ep_size)
-        groups = param_groups(model, spec.weight_decay)
+        groups = super()._param_groups(model)
         if model.config.is_moe:
             # Expert parameters get their own groups, reduced over expert-data-parallel ranks only.
             groups = split_params_into_different_moe_groups_for_optimizer(groups)
-        self.guard = build_optimizer(groups, lr=spec.lr, betas=spec.betas, eps=spec.adam_eps)
-        scheduler = warmup_cosine(self.guard, warmup_steps=spec.warmup_steps, max_steps=spec.max_steps,
-                                  min_lr_ratio=spec.min_lr_ratio)
+        return groups
+
+    def _wrap(self, model: MoEForCausalLM) -> None:
+        import deepspeed
+
         # ZeRO accepts only the optimizer classes it lists; GuardedAdamW is torch's AdamW plus an
         # agreed skip of non-finite steps, so it is vouched for here rather than in every JSON.
-        config = {**spec.ds_config, "zero_allow_untested_optimizer": True}
+        config = {**self.spec.ds_config, "zero_allow_untested_optimizer": True}
+        # DeepSpeed steps the schedule itself, after each applied optimizer step.
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=self.guard, lr_scheduler=scheduler, config=config)
+            model=model, optimizer=self.guard, lr_scheduler=self.scheduler, config=config)
         self.model = self.ds.module
 
     def train_batch(self, micro_batches) -> StepOutput:
         losses, router = [], []
-        skipped_before, self.guard.overflow = self.ds.skipped_steps, False
+        skipped_before = self.ds.skipped_steps
         for input_ids, labels in micro_batches:
             out = self.ds(input_ids=input_ids.to(self.device), shift_labels=labels.to(self.device))
             self.ds.backward(out.loss)
             losses.append(out.loss.detach().float())
             router.append(out.aux_loss.detach().float())
-            self.guard.nonfinite_loss = _nonfinite(losses)
-            # Steps the optimizer on the accumulation boundary. ZeRO-1/2 skip a step with a
-            # non-finite gradient norm on all ranks themselves; the guard covers the rest.
+            # `ds.step()` steps the optimizer only on the accumulation boundary, the last
+            # micro-batch here, so the guard's state then covers every loss of the step.
+            self.guard.prepare_step(nonfinite_loss=_nonfinite(losses))
+            # ZeRO-1/2 skip a step with a non-finite gradient norm on all ranks themselves (and
+            # never call the guard); the guard covers the rest.
             self.ds.step()
-        skipped = self.ds.skipped_steps > skipped_before or self.guard.overflow
-        self.model.update_router_biases(apply=not skipped)
+        skipped = self.ds.skipped_steps > skipped_before or self.guard.skipped
+        self.update_router_biases(apply=not skipped)
         norm = self.ds.get_global_grad_norm()
         return StepOutput(torch.stack(losses).mean(), torch.stack(router).mean(),
                           None if norm is None else float(norm), skipped)
 
     def save(self, staging: Path) -> None:
-        count_saved_files(self.ds.checkpoint_engine, self.rank)  # a no-op unless a fault test asks
         self.ds.save_checkpoint(str(staging.parent), tag=staging.name, save_latest=False)
 
     def load(self, path: Path) -> None:
@@ -238,38 +267,39 @@ class AccelerateEngine(TrainEngine):
         self.rank, self.world_size = self.acc.process_index, self.acc.num_processes
         self.device = self.acc.device
 
-    def setup(self, model: MoEForCausalLM) -> None:
-        spec = self.spec
-        self.guard = build_optimizer(param_groups(model, spec.weight_decay), lr=spec.lr, betas=spec.betas,
-                                     eps=spec.adam_eps)
-        # Stepped by hand once per optimizer step: accelerate's wrapper would step it once per process.
-        self.scheduler = warmup_cosine(self.guard, warmup_steps=spec.warmup_steps, max_steps=spec.max_steps,
-                                       min_lr_ratio=spec.min_lr_ratio)
+    def _wrap(self, model: MoEForCausalLM) -> None:
+        # The schedule stays out of `prepare` and is stepped by hand once per optimizer step:
+        # accelerate's wrapper would step it once per process.
         self.wrapped, self.optimizer = self.acc.prepare(model, self.guard)
         self.acc.register_for_checkpointing(self.scheduler)
         self.model = self.acc.unwrap_model(self.wrapped)
 
     def train_batch(self, micro_batches) -> StepOutput:
         losses, router, norm = [], [], None
-        self.guard.overflow = False
         for input_ids, labels in micro_batches:
             with self.acc.accumulate(self.wrapped):
                 out = self.wrapped(input_ids=input_ids.to(self.device), shift_labels=labels.to(self.device))
                 self.acc.backward(out.loss)
                 losses.append(out.loss.detach().float())
                 router.append(out.aux_loss.detach().float())
-                if self.acc.sync_gradients:
-                    self.guard.nonfinite_loss = _nonfinite(losses)
-                    if self.spec.grad_clip > 0:
-                        self.guard.grad_norm = self.acc.clip_grad_norm_(self.wrapped.parameters(), self.spec.grad_clip)
-                        norm = float(self.guard.grad_norm)
+                if self.acc.sync_gradients:  # the last micro-batch: the optimizer steps now
+                    norm = self._prepare_guard(losses)
                 self.optimizer.step()  # the guard skips it on every rank if anything is non-finite
                 self.optimizer.zero_grad(set_to_none=True)
-        skipped = self.guard.overflow
+        skipped = self.guard.skipped
         if not skipped:
             self.scheduler.step()
-        self.model.update_router_biases(apply=not skipped)
+        self.update_router_biases(apply=not skipped)
         return StepOutput(torch.stack(losses).mean(), torch.stack(router).mean(), norm, skipped)
+
+    def _prepare_guard(self, losses: list[torch.Tensor]) -> float | None:
+        """Clip (if asked) and tell the guard what this step knows; returns the global grad norm."""
+        grad_norm = None
+        if self.spec.grad_clip > 0:
+            # Clipping returns the global norm: the guard reuses it instead of norming every gradient again.
+            grad_norm = self.acc.clip_grad_norm_(self.wrapped.parameters(), self.spec.grad_clip)
+        self.guard.prepare_step(nonfinite_loss=_nonfinite(losses), grad_norm=grad_norm)
+        return None if grad_norm is None else float(grad_norm)
 
     def eval_context(self):
         return self.acc.autocast()
@@ -282,12 +312,6 @@ class AccelerateEngine(TrainEngine):
 
     def load_portable(self, state: PortableState) -> None:
         apply_plain(self.model.named_parameters(), self.guard, state)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_engine(kind: str, spec: EngineSpec) -> TrainEngine:

@@ -14,19 +14,11 @@ so they are ordinary data-parallel parameters.
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
 from ..model.moe import LocalExperts, MoEBlock
 from ..model.routing import Routing, count_per_expert
-
-# An expert's key in DeepSpeed's checkpoint vs. in the model / HF export: only the
-# container path differs, the expert id is global in both.
-_DS_EXPERTS = ".experts.deepspeed_moe.experts.deepspeed_experts."
-_HF_EXPERTS = ".experts."
-_LOCAL = re.compile(re.escape(_DS_EXPERTS) + r"(\d+)\.")
 
 
 class ExpertParallelError(ValueError):
@@ -46,10 +38,6 @@ def validate_expert_parallel(*, num_experts: int, ep_size: int, world_size: int)
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def ds_to_hf_key(key: str) -> str:
-    return key.replace(_DS_EXPERTS, _HF_EXPERTS)
 
 
 class _PrecomputedGate(nn.Module):
@@ -134,27 +122,6 @@ def _expert_parallel_class():
             return self.deepspeed_moe(x_TD, routing)
 
     return ExpertParallelExperts
-
-
-def local_to_hf_key(key: str, ep_rank: int, local_experts: int) -> str:
-    """A sharded model's key (local expert id) as the HF key (global id = ep_rank * local + local id)."""
-    return _LOCAL.sub(lambda m: f"{_HF_EXPERTS}{ep_rank * local_experts + int(m.group(1))}.", key)
-
-
-def hf_named_parameters(model: nn.Module):
-    """(HF name, parameter) for a model whose experts may be sharded over expert-parallel ranks."""
-    for name, param in model.named_parameters():
-        if _DS_EXPERTS not in name:
-            yield name, param
-            continue
-        layer = model.get_submodule(name[:name.index(_DS_EXPERTS)] + ".experts")
-        yield local_to_hf_key(name, _ep_rank(layer.expert_group_name), layer.num_local_experts), param
-
-
-def _ep_rank(group_name: str) -> int:
-    from deepspeed.utils import groups
-
-    return groups._get_expert_parallel_rank(group_name)
 
 
 def apply_expert_parallel(model: nn.Module, ep_size: int) -> nn.Module:

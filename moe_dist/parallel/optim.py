@@ -32,30 +32,49 @@ class GuardedAdamW(torch.optim.AdamW):
     """AdamW that skips, on every rank at once, a step whose loss or gradients are not finite.
 
     Ranks must agree: expert gradients differ across expert-parallel ranks, so a NaN in one
-    rank's experts would otherwise update the replicated weights on some ranks only. The
-    engine sets `nonfinite_loss` before stepping, and `grad_norm` when it has already
-    computed the global norm for clipping (saving a second pass over every gradient);
-    `overflow` is what DeepSpeed's engine reads to count the step as skipped and hold the
-    learning-rate schedule.
+    rank's experts would otherwise update the replicated weights on some ranks only. Before
+    each optimizer step the engine calls `prepare_step` once, with what it already knows;
+    after it, `skipped` says whether the step was dropped.
     """
 
-    nonfinite_loss = False
-    grad_norm: torch.Tensor | None = None
-    overflow = False
+    _nonfinite_loss: torch.Tensor | bool = False
+    _grad_norm: torch.Tensor | None = None
+    _skipped = False
+
+    def prepare_step(self, *, nonfinite_loss: torch.Tensor | bool = False,
+                     grad_norm: torch.Tensor | None = None) -> None:
+        """Set the state for the coming `step()`, and clear the last step's verdict.
+
+        `nonfinite_loss`: whether some loss of this step was NaN/inf (a device tensor is fine:
+        no host sync). `grad_norm`: the global norm if the engine already computed it for
+        clipping, which saves a second pass over every gradient.
+        """
+        self._nonfinite_loss, self._grad_norm, self._skipped = nonfinite_loss, grad_norm, False
+
+    @property
+    def skipped(self) -> bool:
+        """Whether the last `step()` was skipped (on every rank) for a non-finite loss or gradient."""
+        return self._skipped
+
+    @property
+    def overflow(self) -> bool:
+        # The name DeepSpeed's engine reads after `optimizer.step()` (engine.py `_take_model_step`,
+        # 0.19.8): when true it counts the step in `skipped_steps` and holds the lr schedule.
+        return self._skipped
 
     @torch.no_grad()
     def step(self, closure=None):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         device = grads[0].device if grads else torch.device("cpu")
-        bad = torch.as_tensor(self.nonfinite_loss, dtype=torch.float32).to(device)
-        if self.grad_norm is not None:
-            bad = torch.maximum(bad, (~torch.isfinite(self.grad_norm.to(device))).float())
+        bad = torch.as_tensor(self._nonfinite_loss, dtype=torch.float32).to(device)
+        if self._grad_norm is not None:
+            bad = torch.maximum(bad, (~torch.isfinite(self._grad_norm.to(device))).float())
         elif grads:
             bad = torch.maximum(bad, (~torch.isfinite(torch.stack(torch._foreach_norm(grads)))).any().float())
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        self.overflow = bool(bad)
-        if self.overflow:
+        self._skipped = bool(bad)
+        if self._skipped:
             self.zero_grad(set_to_none=True)
             return None
         return super().step(closure)

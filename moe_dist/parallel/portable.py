@@ -5,8 +5,8 @@ moments, plus the optimizer step. It is read from either engine's checkpoint fil
 written into either engine after setup, so experts and their moments move to whichever
 rank owns them now. DeepSpeed's own converters (`ds_to_universal`, `zero_to_fp32`) fail
 on native-MoE checkpoints; ZeRO-1/2 shards record where each parameter lies in them
-(`param_slice_mappings`), which is all this needs. Every file is read with
-`torch.load(weights_only=True)`; DeepSpeed's shards need three of its classes allowlisted.
+(`param_slice_mappings`), which is all this needs. The files and their names are
+`moe_dist.export.formats`'s business; this module only reassembles what they hold.
 """
 
 from __future__ import annotations
@@ -17,8 +17,13 @@ from pathlib import Path
 
 import torch
 
-from ..export import load_hf_state_dict
-from .expert_parallel import local_to_hf_key
+from ..export.formats import (
+    load_accelerate_optimizer,
+    load_hf_state_dict,
+    load_zero_shard,
+    local_to_hf_key,
+    zero_shards,
+)
 from .optim import named_param_groups
 
 
@@ -36,7 +41,7 @@ def read_state(ckpt: Path, *, engine: str, ep_size: int, num_experts: int, shape
     weights = {k: v.float() for k, v in load_hf_state_dict(ckpt).items()}
     if engine == "accelerate":
         return _read_accelerate(ckpt, weights, shapes)
-    shards = sorted(ckpt.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=lambda p: int(p.name.split("_")[3]))
+    shards = zero_shards(ckpt)
     if not shards:
         return PortableState(weights, None, None, None, "it was saved with ZeRO stage 0, whose optimizer "
                                                         "state is not sharded by parameter name")
@@ -44,7 +49,7 @@ def read_state(ckpt: Path, *, engine: str, ep_size: int, num_experts: int, shape
 
 
 def _read_accelerate(ckpt: Path, weights: dict, shapes: dict) -> PortableState:
-    saved = torch.load(ckpt / "accelerate" / "optimizer.bin", map_location="cpu", weights_only=True)
+    saved = load_accelerate_optimizer(ckpt)
     # torch numbers optimizer state by position in the parameter groups, which
     # named_param_groups reproduces for the same model.
     names = [n for group in named_param_groups(shapes) for n in group]
@@ -56,15 +61,10 @@ def _read_accelerate(ckpt: Path, weights: dict, shapes: dict) -> PortableState:
 
 def _read_zero_shards(shards: list[Path], weights: dict, ep_size: int, local_experts: int, shapes: dict
                       ) -> PortableState:
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
     pieces: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     step = 0
     for rank, shard in enumerate(shards):
-        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
-            osd = torch.load(shard, map_location="cpu", weights_only=True)["optimizer_state_dict"]
+        osd = load_zero_shard(shard)
         for g, mapping in enumerate(osd["param_slice_mappings"]):
             state = osd["base_optimizer_state"]["state"][g]
             step = int(state["step"])

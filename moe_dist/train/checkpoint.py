@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic_io import fsync_dir, write_atomic
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
@@ -32,24 +34,6 @@ _PARTIAL = ".partial"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file."""
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def step_of(path: Path) -> int:
@@ -82,7 +66,8 @@ class CheckpointStore:
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
                 manifest[str(path.relative_to(staging))] = {"bytes": path.stat().st_size, "crc32": _crc32(path)}
-            write_atomic(staging / MANIFEST, json.dumps(manifest, indent=1).encode())
+            data = json.dumps(manifest, indent=1).encode()
+            write_atomic(staging / MANIFEST, lambda f: f.write(data))
 
     def publish(self, staging: Path, *, best: bool, keep_last: int) -> Path:
         """Make a sealed save visible: rename it into place, then point `latest` (and `best`) at it."""
@@ -91,10 +76,11 @@ class CheckpointStore:
             if final.exists():  # re-saving a step after a resume: the new save replaces it
                 shutil.rmtree(final)
             os.replace(staging, final)
-            _fsync_dir(self.root)
-            write_atomic(self.root / "latest", final.name.encode())
+            fsync_dir(self.root)
+            name = final.name.encode()
+            write_atomic(self.root / "latest", lambda f: f.write(name))
             if best:
-                write_atomic(self.root / "best", final.name.encode())
+                write_atomic(self.root / "best", lambda f: f.write(name))
             self._prune(keep_last)
         self.barrier()
         return final

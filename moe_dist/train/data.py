@@ -7,15 +7,15 @@ import gzip
 import hashlib
 import json
 import logging
-import os
-import shutil
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from ..atomic_io import write_atomic, write_dir_atomic
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -43,28 +43,43 @@ class DataError(ValueError):
 
 @dataclass
 class DataConfig:
-    dataset: str | None = None  # hub dataset with train/validation splits; with no files either: the bundled sample
-    train_file: str | None = None  # local .txt (stories split by <|endoftext|> lines), .json or .jsonl; or .gz
-    valid_file: str | None = None  # given together with train_file
-    tokenizer: str = "gpt2"  # AutoTokenizer name/path, or "train:N" = train an N-token byte-level BPE
-    seq_len: int = 256  # model context; each stored block holds seq_len + 1 tokens (inputs + shifted labels)
-    cache_dir: str | None = None  # token caches (default <run_dir>/cache) and the datasets cache
-    max_valid_blocks: int | None = None  # keep only the first N validation blocks (faster evals)
-    seed: int = 0  # seed of the training-order permutation
+    """Which text, tokenizer and block length. The command line's data flags are these fields.
+
+    `tokenizer` and `seq_len` may stay None there: `plan.plan_run` settles them (the --init_from
+    model's own tokenizer, else gpt2; the model's context length) before any data is read.
+    """
+
+    dataset: str | None = field(default=None, metadata={"help": (
+        "hub dataset with train/validation splits, e.g. roneneldan/TinyStories "
+        "(default, with no data flag: the TinyStories sample bundled in data/)")})
+    train_file: str | None = field(default=None, metadata={"help": (
+        "local training text (.txt stories split by <|endoftext|> lines, or .jsonl; .gz is read directly)")})
+    valid_file: str | None = field(default=None, metadata={"help": "local validation text, same format"})
+    tokenizer: str | None = field(default=None, metadata={"help": (
+        "tokenizer name or path, or train:N for a byte-level BPE of N tokens "
+        "(default: the --init_from model's own, else gpt2)")})
+    # Each stored block holds seq_len + 1 tokens: the inputs and the labels shifted by one.
+    seq_len: int | None = field(default=None, metadata={"help": (
+        "tokens per training sequence (default: the model's context length)")})
+    max_valid_blocks: int | None = field(default=None, metadata={"help": (
+        "evaluate on the first N validation blocks only")})
+    # Also the datasets library's cache for hub data.
+    cache_dir: str | None = field(default=None, metadata={"help": (
+        "where tokenized data is cached (default: <output_dir>/cache)")})
 
     def __post_init__(self) -> None:
         if (self.train_file is None) != (self.valid_file is None):
             raise DataError("train_file/valid_file: give both or neither")
         if self.dataset is not None and self.train_file is not None:
-            raise DataError(f"data: give a hub dataset or train_file/valid_file, not both "
-                            f"(got dataset={self.dataset!r}, train_file={self.train_file!r})")
+            raise DataError(f"dataset {self.dataset!r} and train_file/valid_file contradict each other; pass one")
         if self.dataset is None and self.train_file is None:
             self.train_file, self.valid_file = bundled_sample()
-        if not isinstance(self.seq_len, int) or self.seq_len < 8:
+        if self.seq_len is not None and (not isinstance(self.seq_len, int) or self.seq_len < 8):
             raise DataError(f"seq_len: must be an int >= 8, got {self.seq_len!r}")
         if self.max_valid_blocks is not None and self.max_valid_blocks < 1:
             raise DataError(f"max_valid_blocks: must be None or >= 1, got {self.max_valid_blocks!r}")
-        trained_vocab_size(self.tokenizer)
+        if self.tokenizer is not None:
+            trained_vocab_size(self.tokenizer)
 
 
 def bundled_sample() -> tuple[str, str]:
@@ -202,7 +217,8 @@ def build_tokenizer(spec: str, train_texts: Iterable[str] | None, save_dir: str 
     else:
         tokenizer = _train_bpe(train_texts, n)
     if save_dir is not None:
-        _save_tokenizer_atomic(tokenizer, Path(save_dir))
+        # A resumed run trusts an existing save_dir, so it must never exist half-written.
+        write_dir_atomic(save_dir, lambda tmp: tokenizer.save_pretrained(str(tmp)))
     return tokenizer
 
 
@@ -239,15 +255,6 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _save_tokenizer_atomic(tokenizer: PreTrainedTokenizerFast, save_dir: Path) -> None:
-    # A resumed run trusts an existing save_dir, so it must never exist half-written.
-    tmp = save_dir.with_name(f"{save_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(save_dir, ignore_errors=True)
-    os.replace(tmp, save_dir)
-
-
 # ---------------------------------------------------------------- packing and caching
 
 def pack_blocks(texts: Dataset, tokenizer: PreTrainedTokenizerFast, seq_len: int,
@@ -273,7 +280,7 @@ def pack_blocks(texts: Dataset, tokenizer: PreTrainedTokenizerFast, seq_len: int
     num_blocks = len(flat) // (seq_len + 1)
     blocks = flat[: num_blocks * (seq_len + 1)].reshape(num_blocks, seq_len + 1)
     if cache_path is not None:
-        _write_atomic(Path(cache_path), lambda f: np.save(f, blocks))
+        write_atomic(cache_path, lambda f: np.save(f, blocks))
     return blocks
 
 
@@ -293,17 +300,6 @@ def _cache_paths(cfg: DataConfig, split: str, tokenizer: PreTrainedTokenizerFast
     source = path if path is not None else f"hub:{cfg.dataset}:{_HUB_SPLITS[split]}"
     key = cache_fingerprint(source, tokenizer, cfg.seq_len)
     return cache_dir / f"{split}-{key}.npy", cache_dir / f"{split}-{key}.json"
-
-
-def _write_atomic(path: Path, write: Callable) -> None:
-    # Write a tmp file and rename it, so a killed process never leaves a half file that a later run trusts.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- prepare (all ranks)
@@ -363,7 +359,7 @@ def _build_on_main(cfg: DataConfig, run_dir: Path, cache_dir: Path) -> None:
         texts, bad = split_texts(split)
         pack_blocks(texts, tokenizer, cfg.seq_len, npy)
         meta = json.dumps({"stories": len(texts), "bad_bytes": bad}).encode()
-        _write_atomic(meta_path, lambda f: f.write(meta))
+        write_atomic(meta_path, lambda f: f.write(meta))
 
 
 # ---------------------------------------------------------------- batches

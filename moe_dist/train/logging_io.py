@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic_io import write_atomic
+
 REQUIRED_SUMMARY_KEYS = (
     "final_val_ppl", "best_val_ppl", "max_tok_s", "peak_mem_mb", "steps", "params_total", "params_active",
     "ep_size", "world_size", "model",
@@ -44,23 +46,14 @@ def _as_float(value) -> float:
     return math.nan if value is None else float(value)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_summary(run_dir: str | os.PathLike, summary: dict) -> Path:
     """Write `summary.json` atomically; refuse a summary missing any `REQUIRED_SUMMARY_KEYS`."""
     missing = [k for k in REQUIRED_SUMMARY_KEYS if k not in summary]
     if missing:
         raise ValueError(f"summary.json is missing required keys: {', '.join(missing)}")
     path = Path(run_dir) / "summary.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(path, json.dumps(_json_safe(summary), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    text = json.dumps(_json_safe(summary), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
     return path
 
 
@@ -137,7 +130,7 @@ class MetricsWriter:
                     kept.append(line + "\n")
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue
-        _atomic_write_text(self.path, "".join(kept))
+        write_atomic(self.path, lambda f: f.write("".join(kept).encode("utf-8")))
 
     def flush(self) -> None:
         if self._file is not None:

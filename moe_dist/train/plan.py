@@ -3,11 +3,13 @@
 Everything a user can get wrong and we can see without a GPU is caught here, as one line
 naming the flag or file: a bad DeepSpeed JSON, an EP size that does not divide the experts
 or the world, missing data, a tokenizer that does not fit the model, or an output folder
-that holds a different run.
+that holds a different run. The one decision that needs the tokenizer itself, the model's
+vocabulary, is `finalize`'s, once the data is ready and before the trainer starts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +17,9 @@ from pathlib import Path
 import torch
 
 from ..model.configuration import MoEConfig
-from ..parallel.ds_config import ConfigError, launcher_world_size, load_deepspeed_config
-from ..parallel.engines import EngineSpec
+from ..parallel.ds_config import ConfigError, DeepSpeedSettings, launcher_world_size, load_deepspeed_config
 from ..parallel.expert_parallel import validate_expert_parallel
-from .args import DataArgs, ModelArgs, TrainArgs
+from .args import EngineArgs, ModelArgs, OptimArgs, RunArgs
 from .data import SEPARATOR, DataConfig, DataError, open_bytes, trained_vocab_size
 
 RUN_RECORD = "run.json"
@@ -31,24 +32,49 @@ _VOLATILE = {"transformers_version", "architectures", "auto_map", "_name_or_path
 
 
 @dataclass
+class EngineSpec:
+    """What an engine needs from the run plan."""
+
+    micro_batch_size: int
+    grad_accum: int
+    grad_clip: float
+    precision: str  # "bf16" | "fp16" | "fp32"
+    ep_size: int
+    lr: float
+    betas: tuple[float, float]
+    adam_eps: float
+    weight_decay: float
+    warmup_steps: int
+    max_steps: int
+    min_lr_ratio: float
+    dist_timeout_s: int
+    ds_config: dict | None = None
+
+
+@dataclass
 class RunPlan:
-    run_dir: Path
     engine: str  # "deepspeed" | "accelerate"
     world_size: int
     preset: str
-    model_config: MoEConfig
+    model_config: MoEConfig  # as planned; `finalize` returns the one the model is built with
     vocab_from_tokenizer: bool  # model vocab = tokenizer size (rounded up), known once data is ready
     init_from: Path | None
     grad_ckpt: bool
-    data: DataConfig
+    data: DataConfig  # tokenizer and seq_len settled
     spec: EngineSpec
-    train: TrainArgs
+    run: RunArgs  # the loop's schedule and the run folder
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.run_dir
 
 
-def plan_run(model: ModelArgs, data: DataArgs, train: TrainArgs) -> RunPlan:
+def plan_run(model: ModelArgs, data: DataConfig, run: RunArgs, engine: EngineArgs | None = None,
+             optim: OptimArgs | None = None) -> RunPlan:
+    """The checked plan of a run, from the command line's dataclasses (see `args.parse_args`)."""
+    engine, optim = engine or EngineArgs(), optim or OptimArgs()
     world = launcher_world_size()
-    ds = load_deepspeed_config(train.deepspeed, world_size=world) if train.deepspeed else None
-    engine = "deepspeed" if ds else "accelerate"
+    ds = load_deepspeed_config(engine.deepspeed, world_size=world) if engine.deepspeed else None
     overrides = model.model_overrides()
     if ds is None and "capacity_factor" not in overrides:
         overrides["capacity_factor"] = None  # one device needs no capacity: route dropless
@@ -57,28 +83,34 @@ def plan_run(model: ModelArgs, data: DataArgs, train: TrainArgs) -> RunPlan:
 
     ep_size = ds.ep_size if ds else 1
     validate_expert_parallel(num_experts=config.num_local_experts, ep_size=ep_size, world_size=world)
-    seq_len = data.seq_len or config.max_position_embeddings
-    if seq_len > config.max_position_embeddings:
-        raise ConfigError(f"--seq_len={seq_len} exceeds the model's context "
-                          f"(max_position_embeddings={config.max_position_embeddings})")
-    train_file, valid_file = _data_source(data)
-    # A model continues with the tokenizer it was trained with, unless told otherwise.
-    tokenizer = data.tokenizer or (str(init_from) if init_from and (init_from / "tokenizer.json").is_file()
-                                   else "gpt2")
-    data_cfg = DataConfig(dataset=data.dataset, train_file=train_file, valid_file=valid_file,
-                          tokenizer=tokenizer, seq_len=seq_len, cache_dir=data.cache_dir,
-                          max_valid_blocks=data.max_valid_blocks)
+    data = _settle_data(data, config, init_from)
     vocab_fixed = "vocab_size" in overrides or init_from is not None
-    trained = trained_vocab_size(tokenizer)
+    trained = trained_vocab_size(data.tokenizer)
     if vocab_fixed and trained and trained > config.vocab_size:
-        raise ConfigError(f"--tokenizer {tokenizer} makes {trained} tokens but the model's vocab_size is "
+        raise ConfigError(f"--tokenizer {data.tokenizer} makes {trained} tokens but the model's vocab_size is "
                           f"{config.vocab_size}; use a smaller tokenizer or a larger --vocab_size")
 
-    spec = _engine_spec(train, ds, ep_size)
-    plan = RunPlan(Path(train.output_dir), engine, world, model.model, config, not vocab_fixed, init_from,
-                   model.grad_ckpt, data_cfg, spec, train)
+    plan = RunPlan(engine="deepspeed" if ds else "accelerate", world_size=world, preset=model.model,
+                   model_config=config, vocab_from_tokenizer=not vocab_fixed, init_from=init_from,
+                   grad_ckpt=model.grad_ckpt, data=data, spec=_engine_spec(engine, optim, ds, ep_size, run.max_steps),
+                   run=run)
     check_run_folder(plan)
     return plan
+
+
+def finalize(plan: RunPlan, tokenizer) -> MoEConfig:
+    """The config the model is built with: the planned one, with the tokenizer's vocabulary and special tokens.
+
+    The vocabulary is the tokenizer's size rounded up to 64 (tensor-core friendly) unless
+    --vocab_size or --init_from fixed it; then it is checked. `plan` is left as it was.
+    """
+    config, n = plan.model_config, len(tokenizer)
+    vocab = -(-n // 64) * 64 if plan.vocab_from_tokenizer else config.vocab_size
+    if n > vocab:
+        raise ConfigError(f"the tokenizer has {n} tokens but the model's vocab_size is {vocab}; "
+                          f"token ids would index past the embedding")
+    return MoEConfig.from_dict({**config.to_dict(), "vocab_size": vocab, "bos_token_id": tokenizer.bos_token_id,
+                                "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id})
 
 
 def _model_config(preset: str, init_from: Path | None, overrides: dict) -> MoEConfig:
@@ -100,18 +132,21 @@ def _resolve_init_from(path: str) -> Path:
     raise ConfigError(f"--init_from {path}: no config.json there or in {p / 'hf'}; pass an hf/ export or a run folder")
 
 
-def _data_source(data: DataArgs) -> tuple[str | None, str | None]:
-    """(train_file, valid_file) as given, checked; DataConfig fills in the bundled sample when none is."""
-    if data.dataset is not None and (data.train_file or data.valid_file):
-        raise DataError(f"--dataset {data.dataset} and --train_file/--valid_file contradict each other; pass one")
-    if (data.train_file is None) != (data.valid_file is None):
-        raise DataError("--train_file and --valid_file: give both or neither")
+def _settle_data(data: DataConfig, config: MoEConfig, init_from: Path | None) -> DataConfig:
+    """`data` with its files checked and its tokenizer and sequence length decided."""
+    seq_len = data.seq_len or config.max_position_embeddings
+    if seq_len > config.max_position_embeddings:
+        raise ConfigError(f"--seq_len={seq_len} exceeds the model's context "
+                          f"(max_position_embeddings={config.max_position_embeddings})")
     if data.train_file is not None:
         _check_data_files(data)
-    return data.train_file, data.valid_file
+    # A model continues with the tokenizer it was trained with, unless told otherwise.
+    tokenizer = data.tokenizer or (str(init_from) if init_from and (init_from / "tokenizer.json").is_file()
+                                   else "gpt2")
+    return dataclasses.replace(data, tokenizer=tokenizer, seq_len=seq_len)
 
 
-def _check_data_files(data: DataArgs) -> None:
+def _check_data_files(data: DataConfig) -> None:
     for flag, path in (("--train_file", data.train_file), ("--valid_file", data.valid_file)):
         if path is None:
             continue
@@ -131,21 +166,22 @@ def _has_text(path: Path) -> bool:
         return any(line.strip() and line.strip() != SEPARATOR.encode() for line in f)
 
 
-def _engine_spec(train: TrainArgs, ds, ep_size: int) -> EngineSpec:
+def _engine_spec(engine: EngineArgs, optim: OptimArgs, ds: DeepSpeedSettings | None, ep_size: int,
+                 max_steps: int) -> EngineSpec:
     if ds is not None:
         micro, accum, clip, precision = ds.micro_batch_size, ds.grad_accum, ds.grad_clip, ds.precision
     else:
-        micro, accum = train.micro_batch_size or 8, train.grad_accum or 1
-        clip = 1.0 if train.grad_clip is None else train.grad_clip
-        precision = train.precision
+        micro, accum = engine.micro_batch_size or 8, engine.grad_accum or 1
+        clip = 1.0 if engine.grad_clip is None else engine.grad_clip
+        precision = engine.precision
         if precision == "auto":
             precision = "bf16" if torch.cuda.is_available() else "fp32"
         if micro < 1 or accum < 1 or clip < 0:
             raise ConfigError("--micro_batch_size and --grad_accum must be >= 1, --grad_clip >= 0")
     return EngineSpec(micro_batch_size=micro, grad_accum=accum, grad_clip=clip, precision=precision,
-                      ep_size=ep_size, lr=train.lr, betas=(train.beta1, train.beta2), adam_eps=train.adam_eps,
-                      weight_decay=train.weight_decay, warmup_steps=train.warmup_steps, max_steps=train.max_steps,
-                      min_lr_ratio=train.min_lr_ratio, dist_timeout_s=train.dist_timeout,
+                      ep_size=ep_size, lr=optim.lr, betas=(optim.beta1, optim.beta2), adam_eps=optim.adam_eps,
+                      weight_decay=optim.weight_decay, warmup_steps=optim.warmup_steps, max_steps=max_steps,
+                      min_lr_ratio=optim.min_lr_ratio, dist_timeout_s=engine.dist_timeout,
                       ds_config=ds.raw if ds else None)
 
 
@@ -173,7 +209,7 @@ def check_run_folder(plan: RunPlan, config: MoEConfig | None = None) -> None:
         return
     saved = json.loads(path.read_text())
     fresh = f"use a new --output_dir, or delete {plan.run_dir} to start over"
-    if saved["engine"] != plan.engine and not plan.train.allow_engine_change:
+    if saved["engine"] != plan.engine and not plan.run.allow_engine_change:
         how = "add --deepspeed" if saved["engine"] == "deepspeed" else "drop --deepspeed"
         raise ConfigError(f"{plan.run_dir} holds a {saved['engine']} run; this command uses {plan.engine}. "
                           f"To resume it as it was, {how}; to continue it on {plan.engine} (weights, Adam "

@@ -59,19 +59,36 @@ def _tiny_guard(lr=0.1):
 def test_guarded_adamw_skips_a_step_with_a_non_finite_gradient():
     param, opt = _tiny_guard()
     param.grad = torch.tensor([1.0, float("nan"), 1.0])
+    opt.prepare_step()
     opt.step()
-    assert opt.overflow and torch.equal(param.data, torch.ones(3)) and not opt.state
+    assert opt.skipped and torch.equal(param.data, torch.ones(3)) and not opt.state
+    assert opt.overflow  # the name DeepSpeed's engine reads to count the skip and hold the schedule
     param.grad = torch.ones(3)
+    opt.prepare_step()
     opt.step()
-    assert not opt.overflow and not torch.equal(param.data, torch.ones(3))
+    assert not opt.skipped and not opt.overflow and not torch.equal(param.data, torch.ones(3))
 
 
 def test_guarded_adamw_skips_a_step_whose_loss_was_not_finite_even_with_finite_gradients():
     param, opt = _tiny_guard()
     param.grad = torch.ones(3)
-    opt.nonfinite_loss = torch.tensor(1.0)
+    opt.prepare_step(nonfinite_loss=torch.tensor(1.0))
     opt.step()
-    assert opt.overflow and torch.equal(param.data, torch.ones(3))
+    assert opt.skipped and torch.equal(param.data, torch.ones(3))
+
+
+def test_guarded_adamw_trusts_a_grad_norm_handed_to_it_and_forgets_it_at_the_next_prepare():
+    param, opt = _tiny_guard()
+    param.grad = torch.ones(3)
+    opt.prepare_step(grad_norm=torch.tensor(float("inf")))  # as if clipping had found an inf norm
+    opt.step()
+    assert opt.skipped and torch.equal(param.data, torch.ones(3))
+    param.grad = torch.ones(3)  # the skipped step dropped the gradients
+    opt.prepare_step()
+    opt.step()
+    assert not opt.skipped and not torch.equal(param.data, torch.ones(3))
+    with pytest.raises(AttributeError):
+        opt.skipped = True  # read-only: set only by step()
 
 
 def test_router_losses_stay_finite_in_bf16_with_huge_logits():

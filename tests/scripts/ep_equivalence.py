@@ -16,7 +16,7 @@ import torch
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
 from moe_dist import MoEConfig, MoEForCausalLM
-from moe_dist.parallel.engines import init_distributed, shutdown_distributed
+from moe_dist.parallel.process_group import init_distributed, shutdown_distributed
 from moe_dist.parallel.expert_parallel import apply_expert_parallel
 
 SETTINGS = {"top1-dropless": (1, None), "top2-capacity1.0": (2, 1.0)}

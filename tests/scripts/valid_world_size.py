@@ -13,7 +13,7 @@ import sys
 import torch
 
 from moe_dist import MoEConfig, MoEForCausalLM
-from moe_dist.parallel.engines import init_distributed, shutdown_distributed
+from moe_dist.parallel.process_group import init_distributed, shutdown_distributed
 from moe_dist.parallel.expert_parallel import apply_expert_parallel
 from moe_dist.train.data import validation_shard
 from moe_dist.train.evaluation import evaluate

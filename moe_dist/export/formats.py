@@ -1,0 +1,120 @@
+"""Checkpoint formats in one place: the files each engine writes, and how their parameter names
+map to the model's (HF) names. Reading a checkpoint for export or for resharding goes through here.
+
+One checkpoint folder (`checkpoints/stepNNNNNNNN/`) holds, from DeepSpeed with native MoE:
+
+    mp_rank_00_model_states.pt                        "module": every non-expert weight
+    layer_{L}_expert_{E}_mp_rank_00_model_states.pt   one expert of MoE layer L, keyed by its global id E
+    zero_pp_rank_{R}_mp_rank_00_optim_states.pt       ZeRO-1/2: rank R's flat fp32 partition and Adam moments
+
+(`zero_to_fp32` ignores the expert files, DeepSpeed #4497, so weights are assembled here), or from
+accelerate:
+
+    accelerate/model.safetensors                      every weight, under its HF name
+    accelerate/optimizer.bin                          torch's optimizer state_dict
+
+Every file is read with `torch.load(weights_only=True)`: no pickle code runs. DeepSpeed is imported
+lazily, only to read its ZeRO shards or its expert groups, so importing this module stays light.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+DS_DENSE = "mp_rank_*_model_states.pt"
+DS_EXPERTS = "layer_*_expert_*_model_states.pt"
+DS_ZERO_SHARDS = "zero_pp_rank_*_mp_rank_00_optim_states.pt"
+ACCELERATE_WEIGHTS = Path("accelerate") / "model.safetensors"
+ACCELERATE_OPTIMIZER = Path("accelerate") / "optimizer.bin"
+
+# An expert's key in DeepSpeed's checkpoint (and in an expert-parallel model) vs. in the model /
+# HF export: only the container path differs, the one expert_parallel builds (ExpertParallelExperts
+# -> deepspeed_moe: MOELayer -> experts: ExpertShard -> deepspeed_experts: LocalExperts). The id is
+# global in a checkpoint's expert files, local (0 .. E/ep - 1) in a live sharded model and its ZeRO shards.
+_DS_EXPERT_PATH = ".experts.deepspeed_moe.experts.deepspeed_experts."
+_HF_EXPERT_PATH = ".experts."
+_LOCAL_ID = re.compile(re.escape(_DS_EXPERT_PATH) + r"(\d+)\.")
+
+
+class ExportError(RuntimeError):
+    """A checkpoint folder that cannot be read as a model; the message names the file."""
+
+
+# ---- parameter names ------------------------------------------------------------------------
+
+
+def ds_to_hf_key(key: str) -> str:
+    """A key of DeepSpeed's checkpoint files (global expert ids) under its HF name."""
+    return key.replace(_DS_EXPERT_PATH, _HF_EXPERT_PATH)
+
+
+def local_to_hf_key(key: str, ep_rank: int, local_experts: int) -> str:
+    """A sharded model's key (local expert id) as the HF key (global id = ep_rank * local + local id)."""
+    return _LOCAL_ID.sub(lambda m: f"{_HF_EXPERT_PATH}{ep_rank * local_experts + int(m.group(1))}.", key)
+
+
+def hf_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """(HF name, parameter) for a model whose experts may be sharded over expert-parallel ranks."""
+    for name, param in model.named_parameters():
+        if _DS_EXPERT_PATH not in name:
+            yield name, param
+            continue
+        layer = model.get_submodule(name[:name.index(_DS_EXPERT_PATH)] + ".experts")
+        yield local_to_hf_key(name, _ep_rank(layer.expert_group_name), layer.num_local_experts), param
+
+
+def _ep_rank(group_name: str) -> int:
+    from deepspeed.utils import groups
+
+    return groups._get_expert_parallel_rank(group_name)
+
+
+# ---- reading checkpoint files ---------------------------------------------------------------
+
+
+def load_hf_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The model's weights under their HF names, whichever engine wrote `ckpt`."""
+    accelerate_weights = ckpt / ACCELERATE_WEIGHTS
+    if accelerate_weights.is_file():
+        return load_file(accelerate_weights)
+    dense = sorted(ckpt.glob(DS_DENSE))
+    if not dense:
+        raise ExportError(f"{ckpt} is not a moe-dist checkpoint: no {ACCELERATE_WEIGHTS} and no {DS_DENSE}")
+    state = dict(_load(dense[0])["module"])
+    for expert_file in sorted(ckpt.glob(DS_EXPERTS)):
+        state.update(_load(expert_file))
+    return {ds_to_hf_key(k): v for k, v in state.items()}
+
+
+def _load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or corrupted files raise many different types
+        raise ExportError(f"cannot read checkpoint file {path} ({type(e).__name__}: {e})") from None
+
+
+def load_accelerate_optimizer(ckpt: Path) -> dict:
+    """accelerate's optimizer: torch's state_dict, its state numbered by position in the param groups."""
+    return torch.load(ckpt / ACCELERATE_OPTIMIZER, map_location="cpu", weights_only=True)
+
+
+def zero_shards(ckpt: Path) -> list[Path]:
+    """DeepSpeed's ZeRO-1/2 optimizer shards in rank order; none under ZeRO stage 0."""
+    return sorted(ckpt.glob(DS_ZERO_SHARDS), key=lambda p: int(p.name.split("_")[3]))
+
+
+def load_zero_shard(shard: Path) -> dict:
+    """One rank's `optimizer_state_dict`: flat fp32 partitions, Adam moments, `param_slice_mappings`."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    # The three DeepSpeed classes a shard pickles; weights_only refuses anything not allowlisted.
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
+        return torch.load(shard, map_location="cpu", weights_only=True)["optimizer_state_dict"]

@@ -1,0 +1,75 @@
+"""Continue a run from its newest intact checkpoint, as it was saved or resharded onto a new layout.
+
+A layout is (engine, EP size, world size). At the layout that saved it, the engine loads its own
+checkpoint and every rank its own random streams. At another, the weights and (where they can
+be) the Adam moments go through the portable state of `parallel.portable`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..model.configuration import MoEConfig
+from ..model.modeling import MoEForCausalLM
+from ..parallel.engines import TrainEngine
+from ..parallel.portable import read_state
+from .checkpoint import CheckpointError, CheckpointStore, load_rank_state, restore_rng, step_of
+from .state import ReportTotals, TrainerState, read_trainer_state
+
+log = logging.getLogger("moe_dist")
+
+
+def layout(engine: TrainEngine, ep_size: int) -> tuple[str, int, int]:
+    return engine.kind, ep_size, engine.world_size
+
+
+def find_checkpoint(engine: TrainEngine, store: CheckpointStore) -> Path | None:
+    """The newest intact checkpoint, or None before the first save.
+
+    Rank 0 checks the files; every rank gets its choice.
+    """
+    choice = -1  # -1: nothing saved yet; -2: only broken checkpoints
+    if engine.is_main:
+        store.remove_partials()
+        good = store.candidates()
+        choice = step_of(good[0]) if good else (-2 if store.complete() else -1)
+    choice = engine.broadcast_int(choice)
+    if choice == -2:
+        raise CheckpointError(f"no intact checkpoint in {store.root} (see the warnings above); "
+                              f"move it away to start fresh")
+    return None if choice == -1 else store.root / f"step{choice:08d}"
+
+
+def load_checkpoint(path: Path, engine: TrainEngine, *, ep_size: int, config: MoEConfig,
+                    allow_optimizer_reset: bool) -> tuple[TrainerState, ReportTotals]:
+    """Restore the engine (and this rank's RNG) from `path`; returns the loop's state and report totals."""
+    state, totals = read_trainer_state(path)
+    if (state.engine, state.ep_size, state.world_size) == layout(engine, ep_size):
+        engine.load(path)
+        restore_rng(load_rank_state(path, engine.rank)["rng"])
+    else:
+        _reshard(path, state, engine, ep_size=ep_size, config=config, allow_optimizer_reset=allow_optimizer_reset)
+    return state, totals
+
+
+def _reshard(path: Path, saved: TrainerState, engine: TrainEngine, *, ep_size: int, config: MoEConfig,
+             allow_optimizer_reset: bool) -> None:
+    """Load a checkpoint written by another engine, EP size or world size, through the portable state."""
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in MoEForCausalLM(config).named_parameters() if p.requires_grad}
+    state = read_state(path, engine=saved.engine, ep_size=saved.ep_size, num_experts=config.num_local_experts,
+                       shapes=shapes)
+    if state.exp_avg is None and not allow_optimizer_reset:
+        raise CheckpointError(f"cannot carry the optimizer state of {path} over to this layout "
+                              f"({state.why_no_moments}); add --allow_optimizer_reset to continue with exact "
+                              f"weights and a fresh optimizer")
+    engine.load_portable(state)
+    engine.restore_schedule(saved.scheduler_steps)
+    if saved.world_size > engine.rank:  # this rank existed before: keep its random streams
+        restore_rng(load_rank_state(path, engine.rank)["rng"])
+    log.info("resharded %s from %s EP=%d on %d rank(s) to %s EP=%d on %d rank(s); optimizer %s",
+             path.name, saved.engine, saved.ep_size, saved.world_size, *layout(engine, ep_size),
+             "state carried over" if state.exp_avg is not None else "reset (--allow_optimizer_reset)")
