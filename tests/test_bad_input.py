@@ -40,6 +40,10 @@ def ds_json(**changes):
      r"unknown zero_optimization key\(s\) \['overlap_com'\]"),
     (lambda tmp: write_json(tmp, {k: v for k, v in ds_json().items() if k != "moe"}), r'missing "moe"'),
     (lambda tmp: write_json(tmp, ds_json(optimizer={"type": "Adam"})), r"remove the 'optimizer' block"),
+    (lambda tmp: write_json(tmp, ds_json(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}})),
+     r"zero_optimization\.offload_optimizer is not supported: .*CPU tensor over NCCL"),
+    (lambda tmp: write_json(tmp, ds_json(zero_optimization={"stage": 2, "offload_param": {"device": "nvme"}})),
+     r"zero_optimization\.offload_param is not supported"),
 ])
 def test_bad_deepspeed_json_is_refused_with_one_line(capsys, tmp_path, make_path, expected):
     code, err = run_cli(capsys, ["--deepspeed", make_path(tmp_path), *DATA_ARGS], tmp_path)
@@ -104,6 +108,21 @@ def test_impossible_optimizer_setting_names_flag_value_and_range(capsys, tmp_pat
     code, err = run_cli(capsys, [*DATA_ARGS, flag, value], tmp_path)
     assert code == 2 and len(err) == 1
     assert err[0] == f"error: {flag}={float(value):g} is invalid: must be in {valid}"
+
+
+def test_fp16_on_the_accelerate_path_is_refused_not_ignored(capsys, tmp_path, monkeypatch):
+    code, err = run_cli(capsys, [*DATA_ARGS, "--precision", "fp16"], tmp_path)
+    assert code == 2 and len(err) == 1 and "--precision='fp16' is invalid" in err[0] and "bf16 or fp32" in err[0]
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # accelerate launch --mixed_precision fp16
+    code, err = run_cli(capsys, DATA_ARGS, tmp_path)
+    assert code == 2 and len(err) == 1 and "ACCELERATE_MIXED_PRECISION=fp16" in err[0]
+
+
+def test_zero_offload_switched_off_is_accepted(tmp_path):
+    from moe_dist.parallel.ds_config import load_deepspeed_config
+
+    path = write_json(tmp_path, ds_json(zero_optimization={"stage": 2, "offload_optimizer": {"device": "none"}}))
+    assert load_deepspeed_config(path, world_size=2).zero_stage == 2
 
 
 def test_output_dir_that_is_a_file_is_refused_and_left_alone(capsys, tmp_path):

@@ -255,3 +255,32 @@ def test_random_router_is_frozen_deterministic_and_weights_its_k_experts_equally
     assert torch.equal(a.expert_idx_TK, b.expert_idx_TK)
     assert torch.equal(a.weight_TK, torch.full((12, 2), 0.5))
     assert a.loss.item() == 0.0  # nothing to balance through: the router is not trained
+
+
+def test_router_stays_fp32_under_bf16_autocast(monkeypatch):
+    # The accelerate engine and bench_train run the model under bf16 autocast, which would
+    # recast the router's F.linear to bf16 despite its .float() calls.
+    import moe_dist.model.routing as routing
+
+    seen_logits, z_loss = [], routing.router_z_loss
+
+    def recording_z_loss(*, logits_TE):
+        seen_logits.append(logits_TE)
+        return z_loss(logits_TE=logits_TE)
+
+    monkeypatch.setattr(routing, "router_z_loss", recording_z_loss)
+    router = make_block(num_experts_per_tok=2, capacity_factor=1.0, router_aux_loss_coef=0.01,
+                        router_z_loss_coef=0.01).router.eval()
+    x = torch.randn(64, D).bfloat16()  # the block's input under autocast is bf16
+    reference = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.nn.functional.linear(x.float(), router.weight).dtype == torch.bfloat16  # autocast is on
+        routed = router(x)
+    ref_logits, logits = seen_logits
+    assert logits.dtype == routed.weight_TK.dtype == routed.loss.dtype == torch.float32
+    assert router.stats["aux_loss"].dtype == router.stats["z_loss"].dtype == torch.float32
+    assert torch.equal(routed.expert_idx_TK, reference.expert_idx_TK)
+    assert torch.equal(routed.keep_TK, reference.keep_TK)
+    assert torch.equal(logits, ref_logits)  # the same fp32 math as without autocast, bit for bit
+    assert torch.equal(routed.weight_TK, reference.weight_TK)
+    assert torch.equal(routed.loss, reference.loss)

@@ -315,6 +315,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if torch.device(args.device).type == "cuda" and torch.device(args.device).index is not None:
+        # The engine's Accelerator places a single process on torch.device("cuda"), i.e. the
+        # current device: make that the one asked for (--device cuda:N), not cuda:0.
+        torch.cuda.set_device(torch.device(args.device))
     batches = make_batches(args)
     rss_base_mb = reset_peak_rss() if args.only else None  # an --isolate child: its variant's peak only
     result = report(args, run(args, batches), rss_base_mb)

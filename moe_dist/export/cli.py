@@ -1,6 +1,7 @@
 """Checkpoint -> Hugging Face folder: config, one consolidated model.safetensors, tokenizer.
 
-    python -m moe_dist.export CHECKPOINT_OR_RUN OUT_DIR [--tokenizer DIR]   (console script: moe-dist-export)
+    python -m moe_dist.export CHECKPOINT_OR_RUN OUT_DIR [--tokenizer DIR] [--dtype fp32|bf16]
+    (console script: moe-dist-export)
 
 A run folder means its latest checkpoint. Exit status 2: the checkpoint cannot be exported (the
 message names the file).
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .formats import ExportError
-from .native import export_checkpoint
+from .native import DTYPES, export_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,11 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="a checkpoint folder (checkpoints/stepNNNNNNNN) or a run folder")
     parser.add_argument("out_dir")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: <run>/tokenizer when found)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="weight dtype of the export (default fp32); from the fp32 masters of a bf16 run")
     args = parser.parse_args(argv)
     ckpt = _resolve_checkpoint(Path(args.checkpoint))
     tokenizer = args.tokenizer or next((str(p) for p in (ckpt.parent.parent / "tokenizer",) if p.is_dir()), None)
     try:
-        out = export_checkpoint(ckpt, args.out_dir, tokenizer_dir=tokenizer)
+        out = export_checkpoint(ckpt, args.out_dir, tokenizer_dir=tokenizer, dtype=args.dtype)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ One checkpoint folder (`checkpoints/stepNNNNNNNN/`) holds, from DeepSpeed with n
     mp_rank_00_model_states.pt                        "module": every non-expert weight
     layer_{L}_expert_{E}_mp_rank_00_model_states.pt   one expert of MoE layer L, keyed by its global id E
     zero_pp_rank_{R}_mp_rank_00_optim_states.pt       ZeRO-1/2: rank R's flat fp32 partition and Adam moments
+                                                      (bf16_zero_pp_rank_... in a bf16 run)
 
 (`zero_to_fp32` ignores the expert files, DeepSpeed #4497, so weights are assembled here), or from
 accelerate:
@@ -39,6 +40,7 @@ ACCELERATE_OPTIMIZER = Path("accelerate") / "optimizer.bin"
 # global in a checkpoint's expert files, local (0 .. E/ep - 1) in a live sharded model and its ZeRO shards.
 _DS_EXPERT_PATH = ".experts.deepspeed_moe.experts.deepspeed_experts."
 _HF_EXPERT_PATH = ".experts."
+_SHARD_RANK = re.compile(r"zero_pp_rank_(\d+)_")
 _LOCAL_ID = re.compile(re.escape(_DS_EXPERT_PATH) + r"(\d+)\.")
 
 
@@ -105,8 +107,12 @@ def load_accelerate_optimizer(ckpt: Path) -> dict:
 
 
 def zero_shards(ckpt: Path) -> list[Path]:
-    """DeepSpeed's ZeRO-1/2 optimizer shards in rank order; none under ZeRO stage 0."""
-    return sorted(ckpt.glob(DS_ZERO_SHARDS), key=lambda p: int(p.name.split("_")[3]))
+    """DeepSpeed's ZeRO-1/2 optimizer shards in rank order; none under ZeRO stage 0.
+
+    A bf16 run names them `bf16_zero_pp_rank_*` (the same contents: fp32 masters, moments, slices).
+    """
+    shards = [*ckpt.glob(DS_ZERO_SHARDS), *ckpt.glob("bf16_" + DS_ZERO_SHARDS)]
+    return sorted(shards, key=lambda p: int(_SHARD_RANK.search(p.name).group(1)))
 
 
 def load_zero_shard(shard: Path) -> dict:

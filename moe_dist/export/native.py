@@ -7,32 +7,57 @@ come together under their global ids, so the export is the EP=1 model.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import torch
 
 from ..atomic_io import write_dir_atomic
 from ..model.configuration import MoEConfig
 from ..model.modeling import MoEForCausalLM
-from .formats import ExportError, load_hf_state_dict
+from .formats import ExportError, load_hf_state_dict, zero_shards
 
 
-def build_model(ckpt: Path) -> MoEForCausalLM:
-    """The full model (all experts, EP=1 layout) from a checkpoint folder."""
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def build_model(ckpt: Path, dtype: str = "fp32") -> MoEForCausalLM:
+    """The full model (all experts, EP=1 layout) from a checkpoint folder, in `dtype` (fp32 | bf16).
+
+    From a DeepSpeed run the weights are its fp32 masters (ZeRO-1/2 shards): in a bf16 run the
+    module weights it also saves are those masters rounded to bf16.
+    """
     if not (ckpt / "config.json").is_file():
         raise ExportError(f"{ckpt} is not a moe-dist checkpoint: it has no config.json")
     config = MoEConfig.from_pretrained(ckpt)
     model = MoEForCausalLM(config)
     try:
-        model.load_state_dict(load_hf_state_dict(ckpt), strict=True)
+        model.load_state_dict(_fp32_weights(ckpt, model), strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[:2]
         raise ExportError(f"{ckpt}: weights do not match its config.json ({' '.join(first)})") from None
-    return model.eval()
+    return model.to(DTYPES[dtype]).eval()
 
 
-def export_checkpoint(ckpt: str | Path, out_dir: str | Path, *, tokenizer_dir: str | Path | None = None) -> Path:
+def _fp32_weights(ckpt: Path, model: MoEForCausalLM) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights under HF names; a DeepSpeed ZeRO-1/2 run's from its fp32 masters."""
+    state_file = ckpt / "trainer_state.json"
+    saved = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    if saved.get("engine") != "deepspeed" or not zero_shards(ckpt):
+        return load_hf_state_dict(ckpt)  # accelerate keeps fp32 parameters; ZeRO-0 has no masters on disk
+    # Lazily: the parallel stack imports this package's formats, and importing the exporter stays light.
+    from ..parallel.portable import read_state
+
+    shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+    return read_state(ckpt, engine="deepspeed", ep_size=saved["ep_size"], num_experts=model.config.num_local_experts,
+                      shapes=shapes).weights
+
+
+def export_checkpoint(ckpt: str | Path, out_dir: str | Path, *, tokenizer_dir: str | Path | None = None,
+                      dtype: str = "fp32") -> Path:
     """Write `out_dir` (config, model.safetensors, model code for trust_remote_code, tokenizer) atomically."""
     ckpt, out_dir = Path(ckpt), Path(out_dir)
-    model = build_model(ckpt)  # before touching out_dir: a bad checkpoint leaves the old export
+    model = build_model(ckpt, dtype)  # before touching out_dir: a bad checkpoint leaves the old export
 
     def write(staging: Path) -> None:
         model.save_pretrained(staging, safe_serialization=True)

@@ -160,8 +160,13 @@ class Router(nn.Module):
                                capacity_factor=factor, min_capacity=c.min_capacity)
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
+        # Routing in fp32: bf16 logits flip near-ties and overflow the z-loss. Autocast would
+        # recast F.linear to bf16 despite the .float() calls, so it is switched off here.
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            return self._route(x_TD.float())
+
+    def _route(self, x_TD: torch.Tensor) -> Routing:
         c = self.config
-        x_TD = x_TD.float()  # routing in fp32: bf16 logits flip near-ties and overflow the z-loss
         jitter = c.router_jitter_noise
         if self.training and jitter > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - jitter, 1 + jitter)

@@ -74,6 +74,11 @@ def load_deepspeed_config(path: str, *, world_size: int) -> DeepSpeedSettings:
                           f"native MoE layers; use stage 0, 1 or 2 (experts are already sharded by ep_size)")
     if stage not in (0, 1, 2):
         raise ConfigError(f"{where} zero_optimization.stage={stage!r} is invalid: valid stages are 0, 1, 2")
+    for offload in ("offload_optimizer", "offload_param"):
+        if _offload_enabled(zero.get(offload)):
+            raise ConfigError(f"{where} zero_optimization.{offload} is not supported: offload keeps gradients on "
+                              f"the CPU, and the step's agreement all-reduce would then send a CPU tensor over "
+                              f"NCCL; remove it (or set \"device\": \"none\")")
 
     bf16 = bool(raw.get("bf16", {}).get("enabled", False))
     fp16 = bool(raw.get("fp16", {}).get("enabled", False))
@@ -89,6 +94,13 @@ def load_deepspeed_config(path: str, *, world_size: int) -> DeepSpeedSettings:
         raise ConfigError(f"{where} gradient_clipping={clip!r} is invalid: a number >= 0 (0 = off)")
     precision = "bf16" if bf16 else "fp16" if fp16 else "fp32"
     return DeepSpeedSettings(path, raw, ep_size, stage, precision, micro, accum, float(clip))
+
+
+def _offload_enabled(block) -> bool:
+    """DeepSpeed treats a missing block and `"device": "none"` as no offload."""
+    if block is None:
+        return False
+    return not (isinstance(block, dict) and str(block.get("device", "none")).lower() == "none")
 
 
 def _read_json(path: str) -> dict:

@@ -26,7 +26,8 @@ from ..model.modeling import MoEForCausalLM
 from .expert_parallel import apply_expert_parallel
 from .optim import GuardedAdamW, build_optimizer, param_groups, warmup_cosine
 from .portable import PortableState, apply_plain, apply_zero
-from .process_group import free_port, init_distributed, shutdown_distributed
+from .process_group import (collective_timeout_s, free_port, init_distributed, set_expert_group_timeouts,
+                            shutdown_distributed)
 
 if TYPE_CHECKING:
     from ..train.plan import EngineSpec  # built by the planner; imported here for annotations only
@@ -177,7 +178,7 @@ class DeepSpeedEngine(TrainEngine):
             # DeepSpeed falls back to MPI discovery and needs mpi4py.
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
-        self.released_shm = init_distributed(spec.dist_timeout_s)
+        self.released_shm = init_distributed(collective_timeout_s(spec.dist_timeout_s))
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         accel = get_accelerator()
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -186,7 +187,12 @@ class DeepSpeedEngine(TrainEngine):
         self.device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")
 
     def _shard(self, model: MoEForCausalLM) -> MoEForCausalLM:
-        return apply_expert_parallel(model, self.spec.ep_size) if model.config.is_moe else model
+        if not model.config.is_moe:
+            return model
+        model = apply_expert_parallel(model, self.spec.ep_size)
+        # The expert groups exist now; DeepSpeed made them with torch's default timeout.
+        set_expert_group_timeouts(collective_timeout_s(self.spec.dist_timeout_s))
+        return model
 
     def _param_groups(self, model: MoEForCausalLM) -> list[dict]:
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
@@ -258,7 +264,8 @@ class AccelerateEngine(TrainEngine):
             mixed_precision="bf16" if spec.precision == "bf16" else "no",
             gradient_accumulation_steps=spec.grad_accum,
             kwargs_handlers=[
-                InitProcessGroupKwargs(timeout=timedelta(seconds=spec.dist_timeout_s)),
+                # Past the --dist_timeout watchdog, whose message names the stuck rank.
+                InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s(spec.dist_timeout_s))),
                 # Routers keep per-rank load counters in buffers; DDP's default broadcast from
                 # rank 0 would overwrite them before they are all-reduced.
                 DistributedDataParallelKwargs(broadcast_buffers=False),

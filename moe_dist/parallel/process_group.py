@@ -25,6 +25,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Collectives time out this long after the `--dist_timeout` watchdog would have fired, so the
+# watchdog, whose message names the stuck rank, always ends a hung job first. It checks every
+# 5 s at most, so a minute is ample.
+WATCHDOG_MARGIN_S = 60
+
+
+def collective_timeout_s(dist_timeout_s: int) -> int:
+    """The process groups' timeout for a run with `--dist_timeout dist_timeout_s`."""
+    return dist_timeout_s + WATCHDOG_MARGIN_S
+
+
 def init_distributed(timeout_s: int) -> tuple[Path, ...]:
     """`deepspeed.init_distributed`, then unlink this rank's CPU shared-memory all-reduce segment.
 
@@ -33,18 +44,45 @@ def init_distributed(timeout_s: int) -> tuple[Path, ...]:
     leaves them behind and they hold RAM until reboot. Peers only need the name while they map it
     during init; after a barrier every rank has, so the mapping outlives the name and the memory
     is freed when the processes exit, however they exit. Returns the paths unlinked.
+
+    The barrier is taken on the accelerator, which is the same on every rank, never on whether
+    this rank's file exists: a stale file on some ranks would put a barrier on those ranks only
+    and pair it with whatever collective the others run next.
     """
     import deepspeed  # lazily: only DeepSpeed runs need it (DESIGN.md §4)
+    from deepspeed.accelerator import get_accelerator
 
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+    if get_accelerator().device_name() != "cpu":  # GPU backends: DeepSpeed made no segment
+        return ()
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
             f"{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
     segment = Path("/dev/shm") / name
-    if not segment.exists():  # GPU backends, or ranks on several hosts: DeepSpeed made none
-        return ()
     dist.barrier()
+    if not segment.exists():  # ranks on several hosts, or a build without the shm all-reduce
+        return ()
     segment.unlink(missing_ok=True)
     return (segment,)
+
+
+def set_expert_group_timeouts(timeout_s: int) -> int:
+    """Give DeepSpeed's expert and expert-data-parallel groups `timeout_s`; returns how many.
+
+    DeepSpeed 0.19.8 creates them with `dist.new_group(ranks)` and no timeout, and torch's
+    `new_group(timeout=None)` does not inherit the default group's timeout: it takes the
+    backend's constant (10 min for NCCL, 30 min for gloo), which would fire before a longer
+    `--dist_timeout` watchdog. Call after the MoE layers have created the groups.
+    """
+    from deepspeed.utils import groups
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    timeout = timedelta(seconds=timeout_s)
+    made = [*groups._get_expert_parallel_group_dict().values(),
+            *groups._get_expert_data_parallel_group_dict().values()]
+    unique = list({id(g): g for g in made}.values())
+    for group in unique:
+        _set_pg_timeout(timeout, group)
+    return len(unique)
 
 
 def shutdown_distributed() -> None:

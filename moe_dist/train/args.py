@@ -10,6 +10,7 @@ aliases of those fields, so the overrides are the fields themselves, with no nam
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -116,7 +117,14 @@ class EngineArgs:
         if self.dist_timeout < 1:
             raise ConfigError(f"--dist_timeout={self.dist_timeout} is invalid: must be >= 1")
         if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"--precision={self.precision!r} is invalid: auto, bf16 or fp32")
+            why = " (fp16 needs loss scaling, which the accelerate path lacks)" if self.precision == "fp16" else ""
+            raise ConfigError(f"--precision={self.precision!r} is invalid{why}: auto, bf16 or fp32")
+        # `accelerate launch --mixed_precision fp16` (or its config file) sets this; the engine
+        # passes its own mixed_precision, so fp16 would be silently dropped.
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+        if not self.deepspeed and launched == "fp16":
+            raise ConfigError("ACCELERATE_MIXED_PRECISION=fp16 (accelerate launch --mixed_precision) is not "
+                              "supported: the accelerate path runs --precision auto, bf16 or fp32")
         if self.deepspeed:
             given = [n for n in ("micro_batch_size", "grad_accum", "grad_clip") if getattr(self, n) is not None]
             if given or self.precision != "auto":

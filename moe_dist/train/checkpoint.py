@@ -165,8 +165,26 @@ def capture_rng() -> dict:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # Only this rank's own device: a list of every visible device cannot be restored
+        # when the job resumes with fewer devices visible per process.
+        device = torch.cuda.current_device()
+        state["cuda_device"] = {"index": device, "state": torch.cuda.get_rng_state(device)}
     return state
+
+
+def cuda_rng_for_device(state: dict, device: int) -> torch.Tensor | None:
+    """The CUDA RNG state saved for this rank, to restore on its `device`, or None.
+
+    New checkpoints hold the rank's own device (`cuda_device`), restored on whatever device
+    the rank has now. Older ones hold `get_rng_state_all()` (`cuda`), whose entry for the
+    rank's device is used when that device index was saved.
+    """
+    if "cuda_device" in state:
+        return state["cuda_device"]["state"]
+    saved = state.get("cuda")
+    if saved is not None and 0 <= device < len(saved):
+        return saved[device]
+    return None
 
 
 def restore_rng(state: dict) -> None:
@@ -174,8 +192,11 @@ def restore_rng(state: dict) -> None:
     n = state["numpy"]
     np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available():
+        device = torch.cuda.current_device()
+        cuda_state = cuda_rng_for_device(state, device)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 def save_rank_state(staging: Path, rank: int, state: dict) -> None:

@@ -1,8 +1,10 @@
 """End the job when training stops making progress, instead of hanging forever.
 
 A stuck rank leaves its peers blocked inside a collective. DeepSpeed builds the expert
-groups with `new_group` and no timeout, so an expert all-to-all can wait past any
-`init_distributed(timeout=...)`. Every rank therefore runs this thread: the loop calls
+groups with `new_group` and no timeout (torch's backend default, not the default group's), so
+the engines set every group's timeout to `--dist_timeout` plus a margin
+(`process_group.collective_timeout_s`): a collective error would not name the stuck rank, this
+thread does, so it must come first. Every rank therefore runs this thread: the loop calls
 `beat(step)` as it goes, and after `timeout_s` without a beat the watchdog prints which
 rank went quiet first (from the per-rank heartbeat files), dumps the stacks, and exits.
 The launcher then ends the other ranks.
