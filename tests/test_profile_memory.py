@@ -161,3 +161,23 @@ def test_profile_memory_reports_every_gpu_scale_and_a_measured_deepspeed_run(tmp
     import matplotlib.image
 
     assert matplotlib.image.imread(out / "memory.png").shape[2] in (3, 4)
+
+
+def test_measured_gpu_row_reports_allocated_reserved_and_nvml_and_is_judged_on_reserved_plus_context():
+    import importlib
+
+    profile_memory = importlib.import_module("tools.profile_memory")
+    args = profile_memory.parse_args(["--output_dir", "unused", "--cuda_context_mb", "500"])
+    gpu = {"peak_mem_mb": 1000.0, "peak_mem_mb_per_rank": [1000.0, 900.0],
+           "peak_reserved_mb_per_rank": [1500.0, 1200.0], "nvml_used_mb_per_rank": [1800.0, 1600.0]}
+    row = profile_memory.measured_fields(gpu, args)
+    assert row["allocated_mb_per_rank"] == [1000.0, 900.0] and row["reserved_mb_per_rank"] == [1500.0, 1200.0]
+    assert row["nvml_used_mb_per_rank"] == [1800.0, 1600.0]
+    assert row["judged_mb"] == 2000.0  # the largest reserved peak + the context, above allocated and NVML
+    no_nvml = profile_memory.measured_fields({**gpu, "nvml_used_mb_per_rank": []}, args)
+    assert no_nvml["nvml_used_mb_per_rank"] is None and no_nvml["judged_mb"] == 2000.0
+    # CPU runs: RSS as before, no allocator or NVML fields.
+    cpu = profile_memory.measured_fields({"peak_mem_mb": 600.0, "peak_mem_mb_per_rank": [600.0, 590.0],
+                                          "peak_reserved_mb_per_rank": [], "nvml_used_mb_per_rank": []}, args)
+    assert cpu == {"measured_mb": 600.0, "allocated_mb_per_rank": None, "reserved_mb_per_rank": None,
+                   "nvml_used_mb_per_rank": None, "judged_mb": 600.0}

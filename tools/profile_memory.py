@@ -13,6 +13,13 @@ peak RSS on CPU (which includes what the model does not predict: the interpreter
 libraries alone are ~0.36 GB after importing torch, DeepSpeed and transformers). A measured
 config is also predicted, with the vocabulary its run really used.
 
+Per rank, a measured row also gives `allocated_mb_per_rank` (the allocator's peak: tensors only),
+`reserved_mb_per_rank` (what the caching allocator held from the driver: allocated plus its cache)
+and `nvml_used_mb_per_rank` (the whole GPU as NVML sees it: the CUDA context and NCCL buffers too);
+on CPU these three are null and `measured_mb` is the peak RSS. On GPU the verdict is judged on
+the largest rank's reserved peak plus `--cuda_context_mb` (or its NVML reading, if larger), since
+allocated alone leaves out the cache, the context and NCCL.
+
 Writes `report.md`, `memory.png` (stacked predicted bars per config, measured beside them)
 and `memory.json` to `--output_dir`.
 
@@ -52,7 +59,8 @@ def predict(config: MoEConfig, ds_path: str, world: int, args) -> dict:
     row = {"config": Path(ds_path).stem, "path": os.path.relpath(ds_path, ROOT), "world_size": world,
            "ep_size": ds.ep_size, "zero_stage": ds.zero_stage, "precision": ds.precision,
            "micro_batch": ds.micro_batch_size, "seq_len": args.seq_len or config.max_position_embeddings,
-           "measured_mb": None}
+           "measured_mb": None, "allocated_mb_per_rank": None, "reserved_mb_per_rank": None,
+           "nvml_used_mb_per_rank": None, "judged_mb": None}
     try:
         validate_expert_parallel(num_experts=config.num_local_experts, ep_size=ds.ep_size, world_size=world)
     except ExpertParallelError as e:
@@ -64,8 +72,8 @@ def predict(config: MoEConfig, ds_path: str, world: int, args) -> dict:
     return row
 
 
-def measure(ds_path: str, ranks: int, args) -> tuple[float, MoEConfig]:
-    """Train `--max_steps` steps on `ranks` ranks; the peak memory over ranks and the model config used."""
+def measure(ds_path: str, ranks: int, args) -> tuple[dict, MoEConfig]:
+    """Train `--max_steps` steps on `ranks` ranks; the run's `summary.json` and the model config used."""
     launcher = Path(sys.executable).parent / "deepspeed"
     data = ["--train_file", args.train_file, "--valid_file", args.valid_file, "--tokenizer", args.tokenizer]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
@@ -86,7 +94,22 @@ def measure(ds_path: str, ranks: int, args) -> tuple[float, MoEConfig]:
             tail = (proc.stdout + proc.stderr)[-4000:]
             sys.exit(f"training run for {ds_path} failed (exit {proc.returncode}):\n{tail}")
         summary = json.loads((run_dir / "summary.json").read_text())
-        return summary["peak_mem_mb"], MoEConfig.from_pretrained(run_dir / "hf")
+        return summary, MoEConfig.from_pretrained(run_dir / "hf")
+
+
+def measured_fields(summary: dict, args) -> dict:
+    """Per-rank allocated / reserved / NVML (null on CPU), and the bytes the verdict is judged on."""
+    gpu = bool(summary.get("peak_reserved_mb_per_rank"))  # written by CUDA runs only
+    allocated = summary.get("peak_mem_mb_per_rank") if gpu else None
+    reserved = summary.get("peak_reserved_mb_per_rank") if gpu else None
+    nvml = (summary.get("nvml_used_mb_per_rank") or None) if gpu else None
+    if gpu:  # the cache, the CUDA context and NCCL buffers count: allocated alone does not fit a GPU
+        judged = max(r + args.cuda_context_mb for r in reserved)
+        judged = max(judged, max(nvml)) if nvml else judged
+    else:
+        judged = summary["peak_mem_mb"]  # peak RSS on CPU
+    return {"measured_mb": summary["peak_mem_mb"], "allocated_mb_per_rank": allocated,
+            "reserved_mb_per_rank": reserved, "nvml_used_mb_per_rank": nvml, "judged_mb": judged}
 
 
 def build_rows(args) -> list[dict]:
@@ -97,10 +120,11 @@ def build_rows(args) -> list[dict]:
         rows.append(predict(config, path, world, args))
     for path in args.measure:
         world = args.world_size or load_deepspeed_config(path, world_size=1).ep_size
-        peak_mb, run_config = measure(path, world, args)
+        summary, run_config = measure(path, world, args)
         row = predict(run_config, path, world, args)
-        row.update(config=f"{row['config']} (run)", measured_mb=peak_mb,
-                   verdict=fit_verdict(max(peak_mb * MB, row["predicted"]["total"]), gpu_mem_gib=args.gpu_mem_gib))
+        row.update(config=f"{row['config']} (run)", **measured_fields(summary, args))
+        row["verdict"] = fit_verdict(max(row["judged_mb"] * MB, row["predicted"]["total"]),
+                                     gpu_mem_gib=args.gpu_mem_gib)
         rows.append(row)
     return rows
 
@@ -120,7 +144,9 @@ def write_report(rows: list[dict], args, out: Path) -> None:
              f"Korthikanti et al. 2022, adapted for MoE{', with activation checkpointing' if args.grad_ckpt else ''}). "
              f"Verdict on N x {args.gpu_mem_gib:g} GiB: `fits` leaves 10% headroom, `tight` uses more; a measured row "
              f"is judged on the larger of predicted and measured. Measured = max over ranks of `peak_mem_mb` in the "
-             f"run's `summary.json` (CUDA allocator peak on GPU, process peak RSS on CPU).", "",
+             f"run's `summary.json` (CUDA allocator peak on GPU, process peak RSS on CPU); on GPU the verdict uses "
+             f"the reserved peak plus {args.cuda_context_mb:g} MiB of CUDA context and NCCL buffers (or NVML's "
+             f"reading, if larger), and `memory.json` has allocated, reserved and NVML-used per rank.", "",
              "| config | ranks | ep | ZeRO | precision | micro-batch x seq | " + " | ".join(PARTS) +
              f" | predicted ({name}) | measured ({name}) | verdict on N x {args.gpu_mem_gib:g} GiB |",
              "|" + "---|" * (9 + len(PARTS))]
@@ -173,6 +199,9 @@ def parse_args(argv=None):
     p.add_argument("--gpu_mem_gib", type=float, default=80.0, help="memory of one GPU for the verdict")
     p.add_argument("--seq_len", type=int, help="tokens per sequence (default: the preset's context)")
     p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing of every block")
+    p.add_argument("--cuda_context_mb", type=float, default=1024.0,
+                   help="GPU memory outside the allocator (CUDA context, NCCL buffers) added to a measured "
+                        "reserved peak for the verdict")
     p.add_argument("--max_steps", type=int, default=4, help="training steps of a measured run")
     p.add_argument("--train_file", default=str(FIXTURES / "stories.txt"))
     p.add_argument("--valid_file", default=str(FIXTURES / "stories_valid.txt"))

@@ -204,7 +204,8 @@ class CollapseMonitor:
 def peak_memory_mb(device: torch.device | str | int) -> dict[str, float]:
     """Peak memory of this process on `device`, plus host RSS; `peak_mem_mb` is the headline.
 
-    CUDA: `torch_peak_mb` (max allocated by the caching allocator since the last reset) and,
+    CUDA: `torch_peak_mb` (max allocated by the caching allocator since the last reset),
+    `torch_reserved_peak_mb` (max it held from the driver, its cache included) and,
     where NVML works, `nvml_used_mb` (current use of the whole GPU, other processes and the
     CUDA context included). Always: `rss_peak_mb` (lifetime peak RSS) and `rss_mb` (current).
     """
@@ -213,6 +214,7 @@ def peak_memory_mb(device: torch.device | str | int) -> dict[str, float]:
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         out["torch_peak_mb"] = torch.cuda.max_memory_allocated(index) / MB
+        out["torch_reserved_peak_mb"] = torch.cuda.max_memory_reserved(index) / MB  # allocated + cache
         used = _nvml_used_mb(index)
         if used is not None:
             out["nvml_used_mb"] = used

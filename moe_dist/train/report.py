@@ -31,6 +31,10 @@ class RunReport:
         self.writer = MetricsWriter(plan.run_dir, enabled=engine.is_main)
         self.throughput = Throughput()
         self.totals = ReportTotals()
+        # The CUDA allocator's reserve peak per rank (allocated + its cache; empty on CPU). Kept
+        # here, not in ReportTotals: trainer_state.json keeps its format, and after a resume the
+        # new processes' peak is the one that says whether the GPU fits.
+        self.peak_reserved_mb_per_rank: list[float] = []
 
     def step_done(self) -> None:
         self.throughput.update(self.tokens_per_step)
@@ -57,9 +61,13 @@ class RunReport:
         """Every rank's peak (and NVML reading, where there is one); returns the largest peak."""
         engine, totals = self.engine, self.totals
         mine = peak_memory_mb(engine.device)
-        table = torch.zeros(2, engine.world_size, dtype=torch.float64, device=engine.device)
-        table[:, engine.rank] = torch.tensor([mine["peak_mem_mb"], mine.get("nvml_used_mb", -1.0)])
-        peak, nvml = engine.all_reduce(table).tolist()  # each rank filled its own column
+        table = torch.zeros(3, engine.world_size, dtype=torch.float64, device=engine.device)
+        table[:, engine.rank] = torch.tensor([mine["peak_mem_mb"], mine.get("nvml_used_mb", -1.0),
+                                              mine.get("torch_reserved_peak_mb", -1.0)])
+        peak, nvml, reserved = engine.all_reduce(table).tolist()  # each rank filled its own column
+        if max(reserved) >= 0:
+            self.peak_reserved_mb_per_rank = [max(a, b) for a, b in
+                                              zip(self.peak_reserved_mb_per_rank or reserved, reserved)]
         totals.peak_mem_mb_per_rank = [max(a, b) for a, b in zip(totals.peak_mem_mb_per_rank or peak, peak)]
         if max(nvml) >= 0:
             totals.nvml_used_mb_per_rank = [max(a, b) for a, b in zip(totals.nvml_used_mb_per_rank or nvml, nvml)]
@@ -97,6 +105,7 @@ class RunReport:
             "max_tok_s": totals.max_tok_s, "peak_mem_mb": totals.peak_mem_mb, "steps": state.step,
             "peak_mem_mb_per_rank": totals.peak_mem_mb_per_rank,
             "nvml_used_mb_per_rank": totals.nvml_used_mb_per_rank, "skipped_steps": totals.skipped_steps,
+            "peak_reserved_mb_per_rank": self.peak_reserved_mb_per_rank,
             "params_total": params_total, "params_active": params_active, "ep_size": spec.ep_size,
             "world_size": self.engine.world_size, "engine": self.engine.kind, "model": self.plan.preset,
             "precision": spec.precision, "tokens_per_step": self.tokens_per_step,
