@@ -32,6 +32,7 @@ from .metrics import CollapseMonitor
 from .plan import RUN_RECORD, RunPlan, check_run_folder, finalize, run_record
 from .report import RunReport
 from .resume import find_checkpoint, layout, load_checkpoint
+from .shared_folder import check_run_folder_shared
 from .state import TrainerState, write_trainer_state
 from .watchdog import Watchdog
 
@@ -51,6 +52,7 @@ def run(plan: RunPlan, hooks: Iterable[Hook] = ()) -> dict | None:
     _configure_logging(engine.is_main)
     for segment in engine.released_shm:
         log.info("unlinked %s once every rank had mapped it, so no launch leaves it in RAM", segment)
+    check_run_folder_shared(plan.run_dir, engine)  # before any rank writes data or checkpoints there
     data, config = _prepare(plan, engine)
     model = _build_model(plan, config)
     params_total, params_active = model.num_parameters(), model.num_active_parameters()
