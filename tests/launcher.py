@@ -67,3 +67,12 @@ def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 def metrics(run_dir: Path, kind: str = "train") -> dict[int, dict]:
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
     return {r["step"]: r for r in rows if r["kind"] == kind}
+
+
+def run_without_moe_dist(script: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run `script` in a fresh interpreter that cannot import moe_dist from the checkout (no PYTHONPATH,
+    run from `tmp_path`) and never reaches the hub: how a user without our package loads an export."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)

@@ -1,13 +1,11 @@
 """Behaviour of MoEForCausalLM and MoEConfig: sizes, init, losses, generation, saving and validation."""
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
+from launcher import run_without_moe_dist
 
 from moe_dist import PRESETS, MoEConfig, MoEForCausalLM
 from moe_dist.model.modeling import CACHE_FIELD
@@ -378,10 +376,7 @@ def test_trust_remote_code_loads_in_a_process_that_never_imported_moe_dist(make_
         torch.testing.assert_close(logits, expected["logits"], atol=1e-5, rtol=0)
         print("OK", type(model).__module__)
     """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=120)
+    result = run_without_moe_dist(script, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK transformers_modules." in result.stdout
 

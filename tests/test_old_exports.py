@@ -6,16 +6,13 @@ package (`import moe_dist` registers the classes), and with `trust_remote_code=T
 never imports moe_dist, where the model code carried in the folder runs.
 """
 
-import os
-import subprocess
-import sys
 import tarfile
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from launcher import FIXTURES
+from launcher import FIXTURES, run_without_moe_dist
 from safetensors.torch import load_file
 
 ARCHIVES = sorted((FIXTURES / "exports").glob("*.tar.gz"))
@@ -70,9 +67,6 @@ def test_old_export_loads_with_trust_remote_code_without_moe_dist(unpacked, name
         torch.testing.assert_close(logits, reference["logits"], atol=1e-5, rtol=0)
         print("OK", type(model).__module__)
     """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=120)
+    result = run_without_moe_dist(script, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK transformers_modules." in result.stdout
