@@ -70,6 +70,16 @@ PRESETS: dict[str, dict] = {
     "tiny-modern": dict(_MODERN, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                         num_key_value_heads=2, intermediate_size=352, moe_intermediate_size=176,
                         max_position_embeddings=128),
+    # CPU-sized modern presets exportable by construction (python -m moe_dist.export RUN OUT --format ...).
+    # mixtral-tiny: every FFN routed, renormalised softmax top-2, balanced by the aux loss (Mixtral has no
+    # selection bias and no shared experts).
+    "mixtral-tiny": dict(_MODERN, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=352, moe_intermediate_size=176,
+                         max_position_embeddings=128, router_aux_loss_coef=0.01, router_bias_update_rate=0.0),
+    # ernie-tiny: Ernie 4.5's block: a dense first layer, one shared expert, aux-loss-free bias balancing.
+    "ernie-tiny": dict(_MODERN, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=352, moe_intermediate_size=176,
+                       max_position_embeddings=128, num_shared_experts=1, skip_first_moe=1),
 }
 
 
