@@ -1,10 +1,13 @@
 """Checkpoint -> Hugging Face folder: config, one consolidated model.safetensors, tokenizer.
 
     python -m moe_dist.export CHECKPOINT_OR_RUN OUT_DIR [--tokenizer DIR] [--dtype fp32|bf16]
+                              [--format native|gpt2|mixtral|ernie4_5_moe|auto]
     (console script: moe-dist-export)
 
-A run folder means its latest checkpoint. Exit status 2: the checkpoint cannot be exported (the
-message names the file).
+A run folder means its latest checkpoint. `native` (the default) needs `import moe_dist` or
+trust_remote_code to load; the standard formats load with the stock transformers class and are checked
+for exactness before the folder appears. Exit status 2: the checkpoint cannot be exported in that format
+(the message names the file, or the field and the formats that can represent it), and nothing is written.
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ import sys
 from pathlib import Path
 
 from .formats import ExportError
-from .native import DTYPES, export_checkpoint
+from .native import DTYPES, export_checkpoint, read_config
+from .standard import STANDARD_FORMATS, blocking_field, choose_format
+from .standard_export import export_standard
+
+FORMATS = ("native", *STANDARD_FORMATS, "auto")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,16 +31,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", help="tokenizer folder (default: <run>/tokenizer when found)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                         help="weight dtype of the export (default fp32); from the fp32 masters of a bf16 run")
+    parser.add_argument("--format", choices=FORMATS, default="native",
+                        help="native (moe_dist model code) or a stock transformers class; auto: the first "
+                             "standard class that represents the model exactly, else native")
     args = parser.parse_args(argv)
     ckpt = _resolve_checkpoint(Path(args.checkpoint))
     tokenizer = args.tokenizer or next((str(p) for p in (ckpt.parent.parent / "tokenizer",) if p.is_dir()), None)
     try:
-        out = export_checkpoint(ckpt, args.out_dir, tokenizer_dir=tokenizer, dtype=args.dtype)
+        fmt = _auto_format(ckpt) if args.format == "auto" else args.format
+        if fmt == "native":
+            out = export_checkpoint(ckpt, args.out_dir, tokenizer_dir=tokenizer, dtype=args.dtype)
+            print(f"exported {ckpt} -> {out}")
+        else:
+            diff = export_standard(ckpt, args.out_dir, fmt, tokenizer_dir=tokenizer, dtype=args.dtype)
+            print(f"exported {ckpt} -> {args.out_dir} as {fmt} (max |logit difference| {diff:.2e} in fp32)")
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"exported {ckpt} -> {out}")
     return 0
+
+
+def _auto_format(ckpt: Path) -> str:
+    config = read_config(ckpt)
+    fmt = choose_format(config)
+    if fmt == "native":
+        why = "; ".join(f"{f}: {k}={v!r}" for f in STANDARD_FORMATS for k, v in [blocking_field(config, f)])
+        print(f"--format auto: no standard class represents this model ({why}); exporting native")
+    else:
+        print(f"--format auto: exporting as {fmt}")
+    return fmt
 
 
 def _resolve_checkpoint(path: Path) -> Path:

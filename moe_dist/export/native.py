@@ -27,16 +27,19 @@ def build_model(ckpt: Path, dtype: str = "fp32") -> MoEForCausalLM:
     From a DeepSpeed run the weights are its fp32 masters (ZeRO-1/2 shards): in a bf16 run the
     module weights it also saves are those masters rounded to bf16.
     """
-    if not (ckpt / "config.json").is_file():
-        raise ExportError(f"{ckpt} is not a moe-dist checkpoint: it has no config.json")
-    config = MoEConfig.from_pretrained(ckpt)
-    model = MoEForCausalLM(config)
+    model = MoEForCausalLM(read_config(ckpt))
     try:
         model.load_state_dict(_fp32_weights(ckpt, model), strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[:2]
         raise ExportError(f"{ckpt}: weights do not match its config.json ({' '.join(first)})") from None
     return model.to(DTYPES[dtype]).eval()
+
+
+def read_config(ckpt: Path) -> MoEConfig:
+    if not (ckpt / "config.json").is_file():
+        raise ExportError(f"{ckpt} is not a moe-dist checkpoint: it has no config.json")
+    return MoEConfig.from_pretrained(ckpt)
 
 
 def _fp32_weights(ckpt: Path, model: MoEForCausalLM) -> dict[str, torch.Tensor]:

@@ -1,0 +1,133 @@
+"""Checkpoint -> a folder the stock transformers class loads with no custom code, checked for exactness.
+
+Order, so that a refusal leaves nothing behind: read the checkpoint, refuse a config the class cannot
+represent (`standard.unrepresentable`), map the weights and load them strictly into the stock class
+(every key and shape), then write into a staging folder beside OUT: weights, config, tokenizer,
+generation_config.json, and the fp32 logits check in a fresh interpreter (`stock_logits.py`). Only when
+the check passes is the model card written and the folder renamed to OUT (`write_dir_atomic`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig
+
+from ..atomic_io import write_dir_atomic
+from ..model.modeling import MoEForCausalLM
+from .formats import ExportError
+from .native import build_model
+from .standard import CLASSES, standard_config, standard_state_dict, unrepresentable
+
+TOLERANCE = 1e-4  # max |logit difference| in fp32 (issue 15)
+_STOCK_LOGITS = Path(__file__).with_name("stock_logits.py")
+
+
+def export_standard(ckpt: str | Path, out_dir: str | Path, fmt: str, *, tokenizer_dir: str | Path | None = None,
+                    dtype: str = "fp32") -> float:
+    """Write `out_dir` loadable by the stock class of `fmt`; returns the measured max |logit difference|."""
+    ckpt, out_dir = Path(ckpt), Path(out_dir)
+    model = build_model(ckpt, dtype)
+    reason = unrepresentable(model.config, fmt)
+    if reason is not None:
+        raise ExportError(reason)
+    stock = _stock_model(model, fmt)
+    tokenizer = None
+    if tokenizer_dir is not None:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    # The reference is our model on exactly the exported weights (a bf16 export: the rounded ones), in fp32.
+    ids = torch.randint(model.config.vocab_size, (2, min(16, model.config.max_position_embeddings)),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model.float()(input_ids=ids, use_cache=False).logits
+    diff = float("nan")
+
+    def write(staging: Path) -> None:
+        nonlocal diff
+        stock.generation_config = _generation_config(model, tokenizer)
+        stock.save_pretrained(staging, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        diff = stock_logits_diff(staging, type(stock).__name__, ids, ours)
+        if not diff <= TOLERANCE:  # also refuses NaN
+            raise ExportError(f"{type(stock).__name__} does not reproduce the model: max |logit difference| "
+                              f"{diff:.3g} > {TOLERANCE:g} in fp32; export with --format native")
+        (staging / "README.md").write_text(model_card(ckpt, model, fmt, type(stock).__name__, diff))
+
+    write_dir_atomic(out_dir, write)
+    return diff
+
+
+def _stock_model(model: MoEForCausalLM, fmt: str):
+    """The stock class holding our weights; a missing, extra or misshapen key is an error here, before writing."""
+    config = standard_config(model.config, fmt)
+    state = standard_state_dict(model.config, model.state_dict(), fmt)
+    with torch.device("meta"):  # no random init of weights that are replaced right away
+        stock = CLASSES[fmt](config)
+    try:
+        stock.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ExportError(f"{fmt} weight map is incomplete: {' '.join(str(e).split())[:300]}") from None
+    return stock.eval()
+
+
+def _generation_config(model: MoEForCausalLM, tokenizer) -> GenerationConfig:
+    # The tokenizer's special tokens win: they are what `generate` must stop on.
+    source = tokenizer if tokenizer is not None else model.config
+    return GenerationConfig(bos_token_id=source.bos_token_id, eos_token_id=source.eos_token_id,
+                            pad_token_id=source.pad_token_id)
+
+
+def stock_logits_diff(folder: Path, class_name: str, ids: torch.Tensor, ours: torch.Tensor) -> float:
+    """Max |logits(stock class, fresh interpreter) - ours| on `ids`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ids_path, logits_path = Path(tmp) / "ids.pt", Path(tmp) / "logits.pt"
+        torch.save(ids, ids_path)
+        # -I: no PYTHONPATH, no user site, and not the script's folder on sys.path, so moe_dist is never
+        # importable by accident; run from an empty folder, offline.
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        proc = subprocess.run([sys.executable, "-I", str(_STOCK_LOGITS), str(folder), class_name, str(ids_path),
+                               str(logits_path)], cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise ExportError(f"the stock {class_name} cannot load the export (exit {proc.returncode}): {last}")
+        theirs = torch.load(logits_path, weights_only=True)
+    return (theirs - ours).abs().max().item()
+
+
+def model_card(ckpt: Path, model: MoEForCausalLM, fmt: str, class_name: str, diff: float) -> str:
+    """README.md: which class loads the folder, how the model was trained (as far as the run folder records it)."""
+    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+    summary, record = ({} if run is None or not (run / name).is_file() else json.loads((run / name).read_text())
+                       for name in ("summary.json", "run.json"))
+    preset = summary.get("model") or record.get("preset") or "unknown"
+    engine = summary.get("engine") or record.get("engine") or "unknown"
+    command = f"moe-dist-train --model {preset}" + (" --deepspeed <config>" if engine == "deepspeed" else "")
+    ppl = summary.get("final_val_ppl")
+    lines = [
+        "---", "library_name: transformers", "pipeline_tag: text-generation", f"tags: [moe-dist, {fmt}]", "---", "",
+        f"# {preset} (moe-dist export)", "",
+        f"Loads with the stock `transformers.{class_name}` (`model_type: {fmt}`): "
+        "`AutoModelForCausalLM.from_pretrained(folder)`, no custom code, no `trust_remote_code`.",
+        f"Exported from `{ckpt}` with `python -m moe_dist.export {ckpt} OUT --format {fmt}`.", "",
+        "## Training", "",
+        f"- Command: `{command} ...` (the run folder records the preset and engine; the other flags are not kept)",
+        "- Data: the run's training text, tokenised by the tokenizer saved in this folder "
+        "(the data source is not recorded in the run folder)",
+        f"- Engine: {engine}, expert-parallel size {summary.get('ep_size', 'unknown')}, "
+        f"world size {summary.get('world_size', 'unknown')}, {summary.get('steps', 'unknown')} steps",
+        f"- Validation perplexity: {ppl:.3f} (final), {summary.get('best_val_ppl', float('nan')):.3f} (best)"
+        if ppl is not None else "- Validation perplexity: not recorded (no summary.json beside the checkpoint)",
+        "", "## Model", "",
+        f"- {model.num_parameters():,} parameters, {model.num_active_parameters():,} active per token",
+        f"- Exactness: max |logit difference| against the moe-dist model on a fixed batch, fp32: {diff:.2e}",
+    ]
+    return "\n".join(lines) + "\n"
