@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ TRAIN = ROOT / "launch" / "train.py"
 DATA_ARGS = ["--train_file", str(FIXTURES / "stories.txt"), "--valid_file", str(FIXTURES / "stories_valid.txt"),
              "--tokenizer", "train:512"]
 CPU_EP2 = str(ROOT / "ds_configs" / "cpu_ep2.json")
+CPU_EP1 = str(ROOT / "ds_configs" / "cpu_ep1.json")  # one process: micro-batch 8 x accumulation 2
 
 # The shared reference runs (see conftest.py): 24 steps of tiny-moe, checkpoints at 12 and 24.
 STEPS = 24
@@ -67,6 +69,16 @@ def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 def metrics(run_dir: Path, kind: str = "train") -> dict[int, dict]:
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
     return {r["step"]: r for r in rows if r["kind"] == kind}
+
+
+def truncate_run(src: Path, dst: Path, keep_step: int) -> None:
+    """A copy of a finished run as it was right after its step-`keep_step` checkpoint."""
+    shutil.copytree(src, dst)
+    (dst / "summary.json").unlink()
+    shutil.rmtree(dst / "hf", ignore_errors=True)
+    for ckpt in (dst / "checkpoints").glob("step*"):
+        if int(ckpt.name[4:]) > keep_step:
+            shutil.rmtree(ckpt)
 
 
 def run_without_moe_dist(script: str, tmp_path: Path) -> subprocess.CompletedProcess:

@@ -8,12 +8,13 @@ SMALL = ["--vocab_size", "256", "--seq_len", "16", "--micro_batch_size", "2", "-
          "--warmup", "1", "--rounds", "2"]
 
 
-def test_bench_train_times_dense_and_both_moe_twins_and_measures_each_peak_in_isolation(tmp_path):
+def test_bench_train_times_dense_and_both_moe_twins_with_both_expert_kernels_and_each_peak_in_isolation(tmp_path):
     out = tmp_path / "bench.json"
     proc = check(python(BENCH, [*SMALL, "--isolate", "--json", str(out)], timeout=240))
     result = json.loads(out.read_text())
     rows = {r["variant"]: r for r in result["rows"]}
-    assert list(rows) == ["dense", "e4 cf1", "e4 dropless"]
+    assert list(rows) == ["dense", "e4 cf1", "e4 cf1 loop", "e4 dropless", "e4 dropless loop"]
+    assert [r["experts_impl"] for r in rows.values()] == [None, "grouped", "loop", "grouped", "loop"]
     assert "e4 dropless" in proc.stdout and result["command"].startswith("python ")
     assert result["tokens_per_step"] == 2 * 16 and 0 < result["ffn_flop_share"] < 1
     for r in rows.values():

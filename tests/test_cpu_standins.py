@@ -3,8 +3,9 @@
 Two "nodes" are two `torchrun --nnodes 2 --nproc_per_node 1 --node_rank i` processes on localhost,
 so each rank has LOCAL_RANK 0 while its global rank is 0 or 1: the mapping a second machine gives.
 
-Every run here is tiny (seq_len 32, 6 steps, dropless, no router losses) and shares one reference run, to keep the
-suite's time budget. A constant learning rate (no warmup, min_lr_ratio 1) makes the schedule
+Every run here is tiny (seq_len 32, at most 6 steps, dropless, no router losses) and compares with
+one of two shared runs, to keep the suite's time budget: the 2-rank EP=2 reference, and one process
+with the same global batch. A constant learning rate (no warmup, min_lr_ratio 1) makes the schedule
 independent of --max_steps, so a run stopped at step 4 and resumed to 6 must give the reference's
 six losses.
 """
@@ -13,19 +14,17 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from launcher import CPU_EP2, DATA_ARGS, ROOT, TRAIN, _env, check, deepspeed, metrics, python
+from launcher import CPU_EP1, CPU_EP2, DATA_ARGS, ROOT, TRAIN, _env, check, deepspeed, metrics, python, truncate_run
 
 from moe_dist.parallel.process_group import free_port
 
 pytestmark = pytest.mark.multirank
 
-CPU_EP1 = str(ROOT / "ds_configs" / "cpu_ep1.json")  # one process: micro-batch 8 x accumulation 2
 STEPS = 6
 SMALL = ["--model", "tiny-moe", *DATA_ARGS, "--seq_len", "32", "--max_valid_blocks", "16", "--dropless",
          # The Switch aux loss and the z-loss are statistics of each micro-batch: with them, 4 ranks
@@ -74,16 +73,6 @@ def reference(tmp_path_factory) -> Path:
     check(deepspeed(TRAIN, ["--deepspeed", CPU_EP2, *SMALL, "--max_steps", str(STEPS), "--output_dir", str(run)]))
     assert sorted(losses(run)) == list(range(1, STEPS + 1))
     return run
-
-
-def truncate_run(src: Path, dst: Path, keep_step: int) -> None:
-    """A copy of a finished run as it was right after its step-`keep_step` checkpoint."""
-    shutil.copytree(src, dst)
-    (dst / "summary.json").unlink()
-    shutil.rmtree(dst / "hf", ignore_errors=True)
-    for ckpt in (dst / "checkpoints").glob("step*"):
-        if int(ckpt.name[4:]) > keep_step:
-            shutil.rmtree(ckpt)
 
 
 def test_two_nodes_train_resume_and_export_like_one_node(reference, tmp_path):
@@ -136,12 +125,21 @@ def test_deepspeed_ep2_run_resumes_at_deepspeed_ep1_on_one_process(reference, tm
 
 
 @pytest.fixture(scope="module")
-def world4(reference, tmp_path_factory) -> Path:
-    """4 ranks at EP=2 (each expert on 2 ranks: expert-data-parallel replicas), ZeRO-2, micro-batch 4:
-    the reference's global batch of 16 sequences, for its first 4 steps (checkpoint and export at 4)."""
-    tmp = tmp_path_factory.mktemp("world4")
+def one_process(tmp_path_factory) -> Path:
+    """The same global batch (16 sequences: micro-batch 8 x accumulation 2) on one process, EP=1,
+    for 4 steps: what the expert-data-parallel layouts below must reproduce."""
+    run = tmp_path_factory.mktemp("one") / "run"
+    check(python(TRAIN, ["--deepspeed", CPU_EP1, *SMALL, "--max_steps", "4", "--output_dir", str(run)]))
+    return run
+
+
+def _world4(tmp_path_factory, zero_stage: int) -> Path:
+    """4 ranks at EP=2 (each expert on 2 ranks: expert-data-parallel replicas), micro-batch 4: the
+    same global batch of 16 sequences, for 4 steps (checkpoint and export at 4)."""
+    tmp = tmp_path_factory.mktemp(f"world4_zero{zero_stage}")
     ds = json.loads(Path(CPU_EP2).read_text())
     ds["train_micro_batch_size_per_gpu"] = 4
+    ds["zero_optimization"]["stage"] = zero_stage
     (tmp / "ds.json").write_text(json.dumps(ds))
     run = tmp / "run"
     check(deepspeed(TRAIN, ["--deepspeed", str(tmp / "ds.json"), *SMALL, "--max_steps", "4", "--output_dir", str(run)],
@@ -149,17 +147,27 @@ def world4(reference, tmp_path_factory) -> Path:
     return run
 
 
-def test_expert_replicas_on_4_ranks_train_like_2_ranks(reference, world4, tmp_path):
+@pytest.fixture(scope="module")
+def world4_zero1(tmp_path_factory) -> Path:
+    return _world4(tmp_path_factory, 1)
+
+
+@pytest.fixture(scope="module")
+def world4(tmp_path_factory) -> Path:
+    return _world4(tmp_path_factory, 2)
+
+
+@pytest.mark.parametrize("layout", ["world4_zero1", "world4"])
+def test_expert_replicas_on_4_ranks_train_like_one_process(layout, one_process, reference, request):
     from safetensors.torch import load_file
 
-    from moe_dist.export import export_checkpoint
-
-    want, got = losses(reference), losses(world4)
-    assert sorted(got) == [1, 2, 3, 4]
+    replicas = request.getfixturevalue(layout)
+    want, got = losses(one_process), losses(replicas)
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
     for step in got:
         assert abs(want[step] - got[step]) <= 1e-5, (step, want[step], got[step])
-    export_checkpoint(reference / "checkpoints" / "step00000004", tmp_path / "hf")
-    a, b = load_file(tmp_path / "hf" / "model.safetensors"), load_file(world4 / "hf" / "model.safetensors")
+        assert abs(losses(reference)[step] - got[step]) <= 1e-5, step  # and like 2 ranks at EP=2
+    a, b = load_file(one_process / "hf" / "model.safetensors"), load_file(replicas / "hf" / "model.safetensors")
     assert a.keys() == b.keys() and any(".experts." in k for k in a)
     for name in a:
         assert (a[name] - b[name]).abs().max() <= 1e-5, name

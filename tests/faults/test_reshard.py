@@ -6,24 +6,13 @@ in every layout used here, so the continued losses must equal the uninterrupted 
 
 import json
 import re
-import shutil
 
 import pytest
-from launcher import CPU_EP2, EP2_ARGS, ROOT, STEPS, TRAIN, check, deepspeed, metrics, python
+from launcher import CPU_EP1, CPU_EP2, EP2_ARGS, STEPS, TRAIN, check, deepspeed, metrics, python, truncate_run
 
 pytestmark = [pytest.mark.faults, pytest.mark.multirank]
 
-CPU_EP1 = str(ROOT / "ds_configs" / "cpu_ep1.json")  # one process, micro-batch 8 x accumulation 2
 COMMON = [a for a in EP2_ARGS if a not in ("--deepspeed", CPU_EP2)]
-
-
-def truncate_run(src, dst, keep_step: int) -> None:
-    """A copy of a finished run as it was right after its step-`keep_step` checkpoint."""
-    shutil.copytree(src, dst)
-    (dst / "summary.json").unlink()
-    for ckpt in (dst / "checkpoints").glob("step*"):
-        if int(ckpt.name[4:]) > keep_step:
-            shutil.rmtree(ckpt)
 
 
 def assert_continues(straight, resumed, after: int) -> None:
