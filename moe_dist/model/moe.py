@@ -5,16 +5,22 @@ parallelism: `experts` is a `LocalExperts` here, and `moe_dist.parallel.expert_p
 DeepSpeed's MoE layer, which takes the same `(x_TD, routing)` call, for EP > 1. The
 per-expert weight layout (`experts.{global_id}.up_proj.weight`, ...) is the same in both.
 
-Shape suffixes: B batch, S sequence, T = B*S tokens, D model width, K top-k, R = K*T routes.
+Shape suffixes: B batch, S sequence, T = B*S tokens, D model width, K top-k, R = K*T routes,
+E experts, C slots per expert, I / O a projection's input / output width.
 """
 
 from __future__ import annotations
+
+import functools
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .routing import Router, Routing
+from .routing import Router, Routing, count_per_expert
+
+logger = logging.getLogger(__name__)
 
 
 class FeedForward(nn.Module):
@@ -32,33 +38,161 @@ class FeedForward(nn.Module):
         return self.down_proj(h)
 
 
+# ---- grouped expert GEMM ------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def experts_impl(device: torch.device, dtype: torch.dtype, hidden_size: int, intermediate_size: int) -> str:
+    """"grouped" where `torch.nn.functional.grouped_mm` runs as one kernel here, else "loop".
+
+    Decided once per (device, dtype, shape) and logged once; the forward only looks it up.
+    The conditions are torch's own (read in ATen's GroupedMMUtils.h and cuda/GroupedBlas.cpp,
+    torch 2.9-2.13): every non-unit stride a multiple of 16 bytes (so D and I multiples of 4 in
+    fp32, 8 in bf16). On CUDA only bf16 on sm90/sm100 has a kernel; anything else takes
+    `_grouped_mm_fallback`, which copies `offs` to the host (a sync) and loops over groups in
+    C++. On CPU that fallback is the implementation: no sync there, and one C++ loop instead of
+    a Python loop with its autograd nodes.
+    """
+    reason = None
+    if not hasattr(F, "grouped_mm"):
+        reason = f"torch {torch.__version__} has no grouped_mm"
+    elif dtype not in (torch.float32, torch.bfloat16):
+        reason = f"grouped_mm is not used for {dtype}"
+    elif (hidden_size * dtype.itemsize) % 16 or (intermediate_size * dtype.itemsize) % 16:
+        reason = f"widths {hidden_size}/{intermediate_size} in {dtype} are not multiples of 16 bytes"
+    elif device.type == "cuda":
+        if dtype != torch.bfloat16 or torch.cuda.get_device_capability(device)[0] not in (9, 10):
+            reason = "CUDA has a grouped kernel for bf16 on sm90/sm100 only (elsewhere it syncs and loops)"
+    elif device.type != "cpu":
+        reason = f"grouped_mm is untested on {device.type}"
+    impl = "loop" if reason else "grouped"
+    logger.info("MoE experts on %s %s (d %d, ffn %d): %s%s", device, dtype, hidden_size, intermediate_size,
+                impl, f" ({reason})" if reason else "")
+    return impl
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the experts' matmuls run in: autocast's where it is on (accelerate's bf16), else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _masked(y_RO: torch.Tensor, valid_R1: torch.Tensor | None) -> torch.Tensor:
+    # grouped_mm leaves rows past offs[-1] uninitialised (possibly NaN): select zeros there,
+    # since multiplying by a zero weight would keep a NaN.
+    return y_RO if valid_R1 is None else torch.where(valid_R1, y_RO, 0)
+
+
+class GroupedMatmul(torch.autograd.Function):
+    """y_RO[r] = x_RI[r] @ w_EIO[e(r)]: rows sorted by expert, expert e's rows end at offs_E[e].
+
+    torch 2.13's own backward of grouped_mm fails on CPU ("Invalid strides/sizes"), so the
+    gradients are written out: dx = grouped_mm(dy, w^T, offs), and the 2-D x 2-D form with the
+    groups along the contraction gives dw_EIO = grouped_mm(x^T, dy, offs). Rows past offs[-1]
+    (dropped routes) belong to no expert: their output and input gradient are zero.
+    """
+
+    @staticmethod
+    def forward(ctx, x_RI, w_EIO, offs_E, valid_R1):
+        ctx.save_for_backward(x_RI, w_EIO, offs_E, valid_R1)
+        return _masked(F.grouped_mm(x_RI, w_EIO, offs=offs_E), valid_R1)
+
+    @staticmethod
+    def backward(ctx, dy_RO):
+        x_RI, w_EIO, offs_E, valid_R1 = ctx.saved_tensors
+        dy_RO = dy_RO.contiguous()  # autograd may hand an expanded (stride-0) gradient
+        dx_RI = dw_EIO = None
+        if ctx.needs_input_grad[0]:
+            dx_RI = _masked(F.grouped_mm(dy_RO, w_EIO.transpose(-2, -1), offs=offs_E), valid_R1)
+        if ctx.needs_input_grad[1]:
+            dw_EIO = F.grouped_mm(x_RI.t(), dy_RO, offs=offs_E)
+        return dx_RI, dw_EIO, None, None
+
+
 class LocalExperts(nn.ModuleList):
     """All of a layer's experts on one device, run dropless or with capacity.
 
     Routes are sorted by expert and every expert runs once on its exact slice, so there
     is no padding to a capacity buffer: top-1 costs the FLOPs of the dense FFN it replaces.
+    Where `experts_impl` allows, all experts run as one grouped GEMM per projection with
+    device-side offsets (no host sync); elsewhere as a Python loop over the experts.
+
+    The weights stay per-expert `nn.Linear`s (checkpoint, DeepSpeed per-expert files and export
+    keys unchanged); the grouped and batched paths stack them per forward (`stacked`), and
+    autograd splits the gradient back.
     """
+
+    impl: str | None = None  # None: `experts_impl` decides; "loop" forces the loop (benchmarks)
+
+    def stacked(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Projection `name` of every expert: weight [E, O, I] (nn.Linear layout) and bias [E, O] or None."""
+        projs = [getattr(expert, name) for expert in self]
+        bias_EO = torch.stack([p.bias for p in projs]).to(dtype) if projs[0].bias is not None else None
+        return torch.stack([p.weight for p in projs]).to(dtype), bias_EO
+
+    def _ffn(self, x: torch.Tensor, linear) -> torch.Tensor:
+        """The expert MLP of `FeedForward`, with `linear(name, h)` applying every expert's projection."""
+        h = linear("up_proj", x)
+        h = F.silu(linear("gate_proj", x)) * h if self[0].gate_proj is not None else F.gelu(h, approximate="tanh")
+        return linear("down_proj", h)
 
     def forward(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         T, E = x_TD.shape[0], len(self)
         expert_R = routing.expert_idx_TK.t().reshape(-1)  # route-major, as in assign_positions
         if routing.capacity is not None:
             # Dropped routes go to a sentinel expert E that sorts last and never runs. Boolean
-            # indexing would size its output from the data: a second device sync on GPU.
+            # indexing would size its output from the data: a device sync on GPU.
             expert_R = expert_R.masked_fill(~routing.keep_TK.t().reshape(-1), E)
         order_R = torch.argsort(expert_R, stable=True)  # by expert, route order within one
-        # The split sizes must live on the host; this is the block's one device sync.
-        counts = torch.bincount(expert_R, minlength=E + 1).tolist()
-        order_R = order_R[:len(order_R) - counts[E]]
+        counts_E1 = count_per_expert(expert_R, E + 1)  # a scatter-add: bincount would sync on CUDA
         token_R = order_R % T  # route k*T + t is token t's k-th choice
-        weight_R = routing.weight_TK.t().reshape(-1).index_select(0, order_R)
-        # Every expert runs, even on zero rows, so each gets a (zero) gradient and no
-        # parameter is "unused" for DDP or ZeRO.
-        y_RD = torch.cat([expert(chunk) for expert, chunk in zip(self, x_TD.index_select(0, token_R).split(counts[:E]))])
+        x_RD = x_TD.index_select(0, token_R)
+        dtype = _compute_dtype(x_TD)
+        up = self[0].up_proj
+        if (self.impl or experts_impl(x_TD.device, dtype, up.in_features, up.out_features)) == "grouped":
+            y_RD = self._grouped(x_RD.to(dtype), expert_R.index_select(0, order_R), counts_E1,
+                                 routing.capacity is not None)
+        else:
+            y_RD = self._loop(x_RD, counts_E1)
+        weight_R = routing.weight_TK.t().reshape(-1).index_select(0, order_R)  # 0 for dropped routes
         # Weighted sum over a token's routes in fp32, as DeepSpeed's combine does.
         out_TD = torch.zeros(T, x_TD.shape[1], dtype=torch.float32, device=x_TD.device)
         out_TD.index_add_(0, token_R, y_RD.float() * weight_R.unsqueeze(1))
         return out_TD.to(x_TD.dtype)
+
+    def _grouped(self, x_RD, expert_R, counts_E1, drops: bool) -> torch.Tensor:
+        """One grouped GEMM per projection over the expert-sorted routes; no host sync."""
+        E = len(self)
+        offs_E = counts_E1[:E].cumsum(0).to(torch.int32)
+        # With capacity, the dropped routes sort last, past offs[-1]; dropless has none.
+        valid_R1 = (torch.arange(len(x_RD), device=x_RD.device) < offs_E[-1]).unsqueeze(1) if drops else None
+
+        def linear(name, h_RI):
+            w_EOI, b_EO = self.stacked(name, h_RI.dtype)
+            y_RO = GroupedMatmul.apply(h_RI, w_EOI.transpose(-2, -1), offs_E, valid_R1)
+            # Bias per row, gathered by expert id; the sentinel E of dropped routes gets a zero row.
+            return y_RO if b_EO is None else y_RO + F.pad(b_EO, (0, 0, 0, 1)).index_select(0, expert_R)
+
+        return self._ffn(x_RD, linear)
+
+    def _loop(self, x_RD, counts_E1) -> torch.Tensor:
+        """The fallback: one `FeedForward` call per expert on its slice."""
+        # The split sizes must live on the host: one device sync per layer.
+        counts = counts_E1.tolist()
+        # Every expert runs, even on zero rows, so each gets a (zero) gradient and no
+        # parameter is "unused" for DDP or ZeRO. Dropped routes (last) get zero rows.
+        chunks = x_RD.split(counts)
+        return torch.cat([*(expert(chunk) for expert, chunk in zip(self, chunks)), torch.zeros_like(chunks[-1])])
+
+    def forward_buffer(self, x_ECD: torch.Tensor) -> torch.Tensor:
+        """Expert e on row block x_ECD[e] of a padded capacity buffer: one batched matmul per projection."""
+        def linear(name, h_ECI):
+            w_EOI, b_EO = self.stacked(name, h_ECI.dtype)
+            if b_EO is None:
+                return torch.bmm(h_ECI, w_EOI.transpose(1, 2))
+            return torch.baddbmm(b_EO.unsqueeze(1), h_ECI, w_EOI.transpose(1, 2))
+
+        return self._ffn(x_ECD, linear)
 
 
 class MoEBlock(nn.Module):

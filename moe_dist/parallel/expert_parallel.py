@@ -64,6 +64,8 @@ class _PrecomputedGate(nn.Module):
             # size; take the largest per-expert count in the group, as DeepSpeed does.
             largest = counts_E.max().reshape(1)
             dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=self.ep_group)
+            # The layer's one host sync under EP (issue 13): the buffer size is a shape, and
+            # every rank must agree on it before the all-to-all. Capacity routing needs none.
             capacity = max(int(largest), 1)
         keep_KT = routing.keep_TK.t()
         idx_KT = torch.where(keep_KT, routing.expert_idx_TK.t(), -1).int().contiguous()
@@ -87,6 +89,16 @@ def _expert_shard_class():
                 # The tags DeepSpeed reads to reduce these grads over expert-data-parallel ranks only.
                 param.allreduce = False
                 param.group_name = group_name
+
+        def forward(self, inputs_GECD: torch.Tensor) -> torch.Tensor:
+            """`Experts.forward`'s contract: G = ep_size source ranks, E = local experts, C slots.
+
+            DeepSpeed's version chunks dim 1 and calls each expert in a Python loop; here all
+            local experts run at once, one batched matmul per projection on [E, G*C, D].
+            """
+            G, E, C, D = inputs_GECD.shape
+            x_ECD = inputs_GECD.transpose(0, 1).reshape(E, G * C, D)
+            return self.deepspeed_experts.forward_buffer(x_ECD).view(E, G, C, D).transpose(0, 1)
 
     return ExpertShard
 
