@@ -6,7 +6,10 @@ layer on a [T, d] input that requires grad, as inside a transformer. Variants:
 - `dense`: the GPT-2 MLP, `FeedForward(d, ff, "gelu", bias=True)`;
 - `moe`: our `MoEBlock` (router + sort-based `LocalExperts`) at E experts, top-k, capacity
   factor 1.0 in training mode, every expert the same `FeedForward` as the dense layer; and
-  `moe-dropless` (capacity_factor=None) for top-1;
+  `moe-dropless` (capacity_factor=None) for top-1. `--experts_impl` picks the expert kernels:
+  `grouped` (the default choice, `moe_dist.model.moe.experts_impl`: one grouped GEMM per
+  projection where torch has one for this device and dtype) and/or `loop` (one `FeedForward`
+  per expert), named `moe-loop` / `moe-dropless-loop`, same weights;
 - `ds`: `deepspeed.moe.layer.MoE(ep_size=1, capacity_factor=1.0)` wrapping the same expert,
   its gate and experts loaded with our block's weights; `l_aux` joins the loss as a trainer's.
 
@@ -21,7 +24,9 @@ Method: all variants live in one process and are timed in interleaved rounds (ea
 times every variant once, `--iters` steps each) after warm-up. The table shows the median
 round (`--stat best`: the fastest, which resists neighbours on a shared machine) and `iqr`,
 the interquartile range of the rounds relative to the median (noise). `drop%`: routes
-dropped by capacity in the last step.
+dropped by capacity in the last step. `stack ms`: the grouped path keeps per-expert weights
+and stacks them every forward; the time of that copy alone (all projections of one layer,
+forward; its backward, splitting the gradient, is not counted), and its share of the step.
 
     python tools/bench_moe.py --tokens 2048 8192 --experts 8 16 --top_k 1 2 --json bench.json
 """
@@ -36,7 +41,7 @@ import torch
 
 from moe_dist.analysis.bench import command_line, machine, require_device, sync, write_json
 from moe_dist.model.configuration import MoEConfig
-from moe_dist.model.moe import FeedForward, MoEBlock
+from moe_dist.model.moe import FeedForward, MoEBlock, experts_impl
 
 COMMAND = command_line("python")
 
@@ -69,8 +74,13 @@ def build_deepspeed(ours: MoEBlock, d, ff, E, k):
 class Variant:
     """One layer, the step that trains it, and its timings."""
 
-    def __init__(self, name, E, k, module, kind):
+    def __init__(self, name, E, k, module, kind, impl=None):
         self.name, self.E, self.k, self.module, self.kind = name, E, k, module, kind
+        if impl == "loop":
+            module.experts.impl = "loop"
+        self.impl = impl  # "grouped" | "loop" as asked; `chosen_impl` says what ran
+        self.chosen_impl: str | None = None
+        self.stack_s: float | None = None  # grouped only: see stack_seconds
         self.rounds: dict[int, list[float]] = {}  # tokens -> seconds per step, one per round
         self.drop: dict[int, float | None] = {}
 
@@ -101,14 +111,30 @@ def build_variants(args) -> list[Variant]:
     for E in args.experts:
         for k in args.top_k:
             ours = build_ours(d, ff, E, k, 1.0)
-            variants.append(Variant(f"moe E{E} k{k}", E, k, ours, "ours"))
-            if k == 1:
-                dropless = build_ours(d, ff, E, k, None)
-                dropless.load_state_dict(ours.state_dict())
-                variants.append(Variant(f"moe-dropless E{E} k{k}", E, k, dropless, "ours"))
+            for kind, cf in [("moe", 1.0)] + [("moe-dropless", None)] * (k == 1):
+                for impl in args.experts_impl:
+                    block = build_ours(d, ff, E, k, cf)
+                    block.load_state_dict(ours.state_dict())
+                    name = f"{kind}{'-loop' if impl == 'loop' else ''} E{E} k{k}"
+                    variants.append(Variant(name, E, k, block, "ours", impl))
             if not args.no_deepspeed:
                 variants.append(Variant(f"ds E{E} k{k}", E, k, build_deepspeed(ours, d, ff, E, k), "ds"))
     return variants
+
+
+def stack_seconds(v: Variant, dtype: torch.dtype, device: torch.device, reps: int = 5) -> float:
+    """The per-forward weight stacking of the grouped path alone: median seconds over `reps` tries."""
+    experts, names = v.module.experts, ["up_proj", "gate_proj", "down_proj"]
+    names = [n for n in names if getattr(experts[0], n) is not None]
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        stacks = [experts.stacked(n, dtype) for n in names]
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        del stacks
+    return statistics.median(times)
 
 
 def run(args) -> list[Variant]:
@@ -134,6 +160,10 @@ def run(args) -> list[Variant]:
                 v.rounds[T].append((time.perf_counter() - t0) / args.iters)
         for v in variants:
             v.drop[T] = v.drop_fraction(T)
+    for v in variants:
+        v.chosen_impl = ("loop" if v.impl == "loop" else experts_impl(device, dtype, args.d_model, args.ffn)) \
+            if v.kind == "ours" else None
+        v.stack_s = stack_seconds(v, dtype, device) if v.chosen_impl == "grouped" else None
     return variants
 
 
@@ -149,16 +179,23 @@ def report(args, variants: list[Variant]) -> dict:
             ds_tok_s = T / stat(ds.rounds[T]) if ds is not None and v.kind == "ours" else None
             q1, _, q3 = statistics.quantiles(v.rounds[T], n=4) if len(v.rounds[T]) > 1 else [v.rounds[T][0]] * 3
             iqr = (q3 - q1) / statistics.median(v.rounds[T])  # noise: interquartile range of the rounds
-            rows.append(dict(variant=v.name, tokens=T, tok_s=tok_s, vs_dense=tok_s / dense,
-                             vs_ds=tok_s / ds_tok_s if ds_tok_s else None, drop=v.drop[T],
+            kind, _, shape = v.name.partition(" ")
+            loop = by_name.get(f"{kind}-loop {shape}") if v.chosen_impl == "grouped" else None
+            rows.append(dict(variant=v.name, tokens=T, experts_impl=v.chosen_impl, tok_s=tok_s, vs_dense=tok_s / dense,
+                             vs_ds=tok_s / ds_tok_s if ds_tok_s else None,
+                             vs_loop=stat(loop.rounds[T]) / stat(v.rounds[T]) if loop else None, drop=v.drop[T],
                              iqr=iqr, median_tok_s=T / statistics.median(v.rounds[T]),
-                             best_tok_s=T / min(v.rounds[T]), seconds=v.rounds[T]))
-    fmt = "{:<22} {:>6} {:>11} {:>9} {:>7} {:>6} {:>7}"
-    print(fmt.format("variant", "tokens", "tok/s", "/dense", "/ds", "drop%", "iqr"))
+                             best_tok_s=T / min(v.rounds[T]), seconds=v.rounds[T],
+                             stack_ms=1e3 * v.stack_s if v.stack_s else None,
+                             stack_share=v.stack_s / stat(v.rounds[T]) if v.stack_s else None))
+    fmt = "{:<24} {:>6} {:>11} {:>7} {:>6} {:>6} {:>6} {:>6} {:>13}"
+    print(fmt.format("variant", "tokens", "tok/s", "/dense", "/ds", "/loop", "drop%", "iqr", "stack ms (%)"))
+    ratio = lambda x: f"{x:.2f}x" if x else "-"  # noqa: E731
     for r in rows:
-        print(fmt.format(r["variant"], r["tokens"], f"{r['tok_s']:,.0f}", f"{r['vs_dense']:.2f}x",
-                         f"{r['vs_ds']:.2f}x" if r["vs_ds"] else "-",
-                         f"{100 * r['drop']:.1f}" if r["drop"] is not None else "-", f"{100 * r['iqr']:.0f}%"))
+        stack = f"{r['stack_ms']:.2f} ({100 * r['stack_share']:.1f}%)" if r["stack_ms"] else "-"
+        print(fmt.format(r["variant"], r["tokens"], f"{r['tok_s']:,.0f}", ratio(r["vs_dense"]), ratio(r["vs_ds"]),
+                         ratio(r["vs_loop"]), f"{100 * r['drop']:.1f}" if r["drop"] is not None else "-",
+                         f"{100 * r['iqr']:.0f}%", stack))
     return dict(command=COMMAND, machine=machine(torch.device(args.device)),
                 args=vars(args), rows=rows)
 
@@ -180,6 +217,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_deepspeed", action="store_true", help="skip DeepSpeed's stock layer")
+    p.add_argument("--experts_impl", nargs="+", choices=["grouped", "loop"], default=["grouped", "loop"],
+                   help="expert kernels to time side by side: grouped GEMM (where torch has one) and/or the loop")
     p.add_argument("--json", help="write every number (and per-round timings) here")
     args = p.parse_args(argv)
     args.dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(args.dtype, args.dtype)
