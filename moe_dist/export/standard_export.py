@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from transformers import GenerationConfig
+from transformers.utils import logging as hf_logging
 
 from ..atomic_io import write_dir_atomic
 from ..model.modeling import MoEForCausalLM
@@ -52,7 +53,14 @@ def export_standard(ckpt: str | Path, out_dir: str | Path, fmt: str, *, tokenize
     def write(staging: Path) -> None:
         nonlocal diff
         stock.generation_config = _generation_config(model, tokenizer)
-        stock.save_pretrained(staging, safe_serialization=True)
+        # A refusal must be the only line on stderr: no "Writing model shards" bar before it.
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            stock.save_pretrained(staging, safe_serialization=True)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         diff = stock_logits_diff(staging, type(stock).__name__, ids, ours)
