@@ -112,6 +112,16 @@ def test_export_loads_in_the_stock_class_with_our_logits_greedy_tokens_and_a_pip
     assert stock["text"].startswith("Once upon a time")
 
 
+def test_a_bf16_export_is_checked_against_our_model_on_the_same_rounded_weights(tmp_path, tokenizer, capsys):
+    from safetensors import safe_open
+
+    run = make_run(tmp_path, tokenizer, "mixtral-tiny")
+    assert main([str(run), str(tmp_path / "out"), "--format", "mixtral", "--dtype", "bf16"]) == 0
+    assert "as mixtral (max |logit difference|" in capsys.readouterr().out
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.bfloat16
+
+
 def refused(capsys, run: Path, out: Path, fmt: str) -> str:
     """Export `run` as `fmt`, expecting a refusal: exit 2, one line, nothing written beside `out`."""
     assert main([str(run), str(out), "--format", fmt]) == 2

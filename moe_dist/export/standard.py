@@ -14,7 +14,8 @@ Read against the installed transformers 5.24 (models/gpt2, mixtral, ernie4_5_moe
                   rows of every head are permuted; its renormalisation divides by max(sum, moe_norm_min).
 
 Both MoE classes stack experts as `gate_up_proj` [E, 2I, D] (gate rows first: `.chunk(2)` gives gate, up)
-and `down_proj` [E, D, I]. Training-only fields (capacity_factor, jitter, loss coefficients) do not change
+and `down_proj` [E, D, I] in memory; `save_pretrained` writes them back in each family's hub layout
+(Mixtral: `block_sparse_moe.experts.{e}.w1/w2/w3`), which is what other serving stacks read. Training-only fields (capacity_factor, jitter, loss coefficients) do not change
 the forward at inference and need no counterpart.
 """
 

@@ -43,11 +43,10 @@ def export_standard(ckpt: str | Path, out_dir: str | Path, fmt: str, *, tokenize
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    # The reference is our model on exactly the exported weights (a bf16 export: the rounded ones), in fp32.
     ids = torch.randint(model.config.vocab_size, (2, min(16, model.config.max_position_embeddings)),
                         generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ours = model.float()(input_ids=ids, use_cache=False).logits
+        ours = _fp32_reference(model)(input_ids=ids, use_cache=False).logits
     diff = float("nan")
 
     def write(staging: Path) -> None:
@@ -84,6 +83,19 @@ def _stock_model(model: MoEForCausalLM, fmt: str):
     except RuntimeError as e:
         raise ExportError(f"{fmt} weight map is incomplete: {' '.join(str(e).split())[:300]}") from None
     return stock.eval()
+
+
+def _fp32_reference(model: MoEForCausalLM) -> MoEForCausalLM:
+    """Our model on exactly the exported weights (a bf16 export: the rounded ones), computed in fp32.
+
+    Rebuilt rather than cast: casting to bf16 also rounded the RoPE frequencies (a buffer, not exported),
+    which the stock class recomputes in fp32.
+    """
+    if all(p.dtype == torch.float32 for p in model.parameters()):
+        return model
+    reference = MoEForCausalLM(model.config)
+    reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()}, strict=True)
+    return reference.eval()
 
 
 def _generation_config(model: MoEForCausalLM, tokenizer) -> GenerationConfig:
