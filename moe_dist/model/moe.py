@@ -77,36 +77,30 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def _masked(y_RO: torch.Tensor, valid_R1: torch.Tensor | None) -> torch.Tensor:
-    # grouped_mm leaves rows past offs[-1] uninitialised (possibly NaN): select zeros there,
-    # since multiplying by a zero weight would keep a NaN.
-    return y_RO if valid_R1 is None else torch.where(valid_R1, y_RO, 0)
-
-
 class GroupedMatmul(torch.autograd.Function):
-    """y_RO[r] = x_RI[r] @ w_EIO[e(r)]: rows sorted by expert, expert e's rows end at offs_E[e].
+    """y_RO[r] = x_RI[r] @ w_EOI[e(r)]^T, rows sorted by expert: expert e's rows end at offs_E[e].
 
+    The weight is in `nn.Linear` layout ([out, in]) per expert, so the weight gradient comes out
+    in the parameters' own layout and autograd hands each expert a contiguous slice, no copy.
     torch 2.13's own backward of grouped_mm fails on CPU ("Invalid strides/sizes"), so the
-    gradients are written out: dx = grouped_mm(dy, w^T, offs), and the 2-D x 2-D form with the
-    groups along the contraction gives dw_EIO = grouped_mm(x^T, dy, offs). Rows past offs[-1]
-    (dropped routes) belong to no expert: their output and input gradient are zero.
+    gradients are written out: dx = grouped_mm(dy, w, offs), and the 2-D x 2-D form with the
+    groups along the contraction gives dw_EOI = grouped_mm(dy^T, x, offs). Rows past offs[-1]
+    belong to no expert: grouped_mm leaves their output and input gradient uninitialised (the
+    caller masks them) and they never touch another row or the weight gradient.
     """
 
     @staticmethod
-    def forward(ctx, x_RI, w_EIO, offs_E, valid_R1):
-        ctx.save_for_backward(x_RI, w_EIO, offs_E, valid_R1)
-        return _masked(F.grouped_mm(x_RI, w_EIO, offs=offs_E), valid_R1)
+    def forward(ctx, x_RI, w_EOI, offs_E):
+        ctx.save_for_backward(x_RI, w_EOI, offs_E)
+        return F.grouped_mm(x_RI, w_EOI.transpose(-2, -1), offs=offs_E)
 
     @staticmethod
     def backward(ctx, dy_RO):
-        x_RI, w_EIO, offs_E, valid_R1 = ctx.saved_tensors
+        x_RI, w_EOI, offs_E = ctx.saved_tensors
         dy_RO = dy_RO.contiguous()  # autograd may hand an expanded (stride-0) gradient
-        dx_RI = dw_EIO = None
-        if ctx.needs_input_grad[0]:
-            dx_RI = _masked(F.grouped_mm(dy_RO, w_EIO.transpose(-2, -1), offs=offs_E), valid_R1)
-        if ctx.needs_input_grad[1]:
-            dw_EIO = F.grouped_mm(x_RI.t(), dy_RO, offs=offs_E)
-        return dx_RI, dw_EIO, None, None
+        dx_RI = F.grouped_mm(dy_RO, w_EOI, offs=offs_E) if ctx.needs_input_grad[0] else None
+        dw_EOI = F.grouped_mm(dy_RO.t(), x_RI, offs=offs_E) if ctx.needs_input_grad[1] else None
+        return dx_RI, dw_EOI, None
 
 
 class LocalExperts(nn.ModuleList):
@@ -164,16 +158,20 @@ class LocalExperts(nn.ModuleList):
         """One grouped GEMM per projection over the expert-sorted routes; no host sync."""
         E = len(self)
         offs_E = counts_E1[:E].cumsum(0).to(torch.int32)
-        # With capacity, the dropped routes sort last, past offs[-1]; dropless has none.
-        valid_R1 = (torch.arange(len(x_RD), device=x_RD.device) < offs_E[-1]).unsqueeze(1) if drops else None
 
         def linear(name, h_RI):
             w_EOI, b_EO = self.stacked(name, h_RI.dtype)
-            y_RO = GroupedMatmul.apply(h_RI, w_EOI.transpose(-2, -1), offs_E, valid_R1)
+            y_RO = GroupedMatmul.apply(h_RI, w_EOI, offs_E)
             # Bias per row, gathered by expert id; the sentinel E of dropped routes gets a zero row.
             return y_RO if b_EO is None else y_RO + F.pad(b_EO, (0, 0, 0, 1)).index_select(0, expert_R)
 
-        return self._ffn(x_RD, linear)
+        if not drops:  # dropless: offs[-1] = R, every row belongs to an expert
+            return self._ffn(x_RD, linear)
+        # With capacity, the dropped routes sort last, past offs[-1], where grouped_mm leaves
+        # uninitialised rows (possibly NaN; a zero gate weight would keep a NaN). Rows never mix,
+        # so masking the block's output, and through the input's mask its input gradient, is enough.
+        valid_R1 = (torch.arange(len(x_RD), device=x_RD.device) < offs_E[-1]).unsqueeze(1)
+        return torch.where(valid_R1, self._ffn(torch.where(valid_R1, x_RD, 0), linear), 0)
 
     def _loop(self, x_RD, counts_E1) -> torch.Tensor:
         """The fallback: one `FeedForward` call per expert on its slice."""
