@@ -18,7 +18,7 @@ from moe_dist import MoEConfig, MoEForCausalLM
 from moe_dist.export import build_model
 from moe_dist.export.cli import main
 from moe_dist.export.formats import ACCELERATE_WEIGHTS
-from moe_dist.export.standard import choose_format
+from moe_dist.export.standard import fitting_formats
 from moe_dist.train.data import SEPARATOR, build_tokenizer
 
 SHAPE = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
@@ -188,14 +188,27 @@ def test_an_export_the_stock_class_does_not_reproduce_to_1e_4_is_refused_and_rem
 
 
 def test_auto_picks_the_first_exact_class_and_falls_back_to_native(tmp_path, tokenizer, capsys):
-    expected = {"tiny-dense": "gpt2", "seed-baseline": "gpt2", "mixtral-tiny": "mixtral", "ernie-tiny": "ernie4_5_moe",
-                "modern-moe": "ernie4_5_moe", "tiny-modern": "ernie4_5_moe", "tiny-moe": "native"}
-    assert {p: choose_format(MoEConfig.from_preset(p)) for p in expected} == expected
+    expected = {"tiny-dense": ["gpt2"], "seed-baseline": ["gpt2"], "mixtral-tiny": ["mixtral", "ernie4_5_moe"],
+                "ernie-tiny": ["ernie4_5_moe"], "modern-moe": ["ernie4_5_moe"], "tiny-modern": ["ernie4_5_moe"],
+                "tiny-moe": []}
+    assert {p: fitting_formats(MoEConfig.from_preset(p)) for p in expected} == expected
     run = make_run(tmp_path, tokenizer, "tiny-moe")
     assert main([str(run), str(tmp_path / "out"), "--format", "auto"]) == 0
     said = capsys.readouterr().out
     assert "--format auto: no standard class represents this model (gpt2: num_local_experts=8;" in said
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "moe_dist"
+
+
+def test_auto_moves_on_when_the_weights_rule_a_class_out(tmp_path, tokenizer, capsys):
+    # Mixtral's fields fit, but a selection bias left in the weights does not: Ernie 4.5 MoE takes it.
+    run = make_run(tmp_path, tokenizer, "ernie-tiny", skip_first_moe=0, num_shared_experts=0)
+    config = json.loads((run / "checkpoints" / "step00000001" / "config.json").read_text())
+    config["router_bias_update_rate"] = 0.0
+    (run / "checkpoints" / "step00000001" / "config.json").write_text(json.dumps(config))
+    assert main([str(run), str(tmp_path / "out"), "--format", "auto"]) == 0
+    said = capsys.readouterr().out
+    assert "score_bias is non-zero" in said and "as ernie4_5_moe" in said
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "ernie4_5_moe"
 
 
 def test_the_console_script_takes_the_format_flag():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .formats import ExportError
 from .native import DTYPES, export_checkpoint, read_config
-from .standard import STANDARD_FORMATS, blocking_field, choose_format
+from .standard import STANDARD_FORMATS, blocking_field, fitting_formats
 from .standard_export import export_standard
 
 FORMATS = ("native", *STANDARD_FORMATS, "auto")
@@ -38,28 +38,38 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = _resolve_checkpoint(Path(args.checkpoint))
     tokenizer = args.tokenizer or next((str(p) for p in (ckpt.parent.parent / "tokenizer",) if p.is_dir()), None)
     try:
-        fmt = _auto_format(ckpt) if args.format == "auto" else args.format
-        if fmt == "native":
-            out = export_checkpoint(ckpt, args.out_dir, tokenizer_dir=tokenizer, dtype=args.dtype)
-            print(f"exported {ckpt} -> {out}")
-        else:
-            diff = export_standard(ckpt, args.out_dir, fmt, tokenizer_dir=tokenizer, dtype=args.dtype)
-            print(f"exported {ckpt} -> {args.out_dir} as {fmt} (max |logit difference| {diff:.2e} in fp32)")
+        formats = _auto_formats(ckpt) if args.format == "auto" else [args.format]
+        for fmt in formats[:-1]:  # auto only: a class can still be ruled out by the weights or the logits check
+            try:
+                return _export(ckpt, args, fmt, tokenizer)
+            except ExportError as e:
+                print(f"--format auto: {e}; trying the next format")
+        return _export(ckpt, args, formats[-1], tokenizer)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _export(ckpt: Path, args: argparse.Namespace, fmt: str, tokenizer: str | None) -> int:
+    if fmt == "native":
+        out = export_checkpoint(ckpt, args.out_dir, tokenizer_dir=tokenizer, dtype=args.dtype)
+        print(f"exported {ckpt} -> {out}")
+    else:
+        diff = export_standard(ckpt, args.out_dir, fmt, tokenizer_dir=tokenizer, dtype=args.dtype)
+        print(f"exported {ckpt} -> {args.out_dir} as {fmt} (max |logit difference| {diff:.2e} in fp32)")
     return 0
 
 
-def _auto_format(ckpt: Path) -> str:
+def _auto_formats(ckpt: Path) -> list[str]:
+    """`--format auto`: the standard classes whose fields fit, in order, then native."""
     config = read_config(ckpt)
-    fmt = choose_format(config)
-    if fmt == "native":
+    fitting = fitting_formats(config)
+    if fitting:
+        print(f"--format auto: trying {', '.join(fitting)}, then native")
+    else:
         why = "; ".join(f"{f}: {k}={v!r}" for f in STANDARD_FORMATS for k, v in [blocking_field(config, f)])
         print(f"--format auto: no standard class represents this model ({why}); exporting native")
-    else:
-        print(f"--format auto: exporting as {fmt}")
-    return fmt
+    return [*fitting, "native"]
 
 
 def _resolve_checkpoint(path: Path) -> Path:

@@ -89,9 +89,9 @@ def unrepresentable(config: MoEConfig, fmt: str) -> str | None:
     return f"{field}={value!r} cannot be exported as {fmt}; formats that represent it: {', '.join(able)}"
 
 
-def choose_format(config: MoEConfig) -> str:
-    """`--format auto`: the first standard class that represents the model exactly, else native."""
-    return next((f for f in STANDARD_FORMATS if blocking_field(config, f) is None), "native")
+def fitting_formats(config: MoEConfig) -> list[str]:
+    """The standard classes whose fields represent the model, in `--format auto`'s order of preference."""
+    return [f for f in STANDARD_FORMATS if blocking_field(config, f) is None]
 
 
 def standard_config(config: MoEConfig, fmt: str):
