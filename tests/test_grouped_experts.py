@@ -129,6 +129,19 @@ def test_grouped_path_runs_in_bf16():
     torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)
 
 
+def test_grouped_path_under_autocast_runs_in_its_dtype_like_the_loop():
+    E = 8
+    layer = experts(E, "gelu", True)
+    r = routing(random_choice(E, 1), E, 1.0)
+    x_TD, g_TD = torch.randn(T, D), torch.randn(T, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loop, grouped = (forward_and_grads(layer, impl, x_TD, r, g_TD) for impl in ("loop", "grouped"))
+    torch.testing.assert_close(grouped[0], loop[0], rtol=0.02, atol=0.02)
+    for name in loop[2]:
+        assert grouped[2][name].dtype == torch.float32  # fp32 parameters, bf16 matmuls
+        torch.testing.assert_close(grouped[2][name], loop[2][name], rtol=0.05, atol=0.05, msg=name)
+
+
 @pytest.mark.parametrize("ep_size", [1, 2])
 @pytest.mark.parametrize("activation, bias", [("gelu", True), ("swiglu", False)])
 def test_expert_shard_batched_matmul_equals_deepspeeds_expert_loop(ep_size, activation, bias):
