@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from launcher import CPU_EP2, DATA_ARGS, FIXTURES, TRAIN, check, deepspeed, run_without_moe_dist
+from launcher import (
+    CPU_EP2,
+    DATA_ARGS,
+    FIXTURES,
+    TRAIN,
+    check,
+    deepspeed,
+    run_without_moe_dist,
+)
 from safetensors.torch import save_file
 
 from moe_dist import MoEConfig, MoEForCausalLM
@@ -131,38 +139,26 @@ def refused(capsys, run: Path, out: Path, fmt: str) -> str:
     return err
 
 
-@pytest.mark.parametrize("preset, overrides, fmt, expected", [
-    ("tiny-moe", {}, "gpt2", "num_local_experts=8 cannot be exported as gpt2; formats that represent it: "
-                             "mixtral, ernie4_5_moe, native"),
-    ("tiny-moe", {}, "mixtral", "norm_type='layernorm' cannot be exported as mixtral; formats that represent it: "
-                                "gpt2, native"),
-    ("mixtral-tiny", {"router_type": "random"}, "mixtral", "router_type='random' cannot be exported as mixtral; "
-                                                           "formats that represent it: native"),
-    ("mixtral-tiny", {"norm_topk_prob": False}, "mixtral", "norm_topk_prob=False cannot be exported as mixtral; "
-                                                           "formats that represent it: native"),
-    ("mixtral-tiny", {"norm_topk_prob": False}, "ernie4_5_moe", "norm_topk_prob=False cannot be exported as "
-                                                                "ernie4_5_moe; formats that represent it: native"),
-    ("mixtral-tiny", {"router_bias_update_rate": 1e-3}, "mixtral", "router_bias_update_rate=0.001 cannot be exported "
-                                                                   "as mixtral; formats that represent it: "
-                                                                   "ernie4_5_moe, native"),
-    ("mixtral-tiny", {"num_shared_experts": 1}, "mixtral", "num_shared_experts=1 cannot be exported as mixtral; "
-                                                           "formats that represent it: ernie4_5_moe, native"),
-    ("mixtral-tiny", {"eval_capacity_factor": 1.0}, "mixtral", "eval_capacity_factor=1.0 cannot be exported as "
-                                                               "mixtral; formats that represent it: native"),
-    ("ernie-tiny", {"eval_capacity_factor": 1.0}, "ernie4_5_moe", "eval_capacity_factor=1.0 cannot be exported as "
-                                                                  "ernie4_5_moe; formats that represent it: native"),
-    ("ernie-tiny", {}, "mixtral", "skip_first_moe=1 cannot be exported as mixtral; formats that represent it: "
-                                  "ernie4_5_moe, native"),
-    ("ernie-tiny", {"skip_first_moe": 0, "moe_every": 2}, "ernie4_5_moe", "moe_every=2 cannot be exported as "
-                                                                          "ernie4_5_moe; formats that represent it: "
-                                                                          "native"),
-    ("tiny-modern", {"hidden_act": "gelu"}, "ernie4_5_moe", "hidden_act='gelu' cannot be exported as ernie4_5_moe; "
-                                                            "formats that represent it: gpt2, native"),
+@pytest.mark.parametrize("preset, overrides, fmt, field, able", [
+    ("tiny-moe", {}, "gpt2", "num_local_experts=8", "mixtral, ernie4_5_moe, native"),  # GPT-2-style MoE
+    ("tiny-moe", {}, "mixtral", "norm_type='layernorm'", "gpt2, native"),
+    ("mixtral-tiny", {"router_type": "random"}, "mixtral", "router_type='random'", "native"),
+    ("mixtral-tiny", {"norm_topk_prob": False}, "mixtral", "norm_topk_prob=False", "native"),
+    ("mixtral-tiny", {"norm_topk_prob": False}, "ernie4_5_moe", "norm_topk_prob=False", "native"),
+    ("mixtral-tiny", {"router_bias_update_rate": 1e-3}, "mixtral", "router_bias_update_rate=0.001",
+     "ernie4_5_moe, native"),
+    ("mixtral-tiny", {"num_shared_experts": 1}, "mixtral", "num_shared_experts=1", "ernie4_5_moe, native"),
+    ("mixtral-tiny", {"eval_capacity_factor": 1.0}, "mixtral", "eval_capacity_factor=1.0", "native"),
+    ("ernie-tiny", {"eval_capacity_factor": 1.0}, "ernie4_5_moe", "eval_capacity_factor=1.0", "native"),
+    ("ernie-tiny", {}, "mixtral", "skip_first_moe=1", "ernie4_5_moe, native"),
+    ("ernie-tiny", {"skip_first_moe": 0, "moe_every": 2}, "ernie4_5_moe", "moe_every=2", "native"),
+    ("tiny-modern", {"hidden_act": "gelu"}, "ernie4_5_moe", "hidden_act='gelu'", "gpt2, native"),
 ])
 def test_a_field_the_class_cannot_represent_is_refused_before_writing(tmp_path, tokenizer, capsys, preset,
-                                                                      overrides, fmt, expected):
+                                                                      overrides, fmt, field, able):
     run = make_run(tmp_path, tokenizer, preset, **overrides)
-    assert refused(capsys, run, tmp_path / "out", fmt) == f"error: {expected}"
+    expected = f"error: {field} cannot be exported as {fmt}; formats that represent it: {able}"
+    assert refused(capsys, run, tmp_path / "out", fmt) == expected
 
 
 def test_a_trained_selection_bias_is_refused_for_mixtral_even_with_the_update_rate_off(tmp_path, tokenizer, capsys):
@@ -214,7 +210,7 @@ def test_auto_moves_on_when_the_weights_rule_a_class_out(tmp_path, tokenizer, ca
 def test_the_console_script_takes_the_format_flag():
     import subprocess
     script = Path(sys.executable).parent / "moe-dist-export"
-    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([str(script), "--help"], check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "{native,gpt2,mixtral,ernie4_5_moe,auto}" in proc.stdout
 
 
@@ -234,8 +230,12 @@ def test_an_ep2_deepspeed_checkpoint_exports_to_mixtral_and_ernie_with_the_nativ
     ckpt = ep2_modern_run / "checkpoints" / "step00000004"
     assert json.loads((ckpt / "trainer_state.json").read_text())["ep_size"] == 2
     assert main([str(ep2_modern_run), str(tmp_path / "native")]) == 0
+    summary = json.loads((ep2_modern_run / "summary.json").read_text())
     for fmt in ("mixtral", "ernie4_5_moe"):
         assert main([str(ep2_modern_run), str(tmp_path / fmt), "--format", fmt]) == 0
+        card = (tmp_path / fmt / "README.md").read_text()
+        assert CLASS[fmt] in card and f"Validation perplexity: {summary['final_val_ppl']:.3f} (final)" in card
+        assert "moe-dist-train --model mixtral-tiny --deepspeed" in card
     native = MoEForCausalLM.from_pretrained(tmp_path / "native", dtype=torch.float32).eval()
     ids = fixed_batch(native.config.vocab_size)
     with torch.no_grad():

@@ -22,8 +22,14 @@ the forward at inference and need no counterpart.
 from __future__ import annotations
 
 import torch
-from transformers import (Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM, GPT2Config, GPT2LMHeadModel, MixtralConfig,
-                          MixtralForCausalLM)
+from transformers import (
+    Ernie4_5_MoeConfig,
+    Ernie4_5_MoeForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    MixtralConfig,
+    MixtralForCausalLM,
+)
 
 from ..model.configuration import MoEConfig
 from .formats import ExportError

@@ -110,12 +110,13 @@ def stock_logits_diff(folder: Path, class_name: str, ids: torch.Tensor, ours: to
     with tempfile.TemporaryDirectory() as tmp:
         ids_path, logits_path = Path(tmp) / "ids.pt", Path(tmp) / "logits.pt"
         torch.save(ids, ids_path)
-        # -I: no PYTHONPATH, no user site, and not the script's folder on sys.path, so moe_dist is never
-        # importable by accident; run from an empty folder, offline.
+        # -I: no PYTHONPATH, no user site, not the script's folder on sys.path; an empty working folder,
+        # offline. Nothing from the checkout is on the path, and stock_logits.py fails if moe_dist got imported.
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         proc = subprocess.run([sys.executable, "-I", str(_STOCK_LOGITS), str(folder), class_name, str(ids_path),
-                               str(logits_path)], cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
+                               str(logits_path)], check=False, cwd=tmp, env=env, capture_output=True, text=True,
+                              timeout=900)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise ExportError(f"the stock {class_name} cannot load the export (exit {proc.returncode}): {last}")
@@ -135,15 +136,15 @@ def model_card(ckpt: Path, model: MoEForCausalLM, fmt: str, class_name: str, dif
     lines = [
         "---", "library_name: transformers", "pipeline_tag: text-generation", f"tags: [moe-dist, {fmt}]", "---", "",
         f"# {preset} (moe-dist export)", "",
-        f"Loads with the stock `transformers.{class_name}` (`model_type: {fmt}`): "
-        "`AutoModelForCausalLM.from_pretrained(folder)`, no custom code, no `trust_remote_code`.",
+        (f"Loads with the stock `transformers.{class_name}` (`model_type: {fmt}`): "
+         "`AutoModelForCausalLM.from_pretrained(folder)`, no custom code, no `trust_remote_code`."),
         f"Exported from `{ckpt}` with `python -m moe_dist.export {ckpt} OUT --format {fmt}`.", "",
         "## Training", "",
         f"- Command: `{command} ...` (the run folder records the preset and engine; the other flags are not kept)",
-        "- Data: the run's training text, tokenised by the tokenizer saved in this folder "
-        "(the data source is not recorded in the run folder)",
-        f"- Engine: {engine}, expert-parallel size {summary.get('ep_size', 'unknown')}, "
-        f"world size {summary.get('world_size', 'unknown')}, {summary.get('steps', 'unknown')} steps",
+        ("- Data: the run's training text, tokenised by the tokenizer saved in this folder "
+         "(the data source is not recorded in the run folder)"),
+        (f"- Engine: {engine}, expert-parallel size {summary.get('ep_size', 'unknown')}, "
+         f"world size {summary.get('world_size', 'unknown')}, {summary.get('steps', 'unknown')} steps"),
         f"- Validation perplexity: {ppl:.3f} (final), {summary.get('best_val_ppl', float('nan')):.3f} (best)"
         if ppl is not None else "- Validation perplexity: not recorded (no summary.json beside the checkpoint)",
         "", "## Model", "",
