@@ -145,3 +145,36 @@ def test_the_real_script_exits_2_and_prints_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --deepspeed")
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "r").exists()  # nothing half-written for the next launch to trip over
+
+
+# ---- expert tensor parallelism (issue 14): "moe": {"ep_size": P, "etp_size": T} ---------------------------
+
+
+@pytest.mark.parametrize("world,moe,extra,expected", [
+    (4, {"ep_size": 2, "etp_size": 0}, [], r"moe\.etp_size=0 is invalid: must be an integer >= 1"),
+    (6, {"ep_size": 2, "etp_size": 3}, [], r"moe\.etp_size=3 does not divide the expert width "
+                                           r"moe_intermediate_size=512: valid etp_size values are \[1, 2, 4, "),
+    (2, {"ep_size": 2, "etp_size": 2}, [], r"moe\.ep_size x moe\.etp_size = 2 x 2 = 4 does not divide the world "
+                                           r"size 2: with ep_size=2, valid etp_size values here are \[1\]"),
+    (6, {"ep_size": 3, "etp_size": 2}, [], r"moe\.ep_size=3 does not divide num_experts=8: valid ep_size values "
+                                           r"are \[1, 2, 4, 8\]"),
+    (2, {"ep_size": 1, "etp_size": 2}, ["--model", "tiny-dense"], r"moe\.etp_size=2 slices experts, but this "
+                                                                  r"model has none"),
+])
+def test_bad_etp_layout_is_refused_with_one_line(capsys, tmp_path, monkeypatch, world, moe, extra, expected):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    path = write_json(tmp_path, ds_json(moe=moe))
+    code, err = run_cli(capsys, ["--deepspeed", path, *DATA_ARGS, *extra], tmp_path)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ")
+    assert re.search(expected, err[0]), err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_etp_layout_through_the_real_script_exits_2_with_one_line(tmp_path):
+    path = write_json(tmp_path, ds_json(moe={"ep_size": 2, "etp_size": 2}))
+    proc = python(TRAIN, ["--deepspeed", path, *DATA_ARGS, "--output_dir", str(tmp_path / "r")])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("error: moe.ep_size x moe.etp_size = 2 x 2 = 4 does not divide "
+                                                    "the world size 1: ep_size=2 alone does not fit; valid ep_size "
+                                                    "values here are [1]")
+    assert not (tmp_path / "r").exists()

@@ -1,9 +1,10 @@
 """Read and check a DeepSpeed JSON before anything is launched.
 
 A `ds_configs/*.json` file is one scale: ZeRO stage, precision, micro-batch, accumulation,
-clipping, and our `"moe": {"ep_size": N}` section (DeepSpeed ignores unknown top-level
-keys). Every mistake we can see in the file becomes one line naming the key and what is
-valid, instead of a traceback from inside `deepspeed.initialize`.
+clipping, and our `"moe": {"ep_size": P, "etp_size": T}` section (DeepSpeed ignores unknown
+top-level keys; `etp_size`, expert tensor parallelism, defaults to 1). Every mistake we can
+see in the file becomes one line naming the key and what is valid, instead of a traceback
+from inside `deepspeed.initialize`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class DeepSpeedSettings:
     micro_batch_size: int
     grad_accum: int
     grad_clip: float
+    etp_size: int = 1  # ranks that each expert is sliced over (expert tensor parallelism)
 
 
 def load_deepspeed_config(path: str, *, world_size: int) -> DeepSpeedSettings:
@@ -61,6 +63,7 @@ def load_deepspeed_config(path: str, *, world_size: int) -> DeepSpeedSettings:
     if not isinstance(moe, dict) or "ep_size" not in moe:
         raise ConfigError(f"{where} missing \"moe\": {{\"ep_size\": N}} (N = ranks that share one copy of the experts)")
     ep_size = _positive_int(where, "moe.ep_size", moe["ep_size"])
+    etp_size = _positive_int(where, "moe.etp_size", moe.get("etp_size", 1))
 
     zero = raw.get("zero_optimization", {})
     if not isinstance(zero, dict):
@@ -93,7 +96,7 @@ def load_deepspeed_config(path: str, *, world_size: int) -> DeepSpeedSettings:
     if not isinstance(clip, (int, float)) or clip < 0:
         raise ConfigError(f"{where} gradient_clipping={clip!r} is invalid: a number >= 0 (0 = off)")
     precision = "bf16" if bf16 else "fp16" if fp16 else "fp32"
-    return DeepSpeedSettings(path, raw, ep_size, stage, precision, micro, accum, float(clip))
+    return DeepSpeedSettings(path, raw, ep_size, stage, precision, micro, accum, float(clip), etp_size=etp_size)
 
 
 def _offload_enabled(block) -> bool:

@@ -53,8 +53,10 @@ def validate_expert_tensor_parallel(*, num_experts: int, intermediate_size: int,
                                   f"{intermediate_size}: valid etp_size values are {_divisors(intermediate_size)}")
     if world_size % (P * T):
         fits = [t for t in _divisors(intermediate_size) if world_size % (P * t) == 0]
+        valid = (f"with ep_size={P}, valid etp_size values here are {fits}" if fits else
+                 f"ep_size={P} alone does not fit; valid ep_size values here are {_divisors(world_size)}")
         raise ExpertParallelError(f"moe.ep_size x moe.etp_size = {P} x {T} = {P * T} does not divide the world "
-                                  f"size {world_size}: with ep_size={P}, valid etp_size values here are {fits}")
+                                  f"size {world_size}: {valid}")
     if num_experts and num_experts % P:
         raise ExpertParallelError(f"moe.ep_size={P} does not divide num_experts={num_experts}: "
                                   f"valid ep_size values are {_divisors(num_experts)}")

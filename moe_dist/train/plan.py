@@ -19,6 +19,7 @@ import torch
 from ..model.configuration import MoEConfig
 from ..parallel.ds_config import ConfigError, DeepSpeedSettings, launcher_world_size, load_deepspeed_config
 from ..parallel.expert_parallel import validate_expert_parallel
+from ..parallel.expert_tensor_parallel import validate_expert_tensor_parallel
 from .args import EngineArgs, ModelArgs, OptimArgs, RunArgs
 from .data import SEPARATOR, DataConfig, DataError, open_bytes, trained_vocab_size
 
@@ -49,6 +50,7 @@ class EngineSpec:
     min_lr_ratio: float
     dist_timeout_s: int
     ds_config: dict | None = None
+    etp_size: int = 1  # expert tensor parallelism: ranks each expert is sliced over
 
 
 @dataclass
@@ -82,7 +84,7 @@ def plan_run(model: ModelArgs, data: DataConfig, run: RunArgs, engine: EngineArg
     config = _model_config(model.model, init_from, overrides)
 
     ep_size = ds.ep_size if ds else 1
-    validate_expert_parallel(num_experts=config.num_local_experts, ep_size=ep_size, world_size=world)
+    _validate_layout(config, ep_size, ds.etp_size if ds else 1, world)
     data = _settle_data(data, config, init_from)
     vocab_fixed = "vocab_size" in overrides or init_from is not None
     trained = trained_vocab_size(data.tokenizer)
@@ -96,6 +98,17 @@ def plan_run(model: ModelArgs, data: DataConfig, run: RunArgs, engine: EngineArg
                    run=run)
     check_run_folder(plan)
     return plan
+
+
+def _validate_layout(config: MoEConfig, ep_size: int, etp_size: int, world: int) -> None:
+    if etp_size == 1:
+        validate_expert_parallel(num_experts=config.num_local_experts, ep_size=ep_size, world_size=world)
+        return
+    if not config.is_moe:
+        raise ConfigError(f"moe.etp_size={etp_size} slices experts, but this model has none (num_local_experts=0): "
+                          f"valid etp_size for a dense model is 1")
+    validate_expert_tensor_parallel(num_experts=config.num_local_experts, ep_size=ep_size, etp_size=etp_size,
+                                    intermediate_size=config.moe_intermediate_size, world_size=world)
 
 
 def finalize(plan: RunPlan, tokenizer) -> MoEConfig:
@@ -182,7 +195,7 @@ def _engine_spec(engine: EngineArgs, optim: OptimArgs, ds: DeepSpeedSettings | N
                       ep_size=ep_size, lr=optim.lr, betas=(optim.beta1, optim.beta2), adam_eps=optim.adam_eps,
                       weight_decay=optim.weight_decay, warmup_steps=optim.warmup_steps, max_steps=max_steps,
                       min_lr_ratio=optim.min_lr_ratio, dist_timeout_s=engine.dist_timeout,
-                      ds_config=ds.raw if ds else None)
+                      ds_config=ds.raw if ds else None, etp_size=ds.etp_size if ds else 1)
 
 
 # ---- the run folder's identity -------------------------------------------------------------
