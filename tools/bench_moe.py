@@ -34,6 +34,7 @@ forward; its backward, splitting the gradient, is not counted), and its share of
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -196,7 +197,9 @@ def report(args, variants: list[Variant]) -> dict:
         print(fmt.format(r["variant"], r["tokens"], f"{r['tok_s']:,.0f}", ratio(r["vs_dense"]), ratio(r["vs_ds"]),
                          ratio(r["vs_loop"]), f"{100 * r['drop']:.1f}" if r["drop"] is not None else "-",
                          f"{100 * r['iqr']:.0f}%", stack))
-    return dict(command=COMMAND, machine=machine(torch.device(args.device)),
+    load_avg = os.getloadavg()  # read as the run ends: neighbours on a shared machine, and our own threads
+    print(f"# load average {load_avg[0]:.2f} (1 min) at the end of the run")
+    return dict(command=COMMAND, machine=machine(torch.device(args.device)), load_avg=load_avg,
                 args=vars(args), rows=rows)
 
 
