@@ -1,4 +1,5 @@
-"""Shared test helpers: the repository on sys.path and a factory for CPU-sized model configs."""
+"""Shared test helpers: the repository on sys.path, the xdist split, and a factory for CPU-sized model configs."""
+import functools
 import sys
 from pathlib import Path
 
@@ -10,6 +11,30 @@ ROOT = Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
+
+
+@functools.cache
+def _launches_ranks(test_file: str) -> bool:
+    return "mark.multirank" in (ROOT / test_file).read_text()
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Under xdist with `--dist loadgroup` (the README's command) every test file that launches ranks
+    runs on one worker, one launch at a time: a launch keeps both cores busy on its own, and the fault
+    tests' timing contracts (a crashed rank ends the job within 60 s) hold for one launch at a time.
+    The other tests share the other worker. xdist's own loadgroup reads `xdist_group` marks into the
+    test ids, which pytest 9.2's ids no longer take; the controller sees only ids, so the files are
+    told apart by their `multirank` mark."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class MultirankOnOneWorker(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "multirank" if _launches_ranks(nodeid.split("::")[0]) else nodeid
+
+    return MultirankOnOneWorker(config, log)
+
 
 # A preset shrunk to a few thousand parameters per layer: every test model is built in milliseconds.
 TINY_SHAPE = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -48,3 +73,4 @@ def accel_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("accel") / "run"
     check(python(TRAIN, [*ACCEL_ARGS, "--output_dir", str(run_dir)]))
     return run_dir
+

@@ -9,12 +9,15 @@ real trainer, with the routers observed) and saves at steps 2 and 4.
 import json
 import math
 
+import pytest
 import torch
 from launcher import CPU_EP2, DATA_ARGS, ROOT, TRAIN, check, deepspeed, metrics, truncate_run
 from safetensors.torch import load_file
 
 from moe_dist.export import load_hf_state_dict
 from moe_dist.export.cli import main as export_main
+
+pytestmark = pytest.mark.multirank
 
 PROBE = ROOT / "tests" / "scripts" / "train_probe.py"
 STEPS = 4

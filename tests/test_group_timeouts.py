@@ -7,9 +7,12 @@ group's: the engine sets them itself. Read under the real 2-rank launcher, on gl
 """
 import json
 
+import pytest
 from launcher import CPU_EP2, DATA_ARGS, ROOT, check, deepspeed
 
 from moe_dist.parallel.process_group import WATCHDOG_MARGIN_S
+
+pytestmark = pytest.mark.multirank
 
 SCRIPT = ROOT / "tests" / "scripts" / "group_timeouts.py"
 
