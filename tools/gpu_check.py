@@ -2,8 +2,10 @@
 
 Stages, in order; the first failure stops the run with one line naming the stage (exit 1):
 
-1. `unit_tests`: `pytest` on the model, routing and generation tests. They pick no device themselves,
-   so they run as they are (on CPU); the stage records that.
+1. `unit_tests`: `pytest` on `tests/test_on_device.py` with MOE_DIST_TEST_DEVICE set to the device
+   (fp32 forward and gradients against the CPU, routers in fp32 under bf16 autocast, the grouped
+   expert GEMM against the per-expert loop, cached generation), then the model, routing and
+   generation tests, which pick no device and run on CPU.
 2. `train`: 50 bf16 steps of `tiny-moe` on each engine (accelerate; DeepSpeed with `ds_configs/ep1.json`
    through `deepspeed --num_gpus 1`) on the bundled sample with a `train:4096` tokenizer: every logged
    loss finite, and the router in fp32 under bf16 autocast on the device (logits, gate weights, loss).
@@ -52,7 +54,8 @@ class StageFailed(Exception):
 
 
 def env(args) -> dict:
-    e = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    # MOE_DIST_TEST_DEVICE: the device tests/test_on_device.py runs on.
+    e = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", MOE_DIST_TEST_DEVICE=args.device)
     if args.dry_run:
         e.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     return e
@@ -94,14 +97,15 @@ def read_json(path: Path) -> dict:
 
 
 def stage_unit_tests(args, work: Path, rec: dict) -> None:
-    # The dry run keeps to the fp32-router tests: the stage's plumbing is what it checks.
-    files = ["tests/test_routing.py", "-k", "fp32"] if args.dry_run else \
-        ["tests/test_routing.py", "tests/test_model.py", "tests/test_generate.py"]
+    # tests/test_on_device.py runs on args.device; the other files select no device (CPU). The dry
+    # run keeps to one device test: the stage's plumbing is what it checks.
+    files = ["tests/test_on_device.py", "-k", "fp32_forward"] if args.dry_run else \
+        ["tests/test_on_device.py", "tests/test_routing.py", "tests/test_model.py", "tests/test_generate.py"]
     proc = run(python("-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files), args, rec,
                timeout=args.stage_timeout)
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", proc.stdout)}
-    rec.update(counts, files=files, device="cpu",
-               note="the unit tests select no device; they ran as they are, on CPU")
+    rec.update(counts, files=files, device=args.device,
+               note=f"tests/test_on_device.py ran on {args.device}; the other files on CPU")
     if not counts.get("passed"):
         raise StageFailed("pytest reported no passed test")
 
