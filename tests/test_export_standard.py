@@ -2,7 +2,8 @@
 moe_dist and no trust_remote_code, and reproduce our model; what a class cannot represent is refused up front.
 
 Seeded tiny models are saved in the accelerate checkpoint layout (`formats.ACCELERATE_WEIGHTS`) inside a run
-folder with its tokenizer, which is what the exporter reads; the EP=2 test exports a real DeepSpeed run.
+folder with its tokenizer, which is what the exporter reads. tests/test_export_standard_ep.py exports a real
+EP=2 DeepSpeed run.
 """
 
 import json
@@ -11,15 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launcher import (
-    CPU_EP2,
-    DATA_ARGS,
-    FIXTURES,
-    TRAIN,
-    check,
-    deepspeed,
-    run_without_moe_dist,
-)
+from launcher import FIXTURES, run_without_moe_dist
 from safetensors.torch import save_file
 
 from moe_dist import MoEConfig, MoEForCausalLM
@@ -212,35 +205,3 @@ def test_the_console_script_takes_the_format_flag():
     script = Path(sys.executable).parent / "moe-dist-export"
     proc = subprocess.run([str(script), "--help"], check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "{native,gpt2,mixtral,ernie4_5_moe,auto}" in proc.stdout
-
-
-@pytest.fixture(scope="module")
-def ep2_modern_run(tmp_path_factory):
-    """A short EP=2 DeepSpeed run of mixtral-tiny (2 CPU ranks). Mixtral's block is also an Ernie 4.5 MoE block
-    (no dense layer, no shared expert, a zero selection bias), so this one run exports to both classes."""
-    run = tmp_path_factory.mktemp("ep2_modern") / "run"
-    check(deepspeed(TRAIN, ["--deepspeed", CPU_EP2, "--model", "mixtral-tiny", *DATA_ARGS, "--seq_len", "32",
-                            "--max_steps", "4", "--eval_every", "4", "--save_every", "4", "--log_every", "1",
-                            "--lr", "2e-3", "--warmup_steps", "1", "--output_dir", str(run)]))
-    return run
-
-
-def test_an_ep2_deepspeed_checkpoint_exports_to_mixtral_and_ernie_with_the_native_exports_logits(
-        ep2_modern_run, tmp_path):
-    ckpt = ep2_modern_run / "checkpoints" / "step00000004"
-    assert json.loads((ckpt / "trainer_state.json").read_text())["ep_size"] == 2
-    assert main([str(ep2_modern_run), str(tmp_path / "native")]) == 0
-    summary = json.loads((ep2_modern_run / "summary.json").read_text())
-    for fmt in ("mixtral", "ernie4_5_moe"):
-        assert main([str(ep2_modern_run), str(tmp_path / fmt), "--format", fmt]) == 0
-        card = (tmp_path / fmt / "README.md").read_text()
-        assert CLASS[fmt] in card and f"Validation perplexity: {summary['final_val_ppl']:.3f} (final)" in card
-        assert "moe-dist-train --model mixtral-tiny --deepspeed" in card
-    native = MoEForCausalLM.from_pretrained(tmp_path / "native", dtype=torch.float32).eval()
-    ids = fixed_batch(native.config.vocab_size)
-    with torch.no_grad():
-        native_logits = native(input_ids=ids, use_cache=False).logits
-    rows = stock_outputs([tmp_path / "mixtral", tmp_path / "ernie4_5_moe"], ids, tmp_path, generate=False)
-    assert [r["class"] for r in rows] == [CLASS["mixtral"], CLASS["ernie4_5_moe"]]
-    for row in rows:
-        assert (row["logits"] - native_logits).abs().max().item() <= 1e-4
