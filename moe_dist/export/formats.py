@@ -7,6 +7,8 @@ One checkpoint folder (`checkpoints/stepNNNNNNNN/`) holds, from DeepSpeed with n
     layer_{L}_expert_{E}_mp_rank_00_model_states.pt   one expert of MoE layer L, keyed by its global id E
     zero_pp_rank_{R}_mp_rank_00_optim_states.pt       ZeRO-1/2: rank R's flat fp32 partition and Adam moments
                                                       (bf16_zero_pp_rank_... in a bf16 run)
+    expert_slices.json                                only with expert tensor parallelism (issue 14): the expert
+                                                      files then hold slices, id = (p*T + t) * E/P + local expert
 
 (`zero_to_fp32` ignores the expert files, DeepSpeed #4497, so weights are assembled here), or from
 accelerate:
@@ -20,7 +22,9 @@ lazily, only to read its ZeRO shards or its expert groups, so importing this mod
 
 from __future__ import annotations
 
+import json
 import re
+from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,6 +46,8 @@ _DS_EXPERT_PATH = ".experts.deepspeed_moe.experts.deepspeed_experts."
 _HF_EXPERT_PATH = ".experts."
 _SHARD_RANK = re.compile(r"zero_pp_rank_(\d+)_")
 _LOCAL_ID = re.compile(re.escape(_DS_EXPERT_PATH) + r"(\d+)\.")
+EXPERT_SLICES = "expert_slices.json"
+_SLICE_KEY = re.compile(r"^(.*\.experts\.)(\d+)\.(up_proj|gate_proj|down_proj)\.(weight|bias)$")
 
 
 class ExportError(RuntimeError):
@@ -91,7 +97,9 @@ def load_hf_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     state = dict(_load(dense[0])["module"])
     for expert_file in sorted(ckpt.glob(DS_EXPERTS)):
         state.update(_load(expert_file))
-    return {ds_to_hf_key(k): v for k, v in state.items()}
+    state = {ds_to_hf_key(k): v for k, v in state.items()}
+    slices = read_expert_slices(ckpt)
+    return merge_expert_slices(state, slices) if slices else state
 
 
 def _load(path: Path) -> dict:
@@ -124,3 +132,47 @@ def load_zero_shard(shard: Path) -> dict:
     # The three DeepSpeed classes a shard pickles; weights_only refuses anything not allowlisted.
     with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
         return torch.load(shard, map_location="cpu", weights_only=True)["optimizer_state_dict"]
+
+
+# ---- expert tensor parallelism: experts saved as slices (issue 14) --------------------------------
+
+
+def read_expert_slices(ckpt: Path) -> dict | None:
+    """{"ep_size": P, "etp_size": T, "experts_per_ep_rank": E/P} of a sliced save; None if experts are whole."""
+    path = ckpt / EXPERT_SLICES
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def slice_dim(key: str) -> int | None:
+    """The dim ETP slices an expert tensor along: W2 by input rows, W1/W3 and their biases by output
+    columns; None for the down bias, which slice 0 holds whole."""
+    if key.endswith("down_proj.bias"):
+        return None
+    return 1 if key.endswith("down_proj.weight") else 0
+
+
+def split_slice_key(key: str, slices: dict) -> tuple[str, int] | None:
+    """A sliced save's expert key (id = (p*T + t) * E/P + local) as (the full expert's HF key, slice t)."""
+    m = _SLICE_KEY.match(key)
+    if m is None:
+        return None
+    per_rank = slices["experts_per_ep_rank"]
+    j, local = divmod(int(m.group(2)), per_rank)
+    p, t = divmod(j, slices["etp_size"])
+    return f"{m.group(1)}{p * per_rank + local}.{m.group(3)}.{m.group(4)}", t
+
+
+def merge_expert_slices(state: dict[str, torch.Tensor], slices: dict) -> dict[str, torch.Tensor]:
+    """`state` with every expert's slices joined back into the whole expert, under today's keys."""
+    parts: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+    out = {}
+    for key, tensor in state.items():
+        split = split_slice_key(key, slices)
+        if split is None:
+            out[key] = tensor
+        else:
+            parts[split[0]][split[1]] = tensor
+    for key, by_slice in parts.items():
+        dim = slice_dim(key)
+        out[key] = by_slice[0] if dim is None else torch.cat([by_slice[t] for t in sorted(by_slice)], dim=dim)
+    return out

@@ -11,6 +11,8 @@ router-bias update are shared and live in the base.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -21,9 +23,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from ..export.formats import hf_named_parameters
+from ..export.formats import EXPERT_SLICES, hf_named_parameters, read_expert_slices
 from ..model.modeling import MoEForCausalLM
-from .expert_parallel import apply_expert_parallel
+from .expert_parallel import ExpertParallelError, apply_expert_parallel
+from .expert_tensor_parallel import EtpLayout, apply_expert_tensor_parallel
 from .optim import GuardedAdamW, build_optimizer, param_groups, warmup_cosine
 from .portable import PortableState, apply_plain, apply_zero
 from .process_group import (collective_timeout_s, free_port, init_distributed, set_expert_group_timeouts,
@@ -31,6 +34,8 @@ from .process_group import (collective_timeout_s, free_port, init_distributed, s
 
 if TYPE_CHECKING:
     from ..train.plan import EngineSpec  # built by the planner; imported here for annotations only
+
+log = logging.getLogger("moe_dist")
 
 
 @dataclass
@@ -187,11 +192,17 @@ class DeepSpeedEngine(TrainEngine):
         self.device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")
 
     def _shard(self, model: MoEForCausalLM) -> MoEForCausalLM:
+        spec = self.spec
+        log.info("layout: %s", EtpLayout(self.world_size, spec.ep_size, spec.etp_size).describe())
         if not model.config.is_moe:
             return model
-        model = apply_expert_parallel(model, self.spec.ep_size)
+        timeout_s = collective_timeout_s(spec.dist_timeout_s)
+        if spec.etp_size > 1:
+            apply_expert_tensor_parallel(model, ep_size=spec.ep_size, etp_size=spec.etp_size, timeout_s=timeout_s)
+        else:
+            apply_expert_parallel(model, spec.ep_size)
         # The expert groups exist now; DeepSpeed made them with torch's default timeout.
-        set_expert_group_timeouts(collective_timeout_s(self.spec.dist_timeout_s))
+        set_expert_group_timeouts(timeout_s)
         return model
 
     def _param_groups(self, model: MoEForCausalLM) -> list[dict]:
@@ -236,13 +247,30 @@ class DeepSpeedEngine(TrainEngine):
 
     def save(self, staging: Path) -> None:
         self.ds.save_checkpoint(str(staging.parent), tag=staging.name, save_latest=False)
+        if self.spec.etp_size > 1 and self.is_main:
+            # Sliced experts: the file ids mean (expert, slice) only with this record (export.formats).
+            config = self.ds.module.config
+            record = {"ep_size": self.spec.ep_size, "etp_size": self.spec.etp_size,
+                      "experts_per_ep_rank": config.num_local_experts // self.spec.ep_size}
+            (staging / EXPERT_SLICES).write_text(json.dumps(record))
 
     def load(self, path: Path) -> None:
+        saved = read_expert_slices(path) or {"etp_size": 1}
+        if saved["etp_size"] != self.spec.etp_size:
+            raise ExpertParallelError(
+                f"{path} was saved with moe.etp_size={saved['etp_size']} and this run has moe.etp_size="
+                f"{self.spec.etp_size}; re-slicing experts on resume is not implemented: resume with "
+                f"etp_size={saved['etp_size']}, or start a new run from its export with --init_from")
         loaded, _ = self.ds.load_checkpoint(str(path.parent), tag=path.name)
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
 
     def load_portable(self, state: PortableState) -> None:
+        if self.spec.etp_size > 1:
+            raise ExpertParallelError(
+                f"resuming onto moe.etp_size={self.spec.etp_size} from a checkpoint of another layout would need "
+                f"its experts re-sliced, which is not implemented: resume at the layout that saved it, or start "
+                f"a new run from its export with --init_from")
         named = list(hf_named_parameters(self.ds.module))
         if hasattr(self.ds.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 or bf16 partitions
             apply_zero(self.ds, state, named)

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..export.formats import slice_dim
 from ..model.moe import FeedForward, LocalExperts, MoEBlock
 from ..model.routing import Routing, assign_positions
 from .expert_parallel import ExpertParallelError, _divisors, _expert_shard_class, _PrecomputedGate
@@ -166,25 +167,18 @@ class ReduceScatterRows(torch.autograd.Function):
 
 @torch.no_grad()
 def slice_expert(expert: FeedForward, t: int, T: int) -> FeedForward:
-    """Slice t of T of one expert: up/gate rows (output columns) and down columns (input rows).
+    """Slice t of T of one expert, cut along `slice_dim` (the rule the export joins slices back by).
 
     A slice is a narrower `FeedForward`, so `LocalExperts` runs slices unchanged. The down bias
     is added once per token, so only slice 0 keeps it.
     """
-    width = expert.up_proj.out_features // T
-    cols = slice(t * width, (t + 1) * width)
     bias = expert.up_proj.bias is not None
-    out = FeedForward(expert.up_proj.in_features, width, "swiglu" if expert.gate_proj is not None else "gelu", bias)
-    for name in ("up_proj", "gate_proj"):
-        full, part = getattr(expert, name), getattr(out, name)
-        if full is not None:
-            part.weight.copy_(full.weight[cols])
-            if bias:
-                part.bias.copy_(full.bias[cols])
-    out.down_proj.weight.copy_(expert.down_proj.weight[:, cols])
-    if bias and t == 0:
-        out.down_proj.bias.copy_(expert.down_proj.bias)
-    elif bias:
+    out = FeedForward(expert.up_proj.in_features, expert.up_proj.out_features // T,
+                      "swiglu" if expert.gate_proj is not None else "gelu", bias)
+    for name, part in out.named_parameters():
+        full, dim = expert.get_parameter(name), slice_dim(name)
+        part.copy_(full if dim is None else full.chunk(T, dim=dim)[t])
+    if bias and t > 0:
         out.down_proj.register_parameter("bias", None)
     return out.to(expert.up_proj.weight.dtype)
 

@@ -12,6 +12,7 @@ on native-MoE checkpoints; ZeRO-1/2 shards record where each parameter lies in t
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,10 @@ from ..export.formats import (
     load_hf_state_dict,
     load_zero_shard,
     local_to_hf_key,
+    merge_expert_slices,
+    read_expert_slices,
+    slice_dim,
+    split_slice_key,
     zero_shards,
 )
 from .optim import named_param_groups
@@ -45,7 +50,27 @@ def read_state(ckpt: Path, *, engine: str, ep_size: int, num_experts: int, shape
     if not shards:
         return PortableState(weights, None, None, None, "it was saved with ZeRO stage 0, whose optimizer "
                                                         "state is not sharded by parameter name")
-    return _read_zero_shards(shards, weights, ep_size, max(num_experts, 1) // ep_size, shapes)
+    slices = read_expert_slices(ckpt)
+    if slices is None:
+        return _read_zero_shards(shards, weights, ep_size, max(num_experts, 1) // ep_size, shapes.__getitem__)
+    # Expert tensor parallelism: rank j of each block of P*T consecutive ranks names its slices as an
+    # EP rank of ep_size P*T with E/P experts would (see `formats`); join them once read.
+    sliced = _read_zero_shards(shards, {}, slices["ep_size"] * slices["etp_size"], slices["experts_per_ep_rank"],
+                               lambda name: _slice_shape(name, shapes, slices))
+    return PortableState({**weights, **merge_expert_slices(sliced.weights, slices)},
+                         merge_expert_slices(sliced.exp_avg, slices), merge_expert_slices(sliced.exp_avg_sq, slices),
+                         sliced.step)
+
+
+def _slice_shape(name: str, shapes: dict[str, torch.Size], slices: dict) -> torch.Size:
+    """The shape of `name` in a sliced save: an expert tensor narrowed T ways along its slice dim."""
+    split = split_slice_key(name, slices)
+    if split is None:
+        return shapes[name]
+    shape, dim = list(shapes[split[0]]), slice_dim(split[0])
+    if dim is not None:
+        shape[dim] //= slices["etp_size"]
+    return torch.Size(shape)
 
 
 def _read_accelerate(ckpt: Path, weights: dict, shapes: dict) -> PortableState:
@@ -59,8 +84,8 @@ def _read_accelerate(ckpt: Path, weights: dict, shapes: dict) -> PortableState:
                          {n: s["exp_avg_sq"].float() for n, s in state.items()}, step)
 
 
-def _read_zero_shards(shards: list[Path], weights: dict, ep_size: int, local_experts: int, shapes: dict
-                      ) -> PortableState:
+def _read_zero_shards(shards: list[Path], weights: dict, ep_size: int, local_experts: int,
+                      shape_of: Callable[[str], torch.Size]) -> PortableState:
     pieces: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     step = 0
     for rank, shard in enumerate(shards):
@@ -77,8 +102,8 @@ def _read_zero_shards(shards: list[Path], weights: dict, ep_size: int, local_exp
                 name = local_to_hf_key(local, rank % ep_size, local_experts)
                 for key, tensor in flat.items():
                     pieces[name][key].append(tensor.narrow(0, frag.start, frag.numel))
-    full = {key: {n: torch.cat(p[key]).view(shapes[n]) for n, p in pieces.items()} for key in ("fp32", "exp_avg",
-                                                                                               "exp_avg_sq")}
+    full = {key: {n: torch.cat(p[key]).view(shape_of(n)) for n, p in pieces.items()} for key in ("fp32", "exp_avg",
+                                                                                                 "exp_avg_sq")}
     weights.update(full["fp32"])  # the fp32 masters, exact even when the module ran in bf16
     return PortableState(weights, full["exp_avg"], full["exp_avg_sq"], step)
 

@@ -107,7 +107,7 @@ class RunReport:
             "nvml_used_mb_per_rank": totals.nvml_used_mb_per_rank, "skipped_steps": totals.skipped_steps,
             "peak_reserved_mb_per_rank": self.peak_reserved_mb_per_rank,
             "params_total": params_total, "params_active": params_active, "ep_size": spec.ep_size,
-            "world_size": self.engine.world_size, "engine": self.engine.kind, "model": self.plan.preset,
+            "etp_size": spec.etp_size, "world_size": self.engine.world_size, "engine": self.engine.kind, "model": self.plan.preset,
             "precision": spec.precision, "tokens_per_step": self.tokens_per_step,
             "num_local_experts": c.num_local_experts, "num_experts_per_tok": c.num_experts_per_tok,
             "capacity_factor": c.capacity_factor, "router_jitter_noise": c.router_jitter_noise,

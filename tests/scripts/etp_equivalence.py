@@ -18,6 +18,7 @@ import torch
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
 from moe_dist import MoEConfig, MoEForCausalLM
+from moe_dist.export.formats import slice_dim
 from moe_dist.parallel.expert_tensor_parallel import apply_expert_tensor_parallel, etp_bytes_per_layer
 from moe_dist.parallel.process_group import init_distributed, shutdown_distributed
 
@@ -28,11 +29,10 @@ MICRO, SEQ = 2, 32
 _SLICED = re.compile(r"experts\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-def reference_slice(grad: torch.Tensor, proj: str, kind: str, t: int, T: int) -> torch.Tensor:
+def reference_slice(grad: torch.Tensor, key: str, t: int, T: int) -> torch.Tensor:
     """Slice t of a full expert gradient, as `slice_expert` cuts the weights."""
-    if proj == "down_proj":
-        return grad if kind == "bias" else grad.chunk(T, dim=1)[t]
-    return grad.chunk(T, dim=0)[t]
+    dim = slice_dim(key)
+    return grad if dim is None else grad.chunk(T, dim=dim)[t]
 
 
 def compare(preset: dict, top_k: int, capacity_factor, ep: int, etp: int) -> dict:
@@ -66,8 +66,8 @@ def compare(preset: dict, top_k: int, capacity_factor, ep: int, etp: int) -> dic
         m = _SLICED.search(name)
         if m:
             expert, proj, kind = p * local + int(m.group(1)), m.group(2), m.group(3)
-            full = ref_params[f"{name[:m.start()]}experts.{expert}.{proj}.{kind}"].grad
-            ref_grad = reference_slice(full, proj, kind, t, etp)
+            key = f"{name[:m.start()]}experts.{expert}.{proj}.{kind}"
+            ref_grad = reference_slice(ref_params[key].grad, key, t, etp)
         else:
             ref_grad = ref_params[name].grad
         worst = max(worst, (param.grad - ref_grad).abs().max().item())
