@@ -50,9 +50,12 @@ def test_bad_layouts_are_refused_with_the_valid_values(kwargs, expected):
         validate_expert_tensor_parallel(**args)
 
 
-@pytest.fixture(scope="module", params=[(2, 1, 2), (4, 2, 2)], ids=["etp2-2ranks", "ep2xetp2-4ranks"])
+@pytest.fixture(scope="module", params=[(2, 1, 2), (4, 2, 2), (4, 1, 2)],
+                ids=["etp2-2ranks", "ep2xetp2-4ranks", "dp2xetp2-4ranks"])
 def equivalence(request, tmp_path_factory):
-    """One launch per layout checks every (block, routing) case; the tests below read its results."""
+    """One launch per layout checks every (block, routing) case; the tests below read its results.
+
+    DP 2 x ETP 2 is the layout where each slice has a replica to reduce its gradient with."""
     ranks, ep, etp = request.param
     out = tmp_path_factory.mktemp("etp") / "result.json"
     proc = check(deepspeed(SCRIPT, [str(out), str(ep), str(etp)], ranks=ranks, timeout=600))
