@@ -180,7 +180,7 @@ def test_resume_at_etp1_on_2_ranks_joins_the_slices_and_continues(etp_run, tmp_p
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("world,moe", [(4, {"ep_size": 2}), (4, {"ep_size": 1, "etp_size": 4}),
+@pytest.mark.parametrize("world,moe", [(8, {"ep_size": 2, "etp_size": 2}), (4, {"ep_size": 1, "etp_size": 4}),
                                        (2, {"ep_size": 1, "etp_size": 2})])
 def test_resume_that_needs_re_slicing_is_refused_with_one_line(etp_run, tmp_path, capsys, monkeypatch, world, moe):
     from moe_dist.train.cli import main

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from ..export.formats import EXPERT_SLICES, hf_named_parameters, read_expert_slices
 from ..model.modeling import MoEForCausalLM
 from .expert_parallel import ExpertParallelError, apply_expert_parallel
-from .expert_tensor_parallel import EtpLayout, apply_expert_tensor_parallel
+from .expert_tensor_parallel import apply_expert_tensor_parallel
 from .optim import GuardedAdamW, build_optimizer, param_groups, warmup_cosine
 from .portable import PortableState, apply_plain, apply_zero
 from .process_group import (collective_timeout_s, free_port, init_distributed, set_expert_group_timeouts,
@@ -193,7 +193,6 @@ class DeepSpeedEngine(TrainEngine):
 
     def _shard(self, model: MoEForCausalLM) -> MoEForCausalLM:
         spec = self.spec
-        log.info("layout: %s", EtpLayout(self.world_size, spec.ep_size, spec.etp_size).describe())
         if not model.config.is_moe:
             return model
         timeout_s = collective_timeout_s(spec.dist_timeout_s)

@@ -245,9 +245,9 @@ def check_run_folder(plan: RunPlan, config: MoEConfig | None = None) -> None:
 def _check_expert_slicing(plan: RunPlan) -> None:
     """Refuse a resume that would need experts re-sliced (not implemented), before any process group.
 
-    The same (engine, EP size, world size) loads the engine's own files, which hold slices of one
-    etp_size; another layout goes through the portable state, which joins slices on reading but
-    cannot cut them again. `DeepSpeedEngine.load` / `load_portable` check the same at load time.
+    The same (engine, EP size, world size, etp_size) loads the engine's own files; any other layout
+    goes through the portable state, which joins slices on reading but cannot cut them again, so
+    only etp_size 1 can take it. `DeepSpeedEngine.load` / `load_portable` check the same at load time.
     """
     # The newest committed save: the one resume takes unless its files fail their manifest.
     saves = CheckpointStore(plan.run_dir / "checkpoints", is_main=False, barrier=lambda: None).complete()
@@ -256,9 +256,10 @@ def _check_expert_slicing(plan: RunPlan) -> None:
         return
     saved, _ = read_trainer_state(ckpt)
     saved_etp, etp = (read_expert_slices(ckpt) or {}).get("etp_size", 1), plan.spec.etp_size
-    same = (saved.engine, saved.ep_size, saved.world_size) == (plan.engine, plan.spec.ep_size, plan.world_size)
-    if (etp != saved_etp if same else etp > 1):
-        also = ", or with etp_size=1 at another EP or world size" if saved_etp > 1 else ""
+    same = (saved.engine, saved.ep_size, saved.world_size, saved_etp) == (plan.engine, plan.spec.ep_size,
+                                                                         plan.world_size, etp)
+    if not same and etp > 1:
+        also = ", or with etp_size=1" if saved_etp > 1 else ""
         raise ConfigError(f"{ckpt} was saved with moe.ep_size={saved.ep_size}, moe.etp_size={saved_etp} on "
                           f"{saved.world_size} rank(s); resuming with ep_size={plan.spec.ep_size}, etp_size={etp} on "
                           f"{plan.world_size} would need its experts re-sliced, which is not implemented: resume at "

@@ -1,8 +1,10 @@
 """Continue a run from its newest intact checkpoint, as it was saved or resharded onto a new layout.
 
-A layout is (engine, EP size, world size). At the layout that saved it, the engine loads its own
-checkpoint and every rank its own random streams. At another, the weights and (where they can
-be) the Adam moments go through the portable state of `parallel.portable`.
+A layout is (engine, EP size, world size) and the ETP size the experts were sliced at (recorded
+in the checkpoint's expert_slices.json; 1 when absent). At the layout that saved it, the engine
+loads its own checkpoint and every rank its own random streams. At another, the weights and (where
+they can be) the Adam moments go through the portable state of `parallel.portable`, which joins
+expert slices back into whole experts (planning refuses a resume that would need them cut again).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from ..model.configuration import MoEConfig
 from ..model.modeling import MoEForCausalLM
+from ..export.formats import read_expert_slices
 from ..parallel.engines import TrainEngine
 from ..parallel.portable import read_state
 from .checkpoint import CheckpointError, CheckpointStore, load_rank_state, restore_rng, step_of
@@ -47,7 +50,8 @@ def load_checkpoint(path: Path, engine: TrainEngine, *, ep_size: int, config: Mo
                     allow_optimizer_reset: bool) -> tuple[TrainerState, ReportTotals]:
     """Restore the engine (and this rank's RNG) from `path`; returns the loop's state and report totals."""
     state, totals = read_trainer_state(path)
-    if (state.engine, state.ep_size, state.world_size) == layout(engine, ep_size):
+    saved_etp = (read_expert_slices(path) or {}).get("etp_size", 1)
+    if (state.engine, state.ep_size, state.world_size, saved_etp) == (*layout(engine, ep_size), engine.spec.etp_size):
         engine.load(path)
         restore_rng(load_rank_state(path, engine.rank)["rng"])
     else:

@@ -23,6 +23,7 @@ from ..export import export_checkpoint
 from ..model.configuration import MoEConfig
 from ..model.modeling import MoEForCausalLM
 from ..parallel.engines import TrainEngine, make_engine
+from ..parallel.expert_tensor_parallel import EtpLayout
 from .checkpoint import CheckpointStore, capture_rng, save_rank_state
 from .data import BlockSampler, PreparedData, batch_tensors, describe_source, prepare_data, validation_shard
 from .evaluation import evaluate
@@ -50,6 +51,7 @@ def run(plan: RunPlan, hooks: Iterable[Hook] = ()) -> dict | None:
     """
     engine = make_engine(plan.engine, plan.spec)
     _configure_logging(engine.is_main)
+    log.info("layout: %s", EtpLayout(engine.world_size, plan.spec.ep_size, plan.spec.etp_size).describe())
     for segment in engine.released_shm:
         log.info("unlinked %s once every rank had mapped it, so no launch leaves it in RAM", segment)
     check_run_folder_shared(plan.run_dir, engine)  # before any rank writes data or checkpoints there
