@@ -35,7 +35,9 @@ def test_an_ep2_deepspeed_checkpoint_exports_to_mixtral_and_ernie_with_the_nativ
         assert main([str(ep2_modern_run), str(tmp_path / fmt), "--format", fmt]) == 0
         card = (tmp_path / fmt / "README.md").read_text()
         assert CLASS[fmt] in card and f"Validation perplexity: {summary['final_val_ppl']:.3f} (final)" in card
-        assert "moe-dist-train --model mixtral-tiny --deepspeed" in card
+        command = next(line for line in card.splitlines() if line.startswith("- Command (latest launch): "))
+        assert "launch/train.py" in command and "--model mixtral-tiny" in command and "--deepspeed" in command
+        assert "- Data: local files " in card and "stories.txt" in card
     native = MoEForCausalLM.from_pretrained(tmp_path / "native", dtype=torch.float32).eval()
     ids = fixed_batch(native.config.vocab_size)
     with torch.no_grad():

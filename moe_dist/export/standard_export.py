@@ -131,7 +131,10 @@ def model_card(ckpt: Path, model: MoEForCausalLM, fmt: str, class_name: str, dif
                        for name in ("summary.json", "run.json"))
     preset = summary.get("model") or record.get("preset") or "unknown"
     engine = summary.get("engine") or record.get("engine") or "unknown"
-    command = f"moe-dist-train --model {preset}" + (" --deepspeed <config>" if engine == "deepspeed" else "")
+    # run.json records the latest launch's command and data source; runs from before it did not.
+    command = record.get("command") or (f"moe-dist-train --model {preset}"
+                                        + (" --deepspeed <config>" if engine == "deepspeed" else "") + " ...")
+    data = record.get("data") or "not recorded in this run folder"
     ppl = summary.get("final_val_ppl")
     lines = [
         "---", "library_name: transformers", "pipeline_tag: text-generation", f"tags: [moe-dist, {fmt}]", "---", "",
@@ -140,9 +143,8 @@ def model_card(ckpt: Path, model: MoEForCausalLM, fmt: str, class_name: str, dif
          "`AutoModelForCausalLM.from_pretrained(folder)`, no custom code, no `trust_remote_code`."),
         f"Exported from `{ckpt}` with `python -m moe_dist.export {ckpt} OUT --format {fmt}`.", "",
         "## Training", "",
-        f"- Command: `{command} ...` (the run folder records the preset and engine; the other flags are not kept)",
-        ("- Data: the run's training text, tokenised by the tokenizer saved in this folder "
-         "(the data source is not recorded in the run folder)"),
+        f"- Command (latest launch): `{command}`",
+        f"- Data: {data}; tokenised by the tokenizer saved in this folder",
         (f"- Engine: {engine}, expert-parallel size {summary.get('ep_size', 'unknown')}, "
          f"world size {summary.get('world_size', 'unknown')}, {summary.get('steps', 'unknown')} steps"),
         f"- Validation perplexity: {ppl:.3f} (final), {summary.get('best_val_ppl', float('nan')):.3f} (best)"

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import shutil
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -103,7 +105,9 @@ def _prepare(plan: RunPlan, engine: TrainEngine) -> tuple[PreparedData, MoEConfi
     check_run_folder(plan, config)
     engine.barrier()  # every rank has compared against the old record before rank 0 replaces it
     if engine.is_main:
-        record = json.dumps(run_record(plan, config), indent=1).encode()
+        # What the model card of an export cites: the latest launch's command line and data source.
+        record = {**run_record(plan, config), "command": shlex.join(sys.argv), "data": describe_source(plan.data)}
+        record = json.dumps(record, indent=1).encode()
         write_atomic(plan.run_dir / RUN_RECORD, lambda f: f.write(record))
     return data, config
 
