@@ -64,6 +64,19 @@ def test_cpu_fp32_and_bf16_take_the_grouped_kernel_and_other_cases_the_loop():
     assert experts_impl(cpu, torch.bfloat16, 12, FF) == "loop"  # 24 bytes
 
 
+def test_torch_without_grouped_mm_gets_the_loop(monkeypatch):
+    monkeypatch.delattr(torch.nn.functional, "grouped_mm")
+    assert experts_impl.__wrapped__(torch.device("cpu"), torch.float32, D, FF) == "loop"  # uncached
+
+
+def test_a_refused_dtype_runs_the_loop_on_its_own():
+    E = 4
+    layer = experts(E, "gelu", True).double()
+    r = routing(random_choice(E, 2), E, 1.0)
+    y = layer(torch.randn(T, D, dtype=torch.float64), r)  # impl None: experts_impl picks the loop
+    assert y.dtype == torch.float64 and torch.isfinite(y).all()
+
+
 @pytest.mark.parametrize("activation, bias", [("gelu", True), ("swiglu", False), ("swiglu", True)])
 @pytest.mark.parametrize("E, K", [(1, 1), (8, 1), (8, 2), (8, 3), (16, 1), (16, 2), (16, 3)])
 @pytest.mark.parametrize("capacity_factor", [None, 1.0])
