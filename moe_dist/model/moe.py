@@ -46,9 +46,10 @@ def experts_impl(device: torch.device, dtype: torch.dtype, hidden_size: int, int
     """"grouped" where `torch.nn.functional.grouped_mm` runs as one kernel here, else "loop".
 
     Decided once per (device, dtype, shape) and logged once; the forward only looks it up.
-    The conditions are torch's own (read in ATen's GroupedMMUtils.h and cuda/GroupedBlas.cpp,
-    torch 2.9-2.13): every non-unit stride a multiple of 16 bytes (so D and I multiples of 4 in
-    fp32, 8 in bf16). On CUDA only bf16 on sm90/sm100 has a kernel; anything else takes
+    The conditions are torch's own, read in ATen's GroupedMMUtils.h and cuda/GroupedBlas.cpp
+    (checked on CPU with torch 2.13; the CUDA ones are not yet checked on a GPU): every non-unit
+    stride a multiple of 16 bytes (so D and I multiples of 4 in fp32, 8 in bf16). On CUDA only
+    bf16 on sm90/sm100 has a kernel; anything else takes
     `_grouped_mm_fallback`, which copies `offs` to the host (a sync) and loops over groups in
     C++. On CPU that fallback is the implementation: no sync there, and one C++ loop instead of
     a Python loop with its autograd nodes.
