@@ -148,6 +148,17 @@ def _activation_bytes_per_token(config: MoEConfig, layer: int, *, a: int, contex
     return attention + norm + a * D + router + experts + shared
 
 
+def _stacked_expert_bytes(config: MoEConfig, layer: int, *, a: int, ep_size: int) -> int:
+    """The per-forward stack of a MoE layer's expert weights ([E, out, in] per projection) that the
+    grouped GEMM (`moe.LocalExperts`) and the EP batched matmul keep for the backward. The
+    per-expert loop (e.g. fp32 on CUDA, see `moe.experts_impl`) keeps none: there this is an
+    overestimate by that much."""
+    if not config.is_moe_layer(layer):
+        return 0
+    projections = 3 if config.hidden_act == "swiglu" else 2
+    return a * projections * config.num_local_experts // ep_size * config.hidden_size * config.moe_intermediate_size
+
+
 def memory_bytes(config: MoEConfig, *, zero_stage: int, ep_size: int, world_size: int, precision: str,
                  micro_batch: int, seq_len: int, grad_ckpt: bool = False, flash_attention: bool = True
                  ) -> dict[str, float]:
@@ -162,7 +173,8 @@ def memory_bytes(config: MoEConfig, *, zero_stage: int, ep_size: int, world_size
       gradients. ZeRO-3 does not exist for native MoE (DeepSpeed refuses it).
     - activations: `micro_batch * seq_len` tokens through every layer, per
       `_activation_bytes_per_token`, plus the head: final norm and lm_head inputs, the logits
-      in `precision` and the fp32 log-probabilities of the loss. With `grad_ckpt` every block
+      in `precision` and the fp32 log-probabilities of the loss; plus each MoE layer's stacked
+      expert weights (`_stacked_expert_bytes`). With `grad_ckpt` every block
       keeps only its input, plus one block's activations while it is recomputed
       (Korthikanti et al. 2022 §4.2, full recomputation).
     - total: the sum, as if every part were alive at once (activations are in fact freed
@@ -194,8 +206,9 @@ def memory_bytes(config: MoEConfig, *, zero_stage: int, ep_size: int, world_size
                  for i in range(config.num_hidden_layers)]
     layers = (config.num_hidden_layers * a * config.hidden_size + max(per_layer)) if grad_ckpt else sum(per_layer)
     head = _norm_bytes(config, a) + a * config.hidden_size + (a + 4) * config.vocab_size
+    stacked = [_stacked_expert_bytes(config, i, a=a, ep_size=ep_size) for i in range(config.num_hidden_layers)]
     out = {"weights": a * (dense + expert), "gradients": grads, "optimizer": optim,
-           "activations": tokens * (layers + head)}
+           "activations": tokens * (layers + head) + (max(stacked) if grad_ckpt else sum(stacked))}
     out["total"] = sum(out.values())
     return out
 
