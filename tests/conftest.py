@@ -19,21 +19,22 @@ def _launches_ranks(test_file: str) -> bool:
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """Under xdist with `--dist loadgroup` (the README's command) every test file that launches ranks
-    runs on one worker, one launch at a time: a launch keeps both cores busy on its own, and the fault
-    tests' timing contracts (a crashed rank ends the job within 60 s) hold for one launch at a time.
-    The other tests share the other worker. xdist's own loadgroup reads `xdist_group` marks into the
+    """Under xdist with `--dist loadgroup` (the README's command) each test file that launches ranks
+    (marked `multirank`) is one unit of work: its launches run one at a time on one worker, beside at
+    most one other launch on the other worker, and the files' shared runs (module fixtures) are made
+    once. Other tests are spread one by one. xdist's own loadgroup reads `xdist_group` marks into the
     test ids, which pytest 9.2's ids no longer take; the controller sees only ids, so the files are
     told apart by their `multirank` mark."""
     if config.getvalue("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    class MultirankOnOneWorker(LoadScopeScheduling):
+    class OneUnitPerLaunchingFile(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "multirank" if _launches_ranks(nodeid.split("::")[0]) else nodeid
+            path = nodeid.split("::")[0]
+            return path if _launches_ranks(path) else nodeid
 
-    return MultirankOnOneWorker(config, log)
+    return OneUnitPerLaunchingFile(config, log)
 
 
 # A preset shrunk to a few thousand parameters per layer: every test model is built in milliseconds.

@@ -191,8 +191,9 @@ def stage_bench_moe(args, work: Path, rec: dict) -> None:
 
 
 def stage_bench_train(args, work: Path, rec: dict) -> None:
+    # The dry run times one expert kernel; on the GPU both (grouped and loop), side by side.
     size = ["--scale", "tiny", "--experts", 4, "--seq_len", 32, "--micro_batch_size", 2, "--rounds", 2,
-            "--warmup", 1] if args.dry_run else ["--scale", "seed", "--experts", 4, 8, 16]
+            "--warmup", 1, "--experts_impl", "grouped"] if args.dry_run else ["--scale", "seed", "--experts", 4, 8, 16]
     run(python(ROOT / "tools" / "bench_train.py", *size, "--device", args.device, "--json", work / "bench_train.json"),
         args, rec, timeout=args.stage_timeout)
     rows = read_json(work / "bench_train.json")["rows"]
