@@ -1,9 +1,11 @@
 """Shared test helpers: the repository on sys.path, the xdist split, and a factory for CPU-sized model configs."""
 import functools
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # Plain `pytest` puts neither the repository root nor tests/ (for `launcher`) on sys.path
@@ -11,6 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers share two cores: one torch thread each, or a worker's OpenMP threads spin
+    # against the other worker's (the launched ranks get OMP_NUM_THREADS=1 from tests/launcher.py).
+    torch.set_num_threads(1)
 
 
 @functools.cache
