@@ -22,27 +22,35 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 @functools.cache
-def _launches_ranks(test_file: str) -> bool:
-    return "mark.multirank" in (ROOT / test_file).read_text()
+def _one_unit(test_file: str) -> bool:
+    """Whether a test file runs on one worker: it launches ranks, or its module fixtures build shared runs."""
+    text = (ROOT / test_file).read_text()
+    return "mark.multirank" in text or 'scope="module"' in text
+
+
+def pytest_collection_modifyitems(items):
+    """The files that are one unit of work first: the long units start at once on both workers and
+    the single tests fill the gaps at the end, rather than one worker finishing a long file alone."""
+    items.sort(key=lambda item: not _one_unit(item.nodeid.split("::")[0]))
 
 
 def pytest_xdist_make_scheduler(config, log):
     """Under xdist with `--dist loadgroup` (the README's command) each test file that launches ranks
-    (marked `multirank`) is one unit of work: its launches run one at a time on one worker, beside at
-    most one other launch on the other worker, and the files' shared runs (module fixtures) are made
-    once. Other tests are spread one by one. xdist's own loadgroup reads `xdist_group` marks into the
-    test ids, which pytest 9.2's ids no longer take; the controller sees only ids, so the files are
-    told apart by their `multirank` mark."""
+    (marked `multirank`) or builds shared runs in module fixtures is one unit of work: its launches run
+    one at a time on one worker, beside at most one other launch on the other worker, and its module
+    fixtures run once. Other tests are spread one by one. xdist's own loadgroup reads `xdist_group`
+    marks into the test ids, which pytest 9.2's ids no longer take; the controller sees only ids, so
+    the files are told apart by their text."""
     if config.getvalue("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    class OneUnitPerLaunchingFile(LoadScopeScheduling):
+    class OneUnitPerFile(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::")[0]
-            return path if _launches_ranks(path) else nodeid
+            return path if _one_unit(path) else nodeid
 
-    return OneUnitPerLaunchingFile(config, log)
+    return OneUnitPerFile(config, log)
 
 
 # A preset shrunk to a few thousand parameters per layer: every test model is built in milliseconds.
@@ -64,14 +72,31 @@ def make_config():
     return make
 
 
+def _made_once(tmp_path_factory, name: str, make) -> Path:
+    """`<shared>/<name>/run`, made by `make(run_dir)` once per test session: under xdist the first
+    worker to ask builds it under a file lock and the other worker reuses it (a session fixture
+    alone is per worker, so each would train its own copy)."""
+    from filelock import FileLock  # a dependency of torch
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's base folder, above the workers' own
+    run_dir, done = shared / name / "run", shared / name / "done"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.exists():
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            make(run_dir)
+            done.touch()
+    return run_dir
+
+
 @pytest.fixture(scope="session")
 def ep2_run(tmp_path_factory):
     """One uninterrupted 24-step EP=2 DeepSpeed run (2 CPU ranks), shared by every test that reads it."""
     from launcher import EP2_ARGS, TRAIN, check, deepspeed
 
-    run_dir = tmp_path_factory.mktemp("ep2") / "run"
-    check(deepspeed(TRAIN, [*EP2_ARGS, "--output_dir", str(run_dir)]))
-    return run_dir
+    return _made_once(tmp_path_factory, "ep2",
+                      lambda run_dir: check(deepspeed(TRAIN, [*EP2_ARGS, "--output_dir", str(run_dir)])))
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +104,5 @@ def accel_run(tmp_path_factory):
     """One uninterrupted 24-step single-process run through accelerate (no DeepSpeed engine)."""
     from launcher import ACCEL_ARGS, TRAIN, check, python
 
-    run_dir = tmp_path_factory.mktemp("accel") / "run"
-    check(python(TRAIN, [*ACCEL_ARGS, "--output_dir", str(run_dir)]))
-    return run_dir
-
+    return _made_once(tmp_path_factory, "accel",
+                      lambda run_dir: check(python(TRAIN, [*ACCEL_ARGS, "--output_dir", str(run_dir)])))
