@@ -4,14 +4,21 @@
     python launch/generate.py --model_path runs/quickstart/hf --prompt_file prompts.txt --temperature 0 \\
         --max_new_tokens 200 --json samples.json
 
+    deepspeed --num_gpus 2 launch/generate.py --etp_size 2 --model_path runs/quickstart --temperature 0
+
 --temperature 0 is greedy; top_k 0 and top_p 1 are off. A prompt file holds one prompt per line, or
 multi-line prompts separated by `<|endoftext|>` lines. No prompt at all samples unconditionally.
-Bad input (no model, a prompt longer than the context, no GPU for --device cuda) exits with
+`--etp_size T`, launched on T ranks, slices every expert over them, each rank loading only its
+slice (moe_dist.parallel.sliced_experts); rank 0 prints and writes --json. The default, 1, runs
+one whole model per process.
+Bad input (no model, a prompt longer than the context, no GPU for --device cuda, an --etp_size that
+does not divide the expert width or differs from the number of ranks) exits with
 status 2 and one line; prompt + --max_new_tokens beyond the context is clamped with a warning.
 """
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +34,13 @@ from moe_dist.generation import (
     read_prompt_file,
     resolve_device,
     resolve_model_dir,
+)
+from moe_dist.parallel.process_group import shutdown_distributed
+from moe_dist.parallel.sliced_experts import (
+    SlicedExpertsError,
+    check_etp_size,
+    load_sliced_model,
+    start_process_group,
 )
 
 
@@ -45,17 +59,25 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch_size", type=int, default=8, help="prompts per generate() call")
     p.add_argument("--json", help="also write prompts, samples and settings to this JSON file")
+    p.add_argument("--etp_size", type=int, default=1,
+                   help="slice every expert over this many ranks (launch them with deepspeed --num_gpus T); "
+                        "1 = off")
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher's
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     _quiet_transformers()
+    sliced = args.etp_size != 1
+    rank = int(os.environ.get("RANK", "0")) if sliced else 0  # --etp_size 1: every process prints, as ever
+    started = False
     try:
         prompts = (args.prompt + (read_prompt_file(args.prompt_file) if args.prompt_file else [])) or [""]
         model_dir = resolve_model_dir(args.model_path)
-        device = resolve_device(args.device)
-        context = context_length(model_dir)
+        device = _rank_device(resolve_device(args.device)) if sliced else resolve_device(args.device)
+        context = context_length(model_dir)  # also the config's own errors, before the --etp_size check reads it
+        check_etp_size(model_dir, args.etp_size, int(os.environ.get("WORLD_SIZE", "1")))
         tokenizer = load_tokenizer_for_generation(model_dir)
         max_new_tokens, warning = fit_to_context(prompt_lengths(tokenizer, prompts), context, args.max_new_tokens)
         config = build_generation_config(
@@ -65,21 +87,45 @@ def main(argv=None) -> int:
             raise GenerationError(f"--batch_size {args.batch_size}: must be >= 1")
         if args.json and not Path(args.json).parent.is_dir():  # found out now, not after generating
             raise GenerationError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
-        model = load_model(model_dir, device)
-    except GenerationError as e:
+        if sliced:  # every check above ran before any process group
+            started = start_process_group(device)
+            model = load_sliced_model(model_dir, rank, args.etp_size, device)
+        else:
+            model = load_model(model_dir, device)
+    except (GenerationError, SlicedExpertsError) as e:
+        # Every rank prints: the checks see the same input on every rank, except a rank's own GPU.
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if warning:
+    if warning and rank == 0:
         print(warning, file=sys.stderr)
+    # Sliced, every rank decodes the same tokens (same logits after the all-reduce, same seed).
     samples = generate(model, tokenizer, prompts, config, seed=args.seed, batch_size=args.batch_size)
+    if started:
+        shutdown_distributed()
+    if rank != 0:
+        return 0
     for s in samples:
         print(f"=== prompt {s.prompt_index + 1}/{len(prompts)}, sample {s.sample_index + 1}/{args.num_samples}"
               f" ({s.num_new_tokens} new tokens) ===\n{s.text}\n")
     if args.json:
-        record = {"model_dir": str(model_dir), "device": str(device), "settings": vars(args),
+        settings = {k: v for k, v in vars(args).items() if k != "local_rank"}
+        record = {"model_dir": str(model_dir), "device": str(device), "settings": settings,
                   "max_new_tokens_used": max_new_tokens, "samples": [s.to_json() for s in samples]}
         Path(args.json).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     return 0
+
+
+def _rank_device(device):
+    """A sliced rank's device: its own GPU (LOCAL_RANK from the launcher) unless --device names one."""
+    import torch
+
+    if device.type != "cuda" or device.index is not None:
+        return device
+    local_rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local_rank >= count:
+        raise GenerationError(f"--device {device}: rank {local_rank} on this host needs GPU {local_rank}, but only "
+                              f"{count} are visible; launch at most {count} ranks per host")
+    return torch.device("cuda", local_rank)
 
 
 def _quiet_transformers() -> None:

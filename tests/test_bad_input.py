@@ -178,3 +178,52 @@ def test_bad_etp_layout_through_the_real_script_exits_2_with_one_line(tmp_path):
                                                     "the world size 1: ep_size=2 alone does not fit; valid ep_size "
                                                     "values here are [1]")
     assert not (tmp_path / "r").exists()
+
+
+# ---- generation with sliced experts (issue 14): launch/generate.py --etp_size T ---------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_exports(tmp_path_factory):
+    """{"moe": folder, "dense": folder}: random 2-layer models (expert width 128) with a trained BPE, as exported."""
+    import torch
+
+    from moe_dist import MoEConfig, MoEForCausalLM
+    from moe_dist.train.data import build_tokenizer
+
+    root = tmp_path_factory.mktemp("gen_exports")
+    tokenizer = build_tokenizer("train:300", (FIXTURES / "stories_valid.txt").read_text().split("<|endoftext|>"), None)
+    folders = {}
+    for name, preset in (("moe", "tiny-moe"), ("dense", "tiny-dense")):
+        torch.manual_seed(0)
+        config = MoEConfig.from_preset(preset, vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
+                                       intermediate_size=128, max_position_embeddings=64)
+        MoEForCausalLM(config).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        folders[name] = root / name
+    return folders
+
+
+@pytest.mark.parametrize("export,etp,world,expected", [
+    ("moe", 3, "3", ("--etp_size 3 does not divide the expert width moe_intermediate_size=128: valid values are "
+                     "[1, 2, 4, 8, 16, 32, 64, 128]")),
+    ("moe", 2, None, ("--etp_size 2 needs one rank per slice, but this launch has WORLD_SIZE=1: valid here is "
+                      "--etp_size 1; slice over 2 ranks with `deepspeed --num_gpus 2 launch/generate.py --etp_size 2")),
+    ("moe", 2, "4", "WORLD_SIZE=4: valid here is --etp_size 1 or 4;"),
+    ("dense", 2, "2", "is a dense model (num_local_experts=0), it has no experts to slice; valid value: 1"),
+    ("moe", 0, None, "--etp_size 0: must be >= 1"),
+])
+def test_bad_generate_etp_size_is_refused_with_one_line_before_any_process_group(
+        capsys, monkeypatch, tiny_exports, export, etp, world, expected):
+    import torch.distributed as dist
+
+    from launch.generate import main as generate_main
+
+    if world is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    code = generate_main(["--model_path", str(tiny_exports[export]), "--device", "cpu", "--etp_size", str(etp)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    assert not dist.is_initialized()
