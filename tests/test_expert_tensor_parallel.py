@@ -1,5 +1,6 @@
 """Expert tensor parallelism (issue 14): slices add up to the expert, the layout's groups, and, through the
-real `deepspeed` launcher on CPU ranks, ETP=2 on 2 ranks and EP=2 x ETP=2 on 4 ranks against one process."""
+real `deepspeed` launcher on CPU ranks, ETP=2 on 2 ranks and EP=2 x ETP=2 on 4 ranks against one process,
+and resume across ETP sizes both ways (2 -> 1 joins the slices, 1 -> 2 cuts them)."""
 
 import json
 
@@ -8,9 +9,11 @@ import torch
 from launcher import DATA_ARGS, ROOT, TRAIN, check, deepspeed, leftover_shm, metrics, python, truncate_run
 from safetensors.torch import load_file
 
+from moe_dist.export.formats import merge_expert_slices
 from moe_dist.model.moe import FeedForward
 from moe_dist.parallel.expert_parallel import ExpertParallelError
 from moe_dist.parallel.expert_tensor_parallel import EtpLayout, slice_expert, validate_expert_tensor_parallel
+from moe_dist.parallel.portable import PortableState, slice_state
 
 SCRIPT = ROOT / "tests" / "scripts" / "etp_equivalence.py"
 CASES = {"gpt2/top1-dropless", "gpt2/top2-capacity1.0", "modern/top1-dropless", "modern/top2-capacity1.0"}
@@ -26,6 +29,34 @@ def test_expert_slices_sum_to_the_full_expert(activation, bias):
     # The down bias is added once: slice 0 holds it, the others have none.
     assert [s.down_proj.bias is not None for s in slices] == [bias, False, False]
     torch.testing.assert_close(sum(s(x) for s in slices), expert(x), rtol=0, atol=1e-6)
+
+
+def test_portable_state_is_cut_into_each_ranks_slices_as_the_experts_are():
+    """Resume onto ETP (1 -> 2, or any layout -> T > 1): each rank of EP 2 x ETP 2 gets, under its live
+    names (slice ids, as its checkpoint files name them), the slices `slice_expert` cuts, and its Adam
+    moments cut the same way; all ranks' slices join back into the portable state."""
+    torch.manual_seed(0)
+    E, P, T = 4, 2, 2
+    experts = [FeedForward(8, 12, "swiglu", True) for _ in range(E)]
+    key = "model.layers.1.mlp.experts.{}.{}".format
+    weights = {key(e, n): w.detach() for e, x in enumerate(experts) for n, w in x.named_parameters()}
+    weights["model.embed_tokens.weight"] = torch.randn(5, 8)
+    moments = {n: torch.randn_like(w) for n, w in weights.items()}
+    state = PortableState(weights, moments, {n: m.square() for n, m in moments.items()}, step=7)
+    record = {"ep_size": P, "etp_size": T, "experts_per_ep_rank": E // P}
+    joined = {}
+    for j in range(P * T):  # rank j of the block holds slice t of EP rank p's experts
+        p, t = divmod(j, T)
+        slices = {j * E // P + local: slice_expert(experts[p * E // P + local], t, T) for local in range(E // P)}
+        names = ["model.embed_tokens.weight", *(key(i, n) for i, x in slices.items() for n, _ in x.named_parameters())]
+        mine = slice_state(state, names, record)
+        assert sorted(mine.weights) == sorted(names) and mine.step == 7
+        for i, x in slices.items():
+            for n, w in x.named_parameters():
+                assert torch.equal(mine.weights[key(i, n)], w), (j, i, n)
+        joined.update(mine.exp_avg)
+    assert merge_expert_slices(joined, record).keys() == moments.keys()
+    assert all(torch.equal(v, moments[n]) for n, v in merge_expert_slices(joined, record).items())
 
 
 def test_layout_groups_partition_the_world():
@@ -180,17 +211,15 @@ def test_resume_at_etp1_on_2_ranks_joins_the_slices_and_continues(etp_run, tmp_p
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("world,moe", [(8, {"ep_size": 2, "etp_size": 2}), (4, {"ep_size": 1, "etp_size": 4}),
-                                       (2, {"ep_size": 1, "etp_size": 2})])
-def test_resume_that_needs_re_slicing_is_refused_with_one_line(etp_run, tmp_path, capsys, monkeypatch, world, moe):
-    from moe_dist.train.cli import main
-
-    straight, _ = etp_run
+def test_resume_at_etp2_on_2_ranks_slices_the_experts_and_continues(one_process_run, tmp_path):
+    """ETP=1 -> 2: the one-process run's whole experts and their Adam moments are cut into this rank's
+    slices. World 2 x micro-batch 4 x accumulation 2 keeps the one process's micro-batches."""
     run = tmp_path / "run"
-    truncate_run(straight, run, keep_step=10)
-    monkeypatch.setenv("WORLD_SIZE", str(world))
-    code = main(["--deepspeed", _ds_variant(tmp_path, moe=moe), *ETP_ARGS, "--output_dir", str(run)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1, err
-    assert "was saved with moe.ep_size=2, moe.etp_size=2 on 4 rank(s)" in err[0]
-    assert "would need its experts re-sliced, which is not implemented" in err[0]
+    truncate_run(one_process_run, run, keep_step=10)
+    ds = _ds_variant(tmp_path, gradient_accumulation_steps=2, moe={"ep_size": 1, "etp_size": 2})
+    proc = check(deepspeed(TRAIN, ["--deepspeed", ds, *ETP_ARGS, "--output_dir", str(run)], timeout=600))
+    assert ("resharded step00000010 from deepspeed EP=1 on 1 rank(s) to deepspeed EP=1 x ETP=2 on 2 rank(s); "
+            "optimizer state carried over") in proc.stderr
+    want, got = metrics(one_process_run), metrics(run)
+    assert sorted(got) == list(range(1, ETP_STEPS + 1))
+    assert all(abs(want[s]["loss"] - got[s]["loss"]) <= 1e-5 for s in range(11, ETP_STEPS + 1))

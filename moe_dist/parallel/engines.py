@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from ..export.formats import EXPERT_SLICES, hf_named_parameters, read_expert_slices
+from ..export.formats import EXPERT_SLICES, hf_named_parameters
 from ..model.modeling import MoEForCausalLM
-from .expert_parallel import ExpertParallelError, apply_expert_parallel
+from .expert_parallel import apply_expert_parallel
 from .expert_tensor_parallel import apply_expert_tensor_parallel
 from .optim import GuardedAdamW, build_optimizer, param_groups, warmup_cosine
-from .portable import PortableState, apply_plain, apply_zero
+from .portable import PortableState, apply_plain, apply_zero, slice_state
 from .process_group import (collective_timeout_s, free_port, init_distributed, set_expert_group_timeouts,
                             shutdown_distributed)
 
@@ -248,29 +248,22 @@ class DeepSpeedEngine(TrainEngine):
         self.ds.save_checkpoint(str(staging.parent), tag=staging.name, save_latest=False)
         if self.spec.etp_size > 1 and self.is_main:
             # Sliced experts: the file ids mean (expert, slice) only with this record (export.formats).
-            config = self.ds.module.config
-            record = {"ep_size": self.spec.ep_size, "etp_size": self.spec.etp_size,
-                      "experts_per_ep_rank": config.num_local_experts // self.spec.ep_size}
-            (staging / EXPERT_SLICES).write_text(json.dumps(record))
+            (staging / EXPERT_SLICES).write_text(json.dumps(self._slice_record()))
+
+    def _slice_record(self) -> dict:
+        """How this run slices its experts, as expert_slices.json records it (`formats.read_expert_slices`)."""
+        return {"ep_size": self.spec.ep_size, "etp_size": self.spec.etp_size,
+                "experts_per_ep_rank": self.ds.module.config.num_local_experts // self.spec.ep_size}
 
     def load(self, path: Path) -> None:
-        saved = read_expert_slices(path) or {"etp_size": 1}
-        if saved["etp_size"] != self.spec.etp_size:
-            raise ExpertParallelError(
-                f"{path} was saved with moe.etp_size={saved['etp_size']} and this run has moe.etp_size="
-                f"{self.spec.etp_size}; re-slicing experts on resume is not implemented: resume with "
-                f"etp_size={saved['etp_size']}, or start a new run from its export with --init_from")
         loaded, _ = self.ds.load_checkpoint(str(path.parent), tag=path.name)
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
 
     def load_portable(self, state: PortableState) -> None:
-        if self.spec.etp_size > 1:
-            raise ExpertParallelError(
-                f"resuming onto moe.etp_size={self.spec.etp_size} from a checkpoint of another layout would need "
-                f"its experts re-sliced, which is not implemented: resume at the layout that saved it, or start "
-                f"a new run from its export with --init_from")
-        named = list(hf_named_parameters(self.ds.module))
+        named = list(hf_named_parameters(self.ds.module))  # expert slices under their slice ids (formats)
+        if self.spec.etp_size > 1:  # cut this rank's slices, weights and moments, from the whole experts
+            state = slice_state(state, (name for name, _ in named), self._slice_record())
         if hasattr(self.ds.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 or bf16 partitions
             apply_zero(self.ds, state, named)
         else:

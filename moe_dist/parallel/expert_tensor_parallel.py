@@ -165,9 +165,16 @@ class ReduceScatterRows(torch.autograd.Function):
 # ---- slicing ----------------------------------------------------------------------------------
 
 
+def slice_tensor(full: torch.Tensor, key: str, t: int, T: int) -> torch.Tensor:
+    """Slice t of T of one full expert tensor (weight, gradient or Adam moment) named `key`, cut along
+    `slice_dim`: the inverse of `formats.merge_expert_slices`. The down bias comes back whole (slice 0's)."""
+    dim = slice_dim(key)
+    return full if dim is None else full.chunk(T, dim=dim)[t]
+
+
 @torch.no_grad()
 def slice_expert(expert: FeedForward, t: int, T: int) -> FeedForward:
-    """Slice t of T of one expert, cut along `slice_dim` (the rule the export joins slices back by).
+    """Slice t of T of one expert, cut by `slice_tensor` (the rule the export joins slices back by).
 
     A slice is a narrower `FeedForward`, so `LocalExperts` runs slices unchanged. The down bias
     is added once per token, so only slice 0 keeps it.
@@ -176,8 +183,7 @@ def slice_expert(expert: FeedForward, t: int, T: int) -> FeedForward:
     out = FeedForward(expert.up_proj.in_features, expert.up_proj.out_features // T,
                       "swiglu" if expert.gate_proj is not None else "gelu", bias)
     for name, part in out.named_parameters():
-        full, dim = expert.get_parameter(name), slice_dim(name)
-        part.copy_(full if dim is None else full.chunk(T, dim=dim)[t])
+        part.copy_(slice_tensor(expert.get_parameter(name), name, t, T))
     if bias and t > 0:
         out.down_proj.register_parameter("bias", None)
     return out.to(expert.up_proj.weight.dtype)

@@ -1,4 +1,4 @@
-"""Engine-neutral training state: resume at another EP size, world size or engine.
+"""Engine-neutral training state: resume at another EP size, ETP size, world size or engine.
 
 Every parameter under its HF name (global expert ids) with its fp32 value and AdamW
 moments, plus the optimizer step. It is read from either engine's checkpoint files and
@@ -6,13 +6,15 @@ written into either engine after setup, so experts and their moments move to whi
 rank owns them now. DeepSpeed's own converters (`ds_to_universal`, `zero_to_fp32`) fail
 on native-MoE checkpoints; ZeRO-1/2 shards record where each parameter lies in them
 (`param_slice_mappings`), which is all this needs. The files and their names are
-`moe_dist.export.formats`'s business; this module only reassembles what they hold.
+`moe_dist.export.formats`'s business; this module only reassembles what they hold. Expert
+slices (ETP, issue 14) are joined into whole experts on reading and cut again for a sliced
+target (`slice_state`), so every layout change takes the same path.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from ..export.formats import (
     split_slice_key,
     zero_shards,
 )
+from .expert_tensor_parallel import slice_tensor
 from .optim import named_param_groups
 
 
@@ -109,6 +112,27 @@ def _read_zero_shards(shards: list[Path], weights: dict, ep_size: int, local_exp
 
 
 # ---- writing into a live engine --------------------------------------------------------------
+
+
+def slice_state(state: PortableState, names: Iterable[str], slices: dict) -> PortableState:
+    """`state` as one rank of a sliced (ETP) model holds it, under that model's `names`.
+
+    A live sliced model names its expert slices as its checkpoint files do (`formats.split_slice_key`,
+    `slices` as in expert_slices.json), so each name maps to (full expert key, slice t); the weight and
+    both Adam moments are cut alike (AdamW is elementwise, so a slice's moments are the slice of the
+    whole expert's). Every other tensor passes through.
+    """
+    where = {name: split_slice_key(name, slices) for name in names}
+
+    def cut(tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+        if tensors is None:
+            return None
+        return {name: tensors[name] if split is None else slice_tensor(tensors[split[0]], split[0], split[1],
+                                                                        slices["etp_size"])
+                for name, split in where.items() if (name if split is None else split[0]) in tensors}
+
+    return PortableState(cut(state.weights), cut(state.exp_avg), cut(state.exp_avg_sq), state.step,
+                         state.why_no_moments)
 
 
 @torch.no_grad()

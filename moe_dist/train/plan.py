@@ -16,15 +16,12 @@ from pathlib import Path
 
 import torch
 
-from ..export.formats import read_expert_slices
 from ..model.configuration import MoEConfig
 from ..parallel.ds_config import ConfigError, DeepSpeedSettings, launcher_world_size, load_deepspeed_config
 from ..parallel.expert_parallel import validate_expert_parallel
 from ..parallel.expert_tensor_parallel import validate_expert_tensor_parallel
 from .args import EngineArgs, ModelArgs, OptimArgs, RunArgs
 from .data import SEPARATOR, DataConfig, DataError, open_bytes, trained_vocab_size
-from .checkpoint import CheckpointStore
-from .state import TRAINER_STATE, read_trainer_state
 
 RUN_RECORD = "run.json"
 # Shape fields that --init_from cannot change: the loaded weights would not fit.
@@ -239,28 +236,4 @@ def check_run_folder(plan: RunPlan, config: MoEConfig | None = None) -> None:
     if diff:
         changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
         raise ConfigError(f"{plan.run_dir} holds a run of a different model ({changes}); {fresh}")
-    _check_expert_slicing(plan)
 
-
-def _check_expert_slicing(plan: RunPlan) -> None:
-    """Refuse a resume that would need experts re-sliced (not implemented), before any process group.
-
-    The same (engine, EP size, world size, etp_size) loads the engine's own files; any other layout
-    goes through the portable state, which joins slices on reading but cannot cut them again, so
-    only etp_size 1 can take it. `DeepSpeedEngine.load` / `load_portable` check the same at load time.
-    """
-    # The newest committed save: the one resume takes unless its files fail their manifest.
-    saves = CheckpointStore(plan.run_dir / "checkpoints", is_main=False, barrier=lambda: None).complete()
-    ckpt = saves[-1] if saves else None
-    if ckpt is None or not (ckpt / TRAINER_STATE).is_file():
-        return
-    saved, _ = read_trainer_state(ckpt)
-    saved_etp, etp = (read_expert_slices(ckpt) or {}).get("etp_size", 1), plan.spec.etp_size
-    same = (saved.engine, saved.ep_size, saved.world_size, saved_etp) == (plan.engine, plan.spec.ep_size,
-                                                                         plan.world_size, etp)
-    if not same and etp > 1:
-        also = ", or with etp_size=1" if saved_etp > 1 else ""
-        raise ConfigError(f"{ckpt} was saved with moe.ep_size={saved.ep_size}, moe.etp_size={saved_etp} on "
-                          f"{saved.world_size} rank(s); resuming with ep_size={plan.spec.ep_size}, etp_size={etp} on "
-                          f"{plan.world_size} would need its experts re-sliced, which is not implemented: resume at "
-                          f"the saved layout{also}, or start a new --output_dir with --init_from an export of it")

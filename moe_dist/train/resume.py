@@ -4,7 +4,7 @@ A layout is (engine, EP size, world size) and the ETP size the experts were slic
 in the checkpoint's expert_slices.json; 1 when absent). At the layout that saved it, the engine
 loads its own checkpoint and every rank its own random streams. At another, the weights and (where
 they can be) the Adam moments go through the portable state of `parallel.portable`, which joins
-expert slices back into whole experts (planning refuses a resume that would need them cut again).
+expert slices back into whole experts, and the engine cuts them again when this run slices them.
 """
 
 from __future__ import annotations
@@ -55,13 +55,14 @@ def load_checkpoint(path: Path, engine: TrainEngine, *, ep_size: int, config: Mo
         engine.load(path)
         restore_rng(load_rank_state(path, engine.rank)["rng"])
     else:
-        _reshard(path, state, engine, ep_size=ep_size, config=config, allow_optimizer_reset=allow_optimizer_reset)
+        _reshard(path, state, engine, ep_size=ep_size, saved_etp=saved_etp, config=config,
+                 allow_optimizer_reset=allow_optimizer_reset)
     return state, totals
 
 
-def _reshard(path: Path, saved: TrainerState, engine: TrainEngine, *, ep_size: int, config: MoEConfig,
-             allow_optimizer_reset: bool) -> None:
-    """Load a checkpoint written by another engine, EP size or world size, through the portable state."""
+def _reshard(path: Path, saved: TrainerState, engine: TrainEngine, *, ep_size: int, saved_etp: int,
+             config: MoEConfig, allow_optimizer_reset: bool) -> None:
+    """Load a checkpoint written by another engine, EP size, ETP size or world size, through the portable state."""
     with torch.device("meta"):
         shapes = {n: p.shape for n, p in MoEForCausalLM(config).named_parameters() if p.requires_grad}
     state = read_state(path, engine=saved.engine, ep_size=saved.ep_size, num_experts=config.num_local_experts,
@@ -74,6 +75,12 @@ def _reshard(path: Path, saved: TrainerState, engine: TrainEngine, *, ep_size: i
     engine.restore_schedule(saved.scheduler_steps)
     if saved.world_size > engine.rank:  # this rank existed before: keep its random streams
         restore_rng(load_rank_state(path, engine.rank)["rng"])
-    log.info("resharded %s from %s EP=%d on %d rank(s) to %s EP=%d on %d rank(s); optimizer %s",
-             path.name, saved.engine, saved.ep_size, saved.world_size, *layout(engine, ep_size),
+    kind, _, world = layout(engine, ep_size)
+    log.info("resharded %s from %s EP=%d%s on %d rank(s) to %s EP=%d%s on %d rank(s); optimizer %s",
+             path.name, saved.engine, saved.ep_size, _etp(saved_etp), saved.world_size, kind, ep_size,
+             _etp(engine.spec.etp_size), world,
              "state carried over" if state.exp_avg is not None else "reset (--allow_optimizer_reset)")
+
+
+def _etp(etp_size: int) -> str:
+    return f" x ETP={etp_size}" if etp_size > 1 else ""

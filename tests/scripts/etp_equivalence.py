@@ -18,8 +18,7 @@ import torch
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
 from moe_dist import MoEConfig, MoEForCausalLM
-from moe_dist.export.formats import slice_dim
-from moe_dist.parallel.expert_tensor_parallel import apply_expert_tensor_parallel, etp_bytes_per_layer
+from moe_dist.parallel.expert_tensor_parallel import apply_expert_tensor_parallel, etp_bytes_per_layer, slice_tensor
 from moe_dist.parallel.process_group import init_distributed, shutdown_distributed
 
 # The GPT-2 block with biases everywhere (so bias slicing is checked), and the SwiGLU block.
@@ -27,12 +26,6 @@ PRESETS = {"gpt2": dict(preset="tiny-moe", expert_bias=True), "modern": dict(pre
 ROUTINGS = {"top1-dropless": (1, None), "top2-capacity1.0": (2, 1.0)}
 MICRO, SEQ = 2, 32
 _SLICED = re.compile(r"experts\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\w+)\.(weight|bias)$")
-
-
-def reference_slice(grad: torch.Tensor, key: str, t: int, T: int) -> torch.Tensor:
-    """Slice t of a full expert gradient, as `slice_expert` cuts the weights."""
-    dim = slice_dim(key)
-    return grad if dim is None else grad.chunk(T, dim=dim)[t]
 
 
 def compare(preset: dict, top_k: int, capacity_factor, ep: int, etp: int) -> dict:
@@ -67,7 +60,7 @@ def compare(preset: dict, top_k: int, capacity_factor, ep: int, etp: int) -> dic
         if m:
             expert, proj, kind = p * local + int(m.group(1)), m.group(2), m.group(3)
             key = f"{name[:m.start()]}experts.{expert}.{proj}.{kind}"
-            ref_grad = reference_slice(ref_params[key].grad, key, t, etp)
+            ref_grad = slice_tensor(ref_params[key].grad, key, t, etp)
         else:
             ref_grad = ref_params[name].grad
         worst = max(worst, (param.grad - ref_grad).abs().max().item())
