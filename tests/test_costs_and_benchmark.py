@@ -7,7 +7,7 @@ from launcher import ROOT, check, python
 from torch import nn
 
 from moe_dist import PRESETS, MoEConfig, MoEForCausalLM
-from moe_dist.analysis.costs import flops_per_token, parameter_counts
+from moe_dist.analysis.costs import flops_per_rank, flops_per_token, parameter_counts
 from moe_dist.model.moe import LocalExperts
 from moe_dist.model.routing import Router
 
@@ -61,6 +61,32 @@ def test_attention_flops_grow_with_context_and_gqa_shrinks_only_the_kv_projectio
     assert grouped["attention_scores"] == short["attention_scores"]
     D, kv = mha.hidden_size, gqa.head_dim  # one KV head: k and v are head_dim wide
     assert short["attention_proj"] - grouped["attention_proj"] == mha.num_hidden_layers * 2 * 2 * D * (D - kv)
+
+
+@pytest.mark.parametrize("etp_size", [1, 2, 4])
+def test_etp_divides_expert_flops_per_row_by_t_and_multiplies_the_rows_by_t(etp_size):
+    """Without EP the experts run the exact routes: a rank's slices on the T-fold gathered tokens cost what its own
+    tokens cost through whole experts, so the per-rank FLOPs equal tokens x `flops_per_token` for every T."""
+    config = MoEConfig.from_preset("tiny-modern")  # SwiGLU, top-2
+    tokens, seq = 4 * 64, 64
+    flops = flops_per_rank(config, tokens_per_rank=tokens, seq_len=seq, etp_size=etp_size)
+    assert flops["forward"] == tokens * flops_per_token(config, context=seq)["total"]
+    assert flops["train"] == 3 * flops["forward"]
+    row = 2 * 3 * config.hidden_size * config.moe_intermediate_size // etp_size  # one slice of one expert
+    assert flops["routed_experts"] == len(config.moe_layer_indices) * etp_size * tokens * 2 * row
+
+
+def test_ep_expert_flops_count_every_slot_of_the_capacity_buffer():
+    """With EP DeepSpeed's buffer computes all E x C slots, empty ones too; ETP gathers T x the tokens into it."""
+    config = MoEConfig.from_preset("tiny-moe", capacity_factor=1.25)  # 8 experts, top-1, GELU
+    tokens = 512
+    C = -(-tokens * 5 // 4 // 8)  # ceil(512 x 1.25 / 8) = 80
+    per_slot = 2 * 2 * config.hidden_size * config.moe_intermediate_size
+    ep = flops_per_rank(config, tokens_per_rank=tokens, seq_len=128, ep_size=2)
+    assert ep["routed_experts"] == config.num_hidden_layers * 8 * C * per_slot
+    etp = flops_per_rank(config, tokens_per_rank=tokens, seq_len=128, ep_size=2, etp_size=2)
+    assert etp["routed_experts"] == config.num_hidden_layers * 8 * (2 * C) * per_slot // 2
+    assert etp["non_expert"] == ep["non_expert"]
 
 
 @pytest.mark.parametrize("preset", ["tiny-moe", "tiny-dense"])

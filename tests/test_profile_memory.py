@@ -3,13 +3,18 @@ import json
 
 import pytest
 import torch
-from launcher import CPU_EP2, FIXTURES, ROOT, check, python
+from launcher import ROOT, check, python
 
 from moe_dist import MoEConfig, MoEForCausalLM
-from moe_dist.analysis.costs import GiB, fit_verdict, memory_bytes
+from moe_dist.analysis.costs import (
+    GiB,
+    fit_verdict,
+    memory_bytes,
+    reduce_bucket_elements,
+)
 from moe_dist.model.moe import LocalExperts
 
-SETTINGS = dict(zero_stage=2, precision="bf16", micro_batch=4, seq_len=64)
+SETTINGS = {"zero_stage": 2, "precision": "bf16", "micro_batch": 4, "seq_len": 64}
 
 
 def expert_and_dense_params(config: MoEConfig) -> tuple[int, int]:
@@ -102,8 +107,8 @@ def saved_activation_bytes(model: MoEForCausalLM, input_ids: torch.Tensor) -> in
 @pytest.mark.parametrize("preset, overrides, dtype, precision", [
     ("tiny-moe", {}, torch.float32, "fp32"),
     ("tiny-dense", {}, torch.bfloat16, "bf16"),
-    ("tiny-modern", dict(num_shared_experts=1), torch.bfloat16, "bf16"),
-    ("tiny-modern", dict(num_experts_per_tok=2), torch.float32, "fp32"),
+    ("tiny-modern", {"num_shared_experts": 1}, torch.bfloat16, "bf16"),
+    ("tiny-modern", {"num_experts_per_tok": 2}, torch.float32, "fp32"),
 ])
 def test_predicted_activations_match_what_autograd_saves(make_config, preset, overrides, dtype, precision):
     config = make_config(preset, capacity_factor=None, **overrides)
@@ -130,8 +135,58 @@ def test_memory_bytes_rejects_settings_deepspeed_cannot_run(make_config):
         memory_bytes(config, **{**SETTINGS, "zero_stage": 3}, ep_size=1, world_size=1)
     with pytest.raises(ValueError, match="precision='int8'"):
         memory_bytes(config, **{**SETTINGS, "precision": "int8"}, ep_size=1, world_size=1)
-    with pytest.raises(ValueError, match="ep_size=4 must divide world_size=2"):
+    with pytest.raises(ValueError, match="ep_size=4 x etp_size=1 must divide world_size=2"):
         memory_bytes(config, **SETTINGS, ep_size=4, world_size=2)
+    with pytest.raises(ValueError, match="ep_size=2 x etp_size=2 must divide world_size=2"):
+        memory_bytes(config, **SETTINGS, ep_size=2, etp_size=2, world_size=2)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_etp_slices_the_expert_state_like_a_larger_ep(make_config, zero_stage):
+    """Each rank holds 1/(ep x etp) of the experts and ZeRO shards a slice over its world/(ep x etp)
+    replicas, so EP 2 x ETP 2 holds the expert state of EP 4 and the dense state of any layout."""
+    config = make_config("tiny-moe", num_local_experts=8)
+    experts, dense = expert_and_dense_params(config)
+    settings = {**SETTINGS, "zero_stage": zero_stage}
+    etp = memory_bytes(config, **settings, ep_size=2, etp_size=2, world_size=8)
+    ep4 = memory_bytes(config, **settings, ep_size=4, world_size=8)
+    assert all(etp[k] == ep4[k] for k in ("weights", "gradients", "optimizer"))
+    assert etp["weights"] == pytest.approx(2 * dense + 2 * experts / 4)
+    if zero_stage == 2:
+        assert etp["gradients"] == pytest.approx(2 * dense / 8 + 2 * experts / 4 / 2)
+
+
+def test_etp_activations_keep_the_gathered_routes_with_a_slice_of_each_expert_body(make_config):
+    """Per own token a rank keeps T x the routes (the ETP group's tokens), each with a full-width input and
+    output but a 1/T slice of the expert body; the stacked expert weights shrink by T."""
+    config = make_config("tiny-moe", capacity_factor=None)
+    D, width, a, tokens = config.hidden_size, config.moe_intermediate_size, 2, SETTINGS["micro_batch"] * SETTINGS["seq_len"]
+    moe_layers = len(config.moe_layer_indices)
+    act = {T: memory_bytes(config, **SETTINGS, ep_size=1, etp_size=T, world_size=4)["activations"] for T in (1, 2, 4)}
+    per_route = {T: a * (D + 2 * width / T) + 8 * D for T in (1, 2, 4)}  # GELU keeps 2 bodies
+    stacked = {T: a * 2 * config.num_local_experts * D * width / T for T in (1, 2, 4)}
+    for T in (2, 4):
+        expected = moe_layers * (tokens * (T * per_route[T] - per_route[1]) + stacked[T] - stacked[1])
+        assert act[T] - act[1] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("zero, elements", [
+    ({"stage": 2}, 500_000_000),  # DeepSpeed's default reduce_bucket_size, allocated whatever the model size
+    ({"stage": 1, "reduce_bucket_size": 1000}, 1000),
+    ({"stage": 2, "reduce_bucket_size": 1000, "overlap_comm": True}, 2000),  # double buffered
+    ({"stage": 2, "contiguous_gradients": False}, 0),
+    ({"stage": 0}, 0),
+])
+def test_reduce_bucket_is_read_from_the_deepspeed_json(zero, elements):
+    assert reduce_bucket_elements({"zero_optimization": zero}) == elements
+
+
+def test_reduce_bucket_counts_in_the_weights_precision(make_config):
+    config = make_config("tiny-moe")
+    mem = memory_bytes(config, **SETTINGS, ep_size=1, world_size=1, reduce_bucket=1000)
+    assert mem["buffers"] == 2 * 1000
+    assert mem["total"] == pytest.approx(sum(mem[k] for k in ("weights", "gradients", "optimizer", "activations",
+                                                              "buffers")))
 
 
 @pytest.mark.parametrize("gib, verdict", [(1.0, "fits"), (72.0, "fits"), (72.1, "tight"), (80.0, "tight"),
@@ -140,24 +195,39 @@ def test_fit_verdict_keeps_ten_percent_headroom(gib, verdict):
     assert fit_verdict(gib * GiB, gpu_mem_gib=80) == verdict
 
 
+CPU_EP2_ETP2 = ROOT / "ds_configs" / "cpu_ep2_etp2.json"
+
+
 @pytest.mark.multirank
-def test_profile_memory_reports_every_gpu_scale_and_a_measured_deepspeed_run(tmp_path):
+def test_profile_memory_predicts_a_measured_ep2_etp2_run_within_10_percent(tmp_path):
+    """EP 2 x ETP 2 on 4 CPU ranks through the deepspeed launcher, next to the predicted GPU scales.
+
+    DeepSpeed allocates its whole gradient bucket (5e8 elements by default) even for a tiny model; at
+    that size the bucket alone would make any prediction that counts it look right, so the measured
+    JSON asks for a bucket of 5e5 elements (2 MB) and the 10% then tests the rest of the model. The
+    allocator's peak moved by a few percent between otherwise equal launches, so the activations, which
+    the prediction counts most closely, are made the largest part (the full 128-token context)."""
+    ds = json.loads(CPU_EP2_ETP2.read_text())
+    ds["zero_optimization"]["reduce_bucket_size"] = 500_000
+    config = tmp_path / "cpu_ep2_etp2.json"
+    config.write_text(json.dumps(ds))
     out = tmp_path / "mem"
     proc = check(python(ROOT / "tools" / "profile_memory.py", [
-        "--preset", "tiny-moe", "--measure", CPU_EP2, "--max_steps", "2", "--seq_len", "32",
-        "--train_file", str(FIXTURES / "stories.txt"), "--valid_file", str(FIXTURES / "stories_valid.txt"),
-        "--output_dir", str(out)]))
+        "--preset", "tiny-moe", "--measure", str(config), "--vocab_size", "512", "--seq_len", "128",
+        "--max_steps", "2", "--timed_steps", "1", "--output_dir", str(out)], timeout=600))
     report = (out / "report.md").read_text()
-    for scale in ("ep1", "ep2", "ep4", "ep8", "cpu_ep2 (run)"):
+    for scale in ("ep1", "ep2", "ep4", "ep8", "cpu_ep2_etp2 (run)"):
         assert f"| {scale} |" in report, proc.stdout
     rows = {r["config"]: r for r in json.loads((out / "memory.json").read_text())["rows"]}
     assert [rows[f"ep{n}"]["world_size"] for n in (1, 2, 4, 8)] == [1, 2, 4, 8]
     assert all(rows[f"ep{n}"]["verdict"] == "fits" for n in (1, 2, 4, 8))  # tiny-moe on 80 GiB GPUs
-    run = rows["cpu_ep2 (run)"]
-    assert run["world_size"] == 2 and run["precision"] == "fp32" and run["measured_mb"] > 0
-    assert 0 < run["predicted"]["total"] < rows["ep2"]["predicted"]["total"]  # 8 x 32 tokens vs 32 x 128
-    png = (out / "memory.png").read_bytes()
-    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    run = rows["cpu_ep2_etp2 (run)"]
+    assert (run["world_size"], run["ep_size"], run["etp_size"], run["precision"]) == (4, 2, 2, "fp32")
+    assert len(run["allocated_mb_per_rank"]) == 4 and run["measured_mb"] > run["allocated_mb"] > 0  # RSS > tensors
+    assert run["predicted"]["buffers"] == 4 * 500_000
+    # The prediction (every part alive at once) against the largest rank's allocator peak: within 10% (issue 14).
+    assert abs(run["predicted_over_allocated"]) <= 0.10, (run["predicted"], run["allocated_mb_per_rank"])
+    assert run["tok_s"] > 0 and run["train_flops_per_rank_step"] > 0
     import matplotlib.image
 
     assert matplotlib.image.imread(out / "memory.png").shape[2] in (3, 4)
@@ -168,7 +238,7 @@ def test_measured_gpu_row_reports_allocated_reserved_and_nvml_and_is_judged_on_r
 
     profile_memory = importlib.import_module("tools.profile_memory")
     args = profile_memory.parse_args(["--output_dir", "unused", "--cuda_context_mb", "500"])
-    gpu = {"peak_mem_mb": 1000.0, "peak_mem_mb_per_rank": [1000.0, 900.0],
+    gpu = {"peak_mem_mb": 1000.0, "allocated_mb_per_rank": [1000.0, 900.0],
            "peak_reserved_mb_per_rank": [1500.0, 1200.0], "nvml_used_mb_per_rank": [1800.0, 1600.0]}
     row = profile_memory.measured_fields(gpu, args)
     assert row["allocated_mb_per_rank"] == [1000.0, 900.0] and row["reserved_mb_per_rank"] == [1500.0, 1200.0]
@@ -177,7 +247,8 @@ def test_measured_gpu_row_reports_allocated_reserved_and_nvml_and_is_judged_on_r
     no_nvml = profile_memory.measured_fields({**gpu, "nvml_used_mb_per_rank": []}, args)
     assert no_nvml["nvml_used_mb_per_rank"] is None and no_nvml["judged_mb"] == 2000.0
     # CPU runs: RSS as before, no allocator or NVML fields.
-    cpu = profile_memory.measured_fields({"peak_mem_mb": 600.0, "peak_mem_mb_per_rank": [600.0, 590.0],
+    # CPU runs: RSS as before, the profiler's allocator peak, no reserve or NVML.
+    cpu = profile_memory.measured_fields({"peak_mem_mb": 600.0, "allocated_mb_per_rank": [40.0, 41.0],
                                           "peak_reserved_mb_per_rank": [], "nvml_used_mb_per_rank": []}, args)
-    assert cpu == {"measured_mb": 600.0, "allocated_mb_per_rank": None, "reserved_mb_per_rank": None,
+    assert cpu == {"measured_mb": 600.0, "allocated_mb_per_rank": [40.0, 41.0], "reserved_mb_per_rank": None,
                    "nvml_used_mb_per_rank": None, "judged_mb": 600.0}
