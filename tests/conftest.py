@@ -53,6 +53,17 @@ def pytest_xdist_make_scheduler(config, log):
     return OneUnitPerFile(config, log)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module that decodes tiny models: that is ~1 ms of work per token, so
+    OpenMP hand-offs dominate (on a loaded 2-core machine 160 tokens took 15 s with 2 threads and
+    0.4 s with 1). Launched subprocesses get OMP_NUM_THREADS=1 from tests/launcher.py."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # A preset shrunk to a few thousand parameters per layer: every test model is built in milliseconds.
 TINY_SHAPE = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   intermediate_size=128, max_position_embeddings=64)

@@ -20,15 +20,7 @@ GENERATE = ROOT / "launch" / "generate.py"
 PROMPT = "Once upon a time"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Decoding a tiny model is ~1 ms of work per token, so OpenMP hand-offs dominate: on a loaded
-    # 2-core machine 160 tokens took 15 s with 2 threads and 0.4 s with 1. The subprocesses get
-    # OMP_NUM_THREADS=1 from the launcher helpers.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
