@@ -2,6 +2,8 @@
 
 CI installs these into a second venv to check that the declared lower bounds are true.
 setup.cfg stays the one place where the bounds are written.
+With `--requirements`: print the install and test requirements as written, for `pip install -r`
+(CI installs both venvs' dependencies at once, then the project itself with --no-deps).
 """
 import configparser
 import re
@@ -10,6 +12,11 @@ from pathlib import Path
 
 cfg = configparser.ConfigParser()
 cfg.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+if sys.argv[1:] == ["--requirements"]:
+    for line in (cfg["options"]["install_requires"] + cfg["options.extras_require"]["test"]).split("\n"):
+        if line.strip():
+            print(line.strip())
+    sys.exit(0)
 for line in cfg["options"]["install_requires"].split("\n"):
     match = re.match(r"\s*([A-Za-z0-9_.\-\[\]]+)\s*>=\s*([0-9][^,;\s]*)", line)
     if match:
