@@ -30,13 +30,13 @@ def validate_expert_parallel(*, num_experts: int, ep_size: int, world_size: int)
         raise ExpertParallelError(f"moe.ep_size={ep_size} is invalid: must be >= 1")
     if world_size % ep_size:
         raise ExpertParallelError(f"moe.ep_size={ep_size} does not divide the world size {world_size}: "
-                                  f"valid ep_size values here are {_divisors(world_size)}")
+                                  f"valid ep_size values here are {divisors(world_size)}")
     if num_experts and num_experts % ep_size:
         raise ExpertParallelError(f"moe.ep_size={ep_size} does not divide num_experts={num_experts}: "
-                                  f"valid ep_size values are {_divisors(num_experts)}")
+                                  f"valid ep_size values are {divisors(num_experts)}")
 
 
-def _divisors(n: int) -> list[int]:
+def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 

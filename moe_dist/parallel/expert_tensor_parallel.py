@@ -37,7 +37,7 @@ from torch import nn
 from ..export.formats import slice_dim
 from ..model.moe import FeedForward, LocalExperts, MoEBlock
 from ..model.routing import Routing, assign_positions
-from .expert_parallel import ExpertParallelError, _divisors, _expert_shard_class, _PrecomputedGate
+from .expert_parallel import ExpertParallelError, divisors, _expert_shard_class, _PrecomputedGate
 
 
 # ---- layout ---------------------------------------------------------------------------------
@@ -51,16 +51,16 @@ def validate_expert_tensor_parallel(*, num_experts: int, intermediate_size: int,
         raise ExpertParallelError(f"moe.etp_size={T} is invalid: must be >= 1")
     if intermediate_size % T:
         raise ExpertParallelError(f"moe.etp_size={T} does not divide the expert width moe_intermediate_size="
-                                  f"{intermediate_size}: valid etp_size values are {_divisors(intermediate_size)}")
+                                  f"{intermediate_size}: valid etp_size values are {divisors(intermediate_size)}")
     if world_size % (P * T):
-        fits = [t for t in _divisors(intermediate_size) if world_size % (P * t) == 0]
+        fits = [t for t in divisors(intermediate_size) if world_size % (P * t) == 0]
         valid = (f"with ep_size={P}, valid etp_size values here are {fits}" if fits else
-                 f"ep_size={P} alone does not fit; valid ep_size values here are {_divisors(world_size)}")
+                 f"ep_size={P} alone does not fit; valid ep_size values here are {divisors(world_size)}")
         raise ExpertParallelError(f"moe.ep_size x moe.etp_size = {P} x {T} = {P * T} does not divide the world "
                                   f"size {world_size}: {valid}")
     if num_experts and num_experts % P:
         raise ExpertParallelError(f"moe.ep_size={P} does not divide num_experts={num_experts}: "
-                                  f"valid ep_size values are {_divisors(num_experts)}")
+                                  f"valid ep_size values are {divisors(num_experts)}")
 
 
 @dataclass(frozen=True)

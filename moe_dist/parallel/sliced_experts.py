@@ -30,7 +30,7 @@ from ..export.formats import slice_dim
 from ..model import MoEConfig, MoEForCausalLM
 from ..model.moe import FeedForward, LocalExperts, MoEBlock
 from ..model.routing import Routing
-from .expert_parallel import _divisors
+from .expert_parallel import divisors
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -62,7 +62,7 @@ def check_etp_size(model_dir: Path, etp_size: int, world_size: int) -> None:
     width = config.moe_intermediate_size
     if width % etp_size:
         raise SlicedExpertsError(f"--etp_size {etp_size} does not divide the expert width moe_intermediate_size="
-                                 f"{width}: valid values are {_divisors(width)}")
+                                 f"{width}: valid values are {divisors(width)}")
     if world_size != etp_size:
         raise SlicedExpertsError(f"--etp_size {etp_size} needs one rank per slice, but this launch has "
                                  f"WORLD_SIZE={world_size}: valid here is --etp_size 1"
