@@ -13,9 +13,10 @@ def test_bench_train_times_dense_and_both_moe_twins_with_both_expert_kernels_and
     proc = check(python(BENCH, [*SMALL, "--isolate", "--json", str(out)], timeout=240))
     result = json.loads(out.read_text())
     rows = {r["variant"]: r for r in result["rows"]}
-    assert list(rows) == ["dense", "e4 cf1", "e4 cf1 loop", "e4 dropless", "e4 dropless loop"]
+    assert list(rows) == ["dense", "e4 cf1 grouped", "e4 cf1 loop", "e4 dropless grouped", "e4 dropless loop"]
     assert [r["experts_impl"] for r in rows.values()] == [None, "grouped", "loop", "grouped", "loop"]
-    assert "e4 dropless" in proc.stdout and result["command"].startswith("python ")
+    assert "e4 dropless loop" in proc.stdout and result["command"].startswith("python ")
+    assert result["args"]["default_impl"] == "loop" and "default expert path here: loop" in proc.stdout
     assert result["tokens_per_step"] == 2 * 16 and 0 < result["ffn_flop_share"] < 1
     for r in rows.values():
         assert len(r["seconds"]) == 2
@@ -25,7 +26,7 @@ def test_bench_train_times_dense_and_both_moe_twins_with_both_expert_kernels_and
     # weights): only the total grows with the experts.
     for r in rows.values():
         assert abs(r["params_active"] / rows["dense"]["params_active"] - 1) < 0.01
-    assert rows["e4 cf1"]["params_total"] > rows["dense"]["params_total"]
-    assert rows["e4 cf1"]["state_mb"] > rows["dense"]["state_mb"]
+    assert rows["e4 cf1 loop"]["params_total"] > rows["dense"]["params_total"]
+    assert rows["e4 cf1 loop"]["state_mb"] > rows["dense"]["state_mb"]
     assert rows["dense"]["vs_dense"] == 1.0 and rows["dense"]["drop"] is None
-    assert rows["e4 dropless"]["drop"] == 0.0
+    assert rows["e4 dropless grouped"]["drop"] == rows["e4 dropless loop"]["drop"] == 0.0

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from moe_dist import MoEConfig, MoEForCausalLM
-from moe_dist.model.moe import FeedForward, GroupedMatmul, LocalExperts, experts_impl
+from moe_dist import MoEForCausalLM
+from moe_dist.model.moe import FeedForward, GroupedMatmul, LocalExperts, experts_impl, grouped_refusal
 from moe_dist.model.routing import Routing, assign_positions, expert_capacity
 
 T, D, FF = 48, 16, 32  # tokens, model width, expert width: multiples of 16 bytes in fp32 and bf16
@@ -55,26 +55,33 @@ def assert_grouped_equals_loop(layer: LocalExperts, r: Routing) -> None:
         torch.testing.assert_close(grouped[2][name], loop[2][name], rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_cpu_fp32_and_bf16_take_the_grouped_kernel_and_other_cases_the_loop():
-    cpu = torch.device("cpu")
-    assert experts_impl(cpu, torch.float32, D, FF) == "grouped"
-    assert experts_impl(cpu, torch.bfloat16, D, FF) == "grouped"
-    assert experts_impl(cpu, torch.float64, D, FF) == "loop"
-    assert experts_impl(cpu, torch.float32, 18, FF) == "loop"  # 72-byte rows: grouped_mm refuses them
-    assert experts_impl(cpu, torch.bfloat16, 12, FF) == "loop"  # 24 bytes
+def test_grouped_mm_can_run_fp32_and_bf16_on_cpu_but_the_cpu_takes_the_loop():
+    assert grouped_refusal("cpu", torch.float32, D, FF) is None
+    assert grouped_refusal("cpu", torch.bfloat16, D, FF) is None
+    assert "float64" in grouped_refusal("cpu", torch.float64, D, FF)
+    assert "16 bytes" in grouped_refusal("cpu", torch.float32, 18, FF)  # 72-byte rows: grouped_mm refuses them
+    assert "16 bytes" in grouped_refusal("cpu", torch.bfloat16, 12, FF)  # 24 bytes
+    assert "untested" in grouped_refusal("mps", torch.float32, D, FF)
+    # On CPU grouped_mm is a serial loop of matmuls that measured slower (docs/bench): the loop is the default.
+    assert experts_impl(torch.device("cpu"), torch.float32, D, FF) == "loop"
+    assert experts_impl(torch.device("cpu"), torch.bfloat16, D, FF) == "loop"
 
 
-def test_torch_without_grouped_mm_gets_the_loop(monkeypatch):
+def test_torch_without_grouped_mm_is_refused_the_grouped_path(monkeypatch):
     monkeypatch.delattr(torch.nn.functional, "grouped_mm")
-    assert experts_impl.__wrapped__(torch.device("cpu"), torch.float32, D, FF) == "loop"  # uncached
+    assert "has no grouped_mm" in grouped_refusal("cuda", torch.bfloat16, D, FF)
 
 
-def test_a_refused_dtype_runs_the_loop_on_its_own():
+def test_forcing_the_grouped_path_where_grouped_mm_refuses_says_why():
     E = 4
     layer = experts(E, "gelu", True).double()
     r = routing(random_choice(E, 2), E, 1.0)
-    y = layer(torch.randn(T, D, dtype=torch.float64), r)  # impl None: experts_impl picks the loop
+    x_TD = torch.randn(T, D, dtype=torch.float64)
+    y = layer(x_TD, r)  # impl None: experts_impl picks the loop
     assert y.dtype == torch.float64 and torch.isfinite(y).all()
+    layer.impl = "grouped"
+    with pytest.raises(ValueError, match="impl='grouped' cannot run here: grouped_mm is not used for torch.float64"):
+        layer(x_TD, r)
 
 
 @pytest.mark.parametrize("activation, bias", [("gelu", True), ("swiglu", False), ("swiglu", True)])
@@ -181,14 +188,10 @@ def test_expert_shard_batched_matmul_equals_deepspeeds_expert_loop(ep_size, acti
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("train, capacity_factor", [(True, 1.0), (False, 1.0), (True, None), (False, None)])
-def test_tiny_moe_forward_and_backward_make_no_host_sync(make_config, monkeypatch, train, capacity_factor):
-    config = make_config("tiny-moe", capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor)
-    model = MoEForCausalLM(config).train(train)
-    assert all(m.impl is None for m in model.modules() if isinstance(m, LocalExperts))
+def run_refusing_host_reads(model: MoEForCausalLM, monkeypatch) -> tuple[list[str], torch.Tensor]:
+    """Forward and backward of `model` while `Tensor.item/tolist/__int__/__float__` raise: the calls tried, the loss."""
     input_ids = torch.randint(0, 256, (2, 32))
     model(input_ids=input_ids, labels=input_ids)  # warm-up outside the patch: one-time lazy setup
-
     synced = []
 
     def refuse(name):
@@ -197,12 +200,36 @@ def test_tiny_moe_forward_and_backward_make_no_host_sync(make_config, monkeypatc
             raise RuntimeError(f"host sync: Tensor.{name}")
         return sync
 
+    loss = torch.tensor(float("nan"))
     with monkeypatch.context() as patch:
         for name in ("item", "tolist", "__int__", "__float__"):
             patch.setattr(torch.Tensor, name, refuse(name))
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
+        try:
+            loss = model(input_ids=input_ids, labels=input_ids).loss
+            loss.backward()
+        except RuntimeError as e:
+            if "host sync" not in str(e):
+                raise
+    return synced, loss
+
+
+@pytest.mark.parametrize("train, capacity_factor", [(True, 1.0), (False, 1.0), (True, None), (False, None)])
+def test_tiny_moe_forward_and_backward_make_no_host_sync(make_config, monkeypatch, train, capacity_factor):
+    config = make_config("tiny-moe", capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor)
+    model = MoEForCausalLM(config).train(train)
+    # The grouped path, the default where a grouped kernel exists (CUDA bf16 on sm90/sm100). The
+    # CPU's default loop reads each layer's expert counts once (next test): a CPU tensor waits on no device.
+    for experts in (m for m in model.modules() if isinstance(m, LocalExperts)):
+        experts.impl = "grouped"
+    synced, loss = run_refusing_host_reads(model, monkeypatch)
     # Asserted after the patch is undone: pytest's own comparisons may read tensors.
     assert synced == []
     assert torch.isfinite(loss)
     assert all(p.grad is not None for n, p in model.named_parameters() if ".experts." in n)
+
+
+def test_the_expert_loop_reads_its_counts_on_the_host_and_the_patch_catches_it(make_config, monkeypatch):
+    model = MoEForCausalLM(make_config("tiny-moe", capacity_factor=None)).train()
+    assert all(m.impl is None for m in model.modules() if isinstance(m, LocalExperts))  # CPU default: the loop
+    synced, _ = run_refusing_host_reads(model, monkeypatch)
+    assert synced == ["tolist"]  # the first MoE layer's split sizes, where the run stops

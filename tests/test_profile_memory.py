@@ -104,20 +104,23 @@ def saved_activation_bytes(model: MoEForCausalLM, input_ids: torch.Tensor) -> in
     return sum(saved.values()) + out.logits.untyped_storage().nbytes()
 
 
+@pytest.mark.parametrize("impl", ["loop", "grouped"])  # the CPU's default; CUDA bf16's, which stacks the weights
 @pytest.mark.parametrize("preset, overrides, dtype, precision", [
     ("tiny-moe", {}, torch.float32, "fp32"),
     ("tiny-dense", {}, torch.bfloat16, "bf16"),
     ("tiny-modern", {"num_shared_experts": 1}, torch.bfloat16, "bf16"),
     ("tiny-modern", {"num_experts_per_tok": 2}, torch.float32, "fp32"),
 ])
-def test_predicted_activations_match_what_autograd_saves(make_config, preset, overrides, dtype, precision):
+def test_predicted_activations_match_what_autograd_saves(make_config, preset, overrides, dtype, precision, impl):
     config = make_config(preset, capacity_factor=None, **overrides)
     torch.manual_seed(0)
     model = MoEForCausalLM(config).to(dtype).train()
+    for experts in (m for m in model.modules() if isinstance(m, LocalExperts)):
+        experts.impl = impl
     B, S = 4, config.max_position_embeddings
     measured = saved_activation_bytes(model, torch.randint(0, config.vocab_size, (B, S)))
     mem = memory_bytes(config, **{**SETTINGS, "precision": precision, "micro_batch": B, "seq_len": S},
-                       ep_size=1, world_size=1)
+                       ep_size=1, world_size=1, experts_impl=impl)
     assert mem["activations"] == pytest.approx(measured, rel=0.05)
 
 

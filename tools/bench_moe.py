@@ -6,10 +6,11 @@ layer on a [T, d] input that requires grad, as inside a transformer. Variants:
 - `dense`: the GPT-2 MLP, `FeedForward(d, ff, "gelu", bias=True)`;
 - `moe`: our `MoEBlock` (router + sort-based `LocalExperts`) at E experts, top-k, capacity
   factor 1.0 in training mode, every expert the same `FeedForward` as the dense layer; and
-  `moe-dropless` (capacity_factor=None) for top-1. `--experts_impl` picks the expert kernels:
-  `grouped` (the default choice, `moe_dist.model.moe.experts_impl`: one grouped GEMM per
-  projection where torch has one for this device and dtype) and/or `loop` (one `FeedForward`
-  per expert), named `moe-loop` / `moe-dropless-loop`, same weights;
+  `moe-dropless` (capacity_factor=None) for top-1. `--experts_impl` picks the expert kernels,
+  each forced, same weights: `grouped` (one `grouped_mm` per projection; skipped where torch
+  refuses it, `moe.grouped_refusal`) and/or `loop` (one `FeedForward` per expert), named
+  `moe-grouped` / `moe-loop` (`moe-dropless-...`). The header says which one the model takes
+  by default here (`moe.experts_impl`: the loop on CPU, grouped for CUDA bf16 on sm90/sm100);
 - `ds`: `deepspeed.moe.layer.MoE(ep_size=1, capacity_factor=1.0)` wrapping the same expert,
   its gate and experts loaded with our block's weights; `l_aux` joins the loss as a trainer's.
 
@@ -42,7 +43,7 @@ import torch
 
 from moe_dist.analysis.bench import command_line, machine, require_device, sync, write_json
 from moe_dist.model.configuration import MoEConfig
-from moe_dist.model.moe import FeedForward, MoEBlock, experts_impl
+from moe_dist.model.moe import FeedForward, MoEBlock, experts_impl, grouped_refusal
 
 COMMAND = command_line("python")
 
@@ -77,10 +78,9 @@ class Variant:
 
     def __init__(self, name, E, k, module, kind, impl=None):
         self.name, self.E, self.k, self.module, self.kind = name, E, k, module, kind
-        if impl == "loop":
-            module.experts.impl = "loop"
-        self.impl = impl  # "grouped" | "loop" as asked; `chosen_impl` says what ran
-        self.chosen_impl: str | None = None
+        if impl:
+            module.experts.impl = impl
+        self.impl = impl  # "grouped" | "loop" for our block, None for the others
         self.stack_s: float | None = None  # grouped only: see stack_seconds
         self.rounds: dict[int, list[float]] = {}  # tokens -> seconds per step, one per round
         self.drop: dict[int, float | None] = {}
@@ -108,15 +108,20 @@ class Variant:
 
 def build_variants(args) -> list[Variant]:
     d, ff = args.d_model, args.ffn
+    impls = list(args.experts_impl)
+    refusal = grouped_refusal(torch.device(args.device).type, getattr(torch, args.dtype), d, ff)
+    if "grouped" in impls and refusal:
+        print(f"# no grouped variants: {refusal}")
+        impls.remove("grouped")
     variants = [Variant("dense", 0, 1, FeedForward(d, ff, "gelu", bias=True), "dense")]
     for E in args.experts:
         for k in args.top_k:
             ours = build_ours(d, ff, E, k, 1.0)
             for kind, cf in [("moe", 1.0)] + [("moe-dropless", None)] * (k == 1):
-                for impl in args.experts_impl:
+                for impl in impls:
                     block = build_ours(d, ff, E, k, cf)
                     block.load_state_dict(ours.state_dict())
-                    name = f"{kind}{'-loop' if impl == 'loop' else ''} E{E} k{k}"
+                    name = f"{kind}-{impl} E{E} k{k}"
                     variants.append(Variant(name, E, k, block, "ours", impl))
             if not args.no_deepspeed:
                 variants.append(Variant(f"ds E{E} k{k}", E, k, build_deepspeed(ours, d, ff, E, k), "ds"))
@@ -162,9 +167,7 @@ def run(args) -> list[Variant]:
         for v in variants:
             v.drop[T] = v.drop_fraction(T)
     for v in variants:
-        v.chosen_impl = ("loop" if v.impl == "loop" else experts_impl(device, dtype, args.d_model, args.ffn)) \
-            if v.kind == "ours" else None
-        v.stack_s = stack_seconds(v, dtype, device) if v.chosen_impl == "grouped" else None
+        v.stack_s = stack_seconds(v, dtype, device) if v.impl == "grouped" else None
     return variants
 
 
@@ -180,16 +183,15 @@ def report(args, variants: list[Variant]) -> dict:
             ds_tok_s = T / stat(ds.rounds[T]) if ds is not None and v.kind == "ours" else None
             q1, _, q3 = statistics.quantiles(v.rounds[T], n=4) if len(v.rounds[T]) > 1 else [v.rounds[T][0]] * 3
             iqr = (q3 - q1) / statistics.median(v.rounds[T])  # noise: interquartile range of the rounds
-            kind, _, shape = v.name.partition(" ")
-            loop = by_name.get(f"{kind}-loop {shape}") if v.chosen_impl == "grouped" else None
-            rows.append(dict(variant=v.name, tokens=T, experts_impl=v.chosen_impl, tok_s=tok_s, vs_dense=tok_s / dense,
+            loop = by_name.get(v.name.replace("-grouped ", "-loop ")) if v.impl == "grouped" else None
+            rows.append(dict(variant=v.name, tokens=T, experts_impl=v.impl, tok_s=tok_s, vs_dense=tok_s / dense,
                              vs_ds=tok_s / ds_tok_s if ds_tok_s else None,
                              vs_loop=stat(loop.rounds[T]) / stat(v.rounds[T]) if loop else None, drop=v.drop[T],
                              iqr=iqr, median_tok_s=T / statistics.median(v.rounds[T]),
                              best_tok_s=T / min(v.rounds[T]), seconds=v.rounds[T],
                              stack_ms=1e3 * v.stack_s if v.stack_s else None,
                              stack_share=v.stack_s / stat(v.rounds[T]) if v.stack_s else None))
-    fmt = "{:<24} {:>6} {:>11} {:>7} {:>6} {:>6} {:>6} {:>6} {:>13}"
+    fmt = "{:<27} {:>6} {:>11} {:>7} {:>6} {:>6} {:>6} {:>6} {:>13}"
     print(fmt.format("variant", "tokens", "tok/s", "/dense", "/ds", "/loop", "drop%", "iqr", "stack ms (%)"))
     ratio = lambda x: f"{x:.2f}x" if x else "-"  # noqa: E731
     for r in rows:
@@ -200,7 +202,12 @@ def report(args, variants: list[Variant]) -> dict:
     load_avg = os.getloadavg()  # read as the run ends: neighbours on a shared machine, and our own threads
     print(f"# load average {load_avg[0]:.2f} (1 min) at the end of the run")
     return dict(command=COMMAND, machine=machine(torch.device(args.device)), load_avg=load_avg,
-                args=vars(args), rows=rows)
+                default_impl=default_impl(args), args=vars(args), rows=rows)
+
+
+def default_impl(args) -> str:
+    """The expert path the model takes here unless forced (`moe.experts_impl`)."""
+    return experts_impl(torch.device(args.device), getattr(torch, args.dtype), args.d_model, args.ffn)
 
 
 def parse_args(argv=None):
@@ -236,7 +243,8 @@ def main(argv=None):
     print(f"# command: {COMMAND}")
     print(f"# machine: {machine(torch.device(args.device))}")
     print(f"# d_model={args.d_model} ffn={args.ffn} dtype={args.dtype} device={args.device}; "
-          f"{args.stat} of {args.repeats} interleaved rounds x {args.iters} fwd+bwd steps")
+          f"{args.stat} of {args.repeats} interleaved rounds x {args.iters} fwd+bwd steps; "
+          f"the model's default expert path here: {default_impl(args)}")
     write_json(args.json, report(args, run(args)))
 
 

@@ -7,9 +7,11 @@ on GPU and fp32 on CPU. Variants, all in one process: the dense preset (`tiny-de
 `seed-baseline` at `--scale seed`) and, per `--experts` E, its top-1 MoE twin (`tiny-moe` /
 `seed-moe-e{E}`: expert width = dense FFN width, so the same active parameters and FFN FLOPs)
 at capacity factor 1.0 (the config default) and dropless (the accelerate trainer's default).
-`--experts_impl` picks the expert kernels timed side by side: `grouped` (the default choice,
-`moe_dist.model.moe.experts_impl`: one grouped GEMM per projection where torch has one for the
-device and dtype) and `loop` (one `FeedForward` per expert; variants named `... loop`).
+`--experts_impl` picks the expert kernels timed side by side, each forced: `grouped` (one
+`grouped_mm` per projection; skipped where torch refuses it, `moe.grouped_refusal`) and `loop`
+(one `FeedForward` per expert); variants are named `... grouped` / `... loop`. The header says
+which one the model takes by default here (`moe.experts_impl`: the loop on CPU, grouped for
+CUDA bf16 on sm90/sm100).
 
 Why: a top-1 MoE does the dense model's FLOPs plus routing, so `/dense` is the price of routing,
 dispatch and the optimizer over E times the FFN parameters. Goal context in GOAL below.
@@ -54,7 +56,7 @@ from moe_dist.analysis.bench import command_line, machine, require_device, sync,
 from moe_dist.analysis.costs import flops_per_token
 from moe_dist.model.configuration import PRESETS, MoEConfig
 from moe_dist.model.modeling import MoEForCausalLM
-from moe_dist.model.moe import LocalExperts, experts_impl
+from moe_dist.model.moe import LocalExperts, experts_impl, grouped_refusal
 from moe_dist.parallel.engines import AccelerateEngine
 from moe_dist.train.args import EngineArgs, OptimArgs, RunArgs
 from moe_dist.train.plan import EngineSpec
@@ -77,7 +79,7 @@ def variants_to_run(args) -> list[tuple[str, int, float | None, str | None]]:
     """(name, experts, capacity factor, experts impl): dense, then per E its twin at capacity 1.0 and
     dropless, with each of `--experts_impl`."""
     every = [("dense", 0, None, None)] + [
-        (f"e{E} {name}{' loop' if impl == 'loop' else ''}", E, cf, impl) for E in args.experts
+        (f"e{E} {name} {impl}", E, cf, impl) for E in args.experts
         for name, cf in (("cf1", 1.0), ("dropless", None)) for impl in args.experts_impl]
     return [v for v in every if args.only in (None, v[0])]
 
@@ -101,14 +103,19 @@ def engine_spec(args) -> EngineSpec:
                       dist_timeout_s=timeout)
 
 
-def set_experts_impl(args, model: MoEForCausalLM, impl: str) -> str:
-    """Force the expert loop (impl "loop") or leave the choice to `experts_impl`; what will run."""
-    experts = [m for m in model.modules() if isinstance(m, LocalExperts)]
-    for m in experts:
-        m.impl = "loop" if impl == "loop" else None
-    up = experts[0][0].up_proj
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32  # as engine_spec's precision
-    return experts[0].impl or experts_impl(torch.device(args.device), dtype, up.in_features, up.out_features)
+def compute_dtype(args) -> torch.dtype:
+    return torch.bfloat16 if args.device.startswith("cuda") else torch.float32  # as engine_spec's precision
+
+
+def expert_paths(args) -> tuple[str, list[str]]:
+    """The model's default expert path here, and the `--experts_impl` ones that can run (grouped_mm may refuse)."""
+    config = build_config(args, max(args.experts), None)
+    shape = (compute_dtype(args), config.hidden_size, config.moe_intermediate_size)
+    refusal = grouped_refusal(torch.device(args.device).type, *shape)
+    if refusal and "grouped" in args.experts_impl:
+        print(f"# no grouped variants: {refusal}")
+    return experts_impl(torch.device(args.device), *shape), [i for i in args.experts_impl if not (refusal and
+                                                                                                   i == "grouped")]
 
 
 class Variant:
@@ -118,7 +125,9 @@ class Variant:
         self.name, self.E = name, E
         torch.manual_seed(args.seed)  # every variant starts from the same seed
         model = MoEForCausalLM(build_config(args, E, capacity_factor))
-        self.impl = set_experts_impl(args, model, impl) if E else None
+        for experts in (m for m in model.modules() if isinstance(m, LocalExperts)):
+            experts.impl = impl
+        self.impl = impl
         self.params_total, self.params_active = model.num_parameters(), model.num_active_parameters()
         self.engine = AccelerateEngine(engine_spec(args))
         self.engine.setup(model)
@@ -233,7 +242,7 @@ def op_times(v: Variant, batches, steps: int = 3) -> dict[str, tuple[float, floa
 
 def profile(variants: list[Variant], batches) -> None:
     """Per op, the largest dropless MoE's self time minus dense's: where the extra time goes."""
-    dense, moe = variants[0], [v for v in variants if v.name.endswith("dropless")][-1]
+    dense, moe = variants[0], [v for v in variants if "dropless" in v.name][-1]
     d, m = op_times(dense, batches), op_times(moe, batches)
     print(f"\n# profile: self ms per step (3 steps), {moe.name} minus dense, largest differences first")
     print("{:<46} {:>9} {:>9} {:>9} {:>8} {:>8}".format("op", "dense ms", "moe ms", "diff", "dense n", "moe n"))
@@ -286,7 +295,7 @@ def print_table(r: dict) -> None:
     print(f"# scale {a['scale']}, vocab {a['vocab_size']}, {a['micro_batch_size']} x {a['seq_len']} = "
           f"{r['tokens_per_step']} tokens/step, {'bf16' if a['device'].startswith('cuda') else 'fp32'} on "
           f"{a['device']}; the FFN is {100 * r['ffn_flop_share']:.0f}% of dense forward FLOPs; median of "
-          f"{a['rounds']} interleaved rounds")
+          f"{a['rounds']} interleaved rounds; the model's default expert path here: {a['default_impl']}")
     fmt = "{:<18} {:>7} {:>7} {:>8} {:>8} {:>6} {:>10} {:>5} {:>7} {:>8} {:>8} {:>8} {:>6}"
     print(fmt.format("variant", "params", "active", "step ms", "tok/s", "/dense", "goal", "iqr", "opt ms",
                      "state MB", "peak MB", "base MB", "drop%"))
@@ -335,6 +344,7 @@ def parse_args(argv=None):
     if min(args.rounds, args.micro_batch_size, args.threads) < 1 or args.warmup < 0:
         p.error("--rounds, --micro_batch_size and --threads must be >= 1, --warmup >= 0")
     require_device(args.device, p.error)
+    args.default_impl, args.experts_impl = expert_paths(args)
     return args
 
 

@@ -63,6 +63,7 @@ from moe_dist.analysis.costs import (
     reduce_bucket_elements,
 )
 from moe_dist.model.configuration import MoEConfig
+from moe_dist.model import moe
 from moe_dist.parallel.ds_config import load_deepspeed_config
 from moe_dist.parallel.expert_parallel import (
     ExpertParallelError,
@@ -85,8 +86,11 @@ def _validate(config: MoEConfig, ds, world: int) -> None:
                                         world_size=world)
 
 
-def predict(config: MoEConfig, ds_path: str, world: int, args) -> dict:
-    """One row: the config's settings, the predicted bytes and FLOPs per rank (or why it cannot run), the verdict."""
+def predict(config: MoEConfig, ds_path: str, world: int, args, experts_impl: str = "grouped") -> dict:
+    """One row: the config's settings, the predicted bytes and FLOPs per rank (or why it cannot run), the verdict.
+
+    `experts_impl`: the expert path at EP = ETP = 1 (`moe.experts_impl`); "grouped", the single-GPU
+    bf16 path, for a prediction, and what the run took for a measured row."""
     ds = load_deepspeed_config(ds_path, world_size=world)
     seq = args.seq_len or config.max_position_embeddings
     row = {"config": Path(ds_path).stem, "path": os.path.relpath(ds_path, ROOT), "world_size": world,
@@ -100,7 +104,8 @@ def predict(config: MoEConfig, ds_path: str, world: int, args) -> dict:
         return {**row, "predicted": None, "train_flops_per_rank_step": None, "verdict": f"invalid: {e}"}
     row["predicted"] = memory_bytes(config, zero_stage=ds.zero_stage, ep_size=ds.ep_size, etp_size=ds.etp_size,
                                     world_size=world, precision=ds.precision, micro_batch=ds.micro_batch_size,
-                                    seq_len=seq, grad_ckpt=args.grad_ckpt, reduce_bucket=reduce_bucket_elements(ds.raw))
+                                    seq_len=seq, grad_ckpt=args.grad_ckpt, reduce_bucket=reduce_bucket_elements(ds.raw),
+                                    experts_impl=experts_impl)
     flops = flops_per_rank(config, tokens_per_rank=ds.micro_batch_size * seq, seq_len=seq, ep_size=ds.ep_size,
                            etp_size=ds.etp_size)
     row["train_flops_per_rank_step"] = flops["train"] * ds.grad_accum
@@ -235,7 +240,16 @@ def _gathered(ranks: list[dict], plan, engine) -> dict:
             "peak_reserved_mb_per_rank": [r["reserved_mb"] for r in ranks if r["reserved_mb"] is not None],
             "nvml_used_mb_per_rank": [r["nvml_mb"] for r in ranks if r["nvml_mb"] is not None],
             "step_s": step_s, "tokens_per_step": tokens, "tok_s": tokens / median if median else None,
-            "machine": machine(engine.device)}
+            "machine": machine(engine.device), "experts_impl": _experts_impl(engine)}
+
+
+def _experts_impl(engine) -> str:
+    """The path `LocalExperts` took in this run (what `_stacked_expert_bytes` needs at EP = ETP = 1)."""
+    experts = [m for m in engine.model.modules() if isinstance(m, moe.LocalExperts)]
+    if not experts:
+        return "loop"  # a dense model: nothing stacked
+    up = experts[0][0].up_proj
+    return experts[0].impl or moe.experts_impl(engine.device, up.weight.dtype, up.in_features, up.out_features)
 
 
 def measured_fields(summary: dict, args) -> dict:
@@ -260,7 +274,7 @@ def _world(path: str, args) -> int:
 def measured_row(path: str, world: int, runs: list[tuple[dict, MoEConfig]], args) -> dict:
     """A measured config's row: predicted with the config its run built, measured over every round."""
     summaries, run_config = [s for s, _ in runs], runs[0][1]
-    row = predict(run_config, path, world, args)
+    row = predict(run_config, path, world, args, experts_impl=summaries[0]["experts_impl"])
     row.update(config=f"{row['config']} (run)", **measured_fields(max(summaries, key=lambda s: s["peak_mem_mb"]), args))
     row["allocated_mb_per_rank"] = [max(rank) for rank in zip(*(s["allocated_mb_per_rank"] for s in summaries))]
     row["allocated_mb"] = max(row["allocated_mb_per_rank"])

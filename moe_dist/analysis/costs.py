@@ -190,12 +190,14 @@ def _activation_bytes_per_token(config: MoEConfig, layer: int, *, a: int, contex
     return attention + norm + a * D + router + experts + shared
 
 
-def _stacked_expert_bytes(config: MoEConfig, layer: int, *, a: int, ep_size: int, etp_size: int = 1) -> int:
+def _stacked_expert_bytes(config: MoEConfig, layer: int, *, a: int, ep_size: int, etp_size: int,
+                          experts_impl: str) -> int:
     """The per-forward stack of a MoE layer's expert weights ([E, out, in] per projection) that the
-    grouped GEMM (`moe.LocalExperts`) and the EP batched matmul keep for the backward. The
-    per-expert loop (e.g. fp32 on CUDA, see `moe.experts_impl`) keeps none: there this is an
-    overestimate by that much. Under ETP the stack holds the rank's slices."""
-    if not config.is_moe_layer(layer):
+    EP/ETP batched matmul and the grouped GEMM of `moe.LocalExperts` keep for the backward. At one
+    rank per expert (EP = ETP = 1) the per-expert loop (`experts_impl="loop"`, the choice of
+    `moe.experts_impl` on CPU and on CUDA outside bf16 on sm90/sm100) keeps none. Under ETP the
+    stack holds the rank's slices."""
+    if not config.is_moe_layer(layer) or (ep_size * etp_size == 1 and experts_impl == "loop"):
         return 0
     projections = 3 if config.hidden_act == "swiglu" else 2
     return (a * projections * config.num_local_experts // ep_size * config.hidden_size
@@ -231,20 +233,21 @@ def _state_bytes(config: MoEConfig, *, a: int, precision: str, zero_stage: int, 
 
 
 def _activation_bytes(config: MoEConfig, *, a: int, micro_batch: int, seq_len: int, ep_size: int, etp_size: int,
-                      grad_ckpt: bool, flash_attention: bool) -> float:
+                      grad_ckpt: bool, flash_attention: bool, experts_impl: str) -> float:
     """Activations of one micro-batch on one rank, head and stacked expert weights included (see `memory_bytes`)."""
     layers = range(config.num_hidden_layers)
     per_layer = [_activation_bytes_per_token(config, i, a=a, context=seq_len, ep_size=ep_size, etp_size=etp_size,
                                              flash_attention=flash_attention) for i in layers]
     body = (config.num_hidden_layers * a * config.hidden_size + max(per_layer)) if grad_ckpt else sum(per_layer)
     head = _norm_bytes(config, a) + a * config.hidden_size + (a + 4) * config.vocab_size
-    stacked = [_stacked_expert_bytes(config, i, a=a, ep_size=ep_size, etp_size=etp_size) for i in layers]
+    stacked = [_stacked_expert_bytes(config, i, a=a, ep_size=ep_size, etp_size=etp_size, experts_impl=experts_impl)
+               for i in layers]
     return micro_batch * seq_len * (body + head) + (max(stacked) if grad_ckpt else sum(stacked))
 
 
 def memory_bytes(config: MoEConfig, *, zero_stage: int, ep_size: int, world_size: int, precision: str,
                  micro_batch: int, seq_len: int, grad_ckpt: bool = False, flash_attention: bool = True,
-                 etp_size: int = 1, reduce_bucket: int = 0) -> dict[str, float]:
+                 etp_size: int = 1, reduce_bucket: int = 0, experts_impl: str = "grouped") -> dict[str, float]:
     """Predicted per-rank training memory (bytes) of one DeepSpeed rank, itemised.
 
     Assumptions:
@@ -258,7 +261,8 @@ def memory_bytes(config: MoEConfig, *, zero_stage: int, ep_size: int, world_size
     - activations: `micro_batch * seq_len` tokens through every layer, per
       `_activation_bytes_per_token`, plus the head: final norm and lm_head inputs, the logits
       in `precision` and the fp32 log-probabilities of the loss; plus each MoE layer's stacked
-      expert weights (`_stacked_expert_bytes`). With `grad_ckpt` every block
+      expert weights (`_stacked_expert_bytes`; none for `experts_impl="loop"` at EP = ETP = 1,
+      the default "grouped" being the single-GPU bf16 path). With `grad_ckpt` every block
       keeps only its input, plus one block's activations while it is recomputed
       (Korthikanti et al. 2022 §4.2, full recomputation).
     - buffers: DeepSpeed's contiguous gradient bucket, `reduce_bucket` elements in `precision`
@@ -282,7 +286,8 @@ def memory_bytes(config: MoEConfig, *, zero_stage: int, ep_size: int, world_size
     out = _state_bytes(config, a=a, precision=precision, zero_stage=zero_stage, world_size=world_size,
                        ep_size=ep_size, etp_size=etp_size)
     out["activations"] = _activation_bytes(config, a=a, micro_batch=micro_batch, seq_len=seq_len, ep_size=ep_size,
-                                           etp_size=etp_size, grad_ckpt=grad_ckpt, flash_attention=flash_attention)
+                                           etp_size=etp_size, grad_ckpt=grad_ckpt, flash_attention=flash_attention,
+                                           experts_impl=experts_impl)
     out["buffers"] = a * reduce_bucket
     out["total"] = sum(out.values())
     return out

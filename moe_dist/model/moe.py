@@ -41,31 +41,44 @@ class FeedForward(nn.Module):
 # ---- grouped expert GEMM ------------------------------------------------------------------
 
 
+def grouped_refusal(device_type: str, dtype: torch.dtype, hidden_size: int, intermediate_size: int) -> str | None:
+    """Why `torch.nn.functional.grouped_mm` cannot run the experts here, or None where it can.
+
+    The conditions are torch's own, read in ATen's GroupedMMUtils.h (checked on CPU with torch
+    2.13): every non-unit stride a multiple of 16 bytes, so D and I multiples of 4 in fp32 and
+    8 in bf16.
+    """
+    if not hasattr(F, "grouped_mm"):
+        return f"torch {torch.__version__} has no grouped_mm"
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"grouped_mm is not used for {dtype}"
+    if (hidden_size * dtype.itemsize) % 16 or (intermediate_size * dtype.itemsize) % 16:
+        return f"widths {hidden_size}/{intermediate_size} in {dtype} are not multiples of 16 bytes"
+    if device_type not in ("cpu", "cuda"):
+        return f"grouped_mm is untested on {device_type}"
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def experts_impl(device: torch.device, dtype: torch.dtype, hidden_size: int, intermediate_size: int) -> str:
-    """"grouped" where `torch.nn.functional.grouped_mm` runs as one kernel here, else "loop".
+    """"grouped" where `grouped_mm` runs all experts as one kernel per projection, else "loop".
 
     Decided once per (device, dtype, shape) and logged once; the forward only looks it up.
-    The conditions are torch's own, read in ATen's GroupedMMUtils.h and cuda/GroupedBlas.cpp
-    (checked on CPU with torch 2.13; the CUDA ones are not yet checked on a GPU): every non-unit
-    stride a multiple of 16 bytes (so D and I multiples of 4 in fp32, 8 in bf16). On CUDA only
-    bf16 on sm90/sm100 has a kernel; anything else takes
-    `_grouped_mm_fallback`, which copies `offs` to the host (a sync) and loops over groups in
-    C++. On CPU that fallback is the implementation: no sync there, and one C++ loop instead of
-    a Python loop with its autograd nodes.
+    Only CUDA bf16 on sm90/sm100 has a grouped kernel (cuda/GroupedBlas.cpp; not yet checked
+    on a GPU). Everywhere else grouped_mm is `_grouped_mm_fallback`, a C++ loop of one matmul
+    per expert, which on CUDA first copies `offs` to the host (a sync). On CPU that loop lost
+    to the Python loop at every shape benchmarked (docs/bench: 0.72x vs 1.02x dense for one
+    seed-shape layer at E=8, 0.72x vs 0.79x for the 1024-token tiny step at E=16): it runs
+    each matmul at stride layouts MKL handles more slowly, adds the per-forward weight stack
+    and writes whole-layer activations where the loop's per-expert chunks stay in cache. The
+    loop's one `.tolist()` per layer costs a CPU tensor no device wait, so the CPU takes the loop.
     """
-    reason = None
-    if not hasattr(F, "grouped_mm"):
-        reason = f"torch {torch.__version__} has no grouped_mm"
-    elif dtype not in (torch.float32, torch.bfloat16):
-        reason = f"grouped_mm is not used for {dtype}"
-    elif (hidden_size * dtype.itemsize) % 16 or (intermediate_size * dtype.itemsize) % 16:
-        reason = f"widths {hidden_size}/{intermediate_size} in {dtype} are not multiples of 16 bytes"
-    elif device.type == "cuda":
-        if dtype != torch.bfloat16 or torch.cuda.get_device_capability(device)[0] not in (9, 10):
-            reason = "CUDA has a grouped kernel for bf16 on sm90/sm100 only (elsewhere it syncs and loops)"
-    elif device.type != "cpu":
-        reason = f"grouped_mm is untested on {device.type}"
+    reason = grouped_refusal(device.type, dtype, hidden_size, intermediate_size)
+    if reason is None and device.type == "cpu":
+        reason = "on CPU grouped_mm is a serial loop of matmuls, measured slower than the expert loop"
+    if reason is None and device.type == "cuda" and (
+            dtype != torch.bfloat16 or torch.cuda.get_device_capability(device)[0] not in (9, 10)):
+        reason = "CUDA has a grouped kernel for bf16 on sm90/sm100 only (elsewhere it syncs and loops)"
     impl = "loop" if reason else "grouped"
     logger.info("MoE experts on %s %s (d %d, ffn %d): %s%s", device, dtype, hidden_size, intermediate_size,
                 impl, f" ({reason})" if reason else "")
@@ -109,15 +122,16 @@ class LocalExperts(nn.ModuleList):
 
     Routes are sorted by expert and every expert runs once on its exact slice, so there
     is no padding to a capacity buffer: top-1 costs the FLOPs of the dense FFN it replaces.
-    Where `experts_impl` allows, all experts run as one grouped GEMM per projection with
-    device-side offsets (no host sync); elsewhere as a Python loop over the experts.
+    Where `experts_impl` picks it (CUDA bf16 on sm90/sm100), all experts run as one grouped
+    GEMM per projection with device-side offsets (no host sync); elsewhere, the CPU included,
+    as a Python loop over the experts.
 
     The weights stay per-expert `nn.Linear`s (checkpoint, DeepSpeed per-expert files and export
     keys unchanged); the grouped and batched paths stack them per forward (`stacked`), and
     autograd splits the gradient back.
     """
 
-    impl: str | None = None  # None: `experts_impl` decides; "loop" forces the loop (benchmarks)
+    impl: str | None = None  # None: `experts_impl` decides; "grouped" / "loop" force one (tests, benchmarks)
 
     def stacked(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Projection `name` of every expert: weight [E, O, I] (nn.Linear layout) and bias [E, O] or None."""
@@ -143,8 +157,7 @@ class LocalExperts(nn.ModuleList):
         token_R = order_R % T  # route k*T + t is token t's k-th choice
         x_RD = x_TD.index_select(0, token_R)
         dtype = _compute_dtype(x_TD)
-        up = self[0].up_proj
-        if (self.impl or experts_impl(x_TD.device, dtype, up.in_features, up.out_features)) == "grouped":
+        if self._impl(x_TD.device, dtype) == "grouped":
             y_RD = self._grouped(x_RD.to(dtype), expert_R.index_select(0, order_R), counts_E1,
                                  routing.capacity is not None)
         else:
@@ -154,6 +167,15 @@ class LocalExperts(nn.ModuleList):
         out_TD = torch.zeros(T, x_TD.shape[1], dtype=torch.float32, device=x_TD.device)
         out_TD.index_add_(0, token_R, y_RD.float() * weight_R.unsqueeze(1))
         return out_TD.to(x_TD.dtype)
+
+    def _impl(self, device: torch.device, dtype: torch.dtype) -> str:
+        up = self[0].up_proj
+        if self.impl != "grouped":
+            return self.impl or experts_impl(device, dtype, up.in_features, up.out_features)
+        reason = grouped_refusal(device.type, dtype, up.in_features, up.out_features)
+        if reason:
+            raise ValueError(f"LocalExperts.impl='grouped' cannot run here: {reason}")
+        return "grouped"
 
     def _grouped(self, x_RD, expert_R, counts_E1, drops: bool) -> torch.Tensor:
         """One grouped GEMM per projection over the expert-sorted routes; no host sync."""
