@@ -166,6 +166,23 @@ def test_ep2_etp2_training_exports_the_weights_of_one_process(etp_run, one_proce
 
 
 @pytest.mark.multirank
+def test_dp2_x_etp2_under_zero2_trains_as_one_process(one_process_run, tmp_path):
+    """EP 1 x ETP 2 on 4 ranks: each expert slice has a replica, so ZeRO-2 partitions the slices' gradients
+    and optimizer state over their 2-rank expert-data-parallel group and reduces them there; EP 2 x ETP 2
+    (one replica per slice) never takes that path."""
+    run = tmp_path / "run"
+    ds = _ds_variant(tmp_path, moe={"ep_size": 1, "etp_size": 2})
+    proc = check(deepspeed(TRAIN, ["--deepspeed", ds, *ETP_ARGS, "--output_dir", str(run)], ranks=4, timeout=600))
+    assert "layout: DP 2 x EP 1 x ETP 2 on 4 rank(s)" in proc.stderr
+    want, got = load_file(one_process_run / "hf" / "model.safetensors"), load_file(run / "hf" / "model.safetensors")
+    assert want.keys() == got.keys()
+    for name in want:
+        assert (want[name] - got[name]).abs().max() <= 1e-5, name
+    a, b = metrics(one_process_run), metrics(run)
+    assert sorted(b) == list(range(1, ETP_STEPS + 1)) and all(abs(a[s]["loss"] - b[s]["loss"]) <= 1e-5 for s in b)
+
+
+@pytest.mark.multirank
 def test_summary_and_log_name_the_dp_ep_etp_layout(etp_run):
     run, proc = etp_run
     summary = json.loads((run / "summary.json").read_text())
