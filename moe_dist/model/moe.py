@@ -66,12 +66,11 @@ def experts_impl(device: torch.device, dtype: torch.dtype, hidden_size: int, int
     Decided once per (device, dtype, shape) and logged once; the forward only looks it up.
     Only CUDA bf16 on sm90/sm100 has a grouped kernel (cuda/GroupedBlas.cpp; not yet checked
     on a GPU). Everywhere else grouped_mm is `_grouped_mm_fallback`, a C++ loop of one matmul
-    per expert, which on CUDA first copies `offs` to the host (a sync). On CPU that loop lost
-    to the Python loop at every shape benchmarked (docs/bench: 0.72x vs 1.02x dense for one
-    seed-shape layer at E=8, 0.72x vs 0.79x for the 1024-token tiny step at E=16): it runs
-    each matmul at stride layouts MKL handles more slowly, adds the per-forward weight stack
-    and writes whole-layer activations where the loop's per-expert chunks stay in cache. The
-    loop's one `.tolist()` per layer costs a CPU tensor no device wait, so the CPU takes the loop.
+    per expert, which on CUDA first copies `offs` to the host (a sync). On CPU that C++ loop,
+    plus the per-forward weight stack, was slower than the Python loop in every benchmark cell
+    but two, where they were within 1% (docs/bench: one seed-shape layer at E=8 0.66x dense
+    against 0.95x, the 4096-token tiny step at E=16 0.87x against 0.99x). The loop's one
+    `.tolist()` per layer costs a CPU tensor no device wait, so the CPU takes the loop.
     """
     reason = grouped_refusal(device.type, dtype, hidden_size, intermediate_size)
     if reason is None and device.type == "cpu":
@@ -169,6 +168,7 @@ class LocalExperts(nn.ModuleList):
         return out_TD.to(x_TD.dtype)
 
     def _impl(self, device: torch.device, dtype: torch.dtype) -> str:
+        """The path this forward takes: the forced one (if torch can run it), else `experts_impl`'s choice."""
         up = self[0].up_proj
         if self.impl != "grouped":
             return self.impl or experts_impl(device, dtype, up.in_features, up.out_features)
