@@ -41,9 +41,10 @@ import time
 
 import torch
 
-from moe_dist.analysis.bench import command_line, machine, require_device, sync, write_json
+from moe_dist.analysis.bench import command_line, expert_paths, machine, require_device, sync, write_json
 from moe_dist.model.configuration import MoEConfig
-from moe_dist.model.moe import FeedForward, MoEBlock, experts_impl, grouped_refusal
+from moe_dist.model import moe
+from moe_dist.model.moe import FeedForward, MoEBlock
 
 COMMAND = command_line("python")
 
@@ -108,11 +109,7 @@ class Variant:
 
 def build_variants(args) -> list[Variant]:
     d, ff = args.d_model, args.ffn
-    impls = list(args.experts_impl)
-    refusal = grouped_refusal(torch.device(args.device).type, getattr(torch, args.dtype), d, ff)
-    if "grouped" in impls and refusal:
-        print(f"# no grouped variants: {refusal}")
-        impls.remove("grouped")
+    _, impls = expert_paths(torch.device(args.device), getattr(torch, args.dtype), d, ff, args.experts_impl)
     variants = [Variant("dense", 0, 1, FeedForward(d, ff, "gelu", bias=True), "dense")]
     for E in args.experts:
         for k in args.top_k:
@@ -207,7 +204,7 @@ def report(args, variants: list[Variant]) -> dict:
 
 def default_impl(args) -> str:
     """The expert path the model takes here unless forced (`moe.experts_impl`)."""
-    return experts_impl(torch.device(args.device), getattr(torch, args.dtype), args.d_model, args.ffn)
+    return moe.experts_impl(torch.device(args.device), getattr(torch, args.dtype), args.d_model, args.ffn)
 
 
 def parse_args(argv=None):

@@ -52,11 +52,12 @@ import time
 
 import torch
 
+from moe_dist.analysis import bench
 from moe_dist.analysis.bench import command_line, machine, require_device, sync, write_json
 from moe_dist.analysis.costs import flops_per_token
 from moe_dist.model.configuration import PRESETS, MoEConfig
 from moe_dist.model.modeling import MoEForCausalLM
-from moe_dist.model.moe import LocalExperts, experts_impl, grouped_refusal
+from moe_dist.model.moe import LocalExperts
 from moe_dist.parallel.engines import AccelerateEngine
 from moe_dist.train.args import EngineArgs, OptimArgs, RunArgs
 from moe_dist.train.plan import EngineSpec
@@ -103,19 +104,12 @@ def engine_spec(args) -> EngineSpec:
                       dist_timeout_s=timeout)
 
 
-def compute_dtype(args) -> torch.dtype:
-    return torch.bfloat16 if args.device.startswith("cuda") else torch.float32  # as engine_spec's precision
-
-
 def expert_paths(args) -> tuple[str, list[str]]:
-    """The model's default expert path here, and the `--experts_impl` ones that can run (grouped_mm may refuse)."""
+    """The model's default expert path here, and the `--experts_impl` ones that can run."""
     config = build_config(args, max(args.experts), None)
-    shape = (compute_dtype(args), config.hidden_size, config.moe_intermediate_size)
-    refusal = grouped_refusal(torch.device(args.device).type, *shape)
-    if refusal and "grouped" in args.experts_impl:
-        print(f"# no grouped variants: {refusal}")
-    return experts_impl(torch.device(args.device), *shape), [i for i in args.experts_impl if not (refusal and
-                                                                                                   i == "grouped")]
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32  # as engine_spec's precision
+    return bench.expert_paths(torch.device(args.device), dtype, config.hidden_size, config.moe_intermediate_size,
+                              args.experts_impl)
 
 
 class Variant:
@@ -277,7 +271,8 @@ def report(args, variants: list[Variant], rss_base_mb: float) -> dict:
         child, stats = peaks.get(v.name, {}), v.engine.model.routing_stats().values()
         rows.append(dict(variant=v.name, experts=v.E, experts_impl=v.impl, params_total=v.params_total,
                          params_active=v.params_active, step_ms=1e3 * med, tok_s=tokens / med,
-                         vs_dense=dense_s / med if dense_s else None, goal=goal_ratios(args).get(v.E), iqr=(q3 - q1) / med, opt_ms=1e3 * statistics.median(v.opt_seconds),
+                         vs_dense=dense_s / med if dense_s else None, goal=goal_ratios(args).get(v.E),
+                         iqr=(q3 - q1) / med, opt_ms=1e3 * statistics.median(v.opt_seconds),
                          state_mb=v.state_bytes() / MB, seconds=v.seconds,
                          drop=statistics.mean(float(s["drop_fraction"]) for s in stats) if stats else None,
                          peak_mb=v.peak_mb if v.peak_mb is not None else child.get("rss_peak_above_base_mb"),

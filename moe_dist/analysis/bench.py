@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ..model.moe import experts_impl, grouped_refusal
+
 NO_CUDA = "--device cuda: no CUDA device visible"
 
 
@@ -59,3 +61,14 @@ def write_json(path: str | Path | None, result: dict) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
+
+
+def expert_paths(device: torch.device, dtype: torch.dtype, hidden_size: int, intermediate_size: int,
+                 asked: list[str]) -> tuple[str, list[str]]:
+    """The expert path the model takes here by default, and those of `asked` that can run (printing why
+    grouped cannot, where torch refuses it): what the benchmarks time side by side."""
+    refusal = grouped_refusal(device.type, dtype, hidden_size, intermediate_size)
+    if refusal and "grouped" in asked:
+        print(f"# no grouped variants: {refusal}")
+    runnable = [impl for impl in asked if impl != "grouped" or not refusal]
+    return experts_impl(device, dtype, hidden_size, intermediate_size), runnable
