@@ -101,7 +101,11 @@ def test_run_folder_not_shared_by_every_node_stops_every_rank_with_one_line(tmp_
     common = ["--deepspeed", CPU_EP2, *SMALL, "--max_steps", "2"]
     nodes = two_nodes([[*common, "--output_dir", str(tmp_path / f"node{n}")] for n in range(2)], timeout=180)
     # Each torchrun agent reports its worker's status 2 (torchrun itself exits 1, with its own report).
-    assert all(p.returncode != 0 and "exitcode  : 2" in p.stderr for p in nodes), [p.stderr[-1500:] for p in nodes]
+    # On failure: each node's exit status and torchrun's per-worker report lines (one CI run saw a node without
+    # "exitcode  : 2"; the truncated message did not say which node or what status it had instead).
+    report = [(n, p.returncode, [line for line in p.stderr.splitlines() if "exitcode" in line or "error_file" in line
+                                  or "traceback" in line], p.stderr[-600:]) for n, p in enumerate(nodes)]
+    assert all(p.returncode != 0 and "exitcode  : 2" in p.stderr for p in nodes), report
     out = "".join(p.stdout + p.stderr for p in nodes)
     line = (f"error: --output_dir {tmp_path / 'node0'} is not shared by every rank: rank 0 cannot see ranks [1]; "
             "put it on storage every node sees")
