@@ -22,6 +22,8 @@ import os
 import sys
 from pathlib import Path
 
+from moe_dist import output_guard
+from moe_dist.analysis.bench import is_our_json
 from moe_dist.generation import (
     GenerationError,
     build_generation_config,
@@ -42,6 +44,8 @@ from moe_dist.parallel.sliced_experts import (
     load_sliced_model,
     start_process_group,
 )
+
+SAMPLES = "generate"  # the output kind of --json (output_guard)
 
 
 def parse_args(argv):
@@ -87,12 +91,15 @@ def main(argv=None) -> int:
             raise GenerationError(f"--batch_size {args.batch_size}: must be >= 1")
         if args.json and not Path(args.json).parent.is_dir():  # found out now, not after generating
             raise GenerationError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
+        if args.json:  # and never over a file we did not write
+            output_guard.check(Path(args.json).parent, SAMPLES, [Path(args.json).name], what="--json",
+                               legacy=lambda d: is_our_json(d / Path(args.json).name, ("samples", "settings")))
         if sliced:  # every check above ran before any process group
             started = start_process_group(device)
             model = load_sliced_model(model_dir, rank, args.etp_size, device)
         else:
             model = load_model(model_dir, device)
-    except (GenerationError, SlicedExpertsError) as e:
+    except (GenerationError, SlicedExpertsError, output_guard.OutputRefused) as e:
         # Every rank prints: the checks see the same input on every rank, except a rank's own GPU.
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -111,6 +118,7 @@ def main(argv=None) -> int:
         settings = {k: v for k, v in vars(args).items() if k != "local_rank"}
         record = {"model_dir": str(model_dir), "device": str(device), "settings": settings,
                   "max_new_tokens_used": max_new_tokens, "samples": [s.to_json() for s in samples]}
+        output_guard.record(Path(args.json).parent, SAMPLES, [Path(args.json).name])
         Path(args.json).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     return 0
 

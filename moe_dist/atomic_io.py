@@ -11,6 +11,8 @@ from `moe_dist`).
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
 from collections.abc import Callable
@@ -38,9 +40,11 @@ def write_atomic(path: str | os.PathLike, write_fn: Callable[[BinaryIO], object]
 def write_dir_atomic(path: str | os.PathLike, write_fn: Callable[[Path], object]) -> None:
     """Fill a fresh folder through `write_fn(folder)`, then swap it in for `path`.
 
-    For writers that produce a folder (`save_pretrained`). POSIX cannot rename a folder over a
-    non-empty one, so the old `path` is removed just before the rename: a reader never sees a
-    half-written folder, at worst none.
+    For writers that produce a folder (`save_pretrained`). The swap is one atomic exchange of the
+    two folders (Linux `renameat2(RENAME_EXCHANGE)`), so a reader, or a process killed at any
+    instant, sees the old folder whole or the new one whole. Where the system cannot exchange, the
+    old folder is renamed aside first and removed after: a kill between the two renames leaves it
+    whole as `NAME.old-PID`. Callers decide whether `path` may be replaced (`output_guard`).
     """
     path = Path(path)
     tmp = _tmp_path(path)
@@ -50,8 +54,31 @@ def write_dir_atomic(path: str | os.PathLike, write_fn: Callable[[Path], object]
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    if not path.exists():
+        os.replace(tmp, path)
+    elif _exchange(tmp, path):
+        shutil.rmtree(tmp)  # now the old folder
+    else:
+        old = path.with_name(f"{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    fsync_dir(path.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically; False where the C library or file system cannot."""
+    rename_exchange, at_fdcwd = 2, -100  # <linux/fs.h>, <fcntl.h>
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

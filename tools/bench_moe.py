@@ -10,7 +10,7 @@ layer on a [T, d] input that requires grad, as inside a transformer. Variants:
   each forced, same weights: `grouped` (one `grouped_mm` per projection; skipped where torch
   refuses it, `moe.grouped_refusal`) and/or `loop` (one `FeedForward` per expert), named
   `moe-grouped` / `moe-loop` (`moe-dropless-...`). The header says which one the model takes
-  by default here (`moe.experts_impl`: the loop on CPU, grouped for CUDA bf16 on sm90/sm100);
+  by default here (`moe.experts_impl`: the loop on CPU, grouped for CUDA bf16 on sm90);
 - `ds`: `deepspeed.moe.layer.MoE(ep_size=1, capacity_factor=1.0)` wrapping the same expert,
   its gate and experts loaded with our block's weights; `l_aux` joins the loss as a trainer's.
 
@@ -41,7 +41,8 @@ import time
 
 import torch
 
-from moe_dist.analysis.bench import command_line, expert_paths, machine, require_device, sync, write_json
+from moe_dist.analysis.bench import (claim_json, command_line, expert_paths, machine, require_device, sync,
+                                     write_json)
 from moe_dist.model.configuration import MoEConfig
 from moe_dist.model import moe
 from moe_dist.model.moe import FeedForward, MoEBlock
@@ -234,6 +235,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    claim_json(args.json, "bench_moe")  # before any work: never over a file we did not write
     if args.threads:
         torch.set_num_threads(args.threads)
     require_device(args.device)

@@ -11,7 +11,7 @@ at capacity factor 1.0 (the config default) and dropless (the accelerate trainer
 `grouped_mm` per projection; skipped where torch refuses it, `moe.grouped_refusal`) and `loop`
 (one `FeedForward` per expert); variants are named `... grouped` / `... loop`. The header says
 which one the model takes by default here (`moe.experts_impl`: the loop on CPU, grouped for
-CUDA bf16 on sm90/sm100).
+CUDA bf16 on sm90).
 
 Why: a top-1 MoE does the dense model's FLOPs plus routing, so `/dense` is the price of routing,
 dispatch and the optimizer over E times the FFN parameters. Goal context in GOAL below.
@@ -53,7 +53,7 @@ import time
 import torch
 
 from moe_dist.analysis import bench
-from moe_dist.analysis.bench import command_line, machine, require_device, sync, write_json
+from moe_dist.analysis.bench import claim_json, command_line, machine, require_device, sync, write_json
 from moe_dist.analysis.costs import flops_per_token
 from moe_dist.model.configuration import PRESETS, MoEConfig
 from moe_dist.model.modeling import MoEForCausalLM
@@ -345,6 +345,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    claim_json(args.json, "bench_train")  # before any work: never over a file we did not write
     torch.set_num_threads(args.threads)
     if torch.device(args.device).type == "cuda" and torch.device(args.device).index is not None:
         # The engine's Accelerator places a single process on torch.device("cuda"), i.e. the

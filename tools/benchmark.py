@@ -36,7 +36,7 @@ import time
 import torch
 
 from moe_dist import MoEConfig, MoEForCausalLM
-from moe_dist.analysis.bench import command_line, machine, require_device, sync, write_json
+from moe_dist.analysis.bench import claim_json, command_line, machine, require_device, sync, write_json
 from moe_dist.analysis.costs import flops_per_token
 from moe_dist.model.modeling import CACHE_FIELD
 from moe_dist.train.metrics import peak_memory_mb, reset_peak_memory
@@ -157,6 +157,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    claim_json(args.json, "benchmark")  # before any work: never over a file we did not write
     result = run(args)
     print_report(result)
     write_json(args.json, result)

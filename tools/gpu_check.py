@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from moe_dist.analysis.bench import command_line, machine, write_json
+from moe_dist.analysis.bench import claim_dir, command_line, is_our_json, machine, write_json
 from moe_dist.parallel.process_group import free_port
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: launch/, ds_configs/, tests/
@@ -306,12 +306,12 @@ def main(argv=None) -> int:
     if args.router_check:
         print(json.dumps(router_check(args.router_check, args.device)))
         return 0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    name = gpu_name(args)
+    out = claim_dir(args.out, "gpu_check", [f"{name}.json", f"{name}.md"], what="--out",
+                    legacy=lambda d: is_our_json(d / f"{name}.json", ("stages",)))
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="gpu_check_"))  # kept: the runs of a failed stage
     work.mkdir(parents=True, exist_ok=True)
     print(f"gpu_check: runs, exports and bench JSONs in {work}", flush=True)
-    name = gpu_name(args)
     result = {"gpu": name, "dry_run": args.dry_run, "command": command_line("python"),
               "machine": machine(torch.device(args.device)), "stages": {}, "status": "running"}
     start, failed = time.perf_counter(), None

@@ -37,6 +37,7 @@ Outputs in `--out`: report.md, alltoall.json, alltoall.png (written by rank 0).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -45,7 +46,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moe_dist.analysis.bench import command_line, machine, write_json
+from moe_dist.analysis.bench import claim_dir, command_line, is_our_json, machine, write_json
 from moe_dist.analysis.comm_cost import (
     algorithm_bandwidth,
     bus_bandwidth,
@@ -60,6 +61,9 @@ from moe_dist.train.plan import plan_run
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_SIZES = [4 << 10 << i for i in range(15)]  # 4 KiB, 8 KiB, ..., 64 MiB
+
+
+OUTPUTS = ["report.md", "alltoall.json", "alltoall.png"]
 
 
 def parse_size(text: str) -> int:
@@ -414,6 +418,9 @@ def main(argv=None) -> None:
     from deepspeed.accelerator import get_accelerator
 
     args = parse_args(argv)
+    # Before any process group: every rank checks --out, rank 0 records our three names there.
+    claim_dir(args.out, "profile_alltoall", OUTPUTS, what="--out", main=os.environ.get("RANK", "0") == "0",
+              legacy=lambda d: is_our_json(d / "alltoall.json", ("command", "setup")))
     plan, engine = build(args)
     sync, dtype = get_accelerator().synchronize, DTYPES[plan.spec.precision]
     groups = collective_groups(engine, plan)
@@ -442,7 +449,6 @@ def write_outputs(args, plan, engine, backend: str, micro, ranks) -> None:
     result = {"command": command, "setup": setup, "microbenchmark": micro, "step": ranks,
                   "args": {k: v for k, v in vars(args).items() if k != "local_rank"}, "bytes": byte_counts(plan, ranks)}
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "alltoall.json", result)
     (out / "report.md").write_text(report_md(result))
     plot(result, out / "alltoall.png")

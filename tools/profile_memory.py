@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from moe_dist.analysis.bench import command_line, machine, write_json
+from moe_dist.analysis.bench import claim_dir, command_line, is_our_json, machine, write_json
 from moe_dist.analysis.costs import (
     GiB,
     fit_verdict,
@@ -370,6 +370,9 @@ def plot(rows: list[dict], args, path: Path) -> None:
     plt.close(fig)
 
 
+OUTPUTS = ["report.md", "memory.png", "memory.json"]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny-moe")
@@ -398,8 +401,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_dir(args.output_dir, "profile_memory", OUTPUTS, what="--output_dir",
+                    legacy=lambda d: is_our_json(d / "memory.json", ("preset", "rows")))
     rows = build_rows(args)
     write_report(rows, args, out)
     plot(rows, args, out / "memory.png")

@@ -17,11 +17,15 @@ import json
 import math
 import re
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from matplotlib.figure import Figure  # a bare Figure renders with Agg and needs no pyplot state
 from matplotlib.ticker import MaxNLocator
+
+from moe_dist.analysis.bench import claim_dir
+from moe_dist.atomic_io import write_atomic
 
 LAYER_KEY = re.compile(r"^routing/layer(\d+)/(.+)$")
 IMPROVE_NOTE = ("`ppl_improve_vs_base_%` = (base best_val_ppl - run best_val_ppl) / base best_val_ppl x 100, "
@@ -296,12 +300,30 @@ def group_plots(group: str, runs: list[Run], out_dir: Path) -> list[tuple[str, s
 
 
 def write_report(runs_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Render report.md and its PNGs aside, then put them into `out_dir` (default: `runs_dir`), beside
+    whatever else is there, unless one of their names is taken by a file we did not write (exit 2)."""
     runs_dir = Path(runs_dir)
     out_dir = Path(out_dir) if out_dir is not None else runs_dir
     runs = load_runs(runs_dir)
     if not runs:
         raise SystemExit(f"error: no run folder (metrics.jsonl or summary.json) below {runs_dir}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as staging:
+        render(runs_dir, runs, Path(staging))
+        names = sorted(p.name for p in Path(staging).iterdir())
+        claim_dir(out_dir, "report", names, legacy=_old_report, what="--out")
+        for name in names:
+            data = (Path(staging) / name).read_bytes()
+            write_atomic(out_dir / name, lambda f: f.write(data))
+    return out_dir / "report.md"
+
+
+def _old_report(folder: Path) -> bool:
+    """A report written before output records existed."""
+    path = folder / "report.md"
+    return path.is_file() and path.read_text(errors="replace").startswith("# Routing report")
+
+
+def render(runs_dir: Path, runs: list[Run], out_dir: Path) -> None:
     finished = [r for r in runs if r.summary]
     bases = sorted({b.name for r in finished if (b := find_base(r, runs)) is not None})
     md = [f"# Routing report: `{runs_dir}`", "",
@@ -320,9 +342,7 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None) -> Pat
     if unfinished:
         md += ["", "## Unfinished runs (no summary.json)", ""]
         md += [f"- `{r.name}`: last eval at step {r.evals[-1]['step'] if r.evals else '—'}" for r in unfinished]
-    path = out_dir / "report.md"
-    path.write_text("\n".join(md) + "\n", encoding="utf-8")
-    return path
+    (out_dir / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str]) -> int:

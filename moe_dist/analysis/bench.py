@@ -11,12 +11,14 @@ import os
 import platform
 import shlex
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ..model.moe import experts_impl, grouped_refusal
+from ..output_guard import Legacy, OutputRefused, check, claim
 
 NO_CUDA = "--device cuda: no CUDA device visible"
 
@@ -54,6 +56,42 @@ def require_device(device: str, fail: Callable[[str], object] = sys.exit) -> Non
 def command_line(*prefix: str, argv: list[str] | None = None) -> str:
     """The shell command that reproduces this run (`prefix` + `argv`, default `sys.argv`), quoted for a shell."""
     return shlex.join([*prefix, *(sys.argv if argv is None else argv)])
+
+
+def is_our_json(path: Path, keys: tuple[str, ...] = ("command", "machine")) -> bool:
+    """A JSON object holding `keys`: a result our tools wrote before output records existed."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and all(k in data for k in keys)
+
+
+def claim_json(path: str | Path | None, kind: str, keys: tuple[str, ...] = ("command", "machine"),
+               what: str = "--json") -> None:
+    """Before any work: `path` is new or an earlier result of ours, or stop with one line and exit 2 (output_guard)."""
+    if path:
+        path = Path(path)
+        claim_dir(path.parent, kind, [path.name], legacy=lambda d: is_our_json(d / path.name, keys), what=what)
+
+
+def claim_dir(folder: str | Path, kind: str, names: list[str], legacy: Legacy, what: str, *,
+              main: bool = True) -> Path:
+    """Before any work: the names a tool writes into `folder` are free or ours, or one line and exit 2.
+
+    A launched tool calls it on every rank; only rank 0 (`main`) records the names and prints the line.
+    """
+    try:
+        if main:
+            return claim(folder, kind, names, legacy=legacy, what=what)
+        check(folder, kind, names, legacy=legacy, what=what)
+        return Path(folder)
+    except OutputRefused as e:
+        if main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        else:
+            time.sleep(2)  # so the launcher does not end rank 0 before it has printed
+        sys.exit(2)
 
 
 def write_json(path: str | Path | None, result: dict) -> None:

@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import output_guard
+
 TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "train.py"
 SCALES = ("tiny", "seed")
 MANIFEST = "sweep.json"
@@ -145,8 +147,8 @@ def run_sweep(grid: str, scale: str, runs_dir: str | Path, *, launcher: Launcher
     grid_dir = Path(runs_dir) / grid
     # The manifest holds the whole grid, so a sweep run piecewise with --only still documents every run.
     commands = {p.name: launcher.command(p, grid_dir / p.name, extra) for p in every_point}
+    _claim_grid_dir(Path(runs_dir), grid, list(commands), dry_run=dry_run)
     if not dry_run:
-        grid_dir.mkdir(parents=True, exist_ok=True)
         _write_manifest(grid_dir, grid, scale, extra, commands)
     failures = []
     for i, point in enumerate(points, 1):
@@ -165,6 +167,22 @@ def run_sweep(grid: str, scale: str, runs_dir: str | Path, *, launcher: Launcher
     if not dry_run:
         echo(f"[sweep] {grid}: {len(points) - len(failures)}/{len(points)} runs ok, results in {grid_dir}")
     return failures
+
+
+def _claim_grid_dir(runs_dir: Path, grid: str, runs: list[str], *, dry_run: bool) -> None:
+    """RUNS_DIR/GRID and the run folders in it are the sweep's: refuse (SweepError) if one is someone else's."""
+    def old_grid(grid_dir: Path) -> bool:  # a grid folder from before output records: it has our manifest
+        return (grid_dir / MANIFEST).is_file()
+
+    claims = [(runs_dir, [grid], lambda d: old_grid(d / grid)), (runs_dir / grid, [MANIFEST, *runs], old_grid)]
+    try:
+        for folder, names, legacy in claims:
+            output_guard.check(folder, "sweep", names, legacy=legacy, what="--runs_dir" if folder == runs_dir else "")
+        if not dry_run:
+            for folder, names, _ in claims:
+                output_guard.record(folder, "sweep", names)
+    except output_guard.OutputRefused as e:
+        raise SweepError(str(e)) from None
 
 
 def _describe(status: str) -> str:

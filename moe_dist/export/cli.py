@@ -6,8 +6,10 @@
 
 A run folder means its latest checkpoint. `native` (the default) needs `import moe_dist` or
 trust_remote_code to load; the standard formats load with the stock transformers class and are checked
-for exactness before the folder appears. Exit status 2: the checkpoint cannot be exported in that format
-(the message names the file, or the field and the formats that can represent it), and nothing is written.
+for exactness before the folder appears. OUT_DIR must be new, empty, or an earlier export of ours, which is
+replaced whole and atomically; a folder holding anything else is refused. Exit status 2: OUT_DIR is refused,
+or the checkpoint cannot be exported in that format (the message names the file, or the field and the formats
+that can represent it), and nothing is written.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..output_guard import OutputRefused
 from .formats import ExportError
-from .native import DTYPES, export_checkpoint, read_config
+from .native import DTYPES, check_export_dir, export_checkpoint, read_config
 from .standard import STANDARD_FORMATS, blocking_field, fitting_formats
 from .standard_export import export_standard
 
@@ -38,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = _resolve_checkpoint(Path(args.checkpoint))
     tokenizer = args.tokenizer or next((str(p) for p in (ckpt.parent.parent / "tokenizer",) if p.is_dir()), None)
     try:
+        check_export_dir(args.out_dir)  # before any work: OUT_DIR is new, empty, or our own earlier export
         formats = _auto_formats(ckpt) if args.format == "auto" else [args.format]
         for fmt in formats[:-1]:  # auto only: a class can still be ruled out by the weights or the logits check
             try:
@@ -45,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             except ExportError as e:
                 print(f"--format auto: {e}; trying the next format")
         return _export(ckpt, args, formats[-1], tokenizer)
-    except ExportError as e:
+    except (ExportError, OutputRefused) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -4,7 +4,7 @@ Order, so that a refusal leaves nothing behind: read the checkpoint, refuse a co
 represent (`standard.unrepresentable`), map the weights and load them strictly into the stock class
 (every key and shape), then write into a staging folder beside OUT: weights, config, tokenizer,
 generation_config.json, and the fp32 logits check in a fresh interpreter (`stock_logits.py`). Only when
-the check passes is the model card written and the folder renamed to OUT (`write_dir_atomic`).
+the check passes is the model card written and the folder swapped in for OUT (`native.write_export_dir`).
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ import torch
 from transformers import GenerationConfig
 from transformers.utils import logging as hf_logging
 
-from ..atomic_io import write_dir_atomic
 from ..model.modeling import MoEForCausalLM
 from .formats import ExportError
-from .native import build_model
+from .native import build_model, check_export_dir, write_export_dir
 from .standard import CLASSES, standard_config, standard_state_dict, unrepresentable
 
 TOLERANCE = 1e-4  # max |logit difference| in fp32 (issue 15)
@@ -34,6 +33,7 @@ def export_standard(ckpt: str | Path, out_dir: str | Path, fmt: str, *, tokenize
                     dtype: str = "fp32") -> float:
     """Write `out_dir` loadable by the stock class of `fmt`; returns the measured max |logit difference|."""
     ckpt, out_dir = Path(ckpt), Path(out_dir)
+    check_export_dir(out_dir)
     model = build_model(ckpt, dtype)
     reason = unrepresentable(model.config, fmt)
     if reason is not None:
@@ -68,7 +68,7 @@ def export_standard(ckpt: str | Path, out_dir: str | Path, fmt: str, *, tokenize
                               f"{diff:.3g} > {TOLERANCE:g} in fp32; export with --format native")
         (staging / "README.md").write_text(model_card(ckpt, model, fmt, type(stock).__name__, diff))
 
-    write_dir_atomic(out_dir, write)
+    write_export_dir(out_dir, write)
     return diff
 
 

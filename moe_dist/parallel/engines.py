@@ -223,6 +223,13 @@ class DeepSpeedEngine(TrainEngine):
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=self.guard, lr_scheduler=self.scheduler, config=config)
         self.model = self.ds.module
+        # DeepSpeed copies zero_to_fp32.py and zero_to_torch.py into every ZeRO checkpoint, and
+        # both skip the layer_*_expert_* files (DeepSpeed #4497): a converter that fails on our
+        # checkpoints. Ours reads them; say so once, and leave theirs out.
+        self.ds._copy_recovery_script = lambda save_path: None
+        if self.is_main and self.spec.ds_config.get("zero_optimization", {}).get("stage", 0) > 0:
+            log.info("checkpoints: convert any of them with `python -m moe_dist.export RUN_OR_CHECKPOINT OUT` "
+                     "(DeepSpeed's zero_to_fp32.py is not written: it drops the expert files)")
 
     def train_batch(self, micro_batches) -> StepOutput:
         losses, router = [], []

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..model.configuration import MoEConfig
+from ..output_guard import check as check_outputs
 from ..parallel.ds_config import ConfigError, DeepSpeedSettings, launcher_world_size, load_deepspeed_config
 from ..parallel.expert_parallel import validate_expert_parallel
 from ..parallel.expert_tensor_parallel import validate_expert_tensor_parallel
@@ -24,6 +25,10 @@ from .args import EngineArgs, ModelArgs, OptimArgs, RunArgs
 from .data import SEPARATOR, DataConfig, DataError, open_bytes, trained_vocab_size
 
 RUN_RECORD = "run.json"
+# Every top-level name a run writes into --output_dir; a run may add them beside other files, never over them.
+RUN_OUTPUTS = (RUN_RECORD, "summary.json", "metrics.jsonl", "tb", "heatmaps", "checkpoints", "hf", "tokenizer",
+               "cache", "heartbeats", ".ranks")
+TRAIN = "train"  # the output kind of a run folder (output_guard)
 # Shape fields that --init_from cannot change: the loaded weights would not fit.
 _SHAPE_FIELDS = ("num_local_experts", "moe_every", "skip_first_moe", "num_shared_experts", "vocab_size")
 # Filled in from the tokenizer once the data is ready, so not comparable before that.
@@ -97,7 +102,13 @@ def plan_run(model: ModelArgs, data: DataConfig, run: RunArgs, engine: EngineArg
                    grad_ckpt=model.grad_ckpt, data=data, spec=_engine_spec(engine, optim, ds, ep_size, run.max_steps),
                    run=run)
     check_run_folder(plan)
+    check_run_outputs(plan.run_dir)
     return plan
+
+
+def check_run_outputs(run_dir: Path) -> None:
+    """Refuse a --output_dir where a name the run writes is taken by a file moe-dist did not write."""
+    check_outputs(run_dir, TRAIN, RUN_OUTPUTS, legacy=lambda d: (d / RUN_RECORD).is_file(), what="--output_dir")
 
 
 def _validate_layout(config: MoEConfig, ep_size: int, etp_size: int, world: int) -> None:

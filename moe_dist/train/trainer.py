@@ -24,6 +24,7 @@ from ..atomic_io import write_atomic
 from ..export import export_checkpoint
 from ..model.configuration import MoEConfig
 from ..model.modeling import MoEForCausalLM
+from ..output_guard import record as record_outputs
 from ..parallel.engines import TrainEngine, make_engine
 from ..parallel.expert_tensor_parallel import EtpLayout
 from .checkpoint import CheckpointStore, capture_rng, save_rank_state
@@ -32,7 +33,7 @@ from .evaluation import evaluate
 from .faults import hooks_from_env
 from .hooks import Hook, Hooks
 from .metrics import CollapseMonitor
-from .plan import RUN_RECORD, RunPlan, check_run_folder, finalize, run_record
+from .plan import RUN_OUTPUTS, RUN_RECORD, TRAIN, RunPlan, check_run_folder, finalize, run_record
 from .report import RunReport
 from .resume import find_checkpoint, layout, load_checkpoint
 from .shared_folder import check_run_folder_shared
@@ -53,6 +54,9 @@ def run(plan: RunPlan, hooks: Iterable[Hook] = ()) -> dict | None:
     """
     engine = make_engine(plan.engine, plan.spec)
     _configure_logging(engine.is_main)
+    if engine.is_main:
+        # Before anything is written: the planner checked that none of these names is someone else's.
+        record_outputs(plan.run_dir, TRAIN, RUN_OUTPUTS)
     log.info("layout: %s", EtpLayout(engine.world_size, plan.spec.ep_size, plan.spec.etp_size).describe())
     for segment in engine.released_shm:
         log.info("unlinked %s once every rank had mapped it, so no launch leaves it in RAM", segment)
@@ -88,6 +92,7 @@ def _configure_logging(is_main: bool) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if is_main else logging.WARNING, force=True)
     transformers.logging.set_verbosity_error()
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font-cache notes are not ours to show
 
 
 def _prepare(plan: RunPlan, engine: TrainEngine) -> tuple[PreparedData, MoEConfig]:
@@ -96,7 +101,8 @@ def _prepare(plan: RunPlan, engine: TrainEngine) -> tuple[PreparedData, MoEConfi
         plan.run_dir.mkdir(parents=True, exist_ok=True)
         if not (plan.run_dir / RUN_RECORD).exists():
             # A tokenizer without a run record is left over from a launch that failed while
-            # preparing data (say, on a corpus since fixed): never reuse it.
+            # preparing data (say, on a corpus since fixed): never reuse it. It is ours: the
+            # planner refuses a folder whose tokenizer/ moe-dist did not write.
             shutil.rmtree(plan.run_dir / "tokenizer", ignore_errors=True)
     # Any non-empty validation set works at any world size: validation_shard pads the last batches.
     log.info("data: %s", describe_source(plan.data))
@@ -221,7 +227,8 @@ class _Loop:
         else:
             state.evals_without_improvement += 1
         for warning in (self.collapse.update(state.step, routing) if routing else []):
-            log.warning(warning)
+            if engine.is_main:  # rank 0's, as metrics.jsonl and summary.json record them: one line each
+                log.warning(warning)
         self.report.log_eval(state.step, result, routing, best_val_loss=state.best_val_loss, improved=improved)
         patience = self.run.early_stopping_patience
         return improved, bool(patience) and state.evals_without_improvement >= patience
