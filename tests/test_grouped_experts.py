@@ -217,7 +217,7 @@ def run_refusing_host_reads(model: MoEForCausalLM, monkeypatch) -> tuple[list[st
 def test_tiny_moe_forward_and_backward_make_no_host_sync(make_config, monkeypatch, train, capacity_factor):
     config = make_config("tiny-moe", capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor)
     model = MoEForCausalLM(config).train(train)
-    # The grouped path, the default where a grouped kernel exists (CUDA bf16 on sm90/sm100). The
+    # The grouped path, the default where a grouped kernel exists (CUDA bf16 on sm90). The
     # CPU's default loop reads each layer's expert counts once (next test): a CPU tensor waits on no device.
     for experts in (m for m in model.modules() if isinstance(m, LocalExperts)):
         experts.impl = "grouped"
@@ -233,3 +233,21 @@ def test_the_expert_loop_reads_its_counts_on_the_host_and_the_patch_catches_it(m
     assert all(m.impl is None for m in model.modules() if isinstance(m, LocalExperts))  # CPU default: the loop
     synced, _ = run_refusing_host_reads(model, monkeypatch)
     assert synced == ["tolist"]  # the first MoE layer's split sizes, where the run stops
+
+
+def test_the_grouped_bias_gradient_under_bf16_is_summed_in_fp32():
+    # 500 rows per expert, each with the output gradient 1 + 3/128 (exact in bf16). Their sum, 511.71875,
+    # needs fp32: bf16 holds only even numbers there. Summed in bf16 (as the bias gather's backward was,
+    # with bf16 atomics on CUDA) it would come out as 512 at best.
+    E, tokens = 4, 2000
+    layer = experts(E, "gelu", True)
+    r = routing(torch.arange(tokens).remainder(E).unsqueeze(1), E, None)
+    r.weight_TK.fill_(1.0)  # each route's output gradient is exactly the upstream one
+    x_TD, g_TD = torch.randn(tokens, D), torch.full((tokens, D), 1 + 3 / 128)
+    _, _, reference = forward_and_grads(layer, "loop", x_TD, r, g_TD)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, _, grads = forward_and_grads(layer, "grouped", x_TD, r, g_TD)
+    for e in range(E):
+        name = f"{e}.down_proj.bias"
+        assert torch.equal(reference[name], torch.full((D,), 511.71875)), name
+        assert torch.equal(grads[name], reference[name]), (name, grads[name][:4])

@@ -195,7 +195,7 @@ def _stacked_expert_bytes(config: MoEConfig, layer: int, *, a: int, ep_size: int
     """The per-forward stack of a MoE layer's expert weights ([E, out, in] per projection) that the
     EP/ETP batched matmul and the grouped GEMM of `moe.LocalExperts` keep for the backward. At one
     rank per expert (EP = ETP = 1) the per-expert loop (`experts_impl="loop"`, the choice of
-    `moe.experts_impl` on CPU and on CUDA outside bf16 on sm90/sm100) keeps none. Under ETP the
+    `moe.experts_impl` on CPU and on CUDA outside bf16 on sm90) keeps none. Under ETP the
     stack holds the rank's slices."""
     if not config.is_moe_layer(layer) or (ep_size * etp_size == 1 and experts_impl == "loop"):
         return 0

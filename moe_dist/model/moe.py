@@ -64,8 +64,9 @@ def experts_impl(device: torch.device, dtype: torch.dtype, hidden_size: int, int
     """"grouped" where `grouped_mm` runs all experts as one kernel per projection, else "loop".
 
     Decided once per (device, dtype, shape) and logged once; the forward only looks it up.
-    Only CUDA bf16 on sm90/sm100 has a grouped kernel (cuda/GroupedBlas.cpp; not yet checked
-    on a GPU). Everywhere else grouped_mm is `_grouped_mm_fallback`, a C++ loop of one matmul
+    CUDA bf16 on sm90/sm100 has a grouped kernel (cuda/GroupedBlas.cpp; not yet checked on a
+    GPU), and only sm90 takes it: on sm100 an upstream report (pytorch issue 172439, not
+    verified here) gives empty groups non-zero weight gradients. Everywhere else grouped_mm is `_grouped_mm_fallback`, a C++ loop of one matmul
     per expert, which on CUDA first copies `offs` to the host (a sync). On CPU that C++ loop,
     plus the per-forward weight stack, was slower than the Python loop in every benchmark cell
     but two, where they were within 1% (docs/bench: one seed-shape layer at E=8 0.66x dense
@@ -75,9 +76,13 @@ def experts_impl(device: torch.device, dtype: torch.dtype, hidden_size: int, int
     reason = grouped_refusal(device.type, dtype, hidden_size, intermediate_size)
     if reason is None and device.type == "cpu":
         reason = "on CPU grouped_mm is a serial loop of matmuls, measured slower than the expert loop"
-    if reason is None and device.type == "cuda" and (
-            dtype != torch.bfloat16 or torch.cuda.get_device_capability(device)[0] not in (9, 10)):
-        reason = "CUDA has a grouped kernel for bf16 on sm90/sm100 only (elsewhere it syncs and loops)"
+    if reason is None and device.type == "cuda":
+        major = torch.cuda.get_device_capability(device)[0]
+        if dtype != torch.bfloat16 or major not in (9, 10):
+            reason = "CUDA has a grouped kernel for bf16 on sm90/sm100 only (elsewhere it syncs and loops)"
+        elif major == 10:
+            reason = ("sm100's grouped kernel is reported to give empty experts non-zero weight gradients "
+                      "(pytorch issue 172439); the grouped path runs on sm90 only until a test shows otherwise")
     impl = "loop" if reason else "grouped"
     logger.info("MoE experts on %s %s (d %d, ffn %d): %s%s", device, dtype, hidden_size, intermediate_size,
                 impl, f" ({reason})" if reason else "")
@@ -121,7 +126,7 @@ class LocalExperts(nn.ModuleList):
 
     Routes are sorted by expert and every expert runs once on its exact slice, so there
     is no padding to a capacity buffer: top-1 costs the FLOPs of the dense FFN it replaces.
-    Where `experts_impl` picks it (CUDA bf16 on sm90/sm100), all experts run as one grouped
+    Where `experts_impl` picks it (CUDA bf16 on sm90), all experts run as one grouped
     GEMM per projection with device-side offsets (no host sync); elsewhere, the CPU included,
     as a Python loop over the experts.
 
@@ -133,9 +138,10 @@ class LocalExperts(nn.ModuleList):
     impl: str | None = None  # None: `experts_impl` decides; "grouped" / "loop" force one (tests, benchmarks)
 
     def stacked(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Projection `name` of every expert: weight [E, O, I] (nn.Linear layout) and bias [E, O] or None."""
+        """Projection `name` of every expert: weight [E, O, I] (nn.Linear layout) in `dtype`, and bias
+        [E, O] (in the parameters' own dtype: callers gather or add it at the precision they need) or None."""
         projs = [getattr(expert, name) for expert in self]
-        bias_EO = torch.stack([p.bias for p in projs]).to(dtype) if projs[0].bias is not None else None
+        bias_EO = torch.stack([p.bias for p in projs]) if projs[0].bias is not None else None
         return torch.stack([p.weight for p in projs]).to(dtype), bias_EO
 
     def _ffn(self, x: torch.Tensor, linear) -> torch.Tensor:
@@ -185,8 +191,12 @@ class LocalExperts(nn.ModuleList):
         def linear(name, h_RI):
             w_EOI, b_EO = self.stacked(name, h_RI.dtype)
             y_RO = GroupedMatmul.apply(h_RI, w_EOI, offs_E)
-            # Bias per row, gathered by expert id; the sentinel E of dropped routes gets a zero row.
-            return y_RO if b_EO is None else y_RO + F.pad(b_EO, (0, 0, 0, 1)).index_select(0, expert_R)
+            if b_EO is None:
+                return y_RO
+            # Bias per row, gathered by expert id (the sentinel E of dropped routes gets a zero row),
+            # in fp32: the gather's backward sums each expert's hundreds of row gradients, which in
+            # bf16 would lose most of them (and on CUDA add them by bf16 atomics, in any order).
+            return y_RO + F.pad(b_EO.float(), (0, 0, 0, 1)).index_select(0, expert_R).to(y_RO.dtype)
 
         if not drops:  # dropless: offs[-1] = R, every row belongs to an expert
             return self._ffn(x_RD, linear)
@@ -211,7 +221,7 @@ class LocalExperts(nn.ModuleList):
             w_EOI, b_EO = self.stacked(name, h_ECI.dtype)
             if b_EO is None:
                 return torch.bmm(h_ECI, w_EOI.transpose(1, 2))
-            return torch.baddbmm(b_EO.unsqueeze(1), h_ECI, w_EOI.transpose(1, 2))
+            return torch.baddbmm(b_EO.to(h_ECI.dtype).unsqueeze(1), h_ECI, w_EOI.transpose(1, 2))
 
         return self._ffn(x_ECD, linear)
 
