@@ -70,7 +70,7 @@ from moe_dist.parallel.expert_parallel import (
     validate_expert_parallel,
 )
 from moe_dist.parallel.expert_tensor_parallel import validate_expert_tensor_parallel
-from moe_dist.parallel.process_group import free_port
+from moe_dist.parallel.process_group import LauncherError, deepspeed_launcher, free_port
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: ds_configs/, launch/train.py
 PARTS = ("weights", "gradients", "optimizer", "activations", "buffers")
@@ -118,13 +118,17 @@ def predict(config: MoEConfig, ds_path: str, world: int, args, experts_impl: str
 
 def measure(ds_path: str, ranks: int, args) -> tuple[dict, MoEConfig]:
     """One launch of `worker` on `ranks` ranks: its gathered measurements and the model config it built."""
-    launcher = Path(sys.executable).parent / "deepspeed"
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))  # ranks share the cores
+    try:
+        launcher, launcher_env = deepspeed_launcher(ranks, env)
+    except LauncherError as e:
+        sys.exit(f"error: {e}")
+    env.update(launcher_env)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(Path(__file__).resolve()),
+        cmd = [*launcher, "--master_port", str(free_port()), str(Path(__file__).resolve()),
                "--worker", tmp, "--measure", ds_path, "--preset", args.preset, "--max_steps", str(args.max_steps),
                "--timed_steps", str(args.timed_steps), "--seed", str(args.seed), "--output_dir", tmp,
                *(["--seq_len", str(args.seq_len)] if args.seq_len else []),

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import output_guard
+from ..parallel.process_group import LauncherError, deepspeed_launcher
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "train.py"
 SCALES = ("tiny", "seed")
@@ -108,14 +108,17 @@ class Launcher:
         train = [str(TRAIN_SCRIPT), *point.args, "--output_dir", str(run_dir), *extra]
         if self.deepspeed_config is None:
             return [sys.executable, *train]
-        return [_deepspeed_executable(), "--num_gpus", str(self.num_gpus), *train,
-                "--deepspeed", self.deepspeed_config]
+        return [*self._deepspeed()[0], *train, "--deepspeed", self.deepspeed_config]
 
+    def environment(self) -> dict[str, str]:
+        """What the runs need on top of this process's environment (see `deepspeed_launcher`)."""
+        return self._deepspeed()[1] if self.deepspeed_config is not None else {}
 
-def _deepspeed_executable() -> str:
-    # The launcher installed next to this interpreter (a venv's bin/), else whatever PATH has.
-    beside = Path(sys.executable).parent / "deepspeed"
-    return str(beside) if beside.exists() else (shutil.which("deepspeed") or "deepspeed")
+    def _deepspeed(self) -> tuple[list[str], dict[str, str]]:
+        try:
+            return deepspeed_launcher(self.num_gpus)
+        except LauncherError as e:
+            raise SweepError(str(e)) from None
 
 
 def check_extra_args(points: Sequence[GridPoint], extra: Sequence[str]) -> None:
@@ -160,7 +163,7 @@ def run_sweep(grid: str, scale: str, runs_dir: str | Path, *, launcher: Launcher
         echo(f"[sweep {i}/{len(points)}] $ {' '.join(cmd)}")
         if dry_run:
             continue
-        code = _run_streaming(cmd, run_dir, echo)
+        code = _run_streaming(cmd, run_dir, echo, launcher.environment())
         if code != 0:
             failures.append(f"{point.name} (exit {code}; log: {run_dir / RUN_LOG})")
             echo(f"[sweep {i}/{len(points)}] {point.name}: FAILED with exit {code}, going on with the next run")
@@ -200,14 +203,14 @@ def _write_manifest(grid_dir: Path, grid: str, scale: str, extra: Sequence[str],
     tmp.replace(grid_dir / MANIFEST)
 
 
-def _run_streaming(cmd: list[str], run_dir: Path, echo: Callable[[str], None]) -> int:
+def _run_streaming(cmd: list[str], run_dir: Path, echo: Callable[[str], None], env: dict[str, str]) -> int:
     """Run `cmd`, echoing its output live and appending it to the run folder's `train.log`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / RUN_LOG, "a", encoding="utf-8") as log_file:
         log_file.write(f"$ {' '.join(cmd)}\n")
         # Unbuffered, so a child's prints arrive as they happen rather than when its pipe buffer fills.
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                                env=dict(os.environ, PYTHONUNBUFFERED="1", **env))
         try:
             for line in proc.stdout:
                 echo(line.rstrip("\n"))

@@ -29,7 +29,7 @@ from .expert_parallel import apply_expert_parallel
 from .expert_tensor_parallel import apply_expert_tensor_parallel
 from .optim import GuardedAdamW, build_optimizer, param_groups, warmup_cosine
 from .portable import PortableState, apply_plain, apply_zero, slice_state
-from .process_group import (collective_timeout_s, free_port, init_distributed, set_expert_group_timeouts,
+from .process_group import (collective_timeout_s, free_port, init_distributed, set_group_timeouts,
                             shutdown_distributed)
 
 if TYPE_CHECKING:
@@ -142,6 +142,14 @@ class TrainEngine(ABC):
         loads_LE = self.all_reduce(torch.stack(loads))  # shape [L, E], int64 counts
         self.model.update_router_biases(loads_LE)
 
+    def to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """A host batch on the device. On CUDA it is copied from pinned memory without blocking the host,
+        as DataLoader(pin_memory=True) does, so the copy queues behind the previous kernels instead of
+        stalling the host while they run."""
+        if self.device.type != "cuda":
+            return batch
+        return batch.pin_memory().to(self.device, non_blocking=True)
+
     # ---- collectives and process facts ---------------------------------------------------------
 
     @property
@@ -200,8 +208,6 @@ class DeepSpeedEngine(TrainEngine):
             apply_expert_tensor_parallel(model, ep_size=spec.ep_size, etp_size=spec.etp_size, timeout_s=timeout_s)
         else:
             apply_expert_parallel(model, spec.ep_size)
-        # The expert groups exist now; DeepSpeed made them with torch's default timeout.
-        set_expert_group_timeouts(timeout_s)
         return model
 
     def _param_groups(self, model: MoEForCausalLM) -> list[dict]:
@@ -223,6 +229,9 @@ class DeepSpeedEngine(TrainEngine):
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=self.guard, lr_scheduler=self.scheduler, config=config)
         self.model = self.ds.module
+        # Every group exists now: the expert groups and DeepSpeed's own copy of the world group, all
+        # made with torch's backend default timeout.
+        set_group_timeouts(collective_timeout_s(self.spec.dist_timeout_s))
         # DeepSpeed copies zero_to_fp32.py and zero_to_torch.py into every ZeRO checkpoint, and
         # both skip the layer_*_expert_* files (DeepSpeed #4497): a converter that fails on our
         # checkpoints. Ours reads them; say so once, and leave theirs out.
@@ -235,7 +244,7 @@ class DeepSpeedEngine(TrainEngine):
         losses, router = [], []
         skipped_before = self.ds.skipped_steps
         for input_ids, labels in micro_batches:
-            out = self.ds(input_ids=input_ids.to(self.device), shift_labels=labels.to(self.device))
+            out = self.ds(input_ids=self.to_device(input_ids), shift_labels=self.to_device(labels))
             self.ds.backward(out.loss)
             losses.append(out.loss.detach().float())
             router.append(out.aux_loss.detach().float())
@@ -312,7 +321,7 @@ class AccelerateEngine(TrainEngine):
         losses, router, norm = [], [], None
         for input_ids, labels in micro_batches:
             with self.acc.accumulate(self.wrapped):
-                out = self.wrapped(input_ids=input_ids.to(self.device), shift_labels=labels.to(self.device))
+                out = self.wrapped(input_ids=self.to_device(input_ids), shift_labels=self.to_device(labels))
                 self.acc.backward(out.loss)
                 losses.append(out.loss.detach().float())
                 router.append(out.aux_loss.detach().float())

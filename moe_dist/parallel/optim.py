@@ -35,35 +35,52 @@ class GuardedAdamW(torch.optim.AdamW):
     rank's experts would otherwise update the replicated weights on some ranks only. Before
     each optimizer step the engine calls `prepare_step` once, with what it already knows;
     after it, `skipped` says whether the step was dropped.
+
+    The verdict is reached once per step, with one all-reduce: ZeRO-1/2 call `step()` once per
+    parameter group (DeepSpeed 0.19.8 `_optimizer_step`, each time with `param_groups` cut to
+    that group), and each call deciding anew would cost a collective and a host read per group.
     """
 
     _nonfinite_loss: torch.Tensor | bool = False
     _grad_norm: torch.Tensor | None = None
-    _skipped = False
+    _skipped: bool | None = False  # None: this step's verdict is not reached yet
 
     def prepare_step(self, *, nonfinite_loss: torch.Tensor | bool = False,
                      grad_norm: torch.Tensor | None = None) -> None:
-        """Set the state for the coming `step()`, and clear the last step's verdict.
+        """Set the state for the coming `step()` calls, and clear the last step's verdict.
 
         `nonfinite_loss`: whether some loss of this step was NaN/inf (a device tensor is fine:
         no host sync). `grad_norm`: the global norm if the engine already computed it for
         clipping, which saves a second pass over every gradient.
         """
-        self._nonfinite_loss, self._grad_norm, self._skipped = nonfinite_loss, grad_norm, False
+        self._nonfinite_loss, self._grad_norm, self._skipped = nonfinite_loss, grad_norm, None
 
     @property
     def skipped(self) -> bool:
-        """Whether the last `step()` was skipped (on every rank) for a non-finite loss or gradient."""
-        return self._skipped
+        """Whether the last step was skipped (on every rank) for a non-finite loss or gradient."""
+        return bool(self._skipped)
 
     @property
     def overflow(self) -> bool:
         # The name DeepSpeed's engine reads after `optimizer.step()` (engine.py `_take_model_step`,
         # 0.19.8): when true it counts the step in `skipped_steps` and holds the lr schedule.
-        return self._skipped
+        return bool(self._skipped)
 
     @torch.no_grad()
     def step(self, closure=None):
+        if self._skipped is None:
+            self._skipped = self._agree_nonfinite()
+        if self._skipped:
+            self.zero_grad(set_to_none=True)
+            return None
+        return super().step(closure)
+
+    def _agree_nonfinite(self) -> bool:
+        """Whether any rank saw a non-finite loss or gradient: one all-reduce, one host read.
+
+        Under ZeRO the gradients seen here are the first group's only; ZeRO itself skips a step
+        whose global gradient norm is not finite, on every rank, before calling the optimizer.
+        """
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         device = grads[0].device if grads else torch.device("cpu")
         bad = torch.as_tensor(self._nonfinite_loss, dtype=torch.float32).to(device)
@@ -73,11 +90,7 @@ class GuardedAdamW(torch.optim.AdamW):
             bad = torch.maximum(bad, (~torch.isfinite(torch.stack(torch._foreach_norm(grads)))).any().float())
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        self._skipped = bool(bad)
-        if self._skipped:
-            self.zero_grad(set_to_none=True)
-            return None
-        return super().step(closure)
+        return bool(bad)
 
 
 def build_optimizer(groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float) -> GuardedAdamW:

@@ -7,7 +7,10 @@ engine (a launcher's `--master_port`, a bare `deepspeed.init_distributed` in a t
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import sys
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,6 +26,51 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class LauncherError(RuntimeError):
+    """The deepspeed launcher cannot be found, or cannot be given the GPUs asked for; one line."""
+
+
+def deepspeed_launcher(num_gpus: int, environ: Mapping[str, str] = os.environ
+                       ) -> tuple[list[str], dict[str, str]]:
+    """The `deepspeed` command for `num_gpus` local ranks on the GPUs that `environ` (the launch's
+    environment) makes visible, and the variables it needs on top of `environ`.
+
+    The launcher is the one beside this interpreter (a venv's bin/), else the one on PATH. Given
+    `--num_gpus`, DeepSpeed's runner (0.19.8, runner.py `main`) drops CUDA_VISIBLE_DEVICES and takes
+    GPUs 0..N-1, whatever the user chose; so when the variable names devices, the ranks go to its
+    first `num_gpus` through `--include localhost:...` instead. The runner takes indices: GPU UUIDs are
+    mapped to NVML's indices, which follow the PCI bus, so CUDA is told to order devices that way too.
+    """
+    here = Path(sys.executable).parent
+    launcher = shutil.which("deepspeed", path=os.pathsep.join([str(here), environ.get("PATH", "")]))
+    if launcher is None:
+        raise LauncherError(f"no `deepspeed` launcher beside {sys.executable} or on PATH: "
+                            f"pip install deepspeed in this environment")
+    visible = [d.strip() for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if not visible:
+        return [launcher, "--num_gpus", str(num_gpus)], {}
+    if len(visible) < num_gpus:
+        raise LauncherError(f"CUDA_VISIBLE_DEVICES={','.join(visible)} names {len(visible)} device(s), "
+                            f"{num_gpus} needed")
+    chosen = visible[:num_gpus]
+    if all(d.isdigit() for d in chosen):
+        return [launcher, "--include", f"localhost:{','.join(chosen)}"], {}
+    return [launcher, "--include", f"localhost:{','.join(map(str, _nvml_indices(chosen)))}"], \
+        {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
+def _nvml_indices(uuids: list[str]) -> list[int]:
+    """NVML's index of each GPU UUID in CUDA_VISIBLE_DEVICES (NVML ignores that variable)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return [pynvml.nvmlDeviceGetIndex(pynvml.nvmlDeviceGetHandleByUUID(u)) for u in uuids]
+    except Exception as e:  # no NVML, a MIG instance, an unknown UUID: all end the same way
+        raise LauncherError(f"CUDA_VISIBLE_DEVICES={','.join(uuids)}: cannot map these to the GPU indices the "
+                            f"deepspeed launcher takes ({type(e).__name__}: {e}); set it to indices instead") from None
 
 
 # Collectives time out this long after the `--dist_timeout` watchdog would have fired, so the
@@ -65,24 +113,24 @@ def init_distributed(timeout_s: int) -> tuple[Path, ...]:
     return (segment,)
 
 
-def set_expert_group_timeouts(timeout_s: int) -> int:
-    """Give DeepSpeed's expert and expert-data-parallel groups `timeout_s`; returns how many.
+def set_group_timeouts(timeout_s: int) -> int:
+    """Give every process group this rank belongs to `timeout_s`; returns how many.
 
-    DeepSpeed 0.19.8 creates them with `dist.new_group(ranks)` and no timeout, and torch's
-    `new_group(timeout=None)` does not inherit the default group's timeout: it takes the
-    backend's constant (10 min for NCCL, 30 min for gloo), which would fire before a longer
-    `--dist_timeout` watchdog. Call after the MoE layers have created the groups.
+    DeepSpeed 0.19.8 creates groups with `dist.new_group(ranks)` and no timeout: the expert and
+    expert-data-parallel groups when its MoE layers are built, and inside `deepspeed.initialize`
+    its copy of the world group that ZeRO reduces and gathers the non-expert weights over
+    (`groups._get_data_parallel_group`). torch's `new_group(timeout=None)` does not inherit the
+    default group's timeout: it takes the backend's constant (10 min for NCCL, 30 min for gloo),
+    which would fire before a longer `--dist_timeout` watchdog and end the job unnamed. Call
+    after `deepspeed.initialize`, once every group exists; it covers the ones made since.
     """
-    from deepspeed.utils import groups
-    from torch.distributed.distributed_c10d import _set_pg_timeout
+    from torch.distributed.distributed_c10d import _rank_not_in_group, _set_pg_timeout, _world
 
     timeout = timedelta(seconds=timeout_s)
-    made = [*groups._get_expert_parallel_group_dict().values(),
-            *groups._get_expert_data_parallel_group_dict().values()]
-    unique = list({id(g): g for g in made}.values())
-    for group in unique:
+    groups = [g for g in list(_world.pg_map) if not _rank_not_in_group(g)]
+    for group in groups:
         _set_pg_timeout(timeout, group)
-    return len(unique)
+    return len(groups)
 
 
 def shutdown_distributed() -> None:

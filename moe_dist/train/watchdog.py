@@ -23,26 +23,41 @@ EXIT_STUCK = 3
 
 
 class Watchdog:
-    def __init__(self, timeout_s: float, heartbeat_dir: Path, rank: int):
-        self.timeout_s, self.rank = timeout_s, rank
+    """`beat` only notes the step in memory; this thread writes it to the rank's heartbeat file at
+    most once per `write_every_s` (a file write per step would be an RPC per rank per step on NFS or
+    Lustre), and reads the files only when it gives up. The thread runs while the main thread is
+    blocked in a collective, so a rank's file always shows its latest beat within a second."""
+
+    def __init__(self, timeout_s: float, heartbeat_dir: Path, rank: int, *, write_every_s: float = 1.0):
+        self.timeout_s, self.rank, self.write_every_s = timeout_s, rank, write_every_s
         self.dir = Path(heartbeat_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.step, self.phase, self.last = 0, "start", time.monotonic()
+        self.step, self.phase, self.last, self.wall = 0, "start", time.monotonic(), time.time()
+        self.written: tuple | None = None  # the (step, phase, wall) the file holds
+        self.writes = 0
         threading.Thread(target=self._watch, name="moe-dist-watchdog", daemon=True).start()
 
     def beat(self, step: int, phase: str = "train") -> None:
-        self.step, self.phase, self.last = step, phase, time.monotonic()
-        # Wall-clock time in the file: other ranks compare it with theirs.
-        (self.dir / f"rank{self.rank:05d}").write_text(f"{step} {phase} {time.time():.3f}\n")
+        # Wall-clock time goes into the file: other ranks compare it with theirs.
+        self.step, self.phase, self.last, self.wall = step, phase, time.monotonic(), time.time()
 
     def _watch(self) -> None:
+        poll = min(self.write_every_s, self.timeout_s / 4)
         while True:
-            time.sleep(min(5.0, self.timeout_s / 4))
+            time.sleep(poll)
+            self._write()
             quiet = time.monotonic() - self.last
             if quiet > self.timeout_s:
                 self._give_up(quiet)
 
+    def _write(self) -> None:
+        beat = (self.step, self.phase, self.wall)
+        if beat != self.written:
+            (self.dir / f"rank{self.rank:05d}").write_text(f"{beat[0]} {beat[1]} {beat[2]:.3f}\n")
+            self.written, self.writes = beat, self.writes + 1
+
     def _give_up(self, quiet: float) -> None:
+        self._write()  # this rank's last beat, for the line below and for the other ranks
         print(f"error: rank {self.rank} made no progress for {quiet:.0f} s (--dist_timeout {self.timeout_s:.0f}) "
               f"at step {self.step} ({self.phase}); {self._stalest()}; ending the job", file=sys.stderr, flush=True)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)

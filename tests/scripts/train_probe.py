@@ -9,7 +9,8 @@ router's forward (a hook).
 Each rank writes OUT_DIR/rank{R}.json with:
 - `all_reduces`: the shape of every all-reduce of the run, in order;
 - `steps`: per optimizer step, the all-reduces made inside the bias update, whether the step applied
-  it, this rank's own selection counts per layer (before the sum), and every router's bias after it;
+  it, this rank's own selection counts per layer (before the sum), every router's bias after it, and
+  how often the guarded optimizer's `step()` ran and the shapes of the all-reduces made inside it;
 - `router_dtypes`: the dtypes seen at the routers from step 2 on (input, gate weights, loss);
 - `first_router_weights`, `router_weights`: every router's weight after the first optimizer step
   and after training, as float64 lists.
@@ -25,6 +26,7 @@ import torch.distributed as dist
 
 from moe_dist.model.routing import Router
 from moe_dist.parallel.engines import TrainEngine
+from moe_dist.parallel.optim import GuardedAdamW
 from moe_dist.train.cli import main
 
 shapes: list[list[int]] = []
@@ -33,13 +35,24 @@ router_dtypes: set[str] = set()
 trained: list[Router] = []  # the engine's routers, found at the first bias update
 first_weights: list = []  # their weights after the first optimizer step
 
+guard = {"calls": 0, "all_reduces": []}  # the guarded optimizer's step() in the current optimizer step
+
 _all_reduce = dist.all_reduce
 _update = TrainEngine.update_router_biases
+_guard_step = GuardedAdamW.step
 
 
 def counting_all_reduce(tensor, *args, **kwargs):
     shapes.append(list(tensor.shape))
     return _all_reduce(tensor, *args, **kwargs)
+
+
+def counted_guard_step(self, closure=None):
+    before = len(shapes)
+    result = _guard_step(self, closure)
+    guard["calls"] += 1
+    guard["all_reduces"] += shapes[before:]
+    return result
 
 
 def recorded_update(self, apply: bool) -> None:
@@ -53,7 +66,9 @@ def recorded_update(self, apply: bool) -> None:
     if not first_weights:
         first_weights.extend(router_weights())
     steps.append({"apply": apply, "all_reduces": shapes[before:], "local_loads": local_loads,
-                  "bias": [router.score_bias.tolist() for router in self.model.routers()]})
+                  "bias": [router.score_bias.tolist() for router in self.model.routers()],
+                  "guard_calls": guard["calls"], "guard_all_reduces": guard["all_reduces"]})
+    guard.update(calls=0, all_reduces=[])
 
 
 def record_dtypes(router, inputs, routing) -> None:
@@ -71,6 +86,7 @@ if __name__ == "__main__":
     out_dir, train_args = Path(args[0]), args[1:]
     dist.all_reduce = counting_all_reduce
     TrainEngine.update_router_biases = recorded_update
+    GuardedAdamW.step = counted_guard_step
     code = main(train_args)
     rank = int(os.environ.get("RANK", 0))
     (out_dir / f"rank{rank}.json").write_text(json.dumps({
