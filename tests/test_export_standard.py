@@ -133,11 +133,16 @@ def refused(capsys, run: Path, out: Path, fmt: str) -> str:
 
 
 @pytest.mark.parametrize("preset, overrides, fmt, field, able", [
-    ("tiny-moe", {}, "gpt2", "num_local_experts=8", "mixtral, ernie4_5_moe, native"),  # GPT-2-style MoE
-    ("tiny-moe", {}, "mixtral", "norm_type='layernorm'", "gpt2, native"),
+    ("tiny-moe", {}, "gpt2", "num_local_experts=8", "native"),  # GPT-2-style MoE: no stock class has that block
+    ("tiny-moe", {}, "mixtral", "norm_type='layernorm'", "native"),
+    ("tiny-dense", {}, "llama", "norm_type='layernorm'", "gpt2, native"),
     ("mixtral-tiny", {"router_type": "random"}, "mixtral", "router_type='random'", "native"),
     ("mixtral-tiny", {"norm_topk_prob": False}, "mixtral", "norm_topk_prob=False", "native"),
     ("mixtral-tiny", {"norm_topk_prob": False}, "ernie4_5_moe", "norm_topk_prob=False", "native"),
+    ("mixtral-tiny", {"norm_topk_prob": False, "qk_norm": "head"}, "mixtral", "qk_norm='head'",
+     "qwen3_moe, native"),
+    ("mixtral-tiny", {"qk_norm": "projection", "clip_qkv": 3.0}, "qwen3_moe", "qk_norm='projection'",
+     "olmoe, native"),
     ("mixtral-tiny", {"router_bias_update_rate": 1e-3}, "mixtral", "router_bias_update_rate=0.001",
      "ernie4_5_moe, native"),
     ("mixtral-tiny", {"num_shared_experts": 1}, "mixtral", "num_shared_experts=1", "ernie4_5_moe, native"),
@@ -145,12 +150,12 @@ def refused(capsys, run: Path, out: Path, fmt: str) -> str:
     ("ernie-tiny", {"eval_capacity_factor": 1.0}, "ernie4_5_moe", "eval_capacity_factor=1.0", "native"),
     ("ernie-tiny", {}, "mixtral", "skip_first_moe=1", "ernie4_5_moe, native"),
     ("ernie-tiny", {"skip_first_moe": 0, "moe_every": 2}, "ernie4_5_moe", "moe_every=2", "native"),
-    ("tiny-modern", {"hidden_act": "gelu"}, "ernie4_5_moe", "hidden_act='gelu'", "gpt2, native"),
+    ("tiny-modern", {"hidden_act": "gelu"}, "ernie4_5_moe", "hidden_act='gelu'", "native"),
 ])
 def test_a_field_the_class_cannot_represent_is_refused_before_writing(tmp_path, tokenizer, capsys, preset,
                                                                       overrides, fmt, field, able):
     run = make_run(tmp_path, tokenizer, preset, **overrides)
-    expected = f"error: {field} cannot be exported as {fmt}; formats that represent it: {able}"
+    expected = f"error: {field} cannot be exported as {fmt}; formats that represent this model: {able}"
     assert refused(capsys, run, tmp_path / "out", fmt) == expected
 
 
@@ -204,4 +209,4 @@ def test_the_console_script_takes_the_format_flag():
     import subprocess
     script = Path(sys.executable).parent / "moe-dist-export"
     proc = subprocess.run([str(script), "--help"], check=False, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "{native,gpt2,mixtral,ernie4_5_moe,auto}" in proc.stdout
+    assert proc.returncode == 0 and "{native,gpt2,llama,qwen3,mixtral,qwen3_moe,olmoe,ernie4_5_moe,auto}" in proc.stdout

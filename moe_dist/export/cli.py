@@ -1,7 +1,7 @@
 """Checkpoint -> Hugging Face folder: config, one consolidated model.safetensors, tokenizer.
 
     python -m moe_dist.export CHECKPOINT_OR_RUN OUT_DIR [--tokenizer DIR] [--dtype fp32|bf16]
-                              [--format native|gpt2|mixtral|ernie4_5_moe|auto]
+                              [--format native|gpt2|llama|qwen3|mixtral|qwen3_moe|olmoe|ernie4_5_moe|auto]
     (console script: moe-dist-export)
 
 A run folder means its latest checkpoint. `native` (the default) needs `import moe_dist` or
@@ -15,6 +15,7 @@ that can represent it), and nothing is written.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -35,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                         help="weight dtype of the export (default fp32); from the fp32 masters of a bf16 run")
     parser.add_argument("--format", choices=FORMATS, default="native",
-                        help="native (moe_dist model code) or a stock transformers class; auto: the first "
-                             "standard class that represents the model exactly, else native")
+                        help="native (moe_dist model code) or a stock transformers class; auto: the class the "
+                             "run started from (--init_from), else the first that represents the model exactly, "
+                             "else native")
     args = parser.parse_args(argv)
     ckpt = _resolve_checkpoint(Path(args.checkpoint))
     tokenizer = args.tokenizer or next((str(p) for p in (ckpt.parent.parent / "tokenizer",) if p.is_dir()), None)
@@ -65,9 +67,12 @@ def _export(ckpt: Path, args: argparse.Namespace, fmt: str, tokenizer: str | Non
 
 
 def _auto_formats(ckpt: Path) -> list[str]:
-    """`--format auto`: the standard classes whose fields fit, in order, then native."""
+    """`--format auto`: the standard classes whose fields fit, in order (the class the run started from
+    first, as its run.json records it), then native."""
     config = read_config(ckpt)
-    fitting = fitting_formats(config)
+    record = ckpt.parent.parent / "run.json"
+    source = json.loads(record.read_text()).get("init_from", {}).get("format") if record.is_file() else None
+    fitting = fitting_formats(config, first=source)
     if fitting:
         print(f"--format auto: trying {', '.join(fitting)}, then native")
     else:

@@ -58,11 +58,18 @@ def build_model(ckpt: Path, dtype: str = "fp32") -> MoEForCausalLM:
     module weights it also saves are those masters rounded to bf16.
     """
     model = MoEForCausalLM(read_config(ckpt))
+    state = _fp32_weights(ckpt, model)
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # the embedding; safetensors saves a shared tensor once
     try:
-        model.load_state_dict(_fp32_weights(ckpt, model), strict=True)
+        missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[:2]
         raise ExportError(f"{ckpt}: weights do not match its config.json ({' '.join(first)})") from None
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ExportError(f"{ckpt}: weights do not match its config.json (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]})")
     return model.to(DTYPES[dtype]).eval()
 
 

@@ -1,41 +1,188 @@
-"""Our config and weights -> a standard transformers class's config and weights, or the field it cannot represent.
+"""Stock transformers classes <-> our model: one table, read in both directions (export and `--init_from`).
 
-Read against the installed transformers 5.24 (models/gpt2, mixtral, ernie4_5_moe), field by field:
+Read field by field against the installed transformers 5.25 (models/gpt2, llama, qwen3, mixtral, qwen3_moe,
+olmoe, ernie4_5_moe). For each class:
 
-    gpt2          dense GPT-2 block only: LayerNorm, learned positions, tanh-GELU (`gelu_new`), MHA. Its
-                  Conv1D layers store weights as [in, out] and always carry biases (zeros when ours have none).
-    mixtral       every FFN routed, RMSNorm, rotate-half RoPE, GQA, SwiGLU experts, no bias anywhere; softmax ->
-                  top-k -> always renormalised; no shared experts, no selection bias, no capacity.
-    ernie4_5_moe  as Mixtral, plus: a selection bias added to the probabilities for top-k only
-                  (`moe_statics.e_score_correction_bias`, our `score_bias`), shared experts (one MLP of
-                  n x moe_intermediate_size, like ours), dense layers placed by `moe_layer_start_index` /
-                  `moe_layer_interval` / `moe_layer_end_index`, and one `use_bias` for attention, dense and
-                  shared MLPs and the LM head. Its RoPE rotates interleaved pairs (0::2, 1::2), so the q/k
-                  rows of every head are permuted; its renormalisation divides by max(sum, moe_norm_min).
+- `to_ours(stock config)`: our `MoEConfig` fields, or `Unrepresentable(field, value)` for the first stock
+  field our model cannot reproduce (a sliding window, a rope type whose frequencies change with the length,
+  an LM-head bias, ...);
+- `_RULES`: which of our fields a class can hold (`blocking_field`), and `standard_config`, the stock config
+  for one of ours;
+- `standard_keys.key_pairs(config, fmt)`: our tensor names against the names the class's checkpoints
+  store on disk (what `save_pretrained` writes and hub checkpoints hold: one tensor per expert), with the
+  transform each way. The exporter writes those files; `--init_from` reads them lazily, key by key.
 
-Both MoE classes stack experts as `gate_up_proj` [E, 2I, D] (gate rows first: `.chunk(2)` gives gate, up)
-and `down_proj` [E, D, I] in memory; `save_pretrained` writes them back in each family's hub layout
-(Mixtral: `block_sparse_moe.experts.{e}.w1/w2/w3`), which is what other serving stacks read. Training-only fields (capacity_factor, jitter, loss coefficients) do not change
-the forward at inference and need no counterpart.
+Both directions are checked by logits, never assumed: the exporter loads its folder with the stock class in a
+fresh interpreter; an import compares the stock class with the converted model on a fixed batch.
+
+    gpt2          dense GPT-2 block: LayerNorm, learned positions, tanh-GELU (`gelu_new`), MHA; Conv1D weights
+                  [in, out] with biases (zeros when ours have none); tied or untied head.
+    llama         dense RMSNorm/RoPE/GQA/SwiGLU block; `attention_bias` and `mlp_bias` (ours: one `bias`),
+                  `head_dim`, any static rope type (llama3 for Llama 3.x), tied or untied head.
+    qwen3         llama plus per-head q/k RMSNorm (our `qk_norm="head"`); no MLP bias; no sliding window.
+    mixtral       every FFN routed, softmax -> top-k -> always renormalised; no shared experts, no selection bias.
+    qwen3_moe     qwen3's attention; routed FFNs placed by `decoder_sparse_step` and `mlp_only_layers` (dense
+                  ones `intermediate_size` wide); `norm_topk_prob` either way.
+    olmoe         every FFN routed; q/k RMSNorm over the whole projections (`qk_norm="projection"`), then
+                  `clip_qkv`; `norm_topk_prob` (False in OLMoE-1B-7B).
+    ernie4_5_moe  as Mixtral plus a selection bias added to the probabilities for top-k only
+                  (`moe_statics.e_score_correction_bias`, our `score_bias`), shared experts, MoE layers placed by
+                  `moe_layer_start_index` / `moe_layer_interval`; interleaved RoPE pairs (q/k rows permuted).
+
+Training-only fields (capacity, jitter, loss coefficients) do not change the forward at inference and need
+no counterpart.
 """
 
 from __future__ import annotations
 
-import torch
 from transformers import (
     Ernie4_5_MoeConfig,
-    Ernie4_5_MoeForCausalLM,
     GPT2Config,
-    GPT2LMHeadModel,
+    LlamaConfig,
     MixtralConfig,
-    MixtralForCausalLM,
+    OlmoeConfig,
+    Qwen3Config,
+    Qwen3MoeConfig,
 )
 
-from ..model.configuration import MoEConfig
-from .formats import ExportError
+from ..model.configuration import ROPE_TYPES, MoEConfig
 
-STANDARD_FORMATS = ("gpt2", "mixtral", "ernie4_5_moe")  # `auto` tries them in this order
-CLASSES = {"gpt2": GPT2LMHeadModel, "mixtral": MixtralForCausalLM, "ernie4_5_moe": Ernie4_5_MoeForCausalLM}
+STANDARD_FORMATS = ("gpt2", "llama", "qwen3", "mixtral", "qwen3_moe", "olmoe", "ernie4_5_moe")  # `auto`'s order
+CLASS_NAMES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
+               "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
+               "ernie4_5_moe": "Ernie4_5_MoeForCausalLM"}
+_CONFIGS = {"gpt2": GPT2Config, "llama": LlamaConfig, "qwen3": Qwen3Config, "mixtral": MixtralConfig,
+            "qwen3_moe": Qwen3MoeConfig, "olmoe": OlmoeConfig, "ernie4_5_moe": Ernie4_5_MoeConfig}
+MOE_FORMATS = ("mixtral", "qwen3_moe", "olmoe", "ernie4_5_moe")
+
+
+class Unrepresentable(ValueError):
+    """A stock config field our model cannot reproduce; `field` and `value` name it."""
+
+    def __init__(self, field: str, value, why: str = ""):
+        self.field, self.value = field, value
+        super().__init__(f"{field}={value!r}" + (f" ({why})" if why else ""))
+
+
+# ---- stock config -> ours (import) ---------------------------------------------------------------------
+
+
+def to_ours(stock) -> dict:
+    """Our `MoEConfig` fields for a stock config (one of `_CONFIGS`), or `Unrepresentable`."""
+    fmt = stock.model_type
+    if fmt == "gpt2":
+        return _gpt2_to_ours(stock)
+    if stock.hidden_act != "silu":
+        raise Unrepresentable("hidden_act", stock.hidden_act, "only SwiGLU (silu-gated) MLPs")
+    rope = dict(stock.rope_parameters or {})
+    if rope.get("rope_type", "default") not in ROPE_TYPES:
+        raise Unrepresentable("rope_parameters.rope_type", rope.get("rope_type"),
+                              f"supported: {', '.join(ROPE_TYPES)}")
+    if fmt == "mixtral" and stock.sliding_window is not None:
+        raise Unrepresentable("sliding_window", stock.sliding_window, "sliding-window attention")
+    if getattr(stock, "use_sliding_window", False):  # Qwen3's: its sliding_window is unused without it
+        raise Unrepresentable("use_sliding_window", True, "sliding-window attention")
+    ids = {k: v if isinstance(v, int) else None for k, v in
+           (("bos_token_id", stock.bos_token_id), ("eos_token_id", stock.eos_token_id),
+            ("pad_token_id", stock.pad_token_id))}
+    ours = dict(vocab_size=stock.vocab_size, hidden_size=stock.hidden_size, num_hidden_layers=stock.num_hidden_layers,
+                num_attention_heads=stock.num_attention_heads, num_key_value_heads=stock.num_key_value_heads,
+                head_dim=getattr(stock, "head_dim", None), max_position_embeddings=stock.max_position_embeddings,
+                norm_type="rmsnorm", norm_eps=stock.rms_norm_eps, position_embedding_type="rope",
+                rope_parameters=rope, rope_theta=rope.get("rope_theta", 10000.0), hidden_act="swiglu",
+                tie_word_embeddings=bool(stock.tie_word_embeddings), initializer_range=stock.initializer_range,
+                bias=False, **ids)
+    ours.update(_FAMILY[fmt](stock))
+    return ours
+
+
+def _gpt2_to_ours(s) -> dict:
+    checks = (("activation_function", s.activation_function in ("gelu_new", "gelu_pytorch_tanh"), "tanh-GELU only"),
+              ("scale_attn_weights", s.scale_attn_weights, "unscaled attention"),
+              ("scale_attn_by_inverse_layer_idx", not s.scale_attn_by_inverse_layer_idx, "per-layer attention scale"),
+              ("add_cross_attention", not s.add_cross_attention, "cross-attention"))
+    for field, ok, why in checks:
+        if not ok:
+            raise Unrepresentable(field, getattr(s, field), why)
+    ids = {k: getattr(s, k) if isinstance(getattr(s, k), int) else None
+           for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return dict(vocab_size=s.vocab_size, hidden_size=s.n_embd, num_hidden_layers=s.n_layer, num_attention_heads=s.n_head,
+                intermediate_size=s.n_inner or 4 * s.n_embd, max_position_embeddings=s.n_positions,
+                norm_type="layernorm", norm_eps=s.layer_norm_epsilon, position_embedding_type="learned",
+                hidden_act="gelu", bias=True, tie_word_embeddings=bool(s.tie_word_embeddings),
+                initializer_range=s.initializer_range, **ids)
+
+
+def _llama(s) -> dict:
+    if s.attention_bias != s.mlp_bias:
+        raise Unrepresentable("attention_bias", s.attention_bias, f"with mlp_bias={s.mlp_bias}: one bias for both")
+    return dict(intermediate_size=s.intermediate_size, bias=bool(s.attention_bias))
+
+
+def _qwen3(s) -> dict:
+    if s.attention_bias:
+        raise Unrepresentable("attention_bias", True, "Qwen3's MLP has none, and ours has one bias for both")
+    return dict(intermediate_size=s.intermediate_size, qk_norm="head")
+
+
+def _experts(num: int, k: int, width: int, norm_topk_prob: bool, aux: float) -> dict:
+    # Released MoEs route without capacity: dropless, so the imported model computes the stock function.
+    return dict(num_local_experts=num, num_experts_per_tok=k, moe_intermediate_size=width, norm_topk_prob=norm_topk_prob,
+                router_aux_loss_coef=aux, capacity_factor=None, eval_capacity_factor=None)
+
+
+def _mixtral(s) -> dict:
+    return dict(intermediate_size=s.intermediate_size,
+                **_experts(s.num_local_experts, s.num_experts_per_tok, s.intermediate_size, True, s.router_aux_loss_coef))
+
+
+def _qwen3_moe(s) -> dict:
+    step = s.decoder_sparse_step
+    if step < 1:
+        raise Unrepresentable("decoder_sparse_step", step, "must be >= 1")
+    # Layer i is routed iff (i + 1) % step == 0 and i is not in mlp_only_layers: ours with skip = step - 1.
+    return dict(_qwen3(s), skip_first_moe=step - 1, moe_every=step, mlp_only_layers=list(s.mlp_only_layers or []),
+                **_experts(s.num_experts, s.num_experts_per_tok, s.moe_intermediate_size, s.norm_topk_prob,
+                           s.router_aux_loss_coef))
+
+
+def _olmoe(s) -> dict:
+    return dict(intermediate_size=s.intermediate_size, qk_norm="projection", clip_qkv=s.clip_qkv,
+                bias=bool(s.attention_bias),
+                **_experts(s.num_experts, s.num_experts_per_tok, s.intermediate_size, s.norm_topk_prob,
+                           s.router_aux_loss_coef))
+
+
+def _ernie(s) -> dict:
+    if s.use_bias:  # the exporter writes it (zeros) for a model without shared experts; a trained one is not ours
+        raise Unrepresentable("use_bias", True, "an LM-head bias and biased shared experts")
+    if getattr(s, "num_nextn_predict_layers", None):
+        raise Unrepresentable("num_nextn_predict_layers", s.num_nextn_predict_layers, "multi-token prediction")
+    if s.moe_layer_end_index not in (-1, s.num_hidden_layers - 1) and s.moe_layer_end_index < s.num_hidden_layers:
+        raise Unrepresentable("moe_layer_end_index", s.moe_layer_end_index, "dense layers after the MoE ones")
+    if s.moe_norm_min > 1e-6:
+        raise Unrepresentable("moe_norm_min", s.moe_norm_min, "a floor on the renormalising sum")
+    start, every = s.moe_layer_start_index, s.moe_layer_interval
+    # Ernie's layer i is routed iff i >= start and (i + 1) % every == 0: ours with skip = first such i.
+    first = next((i for i in range(start, s.num_hidden_layers) if (i + 1) % every == 0), s.num_hidden_layers)
+    if first >= s.num_hidden_layers:
+        raise Unrepresentable("moe_layer_start_index", start, "no routed layer")
+    return dict(intermediate_size=s.intermediate_size, skip_first_moe=first, moe_every=every,
+                num_shared_experts=s.moe_num_shared_experts,
+                **_experts(s.moe_num_experts, s.moe_k, s.moe_intermediate_size, True, s.router_aux_loss_coef))
+
+
+_FAMILY = {"llama": _llama, "qwen3": _qwen3, "mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "olmoe": _olmoe,
+           "ernie4_5_moe": _ernie}
+
+
+def stock_config(config_json: dict):
+    """The stock config class of `config_json`'s model_type, built from it; None for a model_type not in the table."""
+    cls = _CONFIGS.get(config_json.get("model_type"))
+    return None if cls is None else cls.from_dict(config_json)
+
+
+# ---- ours -> stock class (export) ----------------------------------------------------------------------
 
 
 def _ernie_places_moe_layers(c: MoEConfig) -> bool:
@@ -44,36 +191,45 @@ def _ernie_places_moe_layers(c: MoEConfig) -> bool:
     return (c.skip_first_moe + 1) % c.moe_every == 0
 
 
+_MODERN = ("llama", "qwen3", "mixtral", "qwen3_moe", "olmoe", "ernie4_5_moe")
+
+
+def _each(formats, check) -> dict:
+    return {f: check for f in formats}
+
+
 # field -> {format: whether that format represents this config's value}. A format without an entry for a
-# field either ignores it (gpt2 and the routing fields: it only takes dense models) or cannot be reached.
-# Checked in this order, so a dense modern model is refused on `num_local_experts` first.
+# field either ignores it or cannot reach it. Checked in this order, so a dense model is refused by an MoE
+# class on `num_local_experts` first.
 _RULES = {
-    "num_local_experts": {"gpt2": lambda c: not c.is_moe, "mixtral": lambda c: c.is_moe,
-                          "ernie4_5_moe": lambda c: c.is_moe},
-    "norm_type": {"gpt2": lambda c: c.norm_type == "layernorm", "mixtral": lambda c: c.norm_type == "rmsnorm",
-                  "ernie4_5_moe": lambda c: c.norm_type == "rmsnorm"},
+    "num_local_experts": {**_each(("gpt2", "llama", "qwen3"), lambda c: not c.is_moe),
+                          **_each(MOE_FORMATS, lambda c: c.is_moe)},
+    "norm_type": {"gpt2": lambda c: c.norm_type == "layernorm", **_each(_MODERN, lambda c: c.norm_type == "rmsnorm")},
     "position_embedding_type": {"gpt2": lambda c: c.position_embedding_type == "learned",
-                                "mixtral": lambda c: c.position_embedding_type == "rope",
-                                "ernie4_5_moe": lambda c: c.position_embedding_type == "rope"},
-    "hidden_act": {"gpt2": lambda c: c.hidden_act == "gelu", "mixtral": lambda c: c.hidden_act == "swiglu",
-                   "ernie4_5_moe": lambda c: c.hidden_act == "swiglu"},
-    "num_key_value_heads": {"gpt2": lambda c: c.num_key_value_heads == c.num_attention_heads,
-                            "mixtral": lambda c: True, "ernie4_5_moe": lambda c: True},
-    # Ernie's one `use_bias` also gives the shared experts biases, which ours (expert_bias) lack.
-    "bias": {"gpt2": lambda c: True, "mixtral": lambda c: not c.bias,
+                                **_each(_MODERN, lambda c: c.position_embedding_type == "rope")},
+    "hidden_act": {"gpt2": lambda c: c.hidden_act == "gelu", **_each(_MODERN, lambda c: c.hidden_act == "swiglu")},
+    "num_key_value_heads": {"gpt2": lambda c: c.num_key_value_heads == c.num_attention_heads},
+    "head_dim": _each(("gpt2", "ernie4_5_moe"), lambda c: c.head_dim * c.num_attention_heads == c.hidden_size),
+    "qk_norm": {**_each(("gpt2", "llama", "mixtral", "ernie4_5_moe"), lambda c: c.qk_norm is None),
+                **_each(("qwen3", "qwen3_moe"), lambda c: c.qk_norm == "head"),
+                "olmoe": lambda c: c.qk_norm == "projection"},
+    "clip_qkv": _each(("gpt2", "llama", "qwen3", "mixtral", "qwen3_moe", "ernie4_5_moe"), lambda c: c.clip_qkv is None),
+    # One `bias` for attention and dense MLP; Qwen3's MLPs and every class's experts have none, and Ernie's
+    # one `use_bias` also gives the shared experts (ours have none) and the LM head (zeros) biases.
+    "bias": {**_each(("mixtral", "qwen3", "qwen3_moe"), lambda c: not c.bias),
              "ernie4_5_moe": lambda c: not c.bias or not c.num_shared_experts},
-    "expert_bias": {"mixtral": lambda c: not c.expert_bias, "ernie4_5_moe": lambda c: not c.expert_bias},
-    "moe_every": {"mixtral": lambda c: c.moe_every == 1, "ernie4_5_moe": _ernie_places_moe_layers},
-    "skip_first_moe": {"mixtral": lambda c: c.skip_first_moe == 0, "ernie4_5_moe": _ernie_places_moe_layers},
-    "num_shared_experts": {"mixtral": lambda c: c.num_shared_experts == 0, "ernie4_5_moe": lambda c: True},
-    "router_type": {"mixtral": lambda c: c.router_type == "softmax",
-                    "ernie4_5_moe": lambda c: c.router_type == "softmax"},
-    "norm_topk_prob": {"mixtral": lambda c: c.norm_topk_prob, "ernie4_5_moe": lambda c: c.norm_topk_prob},
-    "router_bias_update_rate": {"mixtral": lambda c: c.router_bias_update_rate == 0,
-                                "ernie4_5_moe": lambda c: True},
+    "expert_bias": _each(MOE_FORMATS, lambda c: not c.expert_bias),
+    # Mixtral and OLMoE route every layer; Ernie places routed layers by start and interval only.
+    "moe_every": {**_each(("mixtral", "olmoe"), lambda c: c.moe_every == 1), "ernie4_5_moe": _ernie_places_moe_layers},
+    "skip_first_moe": {**_each(("mixtral", "olmoe"), lambda c: c.skip_first_moe == 0),
+                       "ernie4_5_moe": _ernie_places_moe_layers},
+    "mlp_only_layers": _each(("mixtral", "olmoe", "ernie4_5_moe"), lambda c: not c.mlp_only_layers),
+    "num_shared_experts": _each(("mixtral", "qwen3_moe", "olmoe"), lambda c: c.num_shared_experts == 0),
+    "router_type": _each(MOE_FORMATS, lambda c: c.router_type == "softmax"),
+    "norm_topk_prob": _each(("mixtral", "ernie4_5_moe"), lambda c: c.norm_topk_prob),
+    "router_bias_update_rate": _each(("mixtral", "qwen3_moe", "olmoe"), lambda c: c.router_bias_update_rate == 0),
     # Capacity dropping at eval makes a token's output depend on its batch mates: no standard class drops.
-    "eval_capacity_factor": {"mixtral": lambda c: c.eval_capacity_factor is None,
-                             "ernie4_5_moe": lambda c: c.eval_capacity_factor is None},
+    "eval_capacity_factor": _each(MOE_FORMATS, lambda c: c.eval_capacity_factor is None),
 }
 
 
@@ -91,13 +247,14 @@ def unrepresentable(config: MoEConfig, fmt: str) -> str | None:
     if blocked is None:
         return None
     field, value = blocked
-    able = [f for f, ok in _RULES[field].items() if ok(config)] + ["native"]
-    return f"{field}={value!r} cannot be exported as {fmt}; formats that represent it: {', '.join(able)}"
+    able = [f for f in STANDARD_FORMATS if blocking_field(config, f) is None] + ["native"]
+    return f"{field}={value!r} cannot be exported as {fmt}; formats that represent this model: {', '.join(able)}"
 
 
-def fitting_formats(config: MoEConfig) -> list[str]:
-    """The standard classes whose fields represent the model, in `--format auto`'s order of preference."""
-    return [f for f in STANDARD_FORMATS if blocking_field(config, f) is None]
+def fitting_formats(config: MoEConfig, first: str | None = None) -> list[str]:
+    """The standard classes whose fields represent the model, in `--format auto`'s order (`first` leading)."""
+    order = [first, *STANDARD_FORMATS] if first in STANDARD_FORMATS else STANDARD_FORMATS
+    return [f for f in dict.fromkeys(order) if blocking_field(config, f) is None]
 
 
 def standard_config(config: MoEConfig, fmt: str):
@@ -114,96 +271,31 @@ def standard_config(config: MoEConfig, fmt: str):
     common = dict(hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers, hidden_act="silu",
                   num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
                   max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.norm_eps,
-                  rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-                  router_aux_loss_coef=c.router_aux_loss_coef, **ids)
+                  rope_parameters=dict(c.rope_parameters), **ids)
+    head_dim = dict(head_dim=c.head_dim)
+    experts = dict(num_experts_per_tok=c.num_experts_per_tok, router_aux_loss_coef=c.router_aux_loss_coef)
+    if fmt == "llama":
+        return LlamaConfig(intermediate_size=c.intermediate_size, attention_bias=c.bias, mlp_bias=c.bias,
+                           **head_dim, **common)
+    if fmt == "qwen3":
+        return Qwen3Config(intermediate_size=c.intermediate_size, use_sliding_window=False, **head_dim, **common)
     if fmt == "mixtral":
         return MixtralConfig(intermediate_size=c.moe_intermediate_size, num_local_experts=c.num_local_experts,
-                             num_experts_per_tok=c.num_experts_per_tok, router_jitter_noise=c.router_jitter_noise,
-                             sliding_window=None, **common)
+                             router_jitter_noise=c.router_jitter_noise, sliding_window=None, **experts, **head_dim,
+                             **common)
+    if fmt == "qwen3_moe":
+        dense = [i for i in range(c.num_hidden_layers) if not c.is_moe_layer(i)]
+        return Qwen3MoeConfig(intermediate_size=c.intermediate_size, moe_intermediate_size=c.moe_intermediate_size,
+                              num_experts=c.num_local_experts, norm_topk_prob=c.norm_topk_prob, decoder_sparse_step=1,
+                              mlp_only_layers=dense, use_sliding_window=False, **experts, **head_dim, **common)
+    if fmt == "olmoe":
+        return OlmoeConfig(intermediate_size=c.moe_intermediate_size, num_experts=c.num_local_experts,
+                           norm_topk_prob=c.norm_topk_prob, clip_qkv=c.clip_qkv, attention_bias=c.bias, **experts,
+                           **common)
     # moe_norm_min 0: the clamp never binds, so the gates are divided by their plain sum, as ours are.
     return Ernie4_5_MoeConfig(intermediate_size=c.intermediate_size, use_bias=c.bias,
                               moe_intermediate_size=c.moe_intermediate_size, moe_k=c.num_experts_per_tok,
                               moe_num_experts=c.num_local_experts, moe_num_shared_experts=c.num_shared_experts,
                               moe_layer_start_index=c.skip_first_moe, moe_layer_end_index=c.num_hidden_layers - 1,
-                              moe_layer_interval=c.moe_every, moe_norm_min=0.0, **common)
-
-
-def standard_state_dict(config: MoEConfig, state: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
-    """Our weights (HF names of `MoEForCausalLM`) under the standard class's names and layouts."""
-    if fmt == "gpt2":
-        return _gpt2_state(config, state)
-    if fmt == "mixtral":
-        nonzero = [k for k, v in state.items() if k.endswith(".router.score_bias") and bool(v.any())]
-        if nonzero:
-            raise ExportError(f"{nonzero[0]} is non-zero (an aux-loss-free selection bias) and cannot be exported "
-                              f"as mixtral; formats that represent it: ernie4_5_moe, native")
-    return _llama_like_state(config, state, interleave_rope=fmt == "ernie4_5_moe")
-
-
-def _gpt2_state(config: MoEConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    def bias_of(key: str, rows: int, like: torch.Tensor) -> torch.Tensor:
-        # GPT-2 always has biases; a model trained without them gets zeros, which add nothing.
-        return state.get(key, like.new_zeros(rows))
-
-    out = {"transformer.wte.weight": state["model.embed_tokens.weight"],
-           "transformer.wpe.weight": state["model.embed_positions.weight"], "lm_head.weight": state["lm_head.weight"]}
-    norms = [("model.norm", "transformer.ln_f")]
-    for i in range(config.num_hidden_layers):
-        ours, theirs = f"model.layers.{i}", f"transformer.h.{i}"
-        norms += [(f"{ours}.input_norm", f"{theirs}.ln_1"), (f"{ours}.post_attention_norm", f"{theirs}.ln_2")]
-        qkv = [f"{ours}.self_attn.{p}_proj" for p in "qkv"]
-        weight = torch.cat([state[k + ".weight"] for k in qkv])
-        out[f"{theirs}.attn.c_attn.weight"] = weight.t().contiguous()  # Conv1D: [in, out]
-        out[f"{theirs}.attn.c_attn.bias"] = torch.cat([bias_of(k + ".bias", config.hidden_size, weight) for k in qkv])
-        for src, dst in ((f"{ours}.self_attn.o_proj", f"{theirs}.attn.c_proj"),
-                         (f"{ours}.mlp.up_proj", f"{theirs}.mlp.c_fc"), (f"{ours}.mlp.down_proj", f"{theirs}.mlp.c_proj")):
-            weight = state[src + ".weight"]
-            out[dst + ".weight"] = weight.t().contiguous()
-            out[dst + ".bias"] = bias_of(src + ".bias", weight.shape[0], weight)
-    for src, dst in norms:
-        weight = state[src + ".weight"]
-        out[dst + ".weight"], out[dst + ".bias"] = weight, bias_of(src + ".bias", weight.shape[0], weight)
-    return out
-
-
-def _rope_interleave(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Rows of a q/k projection (weight [H*hd, D] or bias [H*hd]) from rotate-half to interleaved pairs.
-
-    Ours rotates (j, j + hd/2) at frequency j; Ernie rotates (2j, 2j + 1) at frequency j. Putting row j at
-    2j and row j + hd/2 at 2j + 1 in every head gives the same rotation, and q.k is unchanged because q and
-    k are permuted alike.
-    """
-    perm = torch.arange(head_dim).view(2, head_dim // 2).t().reshape(-1)  # 0, hd/2, 1, hd/2 + 1, ...
-    heads = weight.view(-1, head_dim, *weight.shape[1:])
-    return heads.index_select(1, perm).reshape(weight.shape)
-
-
-def _llama_like_state(config: MoEConfig, state: dict[str, torch.Tensor], *, interleave_rope: bool
-                      ) -> dict[str, torch.Tensor]:
-    """Mixtral / Ernie 4.5 MoE names: same module tree, stacked experts, renamed norms, router and shared MLP."""
-    renames = (("input_norm.", "input_layernorm."), ("post_attention_norm.", "post_attention_layernorm."),
-               ("mlp.router.weight", "mlp.gate.weight"), ("mlp.shared_mlp.", "mlp.shared_experts."))
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if ".mlp.experts." in key:
-            continue  # stacked below
-        if key.endswith(".router.score_bias"):
-            if interleave_rope:  # Ernie; Mixtral has no selection bias (checked zero by the caller)
-                out[key.replace("router.score_bias", "gate.moe_statics.e_score_correction_bias")] = \
-                    value.float().unsqueeze(0)  # [1, E]: one expert group
-            continue
-        for old, new in renames:
-            key = key.replace(old, new)
-        if interleave_rope and (".self_attn.q_proj." in key or ".self_attn.k_proj." in key):
-            value = _rope_interleave(value, config.head_dim)
-        out[key] = value
-    if interleave_rope and config.bias:
-        # Ernie's `use_bias` includes the LM head; ours has none, so zeros.
-        out["lm_head.bias"] = state["lm_head.weight"].new_zeros(config.vocab_size)
-    for layer in config.moe_layer_indices:
-        prefix = f"model.layers.{layer}.mlp.experts"
-        experts = range(config.num_local_experts)
-        out[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([state[f"{prefix}.{e}.gate_proj.weight"],
-                                                                state[f"{prefix}.{e}.up_proj.weight"]]) for e in experts])
-        out[f"{prefix}.down_proj"] = torch.stack([state[f"{prefix}.{e}.down_proj.weight"] for e in experts])
-    return out
+                              moe_layer_interval=c.moe_every, moe_norm_min=0.0,
+                              router_aux_loss_coef=c.router_aux_loss_coef, **common)

@@ -1,10 +1,11 @@
 """Checkpoint -> a folder the stock transformers class loads with no custom code, checked for exactness.
 
 Order, so that a refusal leaves nothing behind: read the checkpoint, refuse a config the class cannot
-represent (`standard.unrepresentable`), map the weights and load them strictly into the stock class
-(every key and shape), then write into a staging folder beside OUT: weights, config, tokenizer,
-generation_config.json, and the fp32 logits check in a fresh interpreter (`stock_logits.py`). Only when
-the check passes is the model card written and the folder swapped in for OUT (`native.write_export_dir`).
+represent (`standard.unrepresentable`), map the weights to the class's on-disk names and layouts
+(`standard_keys.key_pairs`, the table `--init_from` reads the other way), then write into a staging folder
+beside OUT: config, weights, tokenizer, generation_config.json, and the fp32 logits check in a fresh
+interpreter (`stock_logits.py`, which also refuses a missing or unexpected weight). Only when the check
+passes is the model card written and the folder swapped in for OUT (`native.write_export_dir`).
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from transformers import GenerationConfig
-from transformers.utils import logging as hf_logging
 
 from ..model.modeling import MoEForCausalLM
 from .formats import ExportError
 from .native import build_model, check_export_dir, write_export_dir
-from .standard import CLASSES, standard_config, standard_state_dict, unrepresentable
+from .standard import CLASS_NAMES, MOE_FORMATS, standard_config, unrepresentable
+from .standard_keys import key_pairs
 
 TOLERANCE = 1e-4  # max |logit difference| in fp32 (issue 15)
 _STOCK_LOGITS = Path(__file__).with_name("stock_logits.py")
@@ -38,7 +40,9 @@ def export_standard(ckpt: str | Path, out_dir: str | Path, fmt: str, *, tokenize
     reason = unrepresentable(model.config, fmt)
     if reason is not None:
         raise ExportError(reason)
-    stock = _stock_model(model, fmt)
+    tensors = disk_state(model, fmt)
+    config = standard_config(model.config, fmt)
+    config.architectures, config.dtype = [CLASS_NAMES[fmt]], model.dtype
     tokenizer = None
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer
@@ -51,38 +55,35 @@ def export_standard(ckpt: str | Path, out_dir: str | Path, fmt: str, *, tokenize
 
     def write(staging: Path) -> None:
         nonlocal diff
-        stock.generation_config = _generation_config(model, tokenizer)
-        # A refusal must be the only line on stderr: no "Writing model shards" bar before it.
-        bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        try:
-            stock.save_pretrained(staging, safe_serialization=True)
-        finally:
-            if bars:
-                hf_logging.enable_progress_bar()
+        staging.mkdir(parents=True)
+        config.save_pretrained(staging)
+        _generation_config(model, tokenizer).save_pretrained(staging)
+        save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        diff = stock_logits_diff(staging, type(stock).__name__, ids, ours)
+        diff = stock_logits_diff(staging, CLASS_NAMES[fmt], ids, ours)
         if not diff <= TOLERANCE:  # also refuses NaN
-            raise ExportError(f"{type(stock).__name__} does not reproduce the model: max |logit difference| "
+            raise ExportError(f"{CLASS_NAMES[fmt]} does not reproduce the model: max |logit difference| "
                               f"{diff:.3g} > {TOLERANCE:g} in fp32; export with --format native")
-        (staging / "README.md").write_text(model_card(ckpt, model, fmt, type(stock).__name__, diff))
+        (staging / "README.md").write_text(model_card(ckpt, model, fmt, CLASS_NAMES[fmt], diff))
 
     write_export_dir(out_dir, write)
     return diff
 
 
-def _stock_model(model: MoEForCausalLM, fmt: str):
-    """The stock class holding our weights; a missing, extra or misshapen key is an error here, before writing."""
-    config = standard_config(model.config, fmt)
-    state = standard_state_dict(model.config, model.state_dict(), fmt)
-    with torch.device("meta"):  # no random init of weights that are replaced right away
-        stock = CLASSES[fmt](config)
-    try:
-        stock.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        raise ExportError(f"{fmt} weight map is incomplete: {' '.join(str(e).split())[:300]}") from None
-    return stock.eval()
+def disk_state(model: MoEForCausalLM, fmt: str) -> dict[str, torch.Tensor]:
+    """Our weights under the stock class's on-disk names and layouts; a weight it has no place for must be zero."""
+    state = model.state_dict()
+    if fmt in MOE_FORMATS and fmt != "ernie4_5_moe":
+        nonzero = [k for k, v in state.items() if k.endswith(".router.score_bias") and bool(v.any())]
+        if nonzero:
+            raise ExportError(f"{nonzero[0]} is non-zero (an aux-loss-free selection bias) and cannot be exported "
+                              f"as {fmt}; formats that represent it: ernie4_5_moe, native")
+    out = {}
+    for pair in key_pairs(model.config, fmt):
+        tensor = pair.to_disk([state[k] for k in pair.ours])
+        out[pair.disk] = (tensor.to(model.dtype) if not pair.ours else tensor).contiguous()
+    return out
 
 
 def _fp32_reference(model: MoEForCausalLM) -> MoEForCausalLM:

@@ -14,6 +14,10 @@ NORM_TYPES = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "swiglu")
 POSITION_TYPES = ("learned", "rope")
 ROUTER_TYPES = ("softmax", "random")
+QK_NORMS = (None, "head", "projection")
+# RoPE types whose frequencies transformers computes once (modeling_rope_utils.ROPE_INIT_FUNCTIONS); "dynamic"
+# and "longrope" change them with the sequence length, which this model does not do.
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 # GPT-2 style block used by the seed studies. With biases in attention, LayerNorm and the
 # dense FFN, and none in experts or router, this reproduces the seed parameter table
@@ -107,7 +111,15 @@ class MoEConfig(PretrainedConfig):
     norm_type: str = "layernorm"
     norm_eps: float = 1e-5
     position_embedding_type: str = "learned"
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # configs written before rope_parameters existed; folded into it
+    # transformers' RoPE settings: {"rope_type": one of ROPE_TYPES, "rope_theta": ..., and the type's own
+    # fields (factor, low_freq_factor, ...)}; its frequencies come from transformers' own functions.
+    rope_parameters: dict | None = None
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads (Qwen3 sets its own)
+    # RMSNorm of queries and keys before RoPE: None, "head" (over each head, Qwen3) or "projection"
+    # (over the whole q and k projections, OLMoE/OLMo 2).
+    qk_norm: str | None = None
+    clip_qkv: float | None = None  # clamp q, k and v to [-clip_qkv, clip_qkv] after the norm (OLMoE)
     bias: bool = True  # biases in attention, LayerNorm and the dense FFN (GPT-2)
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
@@ -121,6 +133,7 @@ class MoEConfig(PretrainedConfig):
     moe_intermediate_size: int | None = None  # expert width; None = intermediate_size
     moe_every: int = 1
     skip_first_moe: int = 0
+    mlp_only_layers: list[int] | None = None  # layers kept dense whatever moe_every says (Qwen3-MoE)
     num_shared_experts: int = 0  # always-on experts of moe_intermediate_size (DeepSeekMoE)
     expert_bias: bool = False
     router_type: str = "softmax"  # "random": a frozen random projection picks the experts
@@ -138,19 +151,18 @@ class MoEConfig(PretrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
-        super().__post_init__(**kwargs)
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.mlp_only_layers = sorted(self.mlp_only_layers or [])
+        super().__post_init__(**kwargs)  # moves rope_theta into rope_parameters (RotaryEmbeddingConfigMixin)
         self._validate()
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
     @property
     def is_moe(self) -> bool:
         return self.num_local_experts > 0
 
     def is_moe_layer(self, layer_idx: int) -> bool:
-        if not self.is_moe or layer_idx < self.skip_first_moe:
+        if not self.is_moe or layer_idx < self.skip_first_moe or layer_idx in self.mlp_only_layers:
             return False
         return (layer_idx - self.skip_first_moe) % self.moe_every == 0
 
@@ -181,8 +193,18 @@ class MoEConfig(PretrainedConfig):
                       "moe_every", "num_experts_per_tok"):
             if getattr(self, field) < 1:
                 raise bad(field, "must be >= 1")
-        if self.hidden_size % self.num_attention_heads:
-            raise bad("num_attention_heads", f"must divide hidden_size={self.hidden_size}")
+        if self.head_dim < 1:
+            raise bad("head_dim", "must be >= 1")
+        if self.qk_norm not in QK_NORMS:
+            raise bad("qk_norm", f"expected one of {QK_NORMS}")
+        if self.clip_qkv is not None and self.clip_qkv <= 0:
+            raise bad("clip_qkv", "must be > 0, or None for no clamp")
+        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
+        if self.position_embedding_type == "rope" and rope_type not in ROPE_TYPES:
+            raise ValueError(f"MoEConfig.rope_parameters['rope_type']={rope_type!r} is invalid: expected one of "
+                             f"{ROPE_TYPES}")
+        if any(not 0 <= i < self.num_hidden_layers for i in self.mlp_only_layers):
+            raise bad("mlp_only_layers", f"layer indices must be in [0, num_hidden_layers={self.num_hidden_layers})")
         if not 1 <= self.num_key_value_heads <= self.num_attention_heads or \
                 self.num_attention_heads % self.num_key_value_heads:
             raise bad("num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}")

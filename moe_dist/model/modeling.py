@@ -10,7 +10,7 @@ Shapes: B batch, S new tokens, L cached + new tokens, D width, H heads, Hkv KV h
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +22,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 
 from .configuration import MoEConfig
@@ -48,22 +49,32 @@ def build_norm(config: MoEConfig) -> nn.Module:
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE (Su et al., arXiv:2104.09864), rotate-half convention as in Llama."""
+    """RoPE (Su et al., arXiv:2104.09864), rotate-half convention as in Llama.
+
+    The frequencies of a scaled type (`rope_parameters["rope_type"]`: linear, llama3, yarn) come from
+    transformers' own `ROPE_INIT_FUNCTIONS`, with the cos/sin scale they return (yarn's attention factor),
+    so an imported Llama 3 or a YaRN model rotates exactly as its stock class does.
+    """
 
     def __init__(self, config: MoEConfig):
         super().__init__()
-        self.head_dim, self.theta = config.head_dim, config.rope_theta
+        self.config = config
         self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
 
     def compute_inv_freq(self) -> torch.Tensor:
-        hd = self.head_dim
-        return 1.0 / (self.theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        rope_type = self.config.rope_parameters.get("rope_type", "default")
+        if rope_type != "default":
+            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](self.config, None)
+            return inv_freq
+        self.attention_scaling = 1.0
+        hd, theta = self.config.head_dim, self.config.rope_parameters["rope_theta"]
+        return 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
 
     @torch.no_grad()
     def forward(self, position_ids_BS: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs_BSh = position_ids_BS[..., None].float() * self.inv_freq.to(position_ids_BS.device)
         emb_BSd = torch.cat((freqs_BSh, freqs_BSh), dim=-1)
-        return emb_BSd.cos().to(dtype), emb_BSd.sin().to(dtype)
+        return (emb_BSd.cos() * self.attention_scaling).to(dtype), (emb_BSd.sin() * self.attention_scaling).to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +100,8 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
 
 
 class Attention(nn.Module):
-    """Causal self-attention, multi-head or grouped-query (Ainslie et al., arXiv:2305.13245)."""
+    """Causal self-attention, multi-head or grouped-query (Ainslie et al., arXiv:2305.13245), with optional
+    RMSNorm of queries and keys, per head (Qwen3) or over the whole projection (OLMoE), and OLMoE's clamp."""
 
     def __init__(self, config: MoEConfig, layer_idx: int):
         super().__init__()
@@ -98,17 +110,26 @@ class Attention(nn.Module):
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
         self.is_causal = True  # read by the sdpa/flash attention kernels
-        D, kv = config.hidden_size, config.num_key_value_heads * self.head_dim
-        self.q_proj = nn.Linear(D, D, bias=config.bias)
+        D, q, kv = config.hidden_size, config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(D, q, bias=config.bias)
         self.k_proj = nn.Linear(D, kv, bias=config.bias)
         self.v_proj = nn.Linear(D, kv, bias=config.bias)
-        self.o_proj = nn.Linear(D, D, bias=config.bias)
+        self.o_proj = nn.Linear(q, D, bias=config.bias)
+        norm_width = {"head": (self.head_dim, self.head_dim), "projection": (q, kv)}.get(config.qk_norm)
+        self.q_norm = nn.RMSNorm(norm_width[0], eps=config.norm_eps) if norm_width else None
+        self.k_norm = nn.RMSNorm(norm_width[1], eps=config.norm_eps) if norm_width else None
 
     def forward(self, x_BSD, position_embeddings, attention_mask, cache: Cache | None):
         B, S, _ = x_BSD.shape
-        q = self.q_proj(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, H, S, hd)
-        k = self.k_proj(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
-        v = self.v_proj(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
+        q, k, v = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)  # (B, S, H*hd), (B, S, Hkv*hd) x 2
+        if self.config.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.config.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.config.clip_qkv, self.config.clip_qkv) for t in (q, k, v))
+        q, k, v = (t.view(B, S, -1, self.head_dim) for t in (q, k, v))  # (B, S, heads, hd)
+        if self.config.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, hd), (B, Hkv, S, hd) x 2
         if position_embeddings is not None:
             q, k = apply_rotary(q, k, *position_embeddings)
         if cache is not None:
@@ -317,6 +338,38 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
             raise ValueError(f"loads_LE has {len(loads_LE)} rows for {len(balancing)} bias-balanced routers")
         for i, router in enumerate(balancing):
             router.update_bias(None if loads_LE is None else loads_LE[i], apply)
+
+    @torch.no_grad()
+    def load_weights(self, source, named_parameters: Callable[[nn.Module], Iterable] | None = None,
+                     device: str | torch.device = "cpu") -> None:
+        """Materialise a model built on the meta device and fill it from `source`, one tensor at a time.
+
+        `source` has `read(name) -> Tensor` and `has(name)`, under our checkpoint names;
+        `named_parameters(model)` gives each parameter with its checkpoint name (default: its own; a
+        model whose experts were sharded passes names with global expert ids). The buffers a checkpoint
+        does not hold are refilled: RoPE frequencies, the routers' load windows, and a selection bias the
+        source lacks (a stock class without one) starts at zero.
+        """
+        # to_empty makes new Parameter objects: keep the attributes a library tagged the old ones with
+        # (DeepSpeed marks expert parameters with `allreduce` and `group_name`).
+        tags = {name: dict(p.__dict__) for name, p in self.named_parameters()}
+        self.to_empty(device=device)
+        for name, param in self.named_parameters():
+            param.__dict__.update(tags.get(name, {}))
+        self.tie_weights()  # to_empty gave the tied head a tensor of its own
+        for name, param in (named_parameters or nn.Module.named_parameters)(self):
+            tensor = source.read(name)
+            if tensor.shape != param.shape:
+                raise ValueError(f"{name}: the checkpoint holds shape {tuple(tensor.shape)}, the model "
+                                 f"{tuple(param.shape)}")
+            param.copy_(tensor)
+        for name, module in self.named_modules():
+            if isinstance(module, RotaryEmbedding):
+                module.inv_freq.copy_(module.compute_inv_freq())
+            elif isinstance(module, Router):
+                module.load_sum.zero_()
+                bias = f"{name}.score_bias"
+                module.score_bias.copy_(source.read(bias) if source.has(bias) else torch.zeros_like(module.score_bias))
 
     def num_active_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameters one token passes through: the routed experts count k of E times."""

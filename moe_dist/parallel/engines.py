@@ -72,16 +72,24 @@ class TrainEngine(ABC):
 
     # ---- set-up: the part both engines share ------------------------------------------------
 
-    def setup(self, model: MoEForCausalLM) -> None:
-        """Shard `model` where the engine does, build AdamW and its schedule, then wrap all three."""
+    def setup(self, model: MoEForCausalLM, weights=None) -> None:
+        """Shard `model` where the engine does, build AdamW and its schedule, then wrap all three.
+
+        `weights` (a source with `read(name)`, see `export.sources`): `model` was built on the meta device
+        and is filled from it, after sharding where each rank can read just its own experts.
+        """
         spec = self.spec
-        model = self._shard(model)
+        model = self.shard(model, weights)
         self.guard = build_optimizer(self._param_groups(model), lr=spec.lr, betas=spec.betas, eps=spec.adam_eps)
         self.scheduler = warmup_cosine(self.guard, warmup_steps=spec.warmup_steps, max_steps=spec.max_steps,
                                        min_lr_ratio=spec.min_lr_ratio)
         self._wrap(model)
 
-    def _shard(self, model: MoEForCausalLM) -> MoEForCausalLM:
+    def shard(self, model: MoEForCausalLM, weights=None) -> MoEForCausalLM:
+        """Place `model`'s experts where this engine keeps them and, when it was built on the meta device,
+        fill it from `weights`; the first half of `setup` (tools measure it alone)."""
+        if weights is not None:
+            model.load_weights(weights)
         return model
 
     def _param_groups(self, model: MoEForCausalLM) -> list[dict]:
@@ -199,15 +207,22 @@ class DeepSpeedEngine(TrainEngine):
             accel.set_device(local_rank)
         self.device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")
 
-    def _shard(self, model: MoEForCausalLM) -> MoEForCausalLM:
+    def shard(self, model: MoEForCausalLM, weights=None) -> MoEForCausalLM:
         spec = self.spec
+        if not model.config.is_moe or spec.etp_size > 1:
+            # ETP cuts each rank's slices from whole experts: those are read whole first.
+            model = super().shard(model, weights)
+            weights = None
         if not model.config.is_moe:
             return model
-        timeout_s = collective_timeout_s(spec.dist_timeout_s)
         if spec.etp_size > 1:
+            timeout_s = collective_timeout_s(spec.dist_timeout_s)
             apply_expert_tensor_parallel(model, ep_size=spec.ep_size, etp_size=spec.etp_size, timeout_s=timeout_s)
         else:
-            apply_expert_parallel(model, spec.ep_size)
+            apply_expert_parallel(model, spec.ep_size)  # on the meta device: the other ranks' experts are dropped
+        if weights is not None:
+            # Each rank reads its own experts only (under their global ids) and the replicated rest.
+            model.load_weights(weights, named_parameters=hf_named_parameters)
         return model
 
     def _param_groups(self, model: MoEForCausalLM) -> list[dict]:

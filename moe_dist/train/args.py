@@ -52,7 +52,9 @@ class ModelArgs:
     router_bias_update_rate: float | None = _override("DeepSeek-V3 aux-loss-free bias step (0 = off)",
                                                       "bias_update_rate")
     vocab_size: int | None = _override("model vocabulary (default: the tokenizer's size, rounded up to 64)")
-    init_from: str | None = _help("start from the weights of an hf/ export (or a run folder)")
+    init_from: str | None = _help("start from these weights: an hf/ export or run folder of ours, or a folder of a "
+                                  "stock transformers class (gpt2, llama, qwen3, mixtral, qwen3_moe, olmoe, "
+                                  "ernie4_5_moe), converted exactly")
     grad_ckpt: bool = _help("activation checkpointing of every block", False)
 
     def model_overrides(self) -> dict:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..export.stock_import import NATIVE, InitFrom, check_import, read_init_config
 from ..model.configuration import MoEConfig
 from ..output_guard import check as check_outputs
 from ..parallel.ds_config import ConfigError, DeepSpeedSettings, launcher_world_size, load_deepspeed_config
@@ -65,7 +67,7 @@ class RunPlan:
     preset: str
     model_config: MoEConfig  # as planned; `finalize` returns the one the model is built with
     vocab_from_tokenizer: bool  # model vocab = tokenizer size (rounded up), known once data is ready
-    init_from: Path | None
+    init: InitFrom | None  # --init_from: the folder, what it holds (our export or a stock class) and its fields
     grad_ckpt: bool
     data: DataConfig  # tokenizer and seq_len settled
     spec: EngineSpec
@@ -74,6 +76,10 @@ class RunPlan:
     @property
     def run_dir(self) -> Path:
         return self.run.run_dir
+
+    @property
+    def init_from(self) -> Path | None:
+        return self.init.folder if self.init else None
 
 
 def plan_run(model: ModelArgs, data: DataConfig, run: RunArgs, engine: EngineArgs | None = None,
@@ -85,8 +91,9 @@ def plan_run(model: ModelArgs, data: DataConfig, run: RunArgs, engine: EngineArg
     overrides = model.model_overrides()
     if ds is None and "capacity_factor" not in overrides:
         overrides["capacity_factor"] = None  # one device needs no capacity: route dropless
-    init_from = _resolve_init_from(model.init_from) if model.init_from else None
-    config = _model_config(model.model, init_from, overrides)
+    init = read_init_config(_resolve_init_from(model.init_from)) if model.init_from else None
+    config = _model_config(model.model, init, overrides)
+    init_from = init.folder if init else None
 
     ep_size = ds.ep_size if ds else 1
     _validate_layout(config, ep_size, ds.etp_size if ds else 1, world)
@@ -97,13 +104,33 @@ def plan_run(model: ModelArgs, data: DataConfig, run: RunArgs, engine: EngineArg
         raise ConfigError(f"--tokenizer {data.tokenizer} makes {trained} tokens but the model's vocab_size is "
                           f"{config.vocab_size}; use a smaller tokenizer or a larger --vocab_size")
 
-    plan = RunPlan(engine="deepspeed" if ds else "accelerate", world_size=world, preset=model.model,
-                   model_config=config, vocab_from_tokenizer=not vocab_fixed, init_from=init_from,
+    # A started-from model is named by its folder and format; --model names the preset otherwise.
+    preset = model.model if init is None else f"{init.folder.name} ({init.fmt})"
+    plan = RunPlan(engine="deepspeed" if ds else "accelerate", world_size=world, preset=preset,
+                   model_config=config, vocab_from_tokenizer=not vocab_fixed, init=init,
                    grad_ckpt=model.grad_ckpt, data=data, spec=_engine_spec(engine, optim, ds, ep_size, run.max_steps),
                    run=run)
     check_run_folder(plan)
     check_run_outputs(plan.run_dir)
+    _check_stock_import(plan)
     return plan
+
+
+def _check_stock_import(plan: RunPlan) -> None:
+    """A stock class's weights are converted exactly or refused: its logits against ours on a fixed batch.
+
+    Once, on rank 0, when the run starts (not on a resume: the checkpoint holds the weights then), with the
+    stock model's own config, before the command line's routing changes. It holds both models in fp32 in
+    one process; the training ranks then read only their own experts.
+    """
+    init = plan.init
+    if init is None or init.fmt == NATIVE or os.environ.get("RANK", "0") != "0":
+        return
+    if (plan.run_dir / "checkpoints" / "latest").is_file():
+        return
+    diff = check_import(init, MoEConfig(**init.fields))
+    print(f"--init_from {init.folder}: {init.fmt} converted exactly (max |logit difference| {diff:.2e} in fp32)",
+          flush=True)
 
 
 def check_run_outputs(run_dir: Path) -> None:
@@ -137,15 +164,15 @@ def finalize(plan: RunPlan, tokenizer) -> MoEConfig:
                                 "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id})
 
 
-def _model_config(preset: str, init_from: Path | None, overrides: dict) -> MoEConfig:
-    if init_from is None:
+def _model_config(preset: str, init: InitFrom | None, overrides: dict) -> MoEConfig:
+    if init is None:
         return MoEConfig.from_preset(preset, **overrides)
     changed = sorted(k for k in overrides if k in _SHAPE_FIELDS)
     if changed:
-        raise ConfigError(f"--init_from {init_from}: cannot change the model's shape ({changed}); "
+        raise ConfigError(f"--init_from {init.folder}: cannot change the model's shape ({changed}); "
                           f"routing settings such as --capacity_factor may change")
-    base = MoEConfig.from_pretrained(init_from).to_dict()
-    return MoEConfig(**{k: v for k, v in {**base, **overrides}.items() if k not in _VOLATILE | {"model_type"}})
+    fields = {k: v for k, v in {**init.fields, **overrides}.items() if k in MoEConfig.__dataclass_fields__}
+    return MoEConfig(**{k: v for k, v in fields.items() if k not in _VOLATILE})
 
 
 def _resolve_init_from(path: str) -> Path:
@@ -215,7 +242,10 @@ def _engine_spec(engine: EngineArgs, optim: OptimArgs, ds: DeepSpeedSettings | N
 def run_record(plan: RunPlan, config: MoEConfig) -> dict:
     # EP size and world size may change between launches (the checkpoint is resharded); the
     # engine may only with --allow_engine_change; the model never.
-    return {"engine": plan.engine, "preset": plan.preset, "model_config": _comparable(config)}
+    record = {"engine": plan.engine, "preset": plan.preset, "model_config": _comparable(config)}
+    if plan.init is not None:  # what the model started from: the exporter's `--format auto` tries its class first
+        record["init_from"] = {"path": str(plan.init.folder.resolve()), "format": plan.init.fmt}
+    return record
 
 
 def _comparable(config: MoEConfig) -> dict:

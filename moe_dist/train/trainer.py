@@ -22,6 +22,7 @@ import transformers
 
 from ..atomic_io import write_atomic
 from ..export import export_checkpoint
+from ..export.stock_import import weight_source
 from ..model.configuration import MoEConfig
 from ..model.modeling import MoEForCausalLM
 from ..output_guard import record as record_outputs
@@ -62,9 +63,9 @@ def run(plan: RunPlan, hooks: Iterable[Hook] = ()) -> dict | None:
         log.info("unlinked %s once every rank had mapped it, so no launch leaves it in RAM", segment)
     check_run_folder_shared(plan.run_dir, engine)  # before any rank writes data or checkpoints there
     data, config = _prepare(plan, engine)
-    model = _build_model(plan, config)
+    model, weights = _build_model(plan, config)
     params_total, params_active = model.num_parameters(), model.num_active_parameters()
-    engine.setup(model)
+    engine.setup(model, weights)
     torch.manual_seed(plan.run.seed * 1000 + engine.rank + 1)  # router jitter differs across ranks
     events = Hooks([*hooks_from_env(), *hooks], rank=engine.rank, model=engine.model)
     events.watch_saved_files(_checkpoint_writer(engine))
@@ -118,16 +119,24 @@ def _prepare(plan: RunPlan, engine: TrainEngine) -> tuple[PreparedData, MoEConfi
     return data, config
 
 
-def _build_model(plan: RunPlan, config: MoEConfig) -> MoEForCausalLM:
+def _build_model(plan: RunPlan, config: MoEConfig):
+    """The model, and where its starting weights come from (None: a fresh seeded init).
+
+    With --init_from the model is built on the meta device and the engine fills it after sharding its
+    experts, so each rank reads only the tensors it holds (`TrainEngine.setup`).
+    """
     # Same seed on every rank: every rank builds identical weights before experts are sharded.
     transformers.set_seed(plan.run.seed)
-    if plan.init_from is not None:
-        model = MoEForCausalLM.from_pretrained(plan.init_from, config=config, dtype=torch.float32)
+    weights = None
+    if plan.init is not None:
+        with torch.device("meta"):
+            model = MoEForCausalLM(config)
+        weights = weight_source(plan.init, config)
     else:
         model = MoEForCausalLM(config)
     if plan.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
+    return model, weights
 
 
 def _checkpoint_writer(engine: TrainEngine):

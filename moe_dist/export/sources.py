@@ -1,0 +1,87 @@
+"""Where a model's starting weights come from, read one tensor at a time under our names.
+
+`--init_from` builds the model on the meta device and asks a source for exactly the tensors this rank holds
+(`parallel.sharded_load`): under expert parallelism a rank reads only its own experts, and safetensors maps
+each tensor from disk on demand, so no rank ever holds the whole checkpoint. Sources:
+
+- `SafetensorsFiles`: one folder's `model.safetensors`, or the shards its `model.safetensors.index.json` lists;
+- `NativeSource`: our own export (`hf/`), whose names are ours;
+- `StockSource`: a stock transformers folder, through `standard_keys.key_pairs` (the exporter's table, read
+  the other way).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..model.configuration import MoEConfig
+from .formats import ExportError
+from .standard_keys import Pair, key_pairs
+
+INDEX = "model.safetensors.index.json"
+
+
+def has_safetensors(folder: Path) -> bool:
+    return (folder / "model.safetensors").is_file() or (folder / INDEX).is_file()
+
+
+class SafetensorsFiles:
+    """Lazy access to a folder's safetensors: a tensor is read from disk when asked for, not before."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        if (self.folder / INDEX).is_file():
+            weight_map = json.loads((self.folder / INDEX).read_text())["weight_map"]
+        elif (self.folder / "model.safetensors").is_file():
+            with safe_open(self.folder / "model.safetensors", "pt") as f:
+                weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+        else:
+            raise ExportError(f"{self.folder}: no model.safetensors or {INDEX} (only safetensors checkpoints are read)")
+        self.weight_map: dict[str, str] = weight_map
+        self._open: dict[str, object] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.weight_map
+
+    def read(self, key: str) -> torch.Tensor:
+        if key not in self.weight_map:
+            raise ExportError(f"{self.folder}: the checkpoint has no tensor {key!r}")
+        file = self.weight_map[key]
+        if file not in self._open:
+            self._open[file] = safe_open(self.folder / file, "pt")
+        return self._open[file].get_tensor(key)
+
+
+class NativeSource:
+    """Our own export: its tensor names are ours."""
+
+    def __init__(self, folder: Path):
+        self.files = SafetensorsFiles(folder)
+
+    def has(self, name: str) -> bool:
+        return name in self.files
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.files.read(name)
+
+
+class StockSource:
+    """A stock class's folder (`fmt`), read through the key table for our `config`."""
+
+    def __init__(self, folder: Path, fmt: str, config: MoEConfig):
+        self.files = SafetensorsFiles(folder)
+        self.pairs: dict[str, tuple[Pair, int]] = {name: (pair, i) for pair in key_pairs(config, fmt)
+                                                   for i, name in enumerate(pair.ours)}
+
+    def has(self, name: str) -> bool:
+        return name in self.pairs
+
+    def read(self, name: str) -> torch.Tensor:
+        # A fused disk tensor (GPT-2's c_attn) is read once per part it holds: three small reads at import
+        # time, not worth a cache that would keep the tensors alive.
+        pair, i = self.pairs[name]
+        return pair.to_ours(self.files.read(pair.disk))[i]

@@ -1,0 +1,85 @@
+"""`--init_from` a folder of a stock transformers class: what it is, our config for it, and the exactness check.
+
+`read_init_config(folder)` says what the folder holds: our own export (`model_type: moe_dist`) or one of the
+stock classes of `standard.STANDARD_FORMATS`, and our `MoEConfig` fields for it. Anything else, or a field
+our model cannot reproduce, is an `ExportError` whose message is one line naming the field and its value,
+raised before any model is built. `check_import` then compares the stock class and the converted model on a
+fixed batch in fp32, the exporter's check run the other way: above `TOLERANCE` the import is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..model.configuration import MoEConfig
+from ..model.modeling import MoEForCausalLM
+from .formats import ExportError
+from .sources import NativeSource, StockSource, has_safetensors
+from .standard import CLASS_NAMES, STANDARD_FORMATS, Unrepresentable, stock_config, to_ours
+from .standard_export import TOLERANCE
+
+NATIVE = "native"
+
+
+@dataclass(frozen=True)
+class InitFrom:
+    folder: Path
+    fmt: str  # "native" (our export) or a stock format
+    fields: dict  # our MoEConfig fields for it
+
+
+def read_init_config(folder: Path) -> InitFrom:
+    """What `folder` holds and our config fields for it; `ExportError` (one line) when we cannot import it."""
+    try:
+        config_json = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ExportError(f"--init_from {folder}: cannot read config.json ({type(e).__name__})") from None
+    model_type = config_json.get("model_type")
+    if model_type == MoEConfig.model_type:
+        return InitFrom(folder, NATIVE, MoEConfig.from_dict(config_json).to_dict())
+    if model_type not in STANDARD_FORMATS:
+        raise ExportError(f"--init_from {folder}: model_type={model_type!r} is not supported; supported: "
+                          f"{MoEConfig.model_type} (our exports), {', '.join(STANDARD_FORMATS)}")
+    if not has_safetensors(folder):
+        raise ExportError(f"--init_from {folder}: no model.safetensors or model.safetensors.index.json "
+                          f"(only safetensors checkpoints are read)")
+    try:
+        fields = to_ours(stock_config(config_json))
+    except Unrepresentable as e:
+        raise ExportError(f"--init_from {folder}: {CLASS_NAMES[model_type]} field {e} cannot be represented "
+                          f"by moe-dist's model") from None
+    return InitFrom(folder, model_type, fields)
+
+
+def weight_source(init: InitFrom, config: MoEConfig):
+    """The tensors of `init` under our names, for a model of `config`."""
+    return NativeSource(init.folder) if init.fmt == NATIVE else StockSource(init.folder, init.fmt, config)
+
+
+def converted_model(init: InitFrom, config: MoEConfig) -> MoEForCausalLM:
+    """Our whole model, in fp32, with `init`'s weights (the one-process form of `parallel.sharded_load`)."""
+    with torch.device("meta"):
+        model = MoEForCausalLM(config)
+    model.load_weights(weight_source(init, config))
+    return model.float().eval()
+
+
+def check_import(init: InitFrom, config: MoEConfig) -> float:
+    """Max |logits(stock class) - logits(converted)| on a fixed batch in fp32; refused above TOLERANCE."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(config.vocab_size, (2, min(16, config.max_position_embeddings)),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = converted_model(init, config)(input_ids=ids, use_cache=False).logits
+        stock = AutoModelForCausalLM.from_pretrained(init.folder, dtype=torch.float32).eval()
+        theirs = stock(input_ids=ids, use_cache=False).logits
+    diff = (theirs - ours).abs().max().item()
+    if not diff <= TOLERANCE:  # also refuses NaN
+        raise ExportError(f"--init_from {init.folder}: the converted model does not reproduce "
+                          f"{CLASS_NAMES[init.fmt]}: max |logit difference| {diff:.3g} > {TOLERANCE:g} in fp32")
+    return diff

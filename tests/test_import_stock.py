@@ -1,0 +1,118 @@
+"""`--init_from` a stock transformers folder (issue 20): every supported class is converted exactly, and what
+cannot be is refused with one line before anything is built or written.
+
+Each class is built from a small random config (tests/stock_models.py) and saved as a downloaded folder
+looks. The converted model must give the stock class's fp32 logits (1e-4), the same greedy tokens, and, for
+the MoE classes, the same training loss on a batch (dropless routing, router losses off): the loss our first
+step trains on.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+from launcher import DATA_ARGS
+from stock_models import save_stock, tokenizer_for_tests
+
+from moe_dist import MoEConfig
+from moe_dist.export.standard import MOE_FORMATS, STANDARD_FORMATS
+from moe_dist.export.stock_import import check_import, converted_model, read_init_config
+from moe_dist.train.cli import main as train_main
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stock")
+    tokenizer = tokenizer_for_tests(root / "tokenizer")
+    return {fmt: save_stock(fmt, root / fmt, tokenizer) for fmt in STANDARD_FORMATS}
+
+
+def load(folder):
+    from transformers import AutoModelForCausalLM
+
+    init = read_init_config(folder)
+    config = MoEConfig(**init.fields)
+    return init, config, converted_model(init, config), AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
+def batch(vocab: int) -> torch.Tensor:
+    return torch.randint(vocab, (2, 24), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("fmt", STANDARD_FORMATS)
+def test_import_gives_the_stock_logits_and_greedy_tokens(folders, fmt):
+    init, config, ours, stock = load(folders[fmt])
+    assert init.fmt == fmt
+    assert check_import(init, config) <= 1e-4
+    ids = batch(config.vocab_size)
+    with torch.no_grad():
+        diff = (ours(input_ids=ids, use_cache=False).logits - stock.eval()(input_ids=ids, use_cache=False).logits)
+    assert diff.abs().max() <= 1e-4
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, use_cache=True, pad_token_id=0)
+    assert torch.equal(ours.generate(ids[:1, :8], **kwargs), stock.generate(ids[:1, :8], **kwargs))
+
+
+def test_what_each_class_brings_is_carried_into_our_config(folders):
+    fields = {fmt: read_init_config(folders[fmt]).fields for fmt in STANDARD_FORMATS}
+    assert fields["gpt2"]["tie_word_embeddings"] and fields["llama"]["tie_word_embeddings"]
+    assert fields["llama"]["rope_parameters"]["rope_type"] == "llama3"
+    assert fields["qwen3"]["qk_norm"] == "head" and fields["qwen3"]["head_dim"] == 32
+    assert fields["olmoe"]["qk_norm"] == "projection" and fields["olmoe"]["clip_qkv"] == 0.5
+    assert fields["qwen3_moe"]["mlp_only_layers"] == [0] and not fields["qwen3_moe"]["norm_topk_prob"]
+    assert fields["ernie4_5_moe"]["skip_first_moe"] == 1 and fields["ernie4_5_moe"]["num_shared_experts"] == 1
+    for fmt in MOE_FORMATS:  # released MoEs route without capacity
+        assert fields[fmt]["capacity_factor"] is None and fields[fmt]["num_local_experts"] == 4
+
+
+@pytest.mark.parametrize("fmt", MOE_FORMATS)
+def test_the_training_loss_of_the_imported_moe_is_the_stock_loss(folders, fmt):
+    _, config, ours, stock = load(folders[fmt])
+    ids = batch(config.vocab_size)
+    ours.train()
+    stock.train()
+    assert ours(input_ids=ids, labels=ids).aux_loss == 0  # router losses off, as in the stock config
+    torch.testing.assert_close(ours(input_ids=ids, labels=ids).loss, stock(input_ids=ids, labels=ids).loss,
+                               rtol=0, atol=1e-5)
+
+
+def edited(folders, tmp_path, fmt: str, **changes):
+    """A copy of the `fmt` folder with config.json fields changed."""
+    folder = tmp_path / f"{fmt}-edited"
+    shutil.copytree(folders[fmt], folder)
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in changes.items():
+        config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("fmt, changes, expected", [
+    ("mixtral", {"sliding_window": 16}, "MixtralForCausalLM field sliding_window=16"),
+    ("qwen3", {"use_sliding_window": True}, "Qwen3ForCausalLM field use_sliding_window=True"),
+    ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}},
+     "field rope_parameters.rope_type='dynamic'"),
+    ("llama", {"attention_bias": True}, "field attention_bias=True (with mlp_bias=False"),
+    ("gpt2", {"activation_function": "relu"}, "GPT2LMHeadModel field activation_function='relu'"),
+    ("ernie4_5_moe", {"use_bias": True}, "Ernie4_5_MoeForCausalLM field use_bias=True"),
+    ("qwen3_moe", {"model_type": "deepseek_v3"}, "model_type='deepseek_v3' is not supported; supported: moe_dist"),
+])
+def test_a_field_our_model_cannot_reproduce_is_refused_with_one_line(folders, tmp_path, capsys, fmt, changes,
+                                                                     expected):
+    folder = edited(folders, tmp_path, fmt, **changes)
+    out = tmp_path / "run"
+    assert train_main([*DATA_ARGS, "--init_from", str(folder), "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --init_from ") and expected in err[0], err
+    assert not out.exists()
+
+
+def test_a_checkpoint_without_safetensors_or_a_new_shape_is_refused(folders, tmp_path, capsys):
+    folder = edited(folders, tmp_path, "olmoe")
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    assert train_main([*DATA_ARGS, "--init_from", str(folder), "--output_dir", str(tmp_path / "a")]) == 2
+    assert "only safetensors checkpoints are read" in capsys.readouterr().err
+    assert train_main([*DATA_ARGS, "--init_from", str(folders["olmoe"]), "--num_experts", "8",
+                       "--output_dir", str(tmp_path / "b")]) == 2
+    assert "cannot change the model's shape (['num_local_experts'])" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
