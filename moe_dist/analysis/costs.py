@@ -31,7 +31,9 @@ def _mlp_params(config: MoEConfig, width: int, bias: bool) -> int:
 
 def _attention_params(config: MoEConfig) -> int:
     D, kv = config.hidden_size, config.num_key_value_heads * config.head_dim
-    return 2 * D * D + 2 * D * kv + config.bias * (2 * D + 2 * kv)
+    q = config.num_attention_heads * config.head_dim  # D unless head_dim is set apart (Qwen3)
+    norms = {"head": 2 * config.head_dim, "projection": q + kv}.get(config.qk_norm, 0)
+    return 2 * D * q + 2 * D * kv + config.bias * (q + D + 2 * kv) + norms
 
 
 def parameter_counts(config: MoEConfig) -> dict[str, int]:
@@ -82,7 +84,7 @@ def flops_per_token(config: MoEConfig, *, context: int) -> dict[str, int]:
     D, L = config.hidden_size, config.num_hidden_layers
     kv = config.num_key_value_heads * config.head_dim
     d_attn = config.num_attention_heads * config.head_dim
-    out = {"attention_proj": L * 2 * (2 * D * D + 2 * D * kv), "attention_scores": L * 2 * 2 * context * d_attn,
+    out = {"attention_proj": L * 2 * (2 * D * d_attn + 2 * D * kv), "attention_scores": L * 2 * 2 * context * d_attn,
            "dense_ffn": 0, "routed_experts": 0, "shared_experts": 0, "router": 0,
            "lm_head": 2 * D * config.vocab_size}
     for layer in range(L):

@@ -146,6 +146,10 @@ def model_card(ckpt: Path, model: MoEForCausalLM, fmt: str, class_name: str, dif
         "## Training", "",
         f"- Command (latest launch): `{command}`",
         f"- Data: {data}; tokenised by the tokenizer saved in this folder",
+        *([f"- Started from `{record['init_from']['path']}`"
+           + (f", upcycled to {record['upcycle']['experts']} experts per routed layer (sparse upcycling; noise "
+              f"{record['upcycle']['noise']:g}, re-initialised channels {record['upcycle']['reinit']:g})"
+              if record.get("upcycle") else f" ({record['init_from']['format']})")] if record.get("init_from") else []),
         (f"- Engine: {engine}, expert-parallel size {summary.get('ep_size', 'unknown')}, "
          f"world size {summary.get('world_size', 'unknown')}, {summary.get('steps', 'unknown')} steps"),
         f"- Validation perplexity: {ppl:.3f} (final), {summary.get('best_val_ppl', float('nan')):.3f} (best)"

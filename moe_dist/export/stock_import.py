@@ -21,8 +21,11 @@ from .formats import ExportError
 from .sources import NativeSource, StockSource, has_safetensors
 from .standard import CLASS_NAMES, STANDARD_FORMATS, Unrepresentable, stock_config, to_ours
 from .standard_export import TOLERANCE
+from .upcycle import UpcycleSource, Upcycling
 
 NATIVE = "native"
+# Fields that differ between saves without making them different models.
+VOLATILE_FIELDS = {"transformers_version", "architectures", "auto_map", "_name_or_path", "dtype", "torch_dtype"}
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,21 @@ def read_init_config(folder: Path) -> InitFrom:
     return InitFrom(folder, model_type, fields)
 
 
-def weight_source(init: InitFrom, config: MoEConfig):
-    """The tensors of `init` under our names, for a model of `config`."""
+def config_from_fields(fields: dict) -> MoEConfig:
+    """A `MoEConfig` of `fields`, leaving out what is not a field of ours or only records how it was saved."""
+    return MoEConfig(**{k: v for k, v in fields.items() if k in MoEConfig.__dataclass_fields__
+                        and k not in VOLATILE_FIELDS})
+
+
+def init_config(init: InitFrom) -> MoEConfig:
+    """The config of the model `init` holds, as it is (no command-line changes)."""
+    return config_from_fields(init.fields)
+
+
+def weight_source(init: InitFrom, config: MoEConfig, upcycling: Upcycling | None = None):
+    """The tensors of `init` under our names, for a model of `config` (upcycled from it, with `upcycling`)."""
+    if upcycling is not None:
+        return UpcycleSource(weight_source(init, init_config(init)), config, upcycling)
     return NativeSource(init.folder) if init.fmt == NATIVE else StockSource(init.folder, init.fmt, config)
 
 

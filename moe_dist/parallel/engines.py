@@ -174,6 +174,14 @@ class TrainEngine(ABC):
             dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
         return tensor
 
+    def all_gather_objects(self, obj) -> list:
+        """Every rank's `obj` (picklable), in rank order; `[obj]` on one process."""
+        if not dist.is_initialized() or self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def broadcast_int(self, value: int) -> int:
         """Rank 0's value on every rank."""
         if not dist.is_initialized() or self.world_size == 1:

@@ -55,6 +55,12 @@ class ModelArgs:
     init_from: str | None = _help("start from these weights: an hf/ export or run folder of ours, or a folder of a "
                                   "stock transformers class (gpt2, llama, qwen3, mixtral, qwen3_moe, olmoe, "
                                   "ernie4_5_moe), converted exactly")
+    norm_topk_prob: bool | None = _override("renormalise the k gate weights to sum to 1 (true/false)")
+    upcycle_experts: int | None = _help("with a dense --init_from: every routed FFN becomes this many copies of "
+                                        "the dense FFN, plus a new router (sparse upcycling)")
+    upcycle_noise: float = _help("multiplicative noise std on each upcycled copy's weights", 0.0)
+    upcycle_reinit: float = _help("Drop-Upcycling: fraction of each copy's intermediate channels re-initialised",
+                                  0.0)
     grad_ckpt: bool = _help("activation checkpointing of every block", False)
 
     def model_overrides(self) -> dict:

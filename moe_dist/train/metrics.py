@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import resource
 import sys
 import time
+import zlib
 from collections import deque
 from typing import Callable
 
@@ -337,3 +339,47 @@ def _duration(seconds: float | None) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def pairwise_cosine(vectors_EK: torch.Tensor) -> tuple[float, float]:
+    """Mean and max cosine similarity over the distinct pairs of rows (experts): 1.0 for identical copies."""
+    unit_EK = torch.nn.functional.normalize(vectors_EK.double(), dim=1)
+    sim_EE = unit_EK @ unit_EK.T
+    off = sim_EE[~torch.eye(len(sim_EE), dtype=torch.bool)]
+    return float(off.mean()), float(off.max())
+
+
+_EXPERT_WEIGHT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight$")
+
+
+def expert_similarity(named_parameters, gather_objects: Callable[[object], list], *, width: int,
+                      sample: int = 16384) -> dict[str, float]:
+    """`routing/layer{L}/expert_cos_mean` and `expert_cos_max`: how alike a layer's experts are (upcycled
+    copies start at 1.0 and should drift apart; Komatsuzaki et al. 2022 watch the same).
+
+    `named_parameters` gives each parameter under its checkpoint name (global expert ids under EP), and
+    `gather_objects(obj)` every rank's `obj` (the engine's all-gather), since each rank holds its own
+    experts. Each expert is compared on the same `sample` coordinates of its weights (drawn once, seeded),
+    so the gathered vectors stay small at any model size; the estimate's noise is about 1/sqrt(sample).
+    Experts sliced over ranks (ETP) are not compared.
+    """
+    mine: dict[int, dict[int, list]] = {}
+    for name, param in named_parameters:
+        m = _EXPERT_WEIGHT.match(name)
+        if not m:
+            continue
+        if width not in param.shape:
+            return {}  # a slice of an expert (ETP)
+        gen = torch.Generator().manual_seed(zlib.crc32(m[3].encode()))
+        idx = torch.randperm(param.numel(), generator=gen)[: sample // 3]
+        mine.setdefault(int(m[1]), {}).setdefault(int(m[2]), []).append((m[3], param.detach().flatten()[idx].float().cpu()))
+    merged: dict[int, dict[int, torch.Tensor]] = {}
+    for rank_part in gather_objects(mine):
+        for layer, experts in rank_part.items():
+            for e, parts in experts.items():
+                merged.setdefault(layer, {})[e] = torch.cat([t for _, t in sorted(parts, key=lambda p: p[0])])
+    out = {}
+    for layer, experts in sorted(merged.items()):
+        mean, top = pairwise_cosine(torch.stack([experts[e] for e in sorted(experts)]))
+        out[f"routing/layer{layer}/expert_cos_mean"], out[f"routing/layer{layer}/expert_cos_max"] = mean, top
+    return out

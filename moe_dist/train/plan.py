@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-from ..export.stock_import import NATIVE, InitFrom, check_import, read_init_config
+from ..export.stock_import import (NATIVE, VOLATILE_FIELDS, InitFrom, check_import, config_from_fields, init_config,
+                                   read_init_config)
+from ..export.upcycle import Upcycling, moe_fields
 from ..model.configuration import MoEConfig
 from ..output_guard import check as check_outputs
 from ..parallel.ds_config import ConfigError, DeepSpeedSettings, launcher_world_size, load_deepspeed_config
@@ -35,8 +37,6 @@ TRAIN = "train"  # the output kind of a run folder (output_guard)
 _SHAPE_FIELDS = ("num_local_experts", "moe_every", "skip_first_moe", "num_shared_experts", "vocab_size")
 # Filled in from the tokenizer once the data is ready, so not comparable before that.
 _FROM_TOKENIZER = {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"}
-# Fields that differ between runs without making them different models.
-_VOLATILE = {"transformers_version", "architectures", "auto_map", "_name_or_path", "dtype", "torch_dtype"}
 
 
 @dataclass
@@ -68,6 +68,7 @@ class RunPlan:
     model_config: MoEConfig  # as planned; `finalize` returns the one the model is built with
     vocab_from_tokenizer: bool  # model vocab = tokenizer size (rounded up), known once data is ready
     init: InitFrom | None  # --init_from: the folder, what it holds (our export or a stock class) and its fields
+    upcycling: Upcycling | None  # --upcycle_experts: the dense --init_from becomes an MoE
     grad_ckpt: bool
     data: DataConfig  # tokenizer and seq_len settled
     spec: EngineSpec
@@ -92,7 +93,8 @@ def plan_run(model: ModelArgs, data: DataConfig, run: RunArgs, engine: EngineArg
     if ds is None and "capacity_factor" not in overrides:
         overrides["capacity_factor"] = None  # one device needs no capacity: route dropless
     init = read_init_config(_resolve_init_from(model.init_from)) if model.init_from else None
-    config = _model_config(model.model, init, overrides)
+    upcycling = _upcycling(model, init, overrides, seed=run.seed)
+    config = _model_config(model.model, init, overrides, upcycling)
     init_from = init.folder if init else None
 
     ep_size = ds.ep_size if ds else 1
@@ -107,7 +109,7 @@ def plan_run(model: ModelArgs, data: DataConfig, run: RunArgs, engine: EngineArg
     # A started-from model is named by its folder and format; --model names the preset otherwise.
     preset = model.model if init is None else f"{init.folder.name} ({init.fmt})"
     plan = RunPlan(engine="deepspeed" if ds else "accelerate", world_size=world, preset=preset,
-                   model_config=config, vocab_from_tokenizer=not vocab_fixed, init=init,
+                   model_config=config, vocab_from_tokenizer=not vocab_fixed, init=init, upcycling=upcycling,
                    grad_ckpt=model.grad_ckpt, data=data, spec=_engine_spec(engine, optim, ds, ep_size, run.max_steps),
                    run=run)
     check_run_folder(plan)
@@ -128,7 +130,7 @@ def _check_stock_import(plan: RunPlan) -> None:
         return
     if (plan.run_dir / "checkpoints" / "latest").is_file():
         return
-    diff = check_import(init, MoEConfig(**init.fields))
+    diff = check_import(init, init_config(init))
     print(f"--init_from {init.folder}: {init.fmt} converted exactly (max |logit difference| {diff:.2e} in fp32)",
           flush=True)
 
@@ -164,15 +166,43 @@ def finalize(plan: RunPlan, tokenizer) -> MoEConfig:
                                 "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id})
 
 
-def _model_config(preset: str, init: InitFrom | None, overrides: dict) -> MoEConfig:
+def _model_config(preset: str, init: InitFrom | None, overrides: dict, upcycling: Upcycling | None) -> MoEConfig:
     if init is None:
         return MoEConfig.from_preset(preset, **overrides)
-    changed = sorted(k for k in overrides if k in _SHAPE_FIELDS)
+    # Upcycling makes the experts: where they go and how many are shared is the command line's to say.
+    placement = {"moe_every", "skip_first_moe", "num_shared_experts"} if upcycling else set()
+    changed = sorted(k for k in overrides if k in _SHAPE_FIELDS and k not in placement)
     if changed:
         raise ConfigError(f"--init_from {init.folder}: cannot change the model's shape ({changed}); "
                           f"routing settings such as --capacity_factor may change")
-    fields = {k: v for k, v in {**init.fields, **overrides}.items() if k in MoEConfig.__dataclass_fields__}
-    return MoEConfig(**{k: v for k, v in fields.items() if k not in _VOLATILE})
+    base = moe_fields(init.fields, upcycling) if upcycling else init.fields
+    return config_from_fields({**base, **overrides})
+
+
+def _upcycling(model: ModelArgs, init: InitFrom | None, overrides: dict, *, seed: int) -> Upcycling | None:
+    """--upcycle_experts and its flags, checked against the --init_from model; None when not asked."""
+    if model.upcycle_experts is None:
+        if model.upcycle_noise or model.upcycle_reinit:
+            raise ConfigError("--upcycle_noise and --upcycle_reinit need --upcycle_experts")
+        return None
+    E = model.upcycle_experts
+    if init is None:
+        raise ConfigError("--upcycle_experts needs --init_from DENSE: the dense model whose FFNs become the experts")
+    if init.fields.get("num_local_experts", 0):
+        raise ConfigError(f"--init_from {init.folder} already has experts (num_local_experts="
+                          f"{init.fields['num_local_experts']}): --upcycle_experts copies a dense model's FFNs")
+    if E < 2:
+        raise ConfigError(f"--upcycle_experts={E} is invalid: must be >= 2")
+    if "num_local_experts" in overrides:
+        raise ConfigError("--num_experts and --upcycle_experts both set the expert count: pass --upcycle_experts")
+    top_k = overrides.get("num_experts_per_tok", 1)
+    if not 1 <= top_k <= E:
+        raise ConfigError(f"--top_k={top_k} is invalid with --upcycle_experts {E}: must be in [1, {E}]")
+    if model.upcycle_noise < 0:
+        raise ConfigError(f"--upcycle_noise={model.upcycle_noise} is invalid: must be >= 0")
+    if not 0 <= model.upcycle_reinit < 1:
+        raise ConfigError(f"--upcycle_reinit={model.upcycle_reinit} is invalid: must be in [0, 1)")
+    return Upcycling(experts=E, noise=model.upcycle_noise, reinit=model.upcycle_reinit, seed=seed)
 
 
 def _resolve_init_from(path: str) -> Path:
@@ -245,12 +275,15 @@ def run_record(plan: RunPlan, config: MoEConfig) -> dict:
     record = {"engine": plan.engine, "preset": plan.preset, "model_config": _comparable(config)}
     if plan.init is not None:  # what the model started from: the exporter's `--format auto` tries its class first
         record["init_from"] = {"path": str(plan.init.folder.resolve()), "format": plan.init.fmt}
+        if plan.upcycling is not None:
+            record["init_from"]["format"] = None  # the dense class is not the upcycled model's
+            record["upcycle"] = plan.upcycling.record()
     return record
 
 
 def _comparable(config: MoEConfig) -> dict:
     # Through JSON, so a fresh config compares equal to one read back from run.json.
-    return json.loads(json.dumps({k: v for k, v in config.to_dict().items() if k not in _VOLATILE}, sort_keys=True))
+    return json.loads(json.dumps({k: v for k, v in config.to_dict().items() if k not in VOLATILE_FIELDS}, sort_keys=True))
 
 
 def check_run_folder(plan: RunPlan, config: MoEConfig | None = None) -> None:
@@ -263,13 +296,18 @@ def check_run_folder(plan: RunPlan, config: MoEConfig | None = None) -> None:
         return
     saved = json.loads(path.read_text())
     fresh = f"use a new --output_dir, or delete {plan.run_dir} to start over"
+    upcycle = plan.upcycling.record() if plan.upcycling else None
+    if saved.get("upcycle") != upcycle and (upcycle or "upcycle" in saved):
+        raise ConfigError(f"{plan.run_dir} holds a run upcycled with {saved.get('upcycle')}; this command asks "
+                          f"{upcycle}. Resume with the same --upcycle_* flags, or {fresh}")
     if saved["engine"] != plan.engine and not plan.run.allow_engine_change:
         how = "add --deepspeed" if saved["engine"] == "deepspeed" else "drop --deepspeed"
         raise ConfigError(f"{plan.run_dir} holds a {saved['engine']} run; this command uses {plan.engine}. "
                           f"To resume it as it was, {how}; to continue it on {plan.engine} (weights, Adam "
                           f"moments and data position carried over), add --allow_engine_change; or start a "
                           f"new run with --init_from {plan.run_dir / 'hf'}")
-    old, new = saved["model_config"], _comparable(config or plan.model_config)
+    # Through MoEConfig, so a record written before a field existed compares with that field's default.
+    old, new = _comparable(config_from_fields(saved["model_config"])), _comparable(config or plan.model_config)
     if config is None:
         skip = _FROM_TOKENIZER if plan.vocab_from_tokenizer else _FROM_TOKENIZER - {"vocab_size"}
         old, new = ({k: v for k, v in d.items() if k not in skip} for d in (old, new))

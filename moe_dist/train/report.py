@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..export.upcycle import source_record
 from ..model.configuration import MoEConfig
 from .logging_io import MetricsWriter, write_summary
 from .metrics import Throughput, format_progress, peak_memory_mb, routing_health, routing_utilization
@@ -74,10 +75,11 @@ class RunReport:
         totals.peak_mem_mb = max(totals.peak_mem_mb_per_rank)
         return max(peak)
 
-    def log_eval(self, step: int, result: dict, routing: dict, *, best_val_loss: float, improved: bool) -> None:
+    def log_eval(self, step: int, result: dict, routing: dict, *, best_val_loss: float, improved: bool,
+                 similarity: dict[str, float] | None = None) -> None:
         self.totals.last_val = result
         self.writer.log(step, "eval", {**result, "best_ppl": math.exp(min(best_val_loss, 50)),
-                                       **routing_health(routing)})
+                                       **routing_health(routing), **(similarity or {})})
         if routing:
             self.writer.utilization_heatmap(step, routing_utilization(routing), layers=sorted(routing))
         if self.engine.is_main:
@@ -114,4 +116,6 @@ class RunReport:
             "router_aux_loss_coef": c.router_aux_loss_coef, "router_z_loss_coef": c.router_z_loss_coef,
             "router_bias_update_rate": c.router_bias_update_rate, "router_type": c.router_type,
             "routing_warnings": routing_warnings,
+            **({"upcycling": self.plan.upcycling.record(), "upcycled_from": source_record(self.plan.init_from)}
+               if self.plan.upcycling else {}),
         }

@@ -22,7 +22,9 @@ import transformers
 
 from ..atomic_io import write_atomic
 from ..export import export_checkpoint
+from ..export.formats import hf_named_parameters
 from ..export.stock_import import weight_source
+from ..export.upcycle import source_record, step0_description
 from ..model.configuration import MoEConfig
 from ..model.modeling import MoEForCausalLM
 from ..output_guard import record as record_outputs
@@ -33,7 +35,7 @@ from .data import BlockSampler, PreparedData, batch_tensors, describe_source, pr
 from .evaluation import evaluate
 from .faults import hooks_from_env
 from .hooks import Hook, Hooks
-from .metrics import CollapseMonitor
+from .metrics import CollapseMonitor, expert_similarity
 from .plan import RUN_OUTPUTS, RUN_RECORD, TRAIN, RunPlan, check_run_folder, finalize, run_record
 from .report import RunReport
 from .resume import find_checkpoint, layout, load_checkpoint
@@ -131,7 +133,7 @@ def _build_model(plan: RunPlan, config: MoEConfig):
     if plan.init is not None:
         with torch.device("meta"):
             model = MoEForCausalLM(config)
-        weights = weight_source(plan.init, config)
+        weights = weight_source(plan.init, config, plan.upcycling)
     else:
         model = MoEForCausalLM(config)
     if plan.grad_ckpt:
@@ -181,6 +183,8 @@ class _Loop:
         run, state = self.run, self.state
         log.info("training %s for %d steps on %d rank(s), %d tokens per step", self.plan.preset, run.max_steps,
                  self.engine.world_size, self.report.tokens_per_step)
+        if self.plan.upcycling is not None and state.step == 0:
+            self._log_upcycled_start()
         while state.step < run.max_steps:
             self.current_step = state.step + 1
             self.hooks.fire("before_step", self.current_step)
@@ -229,6 +233,8 @@ class _Loop:
                           all_reduce=engine.all_reduce, autocast=engine.eval_context,
                           progress=lambda: self.watchdog.beat(state.step, "eval"))
         routing = result.pop("routing")
+        similarity = expert_similarity(hf_named_parameters(engine.model), engine.all_gather_objects,
+                                       width=self.config.moe_intermediate_size) if self.config.is_moe else {}
         improved = result["loss"] < state.best_val_loss
         if improved:
             state.best_val_loss, state.best_step = result["loss"], state.step
@@ -238,9 +244,26 @@ class _Loop:
         for warning in (self.collapse.update(state.step, routing) if routing else []):
             if engine.is_main:  # rank 0's, as metrics.jsonl and summary.json record them: one line each
                 log.warning(warning)
-        self.report.log_eval(state.step, result, routing, best_val_loss=state.best_val_loss, improved=improved)
+        self.report.log_eval(state.step, result, routing, best_val_loss=state.best_val_loss, improved=improved,
+                             similarity=similarity)
         patience = self.run.early_stopping_patience
         return improved, bool(patience) and state.evals_without_improvement >= patience
+
+    def _log_upcycled_start(self) -> None:
+        """What the upcycled model computes before its first step, and how far its validation loss is from the
+        dense model's (as the dense run's summary.json recorded it, on its own validation set)."""
+        engine = self.engine
+        result = evaluate(engine.model, self.data.valid_blocks, self.valid_shards, device=engine.device,
+                          all_reduce=engine.all_reduce, autocast=engine.eval_context)
+        if not engine.is_main:
+            return
+        dense = source_record(self.plan.init_from)
+        compared = (f"; the dense run's final val loss {dense['final_val_loss']:.4f} (its summary.json): "
+                    f"{result['loss'] - dense['final_val_loss']:+.4f}" if dense.get("final_val_loss") is not None
+                    else "; the dense source records no val loss to compare with")
+        log.info("upcycled to %d experts: step 0 computes %s; val loss %.4f (ppl %.2f)%s",
+                 self.plan.upcycling.experts, step0_description(self.config, self.plan.upcycling), result["loss"],
+                 result["ppl"], compared)
 
     def save(self, *, best: bool) -> Path:
         engine, state = self.engine, self.state
