@@ -48,7 +48,7 @@ def curves(runs: dict) -> dict:
 
 def plot_ppl(style: str, lines: dict, path: Path) -> None:
     fig = Figure(figsize=(15, 4.2))
-    for i, (label, scale) in enumerate((("total steps", 1), ("tokens (M)", 1e6), ("training FLOPs (PFLOP)", 1e15))):
+    for i, (label, scale) in enumerate((("total steps", 1), ("tokens (M)", 1e6), ("training FLOPs (TFLOP)", 1e12))):
         ax = fig.add_subplot(1, 3, i + 1)
         for k, (name, points) in enumerate(lines.items()):
             ax.plot([p[i] / scale for p in points], [p[3] for p in points], label=name, color=f"C{k}",
@@ -85,17 +85,17 @@ def plot_experts(style: str, runs: dict, path: Path) -> None:
 
 
 def table(runs: dict, lines: dict) -> list[str]:
-    out = ["| run | own steps | total steps | final val ppl | best val ppl | training PFLOP (incl. sunk) | "
+    out = ["| run | own steps | total steps | final val ppl | best val ppl | training TFLOP (incl. sunk) | "
            "max tok/s (2 ranks) | params total / active | experts' cosine, last eval (mean over layers) |",
            "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for name, run in runs.items():
         s, last = run["summary"], run["evals"][-1]
         cos = [v for k, v in last.items() if k.endswith("/expert_cos_mean")]
         out.append(f"| {name} | {s['steps']} | {lines[name][-1][0]} | {s['final_val_ppl']:.2f} | {s['best_val_ppl']:.2f} | "
-                   f"{lines[name][-1][2] / 1e15:.2f} | {s['max_tok_s']:,.0f} | {s['params_total'] / 1e6:.2f}M / "
+                   f"{lines[name][-1][2] / 1e12:.1f} | {s['max_tok_s']:,.0f} | {s['params_total'] / 1e6:.2f}M / "
                    f"{s['params_active'] / 1e6:.2f}M | {sum(cos) / len(cos):.3f} |" if cos else
                    f"| {name} | {s['steps']} | {lines[name][-1][0]} | {s['final_val_ppl']:.2f} | {s['best_val_ppl']:.2f} | "
-                   f"{lines[name][-1][2] / 1e15:.2f} | {s['max_tok_s']:,.0f} | {s['params_total'] / 1e6:.2f}M / "
+                   f"{lines[name][-1][2] / 1e12:.1f} | {s['max_tok_s']:,.0f} | {s['params_total'] / 1e6:.2f}M / "
                    f"{s['params_active'] / 1e6:.2f}M | — |")
     return out
 

@@ -5,7 +5,8 @@
 #   dense-cont     M more steps from dense/hf (fresh optimizer and warmup, as the upcycled runs)
 #   up-top1        dense/hf upcycled to E=8, top-1, gate = softmax probability (not renormalised), M steps
 #   up-top2        dense/hf upcycled to E=8, top-2 renormalised (the dense function at step 0), M steps
-#   scratch        the MoE from scratch for N + M steps (GPT-2: E=8 top-1; modern: E=8 top-2 renormalised)
+#   scratch        the MoE from scratch for N + M steps: GPT-2, up-top1's (tiny-moe: E=8 top-1, experts as wide as
+#                  the dense FFN, but without its biases); modern, up-top2's (E=8 top-2 renormalised, width 352)
 # Every run: the same tokenizer, seed 0 (the same data order), dropless routing, lr 1e-3 with 30 warmup steps.
 # Run from anywhere; results in runs/upcycling, report: python docs/upcycling/make_report.py runs/upcycling docs/upcycling
 set -eu
@@ -20,7 +21,7 @@ train() { deepspeed --num_gpus 2 launch/train.py --deepspeed ds_configs/cpu_ep2.
 
 for style in gpt2 modern; do
   if [ "$style" = gpt2 ]; then dense_model="--model tiny-dense"; scratch="--model tiny-moe --top_k 1 --norm_topk_prob false"
-  else dense_model="--model tiny-modern --num_experts 0"; scratch="--model tiny-modern --top_k 2 --norm_topk_prob true"; fi
+  else dense_model="--model tiny-modern --num_experts 0"; scratch="--model tiny-modern --top_k 2 --norm_topk_prob true --moe_intermediate_size 352"; fi
   D=$R/$style
   date +"%T $style dense"
   train $dense_model --tokenizer train:4096 --max_steps $N --output_dir $D/dense

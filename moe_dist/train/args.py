@@ -39,6 +39,7 @@ class ModelArgs:
     model: str = _help("preset name (see moe_dist.model.configuration.PRESETS)", "tiny-moe")
     num_local_experts: int | None = _override("experts per MoE layer (0 = dense)", "num_experts")
     num_experts_per_tok: int | None = _override("experts per token", "top_k")
+    moe_intermediate_size: int | None = _override("expert FFN width (default: the preset's)")
     capacity_factor: float | None = _override("training capacity factor (slots = factor x fair share)")
     dropless: bool = _help("no capacity limit: drop no tokens (default on the accelerate path)", False)
     router_jitter_noise: float | None = _override("multiplicative router-input noise epsilon, training only",

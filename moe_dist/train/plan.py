@@ -107,7 +107,8 @@ def plan_run(model: ModelArgs, data: DataConfig, run: RunArgs, engine: EngineArg
                           f"{config.vocab_size}; use a smaller tokenizer or a larger --vocab_size")
 
     # A started-from model is named by its folder and format; --model names the preset otherwise.
-    preset = model.model if init is None else f"{init.folder.name} ({init.fmt})"
+    source = None if init is None else (init.folder.parent if init.folder.name == "hf" else init.folder)  # a run's hf/
+    preset = model.model if init is None else f"{source.name} ({init.fmt}{', upcycled' if upcycling else ''})"
     plan = RunPlan(engine="deepspeed" if ds else "accelerate", world_size=world, preset=preset,
                    model_config=config, vocab_from_tokenizer=not vocab_fixed, init=init, upcycling=upcycling,
                    grad_ckpt=model.grad_ckpt, data=data, spec=_engine_spec(engine, optim, ds, ep_size, run.max_steps),
