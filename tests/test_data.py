@@ -1,5 +1,6 @@
 """Behaviour of moe_dist.train.data: text loading, tokenizer, packing, caches, and rank-sharded batches."""
 import gzip
+import itertools
 import json
 import os
 from pathlib import Path
@@ -82,16 +83,16 @@ def test_config_requires_train_and_valid_file_together():
 # ---------------------------------------------------------------- loading text
 
 def test_fixture_corpus_loads_one_row_per_story(tmp_path):
-    train, valid = load_text_splits(file_cfg(TRAIN, VALID, tmp_path))
+    train, valid = (list(split) for split in load_text_splits(file_cfg(TRAIN, VALID, tmp_path)))
     assert (len(train), len(valid)) == (400, 40)
-    assert all(SEPARATOR not in t and t == t.strip() for t in train["text"])
+    assert all(SEPARATOR not in t and t == t.strip() for t in train)
 
 
 def test_txt_splits_on_separator_lines_and_skips_empty_stories(tmp_path):
     path = tmp_path / "s.txt"
     path.write_text(f"first\n{SEPARATOR}\n\n{SEPARATOR}\n   \n{SEPARATOR}\nsecond a\nsecond b\n{SEPARATOR}\n")
     train, _ = load_text_splits(file_cfg(path, path, tmp_path))
-    assert list(train["text"]) == ["first", "second a\nsecond b"]
+    assert list(train) == ["first", "second a\nsecond b"]
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json"])
@@ -100,16 +101,15 @@ def test_json_files_read_the_text_field(tmp_path, suffix):
     path = tmp_path / f"s{suffix}"
     path.write_text("\n".join(map(json.dumps, records)) if suffix == ".jsonl" else json.dumps(records))
     train, _ = load_text_splits(file_cfg(path, path, tmp_path))
-    assert list(train["text"]) == ["a cat sat.", "a dog ran."]
-    assert train.column_names == ["text"]
+    assert list(train) == ["a cat sat.", "a dog ran."]
 
 
 def test_crlf_line_endings_become_lf(tmp_path):
     txt = write_stories(tmp_path / "s.txt", ["one\ntwo", "three"], newline="\r\n")
     jsonl = tmp_path / "s.jsonl"
     jsonl.write_text(json.dumps({"text": "one\r\ntwo"}))
-    assert list(load_text_splits(file_cfg(txt, txt, tmp_path))[0]["text"]) == ["one\ntwo", "three"]
-    assert list(load_text_splits(file_cfg(jsonl, jsonl, tmp_path))[0]["text"]) == ["one\ntwo"]
+    assert list(load_text_splits(file_cfg(txt, txt, tmp_path))[0]) == ["one\ntwo", "three"]
+    assert list(load_text_splits(file_cfg(jsonl, jsonl, tmp_path))[0]) == ["one\ntwo"]
 
 
 @pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
@@ -118,7 +118,7 @@ def test_non_utf8_bytes_are_replaced_and_reported(tmp_path, caplog, suffix):
     body = b"a bad \xff\xfe story" if suffix == ".txt" else b'{"text": "a bad \xff\xfe story"}'
     path.write_bytes(body + b"\n")
     train, _ = load_text_splits(file_cfg(path, path, tmp_path))
-    assert list(train["text"]) == ["a bad \ufffd\ufffd story"]
+    assert list(train) == ["a bad \ufffd\ufffd story"]
     assert "2 bytes are not valid UTF-8" in caplog.text
 
 
@@ -226,7 +226,7 @@ def expected_stream(tokenizer, stories: list[str]) -> list[int]:
 
 def test_packing_appends_eos_after_every_story(tokenizer, fixture_texts):
     stories = fixture_texts[:20]
-    blocks = pack_blocks(datasets.Dataset.from_dict({"text": stories}), tokenizer, 16)
+    blocks = pack_blocks(stories, tokenizer, 16)
     stream = expected_stream(tokenizer, stories)
     assert blocks.shape == (len(stream) // 17, 17)
     assert blocks.dtype == np.uint16
@@ -236,7 +236,7 @@ def test_packing_appends_eos_after_every_story(tokenizer, fixture_texts):
 
 def test_packing_splits_a_long_story_over_several_blocks_and_drops_the_tail(tokenizer, fixture_texts):
     long_story = " ".join(fixture_texts[:30])
-    blocks = pack_blocks(datasets.Dataset.from_dict({"text": [long_story]}), tokenizer, 8)
+    blocks = pack_blocks([long_story], tokenizer, 8)
     stream = expected_stream(tokenizer, [long_story])
     assert len(blocks) == len(stream) // 9 > 10
     np.testing.assert_array_equal(blocks.reshape(-1), stream[: len(blocks) * 9])
@@ -244,23 +244,22 @@ def test_packing_splits_a_long_story_over_several_blocks_and_drops_the_tail(toke
 
 def test_packing_uses_int32_for_vocabularies_past_uint16(tokenizer):
     class BigVocab:  # the same tokenizer, claiming a vocabulary that uint16 cannot index
-        eos_token_id = tokenizer.eos_token_id
-        __call__ = tokenizer.__call__
+        eos_token_id, backend_tokenizer = tokenizer.eos_token_id, tokenizer.backend_tokenizer
 
         def __len__(self):
             return 70_000
 
-    blocks = pack_blocks(datasets.Dataset.from_dict({"text": ["a cat sat on the mat."] * 4}), BigVocab(), 8)
+    blocks = pack_blocks(["a cat sat on the mat."] * 4, BigVocab(), 8)
     assert blocks.dtype == np.int32
 
 
 def test_pack_blocks_writes_cache_and_trusts_it_next_time(tmp_path, tokenizer, fixture_texts):
-    texts, cache = datasets.Dataset.from_dict({"text": fixture_texts[:20]}), tmp_path / "c.npy"
+    texts, cache = fixture_texts[:20], tmp_path / "c.npy"
     fresh = pack_blocks(texts, tokenizer, 16, cache)
-    cached = pack_blocks(datasets.Dataset.from_dict({"text": ["different text"]}), tokenizer, 16, cache)
+    cached = pack_blocks(["different text"], tokenizer, 16, cache)
     np.testing.assert_array_equal(cached, fresh)
     assert isinstance(cached, np.memmap)
-    assert [p.name for p in tmp_path.iterdir()] == ["c.npy"]  # no tmp file left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["c.npy"]  # no tmp file or folder left behind
 
 
 # ---------------------------------------------------------------- prepare_data
@@ -482,9 +481,10 @@ def test_bundled_sample_is_read_from_gzip_with_every_story(tmp_path):
     # The offline default: the compressed TinyStories sample in data/, with its licence beside it.
     assert "CDLA-Sharing-1.0" in (BUNDLED_SAMPLE / "SOURCE.md").read_text()
     train_path, valid_path = bundled_sample()
-    train, valid = load_text_splits(file_cfg(train_path, valid_path, tmp_path, tokenizer="train:2048"))
+    train, valid = (list(s) for s in load_text_splits(file_cfg(train_path, valid_path, tmp_path,
+                                                                  tokenizer="train:2048")))
     assert (len(train), len(valid)) == (8231, 433)  # the counts in SOURCE.md
-    assert all(text and SEPARATOR not in text for text in valid["text"])
+    assert all(text and SEPARATOR not in text for text in valid)
 
 
 def test_no_data_flag_plans_the_bundled_sample_and_a_hub_name_plans_the_hub(tmp_path):
@@ -504,16 +504,58 @@ def test_a_gzip_file_and_its_plain_text_give_the_same_stories(tmp_path):
     plain = write_stories(tmp_path / "s.txt", ["First story.", "Second story,\nline two."])
     with gzip.open(tmp_path / "s.txt.gz", "wb") as f:
         f.write(plain.read_bytes())
-    from_plain = load_text_splits(file_cfg(plain, plain, tmp_path / "a"))[0]["text"]
-    from_gz = load_text_splits(file_cfg(tmp_path / "s.txt.gz", tmp_path / "s.txt.gz", tmp_path / "b"))[0]["text"]
+    from_plain = list(load_text_splits(file_cfg(plain, plain, tmp_path / "a"))[0])
+    from_gz = list(load_text_splits(file_cfg(tmp_path / "s.txt.gz", tmp_path / "s.txt.gz", tmp_path / "b"))[0])
     assert from_gz == from_plain == ["First story.", "Second story,\nline two."]
 
 
 def test_trained_tokenizer_on_real_tinystories_gives_sane_tokens_per_story(tmp_path):
     cfg = file_cfg(*bundled_sample(), tmp_path, tokenizer="train:2048")
     train, _ = load_text_splits(cfg)
-    stories = train.select(range(500))
-    tokenizer = build_tokenizer(cfg.tokenizer, stories["text"], None)
+    stories = list(itertools.islice(train, 500))
+    tokenizer = build_tokenizer(cfg.tokenizer, stories, None)
     blocks = pack_blocks(stories, tokenizer, 128)
     assert 100 <= blocks.size / len(stories) <= 400
-    assert tokenizer.decode(tokenizer.encode(stories[0]["text"])) == stories[0]["text"]
+    assert tokenizer.decode(tokenizer.encode(stories[0])) == stories[0]
+
+
+
+def hostile_corpus(path: Path) -> Path:
+    """CRLF endings, empty stories, invalid UTF-8 and one story many blocks long, in one file."""
+    stories = TRAIN.read_text().split(f"{SEPARATOR}\n")
+    huge = " ".join(stories[:60]).replace("\n", " ")
+    corpus = f"{SEPARATOR}\n".join(stories[60:200] + ["", "   ", huge])
+    raw = corpus.replace("\n", "\r\n").encode() + f"\n{SEPARATOR}\nA caf".encode() + b"\xe9 in \xff\xfe town.\n"
+    path.write_bytes(raw)
+    return path
+
+
+def test_blocks_are_bitwise_the_same_at_any_num_proc_and_one_cache_serves_both(tmp_path, monkeypatch):
+    from moe_dist.train import data_prep
+
+    monkeypatch.setattr(data_prep, "CHUNK_STORIES", 100)  # ~43 chunks: the workers' queue fills and drains
+    train = tmp_path / "train.txt"
+    train.write_bytes(b"".join([hostile_corpus(tmp_path / "h.txt").read_bytes()] * 30))
+    prepared = {n: prepare_data(file_cfg(train, VALID, tmp_path / f"p{n}", num_proc=n), tmp_path / f"run{n}",
+                                is_main=True, barrier=no_barrier) for n in (1, 2)}
+    for split in ("train_blocks", "valid_blocks"):
+        assert np.array_equal(getattr(prepared[1], split), getattr(prepared[2], split))
+    assert prepared[1].stats == prepared[2].stats and prepared[1].stats["n_train_stories"] > 4000
+    assert prepared[1].stats["bad_bytes"] == 30 * 3
+    # The cache made at num_proc=1 is the one num_proc=2 finds: nothing is tokenized again.
+    cache = tmp_path / "p1" / "cache"
+    before = {p: p.stat().st_mtime_ns for p in cache.iterdir()}
+    again = prepare_data(file_cfg(train, VALID, tmp_path / "p1", num_proc=2), tmp_path / "run1", is_main=True,
+                         barrier=no_barrier)
+    assert {p: p.stat().st_mtime_ns for p in cache.iterdir()} == before
+    assert np.array_equal(again.train_blocks, prepared[1].train_blocks)
+
+
+def test_a_hub_dataset_streams_through_the_same_story_reader(tmp_path, tokenizer):
+    from moe_dist.train.data_prep import StoryReader
+
+    table = datasets.Dataset.from_dict({"text": ["one\r\ntwo", f"three{SEPARATOR}four", "", None]})
+    reader = StoryReader(dataset=table, label="dataset 'x' split 'train'")
+    assert list(reader) == ["one\ntwo", "three", "four"] and reader.stories == 3
+    blocks = pack_blocks(reader, tokenizer, 8, num_proc=2)
+    np.testing.assert_array_equal(blocks, pack_blocks(["one\ntwo", "three", "four"], tokenizer, 8))

@@ -42,6 +42,7 @@ and the batch are loaded (`base MB`), and reports the variant's peak RSS above t
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -170,9 +171,8 @@ def make_batches(args):
 
         cfg = DataConfig(train_file=args.train_file, valid_file=args.train_file, seq_len=args.seq_len,
                          tokenizer=f"train:{args.vocab_size}", cache_dir=tempfile.mkdtemp(prefix="bench_train_"))
-        texts = load_text_splits(cfg)[0]
-        texts = texts.select(range(min(len(texts), 4000)))  # plenty of blocks for a benchmark
-        tokenizer = build_tokenizer(cfg.tokenizer, texts["text"], None)
+        texts = list(itertools.islice(load_text_splits(cfg)[0], 4000))  # plenty of blocks for a benchmark
+        tokenizer = build_tokenizer(cfg.tokenizer, texts, None)
         blocks = torch.from_numpy(pack_blocks(texts, tokenizer, args.seq_len).astype("int64"))
         args.vocab_size = -(-len(tokenizer) // 64) * 64  # rounded up, as the trainer does
         block = blocks[torch.randperm(len(blocks), generator=gen)[:args.micro_batch_size]]

@@ -7,6 +7,8 @@ import gzip
 import hashlib
 import json
 import logging
+import tempfile
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,18 +18,18 @@ import numpy as np
 import torch
 
 from ..atomic_io import write_atomic, write_dir_atomic
+from .data_prep import SEPARATOR, StoryReader, default_num_proc, log_phase, pack_file, progress, token_dtype, \
+    tokenize_to_file
 
 if TYPE_CHECKING:
-    from datasets import Dataset
     from transformers import PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
 
-SEPARATOR = "<|endoftext|>"
 # A byte-level BPE keeps all 256 byte symbols plus SEPARATOR, so smaller vocabularies are impossible.
 MIN_TRAINED_VOCAB = 257
 # Bump when pack_blocks changes what it writes, so old caches are never trusted.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 _HUB_SPLITS = {"train": "train", "valid": "validation"}
 # Local text kinds by suffix; each may also be gzip-compressed (".txt.gz"), read directly.
 _FILE_KINDS = {".txt": "text", ".json": "json", ".jsonl": "json"}
@@ -35,6 +37,8 @@ _VALID_SUFFIXES = ".txt, .json and .jsonl, optionally .gz"
 # The TinyStories sample bundled with the repository (CDLA-Sharing-1.0, see its SOURCE.md): the
 # offline default, so the quick start and the tests need no hub.
 BUNDLED_SAMPLE = Path(__file__).resolve().parents[2] / "data" / "tinystories"
+# GPT-2's tokenizer (MIT, see its SOURCE.md): what `--tokenizer gpt2`, the default, loads with no hub.
+BUNDLED_GPT2 = Path(__file__).resolve().parents[2] / "data" / "gpt2"
 
 
 class DataError(ValueError):
@@ -66,6 +70,10 @@ class DataConfig:
     # Also the datasets library's cache for hub data.
     cache_dir: str | None = field(default=None, metadata={"help": (
         "where tokenized data is cached (default: <output_dir>/cache)")})
+    # Not part of the cache key: the blocks are the same for any value.
+    num_proc: int | None = field(default=None, metadata={"help": (
+        "processes that tokenize (default: the CPUs available to this process; on a multi-rank launch only "
+        "rank 0 prepares the data)")})
 
     def __post_init__(self) -> None:
         if (self.train_file is None) != (self.valid_file is None):
@@ -80,6 +88,8 @@ class DataConfig:
             raise DataError(f"max_valid_blocks: must be None or >= 1, got {self.max_valid_blocks!r}")
         if self.tokenizer is not None:
             trained_vocab_size(self.tokenizer)
+        if self.num_proc is not None and self.num_proc < 1:
+            raise DataError(f"num_proc: must be >= 1, got {self.num_proc!r}")
 
 
 def bundled_sample() -> tuple[str, str]:
@@ -125,28 +135,25 @@ def trained_vocab_size(spec: str) -> int | None:
 
 # ---------------------------------------------------------------- loading text
 
-def load_text_splits(cfg: DataConfig) -> tuple[Dataset, Dataset]:
-    """(train, valid) datasets with one story per row in a `text` column."""
+def load_text_splits(cfg: DataConfig) -> tuple[StoryReader, StoryReader]:
+    """(train, valid) stories, each a `StoryReader`: streamed from disk (or a hub dataset's Arrow table) as
+    often as it is iterated, never held whole."""
     return _load_split(cfg, "train")[0], _load_split(cfg, "valid")[0]
 
 
-def _load_split(cfg: DataConfig, split: str) -> tuple[Dataset, int]:
-    """One split's stories and how many bytes of it were not valid UTF-8."""
+def _load_split(cfg: DataConfig, split: str) -> tuple[StoryReader, int]:
+    """One split's stories and how many bytes of it were not valid UTF-8 (replaced by U+FFFD when read)."""
     path = cfg.train_file if split == "train" else cfg.valid_file
-    raw, bad = _load_hub(cfg, split) if path is None else _load_file(f"{split}_file", path, cfg.cache_dir)
-    stories = raw.map(_split_stories, batched=True, remove_columns=raw.column_names, desc=f"split {split}")
-    if len(stories) == 0:
+    if path is None:
+        stories, bad = StoryReader(dataset=_load_hub(cfg, split), label=_source_name(cfg, split)), 0
+    else:
+        stories, bad = _open_file(f"{split}_file", path)
+    if next(iter(stories), None) is None:  # stops at the first story: cheap on any corpus
         raise DataError(f"{_source_name(cfg, split)}: no story found (only blank text or {SEPARATOR} lines)")
     return stories, bad
 
 
-def _split_stories(batch: dict[str, list]) -> dict[str, list[str]]:
-    # Hub and JSON records may also hold several stories, or CRLF endings; treat every source alike.
-    stories = (s.strip() for text in batch["text"] for s in (text or "").replace("\r\n", "\n").split(SEPARATOR))
-    return {"text": [s for s in stories if s]}
-
-
-def _load_hub(cfg: DataConfig, split: str) -> tuple[Dataset, int]:
+def _load_hub(cfg: DataConfig, split: str):
     import datasets
 
     try:
@@ -156,35 +163,21 @@ def _load_hub(cfg: DataConfig, split: str) -> tuple[Dataset, int]:
                         f"({type(e).__name__}); no internet? pass --train_file and --valid_file") from e
     if "text" not in ds.column_names:
         raise DataError(f"dataset {cfg.dataset!r}: needs a 'text' column, has {ds.column_names}")
-    return ds, 0
+    return ds
 
 
-def _load_file(field: str, path: str, cache_dir: str | None) -> tuple[Dataset, int]:
-    import datasets
-
+def _open_file(field: str, path: str) -> tuple[StoryReader, int]:
     p = Path(path)
     if not p.exists():
         raise DataError(f"{field}: {path} does not exist; pass a file of kind {_VALID_SUFFIXES}")
     if not p.is_file():
         raise DataError(f"{field}: {path} is a directory, not a file; pass a file of kind {_VALID_SUFFIXES}")
-    kind = file_kind(p)
-    if kind is None:
+    if file_kind(p) is None:
         raise DataError(f"{field}: {path} has suffix {''.join(p.suffixes[-2:])!r}; valid are {_VALID_SUFFIXES}")
     bad = _count_bad_bytes(p)
     if bad:
         log.warning("%s: %d bytes are not valid UTF-8; each was replaced with U+FFFD", path, bad)
-    # One row per file; _split_stories cuts it at the separators (which may span lines).
-    extra = {"sample_by": "document"} if kind == "text" else {}
-    try:
-        # "utf_8", not "utf-8": only then does the json builder decode in Python, where errors="replace"
-        # applies; with "utf-8" it hands the raw bytes to pyarrow, which rejects invalid UTF-8.
-        ds = datasets.load_dataset(kind, data_files={"train": str(p)}, split="train", cache_dir=cache_dir,
-                                   encoding="utf_8", encoding_errors="replace", **extra)
-    except datasets.exceptions.DatasetGenerationError as e:
-        raise DataError(f"{field}: {path} is not valid {kind} ({e.__cause__ or e})".replace("\n", " ")) from e
-    if "text" not in ds.column_names:
-        raise DataError(f"{field}: {path} needs a 'text' field in every record, has {ds.column_names}")
-    return ds, bad
+    return StoryReader(str(p), label=f"{field}: {path}"), bad
 
 
 def _count_bad_bytes(path: Path) -> int:
@@ -239,9 +232,12 @@ def _train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast
 
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerFast:
-    """A saved or hub tokenizer, with pad = eos when it has no pad token (GPT-2 has none)."""
+    """A saved or hub tokenizer, with pad = eos when it has no pad token (GPT-2 has none); "gpt2" is the copy
+    bundled in data/gpt2, so the default needs no hub."""
     from transformers import AutoTokenizer
 
+    if str(name_or_path) == "gpt2" and BUNDLED_GPT2.is_dir():
+        name_or_path = BUNDLED_GPT2
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     except (OSError, ValueError) as e:
@@ -257,31 +253,29 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerFast:
 
 # ---------------------------------------------------------------- packing and caching
 
-def pack_blocks(texts: Dataset, tokenizer: PreTrainedTokenizerFast, seq_len: int,
-                cache_path: str | Path | None = None) -> np.ndarray:
+def pack_blocks(texts: Iterable[str], tokenizer: PreTrainedTokenizerFast, seq_len: int,
+                cache_path: str | Path | None = None, *, num_proc: int = 1, label: str = "", show: bool = False
+                ) -> np.ndarray:
     """Tokenize every story, end each with eos, concatenate, and cut into blocks (the tail is dropped).
 
-    Returns shape [num_blocks, seq_len + 1]. With cache_path, an existing file is returned as a
-    read-only memmap instead, and a fresh result is written there atomically.
+    Returns shape [num_blocks, seq_len + 1]. The tokens stream through a file on disk (`data_prep`),
+    `num_proc` processes tokenizing, so memory does not grow with the corpus and the blocks are the same
+    for any `num_proc`. With cache_path, an existing file is returned as a read-only memmap instead, and a
+    fresh result is written there atomically (and returned as a memmap of it).
     """
     if cache_path is not None and Path(cache_path).exists():
         return np.load(cache_path, mmap_mode="r")
-    eos = tokenizer.eos_token_id
-
-    def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-        ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
-        return {"ids": [story + [eos] for story in ids]}
-
-    tokenized = texts.map(encode, batched=True, remove_columns=texts.column_names, desc="tokenize")
-    dtype = np.uint16 if len(tokenizer) < 2**16 else np.int32
-    # Flatten chunk by chunk in the narrow dtype: the int64 lists of a large corpus would not fit in memory.
-    chunks = [chunk.flatten().to_numpy().astype(dtype) for chunk in tokenized.data.column("ids").chunks]
-    flat = np.concatenate(chunks) if chunks else np.empty(0, dtype)
-    num_blocks = len(flat) // (seq_len + 1)
-    blocks = flat[: num_blocks * (seq_len + 1)].reshape(num_blocks, seq_len + 1)
-    if cache_path is not None:
-        write_atomic(cache_path, lambda f: np.save(f, blocks))
-    return blocks
+    dtype = token_dtype(len(tokenizer))
+    with tempfile.TemporaryDirectory(dir=Path(cache_path).parent if cache_path else None) as tmp:
+        raw, npy = Path(tmp) / "tokens.bin", Path(cache_path) if cache_path else Path(tmp) / "blocks.npy"
+        done = tokenize_to_file(texts, tokenizer, raw, num_proc=num_proc, dtype=dtype, label=label, show=show)
+        log_phase(f"tokenize {label}".strip(), done["seconds"], stories=done["stories"], tokens=done["tokens"],
+                  num_proc=num_proc)
+        start = time.perf_counter()
+        blocks = pack_file(raw, npy, seq_len, dtype)
+        log_phase(f"pack {label}".strip() + f" into {blocks:,} blocks of {seq_len + 1}", time.perf_counter() - start,
+                  tokens=blocks * (seq_len + 1))
+        return np.load(npy, mmap_mode="r") if cache_path else np.load(npy)
 
 
 def cache_fingerprint(source: str, tokenizer: PreTrainedTokenizerFast, seq_len: int) -> str:
@@ -339,17 +333,26 @@ def prepare_data(cfg: DataConfig, run_dir: str | Path, *, is_main: bool, barrier
 
 
 def _build_on_main(cfg: DataConfig, run_dir: Path, cache_dir: Path) -> None:
-    loaded: dict[str, tuple[Dataset, int]] = {}
+    loaded: dict[str, tuple[StoryReader, int]] = {}
 
-    def split_texts(split: str) -> tuple[Dataset, int]:
+    def split_texts(split: str) -> tuple[StoryReader, int]:
         if split not in loaded:
             loaded[split] = _load_split(cfg, split)
         return loaded[split]
 
+    num_proc = cfg.num_proc or default_num_proc()
     tok_dir = run_dir / "tokenizer"
     if not tok_dir.is_dir():
-        texts = split_texts("train")[0]["text"] if trained_vocab_size(cfg.tokenizer) else None
-        build_tokenizer(cfg.tokenizer, texts, tok_dir)
+        start = time.perf_counter()
+        reader = split_texts("train")[0] if trained_vocab_size(cfg.tokenizer) else None
+        if reader is None:
+            build_tokenizer(cfg.tokenizer, None, tok_dir)
+        else:
+            with progress(reader, f"read train for {cfg.tokenizer}", True) as stories:
+                build_tokenizer(cfg.tokenizer, stories, tok_dir)
+            log_phase(f"read train ({reader.stories:,} stories) for the tokenizer", reader.seconds)
+            log_phase(f"train the {cfg.tokenizer} tokenizer (reading included)", time.perf_counter() - start,
+                      stories=reader.stories)
     # Fingerprint the tokenizer as every rank will load it, so all ranks agree on the cache names.
     tokenizer = load_tokenizer(tok_dir)
     for split in ("train", "valid"):
@@ -357,8 +360,9 @@ def _build_on_main(cfg: DataConfig, run_dir: Path, cache_dir: Path) -> None:
         if npy.exists() and meta_path.exists():
             continue
         texts, bad = split_texts(split)
-        pack_blocks(texts, tokenizer, cfg.seq_len, npy)
-        meta = json.dumps({"stories": len(texts), "bad_bytes": bad}).encode()
+        npy.parent.mkdir(parents=True, exist_ok=True)
+        pack_blocks(texts, tokenizer, cfg.seq_len, npy, num_proc=num_proc, label=split, show=True)
+        meta = json.dumps({"stories": texts.stories, "bad_bytes": bad}).encode()
         write_atomic(meta_path, lambda f: f.write(meta))
 
 

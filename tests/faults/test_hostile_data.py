@@ -4,24 +4,23 @@ import json
 
 import pytest
 from launcher import FIXTURES, TRAIN, check, python
+from test_data import hostile_corpus
 
 from moe_dist.train.cli import main
 
 pytestmark = pytest.mark.faults
 
 
-def test_odd_bytes_empty_stories_crlf_and_a_huge_story_are_handled_as_data(tmp_path):
-    stories = (FIXTURES / "stories.txt").read_text().split("<|endoftext|>\n")
-    huge = " ".join(stories[:60]).replace("\n", " ")  # one story many blocks long
-    corpus = "<|endoftext|>\n".join(stories[60:200] + ["", "   ", huge])
-    raw = corpus.replace("\n", "\r\n").encode() + b"\n<|endoftext|>\nA caf\xe9 in \xff\xfe town.\n"
-    (tmp_path / "train.txt").write_bytes(raw)
+@pytest.mark.parametrize("num_proc", ["1", "2"])
+def test_odd_bytes_empty_stories_crlf_and_a_huge_story_are_handled_as_data(tmp_path, num_proc):
+    train = hostile_corpus(tmp_path / "train.txt")  # CRLF, empty stories, bad bytes, a huge story
     run = tmp_path / "run"
-    proc = check(python(TRAIN, ["--model", "tiny-moe", "--train_file", str(tmp_path / "train.txt"),
+    proc = check(python(TRAIN, ["--model", "tiny-moe", "--train_file", str(train), "--num_proc", num_proc,
                                 "--valid_file", str(FIXTURES / "stories_valid.txt"), "--tokenizer", "train:512",
                                 "--max_steps", "3", "--eval_every", "3", "--output_dir", str(run)]))
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
     assert "3 bytes" in proc.stderr and "not valid UTF-8" in proc.stderr, proc.stderr[-2000:]
+    assert f"on {num_proc} process(es)" in proc.stderr  # the tokenize phase's log line
 
 
 @pytest.mark.parametrize("flag", ["--train_file", "--valid_file"])
