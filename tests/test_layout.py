@@ -1,4 +1,4 @@
-"""The package stays navigable: size limits from DESIGN.md, and the README's layout table is the tree."""
+"""The package stays navigable: size limits from DESIGN.md, and the layout table (docs/development.md) is the tree."""
 
 import ast
 import re
@@ -26,13 +26,13 @@ def test_no_function_over_60_lines_and_no_class_over_150(path):
 
 
 def _layout_rows() -> list[list[str]]:
-    """The README's '## Layout' table: per row, the paths of its first column, made absolute.
+    """The '## Layout' table of docs/development.md: per row, the paths of its first column, from the root.
 
     A row may name several files of one folder: "`moe_dist/train/args.py`, `plan.py`" means both
     are in moe_dist/train/.
     """
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    guide = (ROOT / "docs" / "development.md").read_text()
+    section = guide.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
     rows = []
     for line in section.splitlines():
         if not line.startswith("| `"):
@@ -43,15 +43,15 @@ def _layout_rows() -> list[list[str]]:
     return rows
 
 
-def test_every_path_in_the_readme_layout_table_exists():
+def test_every_path_in_the_layout_table_exists():
     missing = [p for row in _layout_rows() for p in row if not (ROOT / p).exists()]
-    assert not missing, f"README layout names paths that do not exist: {missing}"
+    assert not missing, f"the layout table names paths that do not exist: {missing}"
 
 
-def test_every_module_of_the_package_is_in_the_readme_layout_table():
+def test_every_module_of_the_package_is_in_the_layout_table():
     named = {p.rstrip("/") for row in _layout_rows() for p in row}
     modules = [str(p.relative_to(ROOT)) for p in MODULES if p.name not in ("__init__.py", "__main__.py")]
     # A folder row covers the folder's files when none of them has a row of its own.
     unlisted = [m for m in modules if m not in named and not (
         m.rsplit("/", 1)[0] in named and not any(n.startswith(m.rsplit("/", 1)[0] + "/") for n in named))]
-    assert not unlisted, f"README layout table does not name: {unlisted}"
+    assert not unlisted, f"the layout table (docs/development.md) does not name: {unlisted}"

@@ -115,9 +115,10 @@ def stock_logits_diff(folder: Path, class_name: str, ids: torch.Tensor, ours: to
         # offline. Nothing from the checkout is on the path, and stock_logits.py fails if moe_dist got imported.
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        proc = subprocess.run([sys.executable, "-I", str(_STOCK_LOGITS), str(folder), class_name, str(ids_path),
-                               str(logits_path)], check=False, cwd=tmp, env=env, capture_output=True, text=True,
-                              timeout=900)
+        # Absolute: the check runs in another folder, where a relative OUT would read as a hub name.
+        proc = subprocess.run([sys.executable, "-I", str(_STOCK_LOGITS), str(Path(folder).resolve()), class_name,
+                               str(ids_path), str(logits_path)], check=False, cwd=tmp, env=env, capture_output=True,
+                              text=True, timeout=900)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise ExportError(f"the stock {class_name} cannot load the export (exit {proc.returncode}): {last}")
