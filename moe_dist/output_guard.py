@@ -56,9 +56,9 @@ def check(folder: str | os.PathLike, kind: str, names: Iterable[str], *, legacy:
     if not folder.is_dir():
         raise OutputRefused(f"{_label(what, folder)} is a file, not a folder")
     ours = owned(folder)
-    is_legacy = not ours and legacy is not None and legacy(folder)
     taken = [n for n in names if (folder / n).exists() or (folder / n).is_symlink()]
-    foreign = [n for n in taken if ours.get(n) != kind and not is_legacy]
+    # A name the record does not list may still be ours from before records existed (`legacy`).
+    foreign = [n for n in taken if ours.get(n) != kind and (n in ours or legacy is None or not legacy(folder))]
     if foreign:
         raise OutputRefused(f"{_label(what, folder)} holds {_list(folder, foreign)}, which moe-dist did not write "
                             f"as {kind} output; it would be overwritten. Move it, or choose another folder")

@@ -210,9 +210,10 @@ def test_profile_memory_predicts_a_measured_ep2_etp2_run_within_10_percent(tmp_p
     JSON asks for a bucket of 5e5 elements (2 MB) and the 10% then tests the rest of the model. The
     allocator's peak moves between otherwise equal launches (the live bytes at a moment depend on when
     gloo's threads allocate and free): over 2 profiled steps the largest rank's peak was 48.8-53.1 MiB
-    in three launches (10.2% to 1.2% under the prediction), over 4 steps 54.4 MiB. So the run is
-    profiled over 4 steps, and the activations, which the prediction counts most closely, are made the
-    largest part (the full 128-token context)."""
+    in three launches (10.2% to 1.2% under the prediction), over 4 steps 54.4 MiB, and once, on a CI
+    machine busier than before, 47.7 MiB (11.4% under). So the run is profiled over 6 steps, and the
+    activations, which the prediction counts most closely, are made the largest part (the full 128-token
+    context)."""
     ds = json.loads(CPU_EP2_ETP2.read_text())
     ds["zero_optimization"]["reduce_bucket_size"] = 500_000
     config = tmp_path / "cpu_ep2_etp2.json"
@@ -220,7 +221,7 @@ def test_profile_memory_predicts_a_measured_ep2_etp2_run_within_10_percent(tmp_p
     out = tmp_path / "mem"
     proc = check(python(ROOT / "tools" / "profile_memory.py", [
         "--preset", "tiny-moe", "--measure", str(config), "--vocab_size", "512", "--seq_len", "128",
-        "--max_steps", "4", "--timed_steps", "1", "--output_dir", str(out)], timeout=600))
+        "--max_steps", "6", "--timed_steps", "1", "--output_dir", str(out)], timeout=600))
     report = (out / "report.md").read_text()
     for scale in ("ep1", "ep2", "ep4", "ep8", "cpu_ep2_etp2 (run)"):
         assert f"| {scale} |" in report, proc.stdout

@@ -14,6 +14,7 @@ shares with its parent).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import os
@@ -27,7 +28,8 @@ from pathlib import Path
 
 from moe_dist.analysis.bench import claim_json, command_line, write_json
 from moe_dist.train.data import BUNDLED_SAMPLE, build_tokenizer
-from moe_dist.train.data_prep import StoryReader, default_num_proc, pack_file, token_dtype, tokenize_to_file
+from moe_dist.train.data_prep import (StoryReader, default_num_proc, one_thread_tokenizers, pack_file, token_dtype,
+                                      tokenize_to_file)
 
 PHASES = ("read", "tokenizer", "tokenize", "pack", "total")
 
@@ -37,7 +39,8 @@ def measure(corpus: Path, num_proc: int, vocab: int, seq_len: int) -> dict:
     out = {"num_proc": num_proc}
     start = time.perf_counter()
     reader = StoryReader(str(corpus), label="corpus")
-    tokenizer = build_tokenizer(f"train:{vocab}", reader, None)
+    with one_thread_tokenizers() if num_proc == 1 else contextlib.nullcontext():  # as data._build_on_main
+        tokenizer = build_tokenizer(f"train:{vocab}", reader, None)
     out["read"], out["tokenizer"] = reader.seconds, time.perf_counter() - start - reader.seconds
     with tempfile.TemporaryDirectory(dir=corpus.parent) as tmp:
         raw, npy = Path(tmp) / "tokens.bin", Path(tmp) / "blocks.npy"

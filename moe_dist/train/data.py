@@ -3,6 +3,7 @@ tokens into fixed-length blocks, and give each rank its resumable share of every
 from __future__ import annotations
 
 import codecs
+import contextlib
 import gzip
 import hashlib
 import json
@@ -18,8 +19,8 @@ import numpy as np
 import torch
 
 from ..atomic_io import write_atomic, write_dir_atomic
-from .data_prep import SEPARATOR, StoryReader, default_num_proc, log_phase, pack_file, progress, token_dtype, \
-    tokenize_to_file
+from .data_prep import (SEPARATOR, StoryReader, default_num_proc, log_phase, one_thread_tokenizers, pack_file,
+                        progress, token_dtype, tokenize_to_file)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -72,8 +73,8 @@ class DataConfig:
         "where tokenized data is cached (default: <output_dir>/cache)")})
     # Not part of the cache key: the blocks are the same for any value.
     num_proc: int | None = field(default=None, metadata={"help": (
-        "processes that tokenize (default: the CPUs available to this process; on a multi-rank launch only "
-        "rank 0 prepares the data)")})
+        "processes that tokenize, one thread each; 1 also trains a train:N tokenizer on one thread (default: the "
+        "CPUs available to this process; on a multi-rank launch only rank 0 prepares the data)")})
 
     def __post_init__(self) -> None:
         if (self.train_file is None) != (self.valid_file is None):
@@ -348,7 +349,8 @@ def _build_on_main(cfg: DataConfig, run_dir: Path, cache_dir: Path) -> None:
         if reader is None:
             build_tokenizer(cfg.tokenizer, None, tok_dir)
         else:
-            with progress(reader, f"read train for {cfg.tokenizer}", True) as stories:
+            threads = one_thread_tokenizers() if num_proc == 1 else contextlib.nullcontext()
+            with threads, progress(reader, f"read train for {cfg.tokenizer}", True) as stories:
                 build_tokenizer(cfg.tokenizer, stories, tok_dir)
             log_phase(f"read train ({reader.stories:,} stories) for the tokenizer", reader.seconds)
             log_phase(f"train the {cfg.tokenizer} tokenizer (reading included)", time.perf_counter() - start,

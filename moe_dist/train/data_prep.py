@@ -5,10 +5,11 @@ Phases, each logged with its time and throughput, with a progress bar and ETA wh
 1. reading: stories stream out of the files (`.txt` split at `<|endoftext|>`, `.jsonl`/`.json` `text`
    fields, `.gz` read directly) or a hub dataset's Arrow table, a chunk at a time; never a whole file;
 2. tokenizer training (`train:N`): the byte-level BPE trainer of `tokenizers`, fed from that stream; it runs
-   on every core itself (Rust) and keeps only its word counts;
-3. tokenization: chunks of stories go to `num_proc` worker processes, each encoding with its own copy of the
-   tokenizer and returning the chunk's token ids (each story ends with eos) as one small array; the main
-   process appends them to a raw token file in chunk order, so the result is the same for any `num_proc`;
+   on every core itself (Rust; on one with `num_proc` 1) and keeps only its word counts;
+3. tokenization: chunks of stories go to `num_proc` worker processes, each encoding on one thread with its
+   own copy of the tokenizer and returning the chunk's token ids (each story ends with eos) as one small
+   array; the main process appends them to a raw token file in chunk order, so the result is the same for
+   any `num_proc`. `num_proc` 1 encodes in the main process, on one thread: `--num_proc N` uses N cores;
 4. packing: the raw tokens are copied into the `[blocks, seq_len + 1]` `.npy` cache through a memmap,
    a slab at a time (the tail that does not fill a block is dropped).
 
@@ -173,9 +174,10 @@ _worker_eos = None
 
 
 @contextlib.contextmanager
-def _one_thread_children():
-    """TOKENIZERS_PARALLELISM=false while the pool forks, so each child starts without the parent's thread
-    pool (and without the library's fork warning); the parent's own setting comes back after."""
+def one_thread_tokenizers():
+    """TOKENIZERS_PARALLELISM=false for the block: `tokenizers` runs one thread (it reads the variable at each
+    call), and a pool forked inside starts without the parent's thread pool (and without the library's fork
+    warning). The setting before comes back after."""
     before = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
@@ -211,9 +213,10 @@ def tokenize_to_file(reader, tokenizer, raw_path: Path, *, num_proc: int, dtype,
         tokens += len(ids)
 
     with open(raw_path, "wb") as out, progress(reader, f"tokenize {label}", show) as stories:
-        if num_proc == 1:
-            for chunk in chunked(stories):
-                write(_encode(chunk, backend, eos))
+        if num_proc == 1:  # one process, one core: what --num_proc 1 asks
+            with one_thread_tokenizers():
+                for chunk in chunked(stories):
+                    write(_encode(chunk, backend, eos))
         else:
             # fork: the workers start at once with the tokenizer library loaded; they run only its Rust code.
             # Each encodes on one thread: a forked child must not touch the thread pool its parent used
@@ -221,7 +224,7 @@ def tokenize_to_file(reader, tokenizer, raw_path: Path, *, num_proc: int, dtype,
             # processes are the parallelism. At most 2 x num_proc chunks are in flight, written back in
             # submission order: memory stays bounded (Pool.imap would read the whole input ahead) and the file
             # is the same for any num_proc.
-            with _one_thread_children(), multiprocessing.get_context("fork").Pool(
+            with one_thread_tokenizers(), multiprocessing.get_context("fork").Pool(
                     num_proc, _init_worker, (backend.to_str(), eos)) as pool:
                 pending: deque = deque()
                 for chunk in chunked(stories):
