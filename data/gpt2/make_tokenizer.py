@@ -43,9 +43,10 @@ def main(tiktoken_file: str, out: str) -> None:
         if ours.encode(text) != theirs:
             sys.exit(f"differs from tiktoken on {text[:60]!r}: {ours.encode(text)[:20]} vs {theirs[:20]}")
     assert len(ours) == 50257 and ours.eos_token_id == 50256
-    ours.save_pretrained(out)
-    for extra in ("vocab.json", "merges.txt"):  # tokenizer.json holds both
-        (Path(out) / extra).unlink(missing_ok=True)
+    written = [Path(f) for f in ours.save_pretrained(out)]
+    for path in written:  # tokenizer.json holds the vocabulary and merges: drop only copies this call wrote
+        if path.name in ("vocab.json", "merges.txt"):
+            path.unlink()
     print(f"{len(texts)} texts encode as tiktoken does; wrote {out}")
 
 
