@@ -24,6 +24,9 @@ EDGE_CASES = ["Hello world", " leading space", "tabs\tand\nnewlines\n\n", "Numbe
 
 
 def main(tiktoken_file: str, out: str) -> None:
+    if Path(out).exists() and any(Path(out).iterdir()):
+        sys.exit(f"error: {out} is not empty; write into a new or empty folder (this script removes the vocab.json "
+                 f"and merges.txt it writes there, and must not touch files of yours)")
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
     from transformers import GPT2Tokenizer
