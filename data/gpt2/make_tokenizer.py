@@ -3,7 +3,7 @@
     pip download --no-deps openai-whisper==20250625        # the sdist holds whisper/assets/gpt2.tiktoken
     tar xzf openai_whisper-20250625.tar.gz openai_whisper-20250625/whisper/assets/gpt2.tiktoken
     pip install tiktoken                                    # only for this script's check
-    python data/gpt2/make_tokenizer.py openai_whisper-20250625/whisper/assets/gpt2.tiktoken data/gpt2
+    python data/gpt2/make_tokenizer.py openai_whisper-20250625/whisper/assets/gpt2.tiktoken NEW_FOLDER  # new or empty
 
 `gpt2.tiktoken` lists GPT-2's 50,256 byte-level tokens with their ranks, which are GPT-2's token ids;
 `<|endoftext|>` is id 50256. The vocabulary and merges are recovered from the ranks with transformers' own
