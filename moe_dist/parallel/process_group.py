@@ -145,3 +145,15 @@ def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def release_distributed() -> None:
+    """Destroy the process groups without a barrier: the last call of a rank that stops on an error
+    raised on purpose (between collectives, so no work of its own is pending in them).
+
+    Without it the gloo threads can abort the exiting process (see shutdown_distributed), and the
+    launcher reports -6 instead of the exit status the error line promised. A peer still waiting
+    in a collective gets a closed connection, as it would when this process exits.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()

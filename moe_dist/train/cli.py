@@ -17,6 +17,7 @@ from ..export import ExportError
 from ..output_guard import OutputRefused
 from ..parallel.ds_config import ConfigError
 from ..parallel.expert_parallel import ExpertParallelError
+from ..parallel.process_group import release_distributed
 from .args import parse_args
 from .checkpoint import CheckpointError
 from .data import DataError
@@ -56,9 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         run(plan)
     except RUN_ERRORS as e:
         _error_line(f"error{f' (rank {rank})' if rank else ''}: {e}")
+        release_distributed()
         return 2
     except TrainingHalted as e:
         _error_line(f"error{f' (rank {rank})' if rank else ''}: {e}")
+        release_distributed()
         return 3
     return 0
 

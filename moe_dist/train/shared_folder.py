@@ -28,8 +28,8 @@ def check_run_folder_shared(run_dir: Path, engine) -> None:
     """Stop every rank unless rank 0 sees every rank's marker in `run_dir`.
 
     Rank 0 raises `UnsharedRunFolder` (one line, exit 2, through cli.main); the others exit 2 quietly.
-    `engine` gives `rank`, `world_size`, `is_main`, `barrier()` and `broadcast_int()`; every rank
-    must call this, since it runs collectives.
+    `engine` gives `rank`, `world_size`, `is_main`, `barrier()`, `broadcast_int()` and `close()`; every
+    rank must call this, since it runs collectives.
     """
     if engine.world_size == 1:
         return
@@ -45,6 +45,11 @@ def check_run_folder_shared(run_dir: Path, engine) -> None:
     # Rank 0 tells every rank how many it missed, so all of them stop (or go on) together.
     missing = engine.broadcast_int(len(unseen))
     mine.unlink(missing_ok=True)
+    if missing:
+        # Every rank knows the verdict, so they can end the process group together: a rank that
+        # exits with gloo's threads alive can abort during finalization (SIGABRT, exit -6 in the
+        # launcher's report; seen in CI) instead of exiting 2.
+        engine.close()
     if missing and engine.is_main:
         raise UnsharedRunFolder(f"--output_dir {run_dir} is not shared by every rank: rank 0 cannot see ranks "
                                 f"{unseen}; put it on storage every node sees")
