@@ -35,9 +35,11 @@ def dense(request, tmp_path_factory):
     return folder
 
 
-def upcycled(folder, upcycling: Upcycling, **overrides) -> MoEForCausalLM:
+def upcycled(folder, upcycling: Upcycling, num_experts_per_tok: int = 1, **overrides) -> MoEForCausalLM:
+    """The upcycled model as the trainer builds it; `num_experts_per_tok` counts copies, as --top_k does."""
     init = read_init_config(folder)
-    config = MoEConfig(**{k: v for k, v in {**moe_fields(init.fields, upcycling), **overrides}.items()
+    fields = moe_fields(init.fields, upcycling, num_experts_per_tok)
+    config = MoEConfig(**{k: v for k, v in {**fields, **overrides}.items()
                           if k in MoEConfig.__dataclass_fields__ and k not in ("architectures", "transformers_version",
                                                                                "dtype", "_name_or_path")})
     with torch.device("meta"):
@@ -60,6 +62,42 @@ def test_renormalised_top_k_keeps_the_dense_function(dense, top_k):
     assert model.config.num_local_experts == 8 and model.config.expert_bias == model.config.bias
     assert (logits(model) - reference).abs().max() <= 1e-5
     assert "the dense FFN exactly" in step0_description(model.config, Upcycling(experts=8))
+
+
+@pytest.mark.parametrize("granularity, top_k", [(2, 1), (2, 2), (4, 2)])
+def test_fine_grained_slices_keep_the_dense_function(dense, granularity, top_k):
+    reference = logits(MoEForCausalLM.from_pretrained(dense).eval())
+    upcycling = Upcycling(experts=4, granularity=granularity)
+    model = upcycled(dense, upcycling, num_experts_per_tok=top_k, norm_topk_prob=True, capacity_factor=None)
+    c = model.config
+    assert (c.num_local_experts, c.num_experts_per_tok, c.moe_intermediate_size) == \
+        (4 * granularity, top_k * granularity, 128 // granularity)
+    assert (logits(model) - reference).abs().max() <= 1e-5
+    # Slice s of copy e holds the dense channels [s * I, (s + 1) * I); its down-projection is scaled by G.
+    dense_up = MoEForCausalLM.from_pretrained(dense).state_dict()["model.layers.0.mlp.up_proj.weight"]
+    weights = model.state_dict()
+    width = 128 // granularity
+    for expert in range(4 * granularity):
+        s = expert % granularity
+        assert torch.equal(weights[f"model.layers.0.mlp.experts.{expert}.up_proj.weight"],
+                           dense_up[s * width:(s + 1) * width])
+    assert upcycling.describe() == f"4 copies split into {granularity} ({4 * granularity} experts of " \
+                                   f"1/{granularity} the dense width)"
+
+
+def test_fine_grained_unnormalised_and_shared_layers_compute_what_the_coarse_ones_do(dense):
+    """A copy's slices share its router row, so each gets 1/G of its gate: the slices of the chosen copies
+    sum to the coarse layer's output even where the gates are not renormalised; 2 shared slices = 1 dense copy."""
+    for fields in (dict(norm_topk_prob=False), dict(norm_topk_prob=True, num_shared_experts=2),
+                   dict(norm_topk_prob=False, router_type="random")):
+        coarse_shared = {**fields, "num_shared_experts": fields.get("num_shared_experts", 0) // 2}
+        coarse = upcycled(dense, Upcycling(experts=4), capacity_factor=None, **coarse_shared)
+        fine = upcycled(dense, Upcycling(experts=4, granularity=2), capacity_factor=None, **fields)
+        assert (logits(fine) - logits(coarse)).abs().max() <= 1e-5, fields
+    # Random routing weighs the chosen copies equally, so it too starts as the dense function.
+    reference = logits(MoEForCausalLM.from_pretrained(dense).eval())
+    assert (logits(fine) - reference).abs().max() <= 1e-5
+    assert step0_description(fine.config, Upcycling(experts=4, granularity=2)).startswith("the dense FFN exactly")
 
 
 def test_unnormalised_top_1_scales_the_ffn_by_its_gate_and_says_so(dense):
@@ -99,7 +137,13 @@ def test_identical_copies_have_cosine_one_and_the_metric_sees_them_drift(dense):
 
 @pytest.mark.parametrize("args, expected", [
     (["--upcycle_experts", "4"], "--upcycle_experts needs --init_from DENSE"),
-    (["--upcycle_noise", "0.1"], "--upcycle_noise and --upcycle_reinit need --upcycle_experts"),
+    (["--upcycle_noise", "0.1"], "--upcycle_noise, --upcycle_reinit and --upcycle_granularity need --upcycle_experts"),
+    (["--upcycle_granularity", "2"], "--upcycle_granularity need --upcycle_experts"),
+    (["@dense", "--upcycle_experts", "4", "--upcycle_granularity", "3"],
+     "--upcycle_granularity=3 is invalid: must be >= 1 and divide the dense FFN width (intermediate_size=128)"),
+    (["@dense", "--upcycle_experts", "4", "--upcycle_granularity", "0"], "--upcycle_granularity=0 is invalid"),
+    (["@dense", "--upcycle_experts", "4", "--upcycle_granularity", "2", "--num_shared_experts", "1"],
+     "--num_shared_experts=1 is invalid with --upcycle_granularity 2: must be a multiple of 2"),
     (["@dense", "--upcycle_experts", "1"], "--upcycle_experts=1 is invalid: must be >= 2"),
     (["@dense", "--upcycle_experts", "4", "--top_k", "5"], "--top_k=5 is invalid with --upcycle_experts 4"),
     (["@dense", "--upcycle_experts", "4", "--upcycle_noise", "-1"], "--upcycle_noise=-1.0 is invalid"),
@@ -130,3 +174,12 @@ def test_a_resume_with_other_upcycling_flags_is_refused(dense, tmp_path, capsys)
     assert train_main([*base, "--upcycle_noise", "0.01"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds a run upcycled with" in err[0] and "same --upcycle_* flags" in err[0], err
+    assert train_main([*base, "--upcycle_granularity", "2"]) == 2
+    assert "holds a run upcycled with" in capsys.readouterr().err
+
+    # A run.json written before fine-grained upcycling existed has no "granularity": it was coarse, and resumes.
+    record = json.loads((run / "run.json").read_text())
+    del record["upcycle"]["granularity"]
+    (run / "run.json").write_text(json.dumps(record))
+    resumed = check(python(TRAIN, [*base, "--max_steps", "3"]))
+    assert "resumed from " in resumed.stderr and json.loads((run / "summary.json").read_text())["steps"] == 3

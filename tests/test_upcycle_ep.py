@@ -2,7 +2,8 @@
 and upcycle -> train -> export -> load -> generate.
 
 A dense run of each block style (GPT-2: LayerNorm, GELU, biases; modern: RMSNorm, RoPE, GQA, SwiGLU) is
-upcycled to 4 experts, top-2 renormalised and dropless. Its step-0 validation loss under `deepspeed` EP=2
+upcycled to 4 copies, top-2 renormalised and dropless; the GPT-2-style one fine-grained, each copy split into
+2 experts (8 experts of half the dense width, top-4), so each rank builds its own slices. Its step-0 validation loss under `deepspeed` EP=2
 (logged before the first step) must equal the dense run's final validation loss on the same blocks; 10 steps
 must give the losses and exported weights of the same run in one process; the modern one exports exactly as
 Mixtral, the GPT-2-style one as our native class, and both generate.
@@ -36,10 +37,13 @@ def dense_run(request, tmp_path_factory):
 
 def test_upcycled_ep2_starts_as_the_dense_model_and_trains_as_one_process(dense_run, tmp_path):
     style, dense = dense_run
+    granularity = 2 if style == "tiny-dense" else 1
     upcycle = ["--init_from", str(dense), "--upcycle_experts", "4", "--top_k", "2", "--norm_topk_prob", "true",
+               "--upcycle_granularity", str(granularity),
                "--dropless", "--bias_update_rate", "0", *DATA, "--max_steps", str(STEPS), "--eval_every", str(STEPS)]
     ep = check(deepspeed(TRAIN, [*upcycle, "--deepspeed", CPU_EP2, "--output_dir", str(tmp_path / "ep")]))
-    said = re.search(r"upcycled to 4 experts: step 0 computes (.*); val loss ([\d.]+) .*summary.json\): ([-+][\d.e-]+)",
+    layer = "4 experts" if granularity == 1 else r"4 copies split into 2 \(8 experts of 1/2 the dense width\)"
+    said = re.search(rf"upcycled to {layer}: step 0 computes (.*); val loss ([\d.]+) .*summary.json\): ([-+][\d.e-]+)",
                      ep.stdout + ep.stderr)
     assert said and said[1].startswith("the dense FFN exactly"), (ep.stdout + ep.stderr)[-3000:]
     dense_loss = json.loads((dense / "summary.json").read_text())["final_val_loss"]
@@ -55,7 +59,10 @@ def test_upcycled_ep2_starts_as_the_dense_model_and_trains_as_one_process(dense_
     assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0]
                if not k.endswith("self_attn.k_proj.bias")) <= 1e-5
     summary = json.loads((tmp_path / "ep" / "summary.json").read_text())
-    assert summary["upcycling"]["experts"] == 4 and summary["upcycled_from"]["steps"] == 6
+    assert summary["upcycling"]["experts"] == 4 and summary["upcycling"]["granularity"] == granularity
+    assert summary["upcycled_from"]["steps"] == 6
+    config = json.loads((tmp_path / "ep" / "hf" / "config.json").read_text())
+    assert (config["num_local_experts"], config["num_experts_per_tok"]) == (4 * granularity, 2 * granularity)
     assert "routing/layer0/expert_cos_mean" in metrics(tmp_path / "ep", "eval")[STEPS]
 
     fmt = "mixtral" if style == "tiny-modern" else "native"

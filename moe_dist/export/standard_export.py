@@ -26,6 +26,7 @@ from .formats import ExportError
 from .native import build_model, check_export_dir, write_export_dir
 from .standard import CLASS_NAMES, MOE_FORMATS, standard_config, unrepresentable
 from .standard_keys import key_pairs
+from .upcycle import Upcycling
 
 TOLERANCE = 1e-4  # max |logit difference| in fp32 (issue 15)
 _STOCK_LOGITS = Path(__file__).with_name("stock_logits.py")
@@ -148,8 +149,8 @@ def model_card(ckpt: Path, model: MoEForCausalLM, fmt: str, class_name: str, dif
         f"- Command (latest launch): `{command}`",
         f"- Data: {data}; tokenised by the tokenizer saved in this folder",
         *([f"- Started from `{record['init_from']['path']}`"
-           + (f", upcycled to {record['upcycle']['experts']} experts per routed layer (sparse upcycling; noise "
-              f"{record['upcycle']['noise']:g}, re-initialised channels {record['upcycle']['reinit']:g})"
+           + (f", upcycled to {Upcycling.from_record(record['upcycle']).describe()} per routed layer (sparse "
+              f"upcycling; noise {record['upcycle']['noise']:g}, re-initialised channels {record['upcycle']['reinit']:g})"
               if record.get("upcycle") else f" ({record['init_from']['format']})")] if record.get("init_from") else []),
         (f"- Engine: {engine}, expert-parallel size {summary.get('ep_size', 'unknown')}, "
          f"world size {summary.get('world_size', 'unknown')}, {summary.get('steps', 'unknown')} steps"),

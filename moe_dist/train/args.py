@@ -62,6 +62,8 @@ class ModelArgs:
     upcycle_noise: float = _help("multiplicative noise std on each upcycled copy's weights", 0.0)
     upcycle_reinit: float = _help("Drop-Upcycling: fraction of each copy's intermediate channels re-initialised",
                                   0.0)
+    upcycle_granularity: int = _help("fine-grained upcycling: split each copy into this many experts of 1/G the "
+                                     "dense width; --top_k counts copies and is scaled by G", 1)
     grad_ckpt: bool = _help("activation checkpointing of every block", False)
 
     def model_overrides(self) -> dict:

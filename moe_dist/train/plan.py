@@ -176,15 +176,18 @@ def _model_config(preset: str, init: InitFrom | None, overrides: dict, upcycling
     if changed:
         raise ConfigError(f"--init_from {init.folder}: cannot change the model's shape ({changed}); "
                           f"routing settings such as --capacity_factor may change")
-    base = moe_fields(init.fields, upcycling) if upcycling else init.fields
-    return config_from_fields({**base, **overrides})
+    if not upcycling:
+        return config_from_fields({**init.fields, **overrides})
+    # --top_k counts copies: a fine-grained layer routes to all the slices of each (moe_fields scales it).
+    base = moe_fields(init.fields, upcycling, _copies_per_token(init, overrides))
+    return config_from_fields({**base, **{k: v for k, v in overrides.items() if k != "num_experts_per_tok"}})
 
 
 def _upcycling(model: ModelArgs, init: InitFrom | None, overrides: dict, *, seed: int) -> Upcycling | None:
     """--upcycle_experts and its flags, checked against the --init_from model; None when not asked."""
     if model.upcycle_experts is None:
-        if model.upcycle_noise or model.upcycle_reinit:
-            raise ConfigError("--upcycle_noise and --upcycle_reinit need --upcycle_experts")
+        if model.upcycle_noise or model.upcycle_reinit or model.upcycle_granularity != 1:
+            raise ConfigError("--upcycle_noise, --upcycle_reinit and --upcycle_granularity need --upcycle_experts")
         return None
     E = model.upcycle_experts
     if init is None:
@@ -196,14 +199,27 @@ def _upcycling(model: ModelArgs, init: InitFrom | None, overrides: dict, *, seed
         raise ConfigError(f"--upcycle_experts={E} is invalid: must be >= 2")
     if "num_local_experts" in overrides:
         raise ConfigError("--num_experts and --upcycle_experts both set the expert count: pass --upcycle_experts")
-    top_k = overrides.get("num_experts_per_tok", 1)
+    top_k = _copies_per_token(init, overrides)
     if not 1 <= top_k <= E:
         raise ConfigError(f"--top_k={top_k} is invalid with --upcycle_experts {E}: must be in [1, {E}]")
     if model.upcycle_noise < 0:
         raise ConfigError(f"--upcycle_noise={model.upcycle_noise} is invalid: must be >= 0")
     if not 0 <= model.upcycle_reinit < 1:
         raise ConfigError(f"--upcycle_reinit={model.upcycle_reinit} is invalid: must be in [0, 1)")
-    return Upcycling(experts=E, noise=model.upcycle_noise, reinit=model.upcycle_reinit, seed=seed)
+    G, width = model.upcycle_granularity, init.fields["intermediate_size"]
+    if G < 1 or width % G:
+        raise ConfigError(f"--upcycle_granularity={G} is invalid: must be >= 1 and divide the dense FFN width "
+                          f"(intermediate_size={width}) into equal slices")
+    shared = overrides.get("num_shared_experts", 0)
+    if shared % G:
+        raise ConfigError(f"--num_shared_experts={shared} is invalid with --upcycle_granularity {G}: must be a "
+                          f"multiple of {G}, so that the shared experts hold whole copies of the dense FFN")
+    return Upcycling(experts=E, noise=model.upcycle_noise, reinit=model.upcycle_reinit, seed=seed, granularity=G)
+
+
+def _copies_per_token(init: InitFrom, overrides: dict) -> int:
+    # --top_k, else the dense config's own field (our dense presets keep one), else one.
+    return overrides.get("num_experts_per_tok", init.fields.get("num_experts_per_tok", 1))
 
 
 def _resolve_init_from(path: str) -> Path:
@@ -297,10 +313,11 @@ def check_run_folder(plan: RunPlan, config: MoEConfig | None = None) -> None:
         return
     saved = json.loads(path.read_text())
     fresh = f"use a new --output_dir, or delete {plan.run_dir} to start over"
-    upcycle = plan.upcycling.record() if plan.upcycling else None
-    if saved.get("upcycle") != upcycle and (upcycle or "upcycle" in saved):
-        raise ConfigError(f"{plan.run_dir} holds a run upcycled with {saved.get('upcycle')}; this command asks "
-                          f"{upcycle}. Resume with the same --upcycle_* flags, or {fresh}")
+    upcycled = Upcycling.from_record(saved["upcycle"]) if saved.get("upcycle") else None
+    if upcycled != plan.upcycling:
+        raise ConfigError(f"{plan.run_dir} holds a run upcycled with {upcycled and upcycled.record()}; this command "
+                          f"asks {plan.upcycling and plan.upcycling.record()}. Resume with the same --upcycle_* "
+                          f"flags, or {fresh}")
     if saved["engine"] != plan.engine and not plan.run.allow_engine_change:
         how = "add --deepspeed" if saved["engine"] == "deepspeed" else "drop --deepspeed"
         raise ConfigError(f"{plan.run_dir} holds a {saved['engine']} run; this command uses {plan.engine}. "

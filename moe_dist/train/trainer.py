@@ -261,8 +261,8 @@ class _Loop:
         compared = (f"; the dense run's final val loss {dense['final_val_loss']:.4f} (its summary.json): "
                     f"{result['loss'] - dense['final_val_loss']:+.4f}" if dense.get("final_val_loss") is not None
                     else "; the dense source records no val loss to compare with")
-        log.info("upcycled to %d experts: step 0 computes %s; val loss %.4f (ppl %.2f)%s",
-                 self.plan.upcycling.experts, step0_description(self.config, self.plan.upcycling), result["loss"],
+        log.info("upcycled to %s: step 0 computes %s; val loss %.4f (ppl %.2f)%s",
+                 self.plan.upcycling.describe(), step0_description(self.config, self.plan.upcycling), result["loss"],
                  result["ppl"], compared)
 
     def save(self, *, best: bool) -> Path:
