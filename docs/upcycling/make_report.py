@@ -3,7 +3,7 @@
     python docs/upcycling/make_report.py runs/upcycling docs/upcycling
 
 For each block style: validation perplexity against total steps, tokens and training FLOPs, where a run
-that starts from the dense checkpoint (dense-cont, up-top1, up-top2) is placed after the dense run's N steps
+that starts from the dense checkpoint (dense-cont, up-top1, up-top2, up-top2-g2) is placed after the dense run's N steps
 and charged their tokens and FLOPs (its sunk cost); tokens/s; and, for the MoE runs, the experts' pairwise
 cosine similarity and utilisation std per layer at every eval. Training FLOPs are 3 x the forward FLOPs of
 `moe_dist.analysis.costs.flops_per_token` (forward + backward), per token of every step.
@@ -20,8 +20,8 @@ from matplotlib.figure import Figure
 from moe_dist.analysis.costs import flops_per_token
 from moe_dist.model.configuration import MoEConfig
 
-RUNS = ("dense", "dense-cont", "up-top1", "up-top2", "scratch")
-FROM_DENSE = ("dense-cont", "up-top1", "up-top2")
+RUNS = ("dense", "dense-cont", "up-top1", "up-top2", "up-top2-g2", "scratch")
+FROM_DENSE = ("dense-cont", "up-top1", "up-top2", "up-top2-g2")
 
 
 def load(run: Path) -> dict:
@@ -104,7 +104,10 @@ def main(runs_dir: str, out_dir: str) -> None:
     runs_dir, out = Path(runs_dir), Path(out_dir)
     md = ["# Sparse upcycling on the TinyStories sample (issue 21)", "",
           "Made by `bash docs/upcycling/run.sh` (runs) and `python docs/upcycling/make_report.py runs/upcycling "
-          "docs/upcycling` (this page); the settings are in run.sh. One seed, one data sample.", ""]
+          "docs/upcycling` (this page); the settings are in run.sh. One seed, one data sample.", "",
+          "up-top2-g2 is fine-grained: 16 experts, each half of one of 8 copies. Its cosine compares every pair, "
+          "and the two halves of a copy hold different channels, so it starts near 7/15 (the 7 other copies of "
+          "the same half are identical), not at 1: read it against 7/15, the coarse runs against 1.", ""]
     results = {}
     for style in ("gpt2", "modern"):
         runs = {name: load(runs_dir / style / name) for name in RUNS if (runs_dir / style / name / "summary.json").is_file()}
