@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from moe_dist.export.standard_export import without_moe_dist
 from moe_dist.parallel.process_group import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,9 +83,9 @@ def truncate_run(src: Path, dst: Path, keep_step: int) -> None:
 
 
 def run_without_moe_dist(script: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    """Run `script` in a fresh interpreter that cannot import moe_dist from the checkout (no PYTHONPATH,
-    run from `tmp_path`) and never reaches the hub: how a user without our package loads an export."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    """Run `script` in a fresh interpreter that cannot import moe_dist from the checkout (no PYTHONPATH entry
+    that holds it, run from `tmp_path`) and never reaches the hub: how a user without our package loads an export."""
+    env = without_moe_dist(os.environ)
     env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120)

@@ -107,17 +107,29 @@ def _generation_config(model: MoEForCausalLM, tokenizer) -> GenerationConfig:
                             pad_token_id=source.pad_token_id)
 
 
+def without_moe_dist(environ: dict) -> dict:
+    """`environ` for a process that loads an export as a user without our package would: PYTHONPATH keeps
+    only the entries that hold no `moe_dist`. The others stay: on the lent GPU machine transformers itself
+    comes from a wheel kit on PYTHONPATH (tools/gpu_run.sh), and the image's own release is older."""
+    env = {k: v for k, v in environ.items() if k != "PYTHONPATH"}
+    keep = [str(Path(p).resolve()) for p in environ.get("PYTHONPATH", "").split(os.pathsep)
+            if p and not (Path(p) / "moe_dist" / "__init__.py").exists()]
+    if keep:
+        env["PYTHONPATH"] = os.pathsep.join(keep)
+    return env
+
+
 def stock_logits_diff(folder: Path, class_name: str, ids: torch.Tensor, ours: torch.Tensor) -> float:
     """Max |logits(stock class, fresh interpreter) - ours| on `ids`."""
     with tempfile.TemporaryDirectory() as tmp:
         ids_path, logits_path = Path(tmp) / "ids.pt", Path(tmp) / "logits.pt"
         torch.save(ids, ids_path)
-        # -I: no PYTHONPATH, no user site, not the script's folder on sys.path; an empty working folder,
-        # offline. Nothing from the checkout is on the path, and stock_logits.py fails if moe_dist got imported.
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        # -s: no user site; an empty working folder, offline, and no PYTHONPATH entry that holds moe_dist.
+        # stock_logits.py fails if moe_dist got imported.
+        env = without_moe_dist(os.environ)
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         # Absolute: the check runs in another folder, where a relative OUT would read as a hub name.
-        proc = subprocess.run([sys.executable, "-I", str(_STOCK_LOGITS), str(Path(folder).resolve()), class_name,
+        proc = subprocess.run([sys.executable, "-s", str(_STOCK_LOGITS), str(Path(folder).resolve()), class_name,
                                str(ids_path), str(logits_path)], check=False, cwd=tmp, env=env, capture_output=True,
                               text=True, timeout=900)
         if proc.returncode != 0:
