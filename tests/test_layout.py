@@ -1,4 +1,5 @@
-"""The package stays navigable: size limits from DESIGN.md, and the layout table (docs/development.md) is the tree."""
+"""The package stays navigable: the size limits of docs/design.md#code-conventions, and the layout table
+(docs/development.md) is the tree."""
 
 import ast
 import re

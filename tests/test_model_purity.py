@@ -1,5 +1,5 @@
 """The model subpackage is exactly what an export ships for `trust_remote_code`: it imports only its
-siblings and third-party modelling code, and nothing distributed (issue 11, DESIGN.md §4).
+siblings and third-party modelling code, and nothing distributed (docs/design.md#the-model-files-stay-pure).
 
 `save_pretrained` copies these files flat into the export folder, so an import of the rest of
 `moe_dist` breaks the remote load, and a collective inside the model ties it to a process group

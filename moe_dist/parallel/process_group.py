@@ -97,7 +97,7 @@ def init_distributed(timeout_s: int) -> tuple[Path, ...]:
     this rank's file exists: a stale file on some ranks would put a barrier on those ranks only
     and pair it with whatever collective the others run next.
     """
-    import deepspeed  # lazily: only DeepSpeed runs need it (DESIGN.md §4)
+    import deepspeed  # lazily: only DeepSpeed runs need it (docs/design.md#code-conventions)
     from deepspeed.accelerator import get_accelerator
 
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
