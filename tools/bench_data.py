@@ -1,10 +1,11 @@
 """Data preparation at scale: each phase's time and throughput, and peak memory, at --num_proc 1 and all cores.
 
-What: the bundled TinyStories sample's training text repeated `--repeat` times (the issue's 40 times is
-274 MB and 329,201 stories), prepared as the trainer's main rank does (`moe_dist.train.data_prep`):
-reading, training a `train:N` byte-level BPE, tokenizing into the raw token file with `num_proc` processes,
-and packing into the block cache. Each `--num_proc` value runs in a fresh process (so its peak RSS is its
-own), in interleaved rounds; each phase's median is printed side by side with the ratio to `--num_proc 1`.
+What: the bundled TinyStories sample's training text repeated `--repeat` times (40 times, as in the
+stored measurement, is 274 MB and 329,201 stories), prepared as the trainer's main rank does
+(`moe_dist.train.data_prep`): reading, training a `train:N` byte-level BPE, tokenizing into the raw token
+file with `num_proc` processes, and packing into the block cache. Each `--num_proc` value runs in a fresh
+process (so its peak RSS is its own), in interleaved rounds; each phase's median is printed side by side
+with the ratio to `--num_proc 1`.
 Peak RSS: the preparing process's, and the largest worker's (a forked worker's RSS also counts the pages it
 shares with its parent).
 

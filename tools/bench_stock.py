@@ -7,7 +7,8 @@ forward, backward and a fused AdamW step on the same random tokens, dropless, ro
 - `stock eager`: its per-expert loop;
 - `ours <impl>`: our `LocalExperts` with each of `--experts_impl` forced (`loop`, `grouped`), and which one
   our model takes here by default (`moe.experts_impl`).
-Shapes (issue 20): `fine` d 256, 64 experts of width 64, top-8; `coarse` d 512, 8 experts of width 1024,
+Shapes, the two kinds of released MoE scaled down: `fine` (many narrow experts, as in Qwen3-MoE) d 256,
+64 experts of width 64, top-8; `coarse` (few wide experts, as in Mixtral) d 512, 8 experts of width 1024,
 top-2; both 2 layers, 8 x 256 = 2048 tokens, vocab 1024, 8 heads of 32 (2 KV heads).
 
 Method: after `--warmup` steps each, the variants are timed one step at a time in interleaved rounds

@@ -65,12 +65,12 @@ from moe_dist.train.plan import EngineSpec
 
 COMMAND = command_line("python")
 GOAL = ("seed reference (seed shape, one GPU, bf16): E=8 top-1 0.26x dense tok/s (40.4k vs 158.1k), "
-        "E=16 0.16x. Goals (issue 13): seed shape on GPU >= 0.85x for E=8, >= 0.8x for E=16; tiny on CPU "
+        "E=16 0.16x. Goals: seed shape on GPU >= 0.85x for E=8, >= 0.8x for E=16; tiny on CPU "
         ">= 0.92x / 0.85x at 1024 tokens/step, >= 0.97x / 0.95x at 4096")
 
 
 def goal_ratios(args) -> dict[int, float]:
-    """Issue 13's /dense goal per expert count for this run's scale and tokens per step."""
+    """The /dense tok/s ratio set as the goal per expert count (GOAL), for this run's scale and tokens per step."""
     if args.scale == "seed":
         return {8: 0.85, 16: 0.8}
     return {8: 0.97, 16: 0.95} if args.micro_batch_size * args.seq_len >= 4096 else {8: 0.92, 16: 0.85}

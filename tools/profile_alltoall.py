@@ -5,7 +5,7 @@ and reduce-scatter).
     deepspeed --num_gpus 4 tools/profile_alltoall.py --deepspeed ds_configs/cpu_ep2_etp2.json --out DIR
 
 The model, process groups and engine are built as the trainer builds them (`plan_run`,
-`DeepSpeedEngine.setup`: expert parallelism, and expert tensor parallelism (ETP, issue 14) where
+`DeepSpeedEngine.setup`: expert parallelism, and expert tensor parallelism (ETP) where
 the JSON's `"moe"` has `etp_size` > 1, parameter groups, `deepspeed.initialize`), with
 `"wall_clock_breakdown": true` added to the DeepSpeed config. Then, on every rank:
 

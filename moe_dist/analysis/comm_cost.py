@@ -3,7 +3,7 @@
 Pure arithmetic, so `tools/profile_alltoall.py` and its test check measurements against the
 same formula. Byte counts are per rank: the size of the buffer a rank hands to
 `all_to_all_single`, of which (n-1)/n leaves the rank and 1/n stays with it; for the expert
-tensor parallel (ETP, issue 14) collectives, the full buffer of the group: the all-gather's
+tensor parallel (ETP) collectives, the full buffer of the group: the all-gather's
 output and the reduce-scatter's input. The per-layer ETP count is
 `parallel.expert_tensor_parallel.etp_bytes_per_layer`, which the layer's own byte counter is
 tested against; this module only multiplies it out per step.

@@ -102,7 +102,7 @@ def flops_per_token(config: MoEConfig, *, context: int) -> dict[str, int]:
 def expert_rows_per_rank(config: MoEConfig, *, tokens_per_rank: int, ep_size: int = 1, etp_size: int = 1) -> int:
     """Rows one rank pushes through its experts per MoE layer and micro-batch (each row through a 1/etp_size slice).
 
-    ETP (issue 14) all-gathers the tokens of its `etp_size` ranks, so a rank runs its slices on
+    ETP all-gathers the tokens of its `etp_size` ranks, so a rank runs its slices on
     etp_size x `tokens_per_rank` tokens. EP > 1 goes through DeepSpeed's capacity buffer, which
     computes every slot, empty ones too: E x C per rank, C the capacity of the gathered tokens
     (etp_size x the per-rank capacity, see `expert_tensor_parallel._gather_routing`). Without
@@ -168,7 +168,7 @@ def _activation_bytes_per_token(config: MoEConfig, layer: int, *, a: int, contex
     intermediates (gate, silu(gate), up, product) where GELU keeps 2 (its input and output).
     MoE: the router works in fp32; every route keeps its gathered input and expert body, and
     the fp32 combine keeps the expert output and its weighted copy (moe.LocalExperts).
-    ETP (issue 14): a rank runs the routes of the tokens of all T ranks of its ETP group, each
+    ETP: a rank runs the routes of the tokens of all T ranks of its ETP group, each
     through a 1/T slice of its expert: per own token T x the routes, each keeping a full-width
     input and output but 1/T of the body. The gathered gate weights and expert ids (a few
     bytes per route) are left out.
@@ -254,7 +254,7 @@ def memory_bytes(config: MoEConfig, *, zero_stage: int, ep_size: int, world_size
 
     Assumptions:
     - weights: dense parameters are replicated; each rank holds E/ep_size experts per layer,
-      each as a 1/etp_size slice under expert tensor parallelism (issue 14). Held in
+      each as a 1/etp_size slice under expert tensor parallelism. Held in
       `precision` (bf16/fp16 weights are 2 bytes, fp32 4).
     - gradients: same dtype as the weights; ZeRO-2 shards them (dense over `world_size`
       ranks, experts over the world/(ep_size x etp_size) ranks of their expert-data-parallel group).

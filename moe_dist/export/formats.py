@@ -7,7 +7,7 @@ One checkpoint folder (`checkpoints/stepNNNNNNNN/`) holds, from DeepSpeed with n
     layer_{L}_expert_{E}_mp_rank_00_model_states.pt   one expert of MoE layer L, keyed by its global id E
     zero_pp_rank_{R}_mp_rank_00_optim_states.pt       ZeRO-1/2: rank R's flat fp32 partition and Adam moments
                                                       (bf16_zero_pp_rank_... in a bf16 run)
-    expert_slices.json                                only with expert tensor parallelism (issue 14): the expert
+    expert_slices.json                                only with expert tensor parallelism: the expert
                                                       files then hold slices, id = (p*T + t) * E/P + local expert
 
 (`zero_to_fp32` ignores the expert files, DeepSpeed #4497, so weights are assembled here), or from
@@ -134,7 +134,7 @@ def load_zero_shard(shard: Path) -> dict:
         return torch.load(shard, map_location="cpu", weights_only=True)["optimizer_state_dict"]
 
 
-# ---- expert tensor parallelism: experts saved as slices (issue 14) --------------------------------
+# ---- expert tensor parallelism: experts saved as slices -------------------------------------------
 
 
 def read_expert_slices(ckpt: Path) -> dict | None:

@@ -139,9 +139,9 @@ class TrainEngine(ABC):
         The bias must move on the loads of the whole batch, identically on every rank, or the
         replicas diverge; each rank counted only its own tokens. Stacking every layer's window
         into one [L, E] tensor makes that one collective per step rather than one per layer,
-        and keeps the model free of process groups (issue 11; torchtitan updates its expert
-        bias outside the model too). A skipped step (`apply=False`, agreed by all ranks)
-        drops the windows, with no collective.
+        and keeps the model free of process groups, as the files an export ships for
+        trust_remote_code must be (torchtitan updates its expert bias outside the model too).
+        A skipped step (`apply=False`, agreed by all ranks) drops the windows, with no collective.
         """
         loads = self.model.router_loads()
         if not (apply and loads):

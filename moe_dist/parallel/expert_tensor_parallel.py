@@ -1,4 +1,4 @@
-"""Expert tensor parallelism (ETP, issue 14): every expert sliced over `etp_size` ranks, combined with EP.
+"""Expert tensor parallelism (ETP): every expert sliced over `etp_size` ranks, combined with EP.
 
 Layout. The world is split into blocks of P*T consecutive ranks (P = ep_size, T = etp_size); the
 blocks are data-parallel replicas of the experts. Inside a block, rank j = p*T + t holds slice t
@@ -13,9 +13,9 @@ DeepSpeed's groups API gives the `ep_size_{P*T}` groups; the ETP and all-to-all 
 counterpart there (its own ETP needs a Megatron `mpu`), so they come from `dist.new_group`.
 
 Forward. Each rank routes its OWN tokens (router, aux and z losses exactly as without ETP, so no
-loss is counted twice), then the ETP group all-gathers the tokens and their routing. Issue 14
-asks for every rank to route the same gathered tokens; gathering the routing instead is the
-same decision (each token is routed once, by the rank that owns it, and every rank of the group
+loss is counted twice), then the ETP group all-gathers the tokens and their routing. Every rank
+of the group must run the same routes on the same gathered tokens; gathering the routing gives
+exactly that (each token is routed once, by the rank that owns it, and every rank of the group
 then holds the identical gathered routing by construction) and costs no repeated gate matmul.
 Each rank runs its slice of every local expert on the gathered tokens: W1/W3 (up/gate) split by
 output columns with their biases, W2 (down) by input rows, its bias held and added by slice 0

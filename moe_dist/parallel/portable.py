@@ -7,7 +7,7 @@ rank owns them now. DeepSpeed's own converters (`ds_to_universal`, `zero_to_fp32
 on native-MoE checkpoints; ZeRO-1/2 shards record where each parameter lies in them
 (`param_slice_mappings`), which is all this needs. The files and their names are
 `moe_dist.export.formats`'s business; this module only reassembles what they hold. Expert
-slices (ETP, issue 14) are joined into whole experts on reading and cut again for a sliced
+slices (ETP) are joined into whole experts on reading and cut again for a sliced
 target (`slice_state`), so every layout change takes the same path.
 """
 

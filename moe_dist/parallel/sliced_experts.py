@@ -1,4 +1,4 @@
-"""Generation with sliced experts (issue 14): the inference use of the expert-tensor-parallel layout.
+"""Generation with sliced experts: the inference use of the expert-tensor-parallel layout.
 
 `deepspeed --num_gpus T launch/generate.py --etp_size T ...` runs T ranks. Every rank holds the
 whole non-expert model and the same prompts, so every rank routes every token the same way. Each
