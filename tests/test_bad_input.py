@@ -147,7 +147,7 @@ def test_the_real_script_exits_2_and_prints_one_line(tmp_path):
     assert not (tmp_path / "r").exists()  # nothing half-written for the next launch to trip over
 
 
-# ---- expert tensor parallelism (issue 14): "moe": {"ep_size": P, "etp_size": T} ---------------------------
+# ---- expert tensor parallelism: "moe": {"ep_size": P, "etp_size": T} ---------------------------------------
 
 
 @pytest.mark.parametrize("world,moe,extra,expected", [
@@ -180,7 +180,7 @@ def test_bad_etp_layout_through_the_real_script_exits_2_with_one_line(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-# ---- generation with sliced experts (issue 14): launch/generate.py --etp_size T ---------------------------
+# ---- generation with sliced experts: launch/generate.py --etp_size T ---------------------------------------
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""The per-rank RNG state a checkpoint saves: restorable with fewer devices visible (issue 12)."""
+"""The per-rank RNG state a checkpoint saves: restorable with fewer devices visible (a job may resume with
+one GPU per process)."""
 import random
 
 import numpy as np

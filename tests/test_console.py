@@ -1,4 +1,4 @@
-"""What a user sees (issue 23): our progress lines and real warnings, each once; no tool in a run folder
+"""What a user sees: our progress lines and real warnings, each once; no tool in a run folder
 that fails; and a launched tool that refuses its output folder says so once, before any process group."""
 
 import re

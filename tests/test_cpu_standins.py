@@ -1,4 +1,4 @@
-"""CPU stand-ins for multi-node and multi-GPU layouts (issue 12), through the real launchers.
+"""CPU stand-ins for multi-node and multi-GPU layouts, through the real launchers.
 
 Two "nodes" are two `torchrun --nnodes 2 --nproc_per_node 1 --node_rank i` processes on localhost,
 so each rank has LOCAL_RANK 0 while its global rank is 0 or 1: the mapping a second machine gives.

@@ -1,4 +1,4 @@
-"""The README and the guides stay true (issue 24): every relative link points somewhere, and every command
+"""The README and the guides stay true: every relative link points somewhere, and every command
 marked runnable runs as written.
 
 Links: every `[text](target)` in README.md and docs/ (generated reports included) whose target is not a URL

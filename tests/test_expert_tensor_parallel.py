@@ -1,4 +1,4 @@
-"""Expert tensor parallelism (issue 14): slices add up to the expert, the layout's groups, and, through the
+"""Expert tensor parallelism: slices add up to the expert, the layout's groups, and, through the
 real `deepspeed` launcher on CPU ranks, ETP=2 on 2 ranks and EP=2 x ETP=2 on 4 ranks against one process,
 and resume across ETP sizes both ways (2 -> 1 joins the slices, 1 -> 2 cuts them)."""
 

@@ -1,4 +1,4 @@
-"""bf16 under DeepSpeed on CPU with EP=2 (issue 12): it trains with the routers in fp32, resumes
+"""bf16 under DeepSpeed on CPU with EP=2: it trains with the routers in fp32, resumes
 exactly, and its export takes the fp32 masters, in the dtype asked for.
 
 DeepSpeed saves the module's weights in bf16; its ZeRO-1/2 shards hold the fp32 masters those are

@@ -1,4 +1,4 @@
-"""Exports to stock transformers classes (issue 15): GPT-2, Mixtral and Ernie 4.5 MoE load the folder with no
+"""Exports to stock transformers classes: GPT-2, Mixtral and Ernie 4.5 MoE load the folder with no
 moe_dist and no trust_remote_code, and reproduce our model; what a class cannot represent is refused up front.
 
 Seeded tiny models are saved in the accelerate checkpoint layout (`formats.ACCELERATE_WEIGHTS`) inside a run

@@ -1,5 +1,5 @@
 """An EP=2 DeepSpeed checkpoint exports straight to the stock Mixtral and Ernie 4.5 MoE classes, with the
-native export's logits (issue 15). Its own file: it launches 2 CPU ranks (the `multirank` worker)."""
+native export's logits. Its own file: it launches 2 CPU ranks (the `multirank` worker)."""
 
 import json
 

@@ -1,5 +1,5 @@
 """Every model feature trains under expert parallelism, and the aux-loss-free router bias costs one
-all-reduce per optimizer step for all MoE layers together, identical on every rank (issues 11, 12).
+all-reduce per optimizer step for all MoE layers together, identical on every rank.
 
 Two CPU ranks through the real launchers, running `tests/scripts/train_probe.py` (the real trainer,
 with every `torch.distributed.all_reduce` counted and the routers observed). The model switches on

@@ -1,4 +1,4 @@
-"""Generation with sliced experts (issue 14): `launch/generate.py --etp_size T` on T ranks, each holding slice t
+"""Generation with sliced experts: `launch/generate.py --etp_size T` on T ranks, each holding slice t
 of every expert, gives the single-process greedy text.
 
 Two exports, both with random weights and random expert biases (a bias added on every slice, or

@@ -2,7 +2,7 @@
 
 Every stage runs its real commands (pytest, both engines through their launchers, resume, export,
 generate, the two benchmarks, the memory profiler), so a broken stage shows up here before a GPU
-is ever lent. The check must always hand back what it measured (issue 22): a stage that raises or
+is ever lent. The check must always hand back what it measured (a GPU is lent for minutes, once): a stage that raises or
 hangs is recorded and the others still run, a stage that cannot fit before the deadline is skipped,
 and the JSON is complete either way.
 """

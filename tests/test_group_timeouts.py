@@ -1,5 +1,5 @@
 """Every process group times out after the `--dist_timeout` watchdog, so the watchdog's message
-(which names the stuck rank) always ends a hung job first (issues 12, 22).
+(which names the stuck rank) always ends a hung job first.
 
 DeepSpeed makes its expert groups, and inside `deepspeed.initialize` its data-parallel copy of the world
 group, with `new_group(ranks)` and no timeout, and torch's `new_group(timeout=None)` takes the backend's

@@ -1,4 +1,4 @@
-"""The grouped expert GEMM (issue 13) against the per-expert loop, and the MoE block without host syncs."""
+"""The grouped expert GEMM against the per-expert loop, and the MoE block without host syncs."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""The guarded optimizer reaches its skip verdict once per optimizer step (issue 22, item 10).
+"""The guarded optimizer reaches its skip verdict once per optimizer step, not once per parameter group.
 
 ZeRO-1/2 call the optimizer's `step()` once per parameter group; a guard that decided in each call
 would all-reduce a finiteness flag and read it on the host once per group. Two CPU ranks through the

@@ -1,4 +1,4 @@
-"""`--init_from` a stock transformers folder (issue 20): every supported class is converted exactly, and what
+"""`--init_from` a stock transformers folder: every supported class is converted exactly, and what
 cannot be is refused with one line before anything is built or written.
 
 Each class is built from a small random config (tests/stock_models.py) and saved as a downloaded folder

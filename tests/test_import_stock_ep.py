@@ -1,4 +1,4 @@
-"""A stock checkpoint trains under expert parallelism as in one process, and goes back to its own class (issue 20).
+"""A stock checkpoint trains under expert parallelism as in one process, and goes back to its own class.
 
 Through the real launchers on CPU ranks: `--init_from` a random stock folder (tests/stock_models.py), 10 steps
 under `deepspeed` EP=2 (EP=4 for a model of 8 experts on 4 ranks), the same 10 steps in one process with the

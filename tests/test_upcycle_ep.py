@@ -1,4 +1,4 @@
-"""Upcycling through the real launchers (issue 21): the step-0 function under EP=2, EP=2 against one process,
+"""Upcycling through the real launchers: the step-0 function under EP=2, EP=2 against one process,
 and upcycle -> train -> export -> load -> generate.
 
 A dense run of each block style (GPT-2: LayerNorm, GELU, biases; modern: RMSNorm, RoPE, GQA, SwiGLU) is

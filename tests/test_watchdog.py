@@ -1,5 +1,5 @@
-"""The watchdog's heartbeat file is written at most once per second, whatever the step rate (issue 22,
-item 13: a write per step is an RPC per rank per step on NFS or Lustre), and still shows the latest beat."""
+"""The watchdog's heartbeat file is written at most once per second, whatever the step rate (a write
+per step would be an RPC per rank per step on NFS or Lustre), and still shows the latest beat."""
 
 import time
 
