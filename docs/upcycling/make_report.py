@@ -102,7 +102,7 @@ def table(runs: dict, lines: dict) -> list[str]:
 
 def main(runs_dir: str, out_dir: str) -> None:
     runs_dir, out = Path(runs_dir), Path(out_dir)
-    md = ["# Sparse upcycling on the TinyStories sample (issue 21)", "",
+    md = ["# Sparse upcycling on the TinyStories sample", "",
           "Made by `bash docs/upcycling/run.sh` (runs) and `python docs/upcycling/make_report.py runs/upcycling "
           "docs/upcycling` (this page); the settings are in run.sh. One seed, one data sample.", "",
           "up-top2-g2 is fine-grained: 16 experts, each half of one of 8 copies. Its cosine compares every pair, "

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sparse upcycling study (issue 21), on the bundled TinyStories sample, 2 CPU ranks (DeepSpeed EP=2).
+# Sparse upcycling study, on the bundled TinyStories sample, 2 CPU ranks (DeepSpeed EP=2).
 # For each block style (GPT-2: tiny-dense; modern: tiny-modern with no experts, its dense twin):
 #   dense          N steps from scratch (trains the train:4096 tokenizer every later run reuses)
 #   dense-cont     M more steps from dense/hf (fresh optimizer and warmup, as the upcycled runs)
