@@ -1,4 +1,5 @@
-"""The data preparation as it was before issue 25 (commit 653ea5b), timed for docs/bench/bench_data_before.json.
+"""The data preparation as it was before it streamed and tokenized on every core (commit 653ea5b), timed for
+docs/bench/bench_data_before.json.
 
     git worktree add /tmp/oldtree 653ea5b
     python docs/bench/bench_data_before.py CORPUS OUT_DIR   # CORPUS: the bundled training sample x 40
