@@ -5,7 +5,7 @@
     python launch/sweep.py --grid router --scale seed --runs_dir runs --deepspeed ds_configs/ep4.json --num_gpus 4 \\
         -- --max_steps 2000 ...
 
-Grids (see moe_dist/sweep.py): experts (dense, E=4/8/16 top-1), router (jitter x capacity factor),
+Grids (see moe_dist/analysis/sweep.py): experts (dense, E=4/8/16 top-1), router (jitter x capacity factor),
 strategy (top-1/2 vs random-1/2), balance (none, aux loss, aux-loss-free bias, + z-loss).
 Each point trains into RUNS_DIR/GRID/NAME; the commands go to RUNS_DIR/GRID/sweep.json. Re-running
 the same command skips finished runs (summary.json exists) and resumes the others. Arguments after
