@@ -2,9 +2,8 @@
 # Longer horizon for the dense vs E=8 question: 1200 steps (2.5M tokens) instead of 300.
 # Run from anywhere: paths are relative to the repository root, two levels above this script.
 # Data: the TinyStories sample bundled in data/tinystories/ (read as .gz; it is also the default
-# when no data flag is given). The results stored in docs/study were made from
-# ../shared/data/tinystories/{train,valid}.txt, the same text uncompressed (SHA-256 in
-# data/tinystories/SOURCE.md).
+# when no data flag is given). The results stored in docs/study were made from an uncompressed
+# copy of the same text (its SHA-256 sums are in data/tinystories/SOURCE.md).
 set -u
 cd "$(dirname "$0")/../.." || exit 1
 if [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
