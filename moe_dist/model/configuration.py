@@ -8,6 +8,8 @@ run, not of a model, and never lands in `config.json`.
 
 from __future__ import annotations
 
+import math
+
 from transformers import PretrainedConfig
 
 NORM_TYPES = ("layernorm", "rmsnorm")
@@ -18,6 +20,8 @@ QK_NORMS = (None, "head", "projection")
 # RoPE types whose frequencies transformers computes once (modeling_rope_utils.ROPE_INIT_FUNCTIONS); "dynamic"
 # and "longrope" change them with the sequence length, which this model does not do.
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# Expert ids are int32 in the expert-parallel dispatch (expert_parallel._PrecomputedGate): no more experts than that.
+MAX_EXPERTS = 2**31 - 1
 
 # GPT-2 style block used by the seed studies. With biases in attention, LayerNorm and the
 # dense FFN, and none in experts or router, this reproduces the seed parameter table
@@ -87,6 +91,17 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def _is_a(value, kind: str) -> bool:
+    """Whether `value` is of the annotated `kind` (JSON's kinds: a bool is not a number, an int is a float)."""
+    if kind == "None":
+        return value is None
+    if isinstance(value, bool):
+        return kind == "bool"
+    if kind == "list[int]":
+        return isinstance(value, list) and all(_is_a(v, "int") for v in value)
+    return isinstance(value, {"int": int, "float": (int, float), "bool": bool, "str": str, "dict": dict}[kind])
+
+
 class MoEConfig(PretrainedConfig):
     """Shape and routing of a decoder-only (MoE) language model.
 
@@ -147,11 +162,12 @@ class MoEConfig(PretrainedConfig):
     router_bias_update_rate: float = 0.0  # DeepSeek-V3 aux-loss-free bias; 0 = off
 
     def __post_init__(self, **kwargs):
+        self._check_types()  # first: the defaults below compute with the values
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
-        if self.head_dim is None:
+        if self.head_dim is None and self.num_attention_heads > 0:  # else _validate refuses the head count
             self.head_dim = self.hidden_size // self.num_attention_heads
         self.mlp_only_layers = sorted(self.mlp_only_layers or [])
         super().__post_init__(**kwargs)  # moves rope_theta into rope_parameters (RotaryEmbeddingConfigMixin)
@@ -179,6 +195,18 @@ class MoEConfig(PretrainedConfig):
         if unknown:
             raise ValueError(f"unknown MoEConfig field(s) {unknown} for preset {name!r}")
         return cls(**{**PRESETS[name], **overrides})
+
+    def _check_types(self) -> None:
+        """Each field's value is of its annotated type, a float finite and an int an int64: a config.json is anyone's
+        text."""
+        for name, annotation in MoEConfig.__annotations__.items():
+            value = getattr(self, name)
+            if not any(_is_a(value, kind.strip()) for kind in annotation.split("|")):
+                raise ValueError(f"MoEConfig.{name}={value!r} is invalid: expected {annotation}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"MoEConfig.{name}={value!r} is invalid: must be finite")
+            if isinstance(value, int) and not -2**63 <= value < 2**63:  # torch and safetensors hold sizes as int64
+                raise ValueError(f"MoEConfig.{name}={value!r} is invalid: must fit in int64")
 
     def _validate(self) -> None:
         def bad(field: str, valid: str) -> ValueError:
@@ -212,6 +240,8 @@ class MoEConfig(PretrainedConfig):
             raise bad("num_attention_heads", f"RoPE needs an even head_dim, got {self.head_dim}")
         if self.num_local_experts == 1 or self.num_local_experts < 0:
             raise bad("num_local_experts", "use 0 for a dense model or >= 2 experts")
+        if self.num_local_experts > MAX_EXPERTS:
+            raise bad("num_local_experts", f"must be <= {MAX_EXPERTS} (expert ids are int32 in the dispatch)")
         if self.is_moe and self.num_experts_per_tok > self.num_local_experts:
             raise bad("num_experts_per_tok", f"top_k must be in [1, num_local_experts={self.num_local_experts}]")
         if not 0 <= self.skip_first_moe < self.num_hidden_layers:
