@@ -10,6 +10,7 @@ from inside `deepspeed.initialize`.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,9 +66,7 @@ def load_deepspeed_config(path: str, *, world_size: int) -> DeepSpeedSettings:
     ep_size = _positive_int(where, "moe.ep_size", moe["ep_size"])
     etp_size = _positive_int(where, "moe.etp_size", moe.get("etp_size", 1))
 
-    zero = raw.get("zero_optimization", {})
-    if not isinstance(zero, dict):
-        raise ConfigError(f"{where} zero_optimization must be an object, got {type(zero).__name__}")
+    zero = _block(where, raw, "zero_optimization")
     bad_zero = sorted(set(zero) - _KNOWN_ZERO)
     if bad_zero:
         raise ConfigError(f"{where} unknown zero_optimization key(s) {bad_zero}; known keys: {sorted(_KNOWN_ZERO)}")
@@ -83,8 +82,7 @@ def load_deepspeed_config(path: str, *, world_size: int) -> DeepSpeedSettings:
                               f"the CPU, and the step's agreement all-reduce would then send a CPU tensor over "
                               f"NCCL; remove it (or set \"device\": \"none\")")
 
-    bf16 = bool(raw.get("bf16", {}).get("enabled", False))
-    fp16 = bool(raw.get("fp16", {}).get("enabled", False))
+    bf16, fp16 = (bool(_block(where, raw, name).get("enabled", False)) for name in ("bf16", "fp16"))
     if bf16 and fp16:
         raise ConfigError(f"{where} bf16.enabled and fp16.enabled are both true; enable at most one")
     micro = _positive_int(where, "train_micro_batch_size_per_gpu", raw.get("train_micro_batch_size_per_gpu"))
@@ -93,10 +91,17 @@ def load_deepspeed_config(path: str, *, world_size: int) -> DeepSpeedSettings:
         raise ConfigError(f"{where} train_batch_size={raw['train_batch_size']} != micro batch {micro} x "
                           f"accumulation {accum} x world size {world_size}; drop train_batch_size or fix it")
     clip = raw.get("gradient_clipping", 0.0)
-    if not isinstance(clip, (int, float)) or clip < 0:
-        raise ConfigError(f"{where} gradient_clipping={clip!r} is invalid: a number >= 0 (0 = off)")
+    if not isinstance(clip, (int, float)) or isinstance(clip, bool) or not 0 <= clip < math.inf:  # NaN too
+        raise ConfigError(f"{where} gradient_clipping={clip!r} is invalid: a finite number >= 0 (0 = off)")
     precision = "bf16" if bf16 else "fp16" if fp16 else "fp32"
     return DeepSpeedSettings(path, raw, ep_size, stage, precision, micro, accum, float(clip), etp_size=etp_size)
+
+
+def _block(where: str, raw: dict, name: str) -> dict:
+    block = raw.get(name, {})
+    if not isinstance(block, dict):
+        raise ConfigError(f"{where} {name} must be an object, got {type(block).__name__}")
+    return block
 
 
 def _offload_enabled(block) -> bool:
