@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ..model.configuration import MoEConfig
 from .formats import ExportError
@@ -29,19 +29,57 @@ def has_safetensors(folder: Path) -> bool:
     return (folder / "model.safetensors").is_file() or (folder / INDEX).is_file()
 
 
+def read_weight_map(folder: Path) -> dict[str, str]:
+    """Tensor name -> the file in `folder` that holds it: from the index when there is one, else the one file's
+    header. `ExportError` naming the file when it cannot be read."""
+    index = folder / INDEX
+    if not index.is_file():
+        return dict.fromkeys(_header_keys(folder / "model.safetensors"), "model.safetensors")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable, not JSON, no weight_map, not an object
+        raise ExportError(f"{index}: not a safetensors index ({type(e).__name__}: {e}); it needs a "
+                          f'"weight_map" object of tensor name -> file') from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ExportError(f'{index}: "weight_map" must map each tensor name to a file name')
+    return weight_map
+
+
+def check_safetensors(folder: Path) -> None:
+    """Every safetensors file the folder's weights come from opens, and holds what the index says it holds.
+
+    Reads headers only (safetensors checks there that the tensors cover the file exactly, so a truncated file is
+    found), before a run writes anything; a tensor's bytes are read when training loads it.
+    """
+    weight_map = read_weight_map(folder)
+    for file in sorted(set(weight_map.values())):
+        path = folder / file
+        if not path.is_file():
+            raise ExportError(f"{folder / INDEX}: names shard {file}, which is not in {folder}")
+        held = _header_keys(path)
+        missing = [k for k, f in weight_map.items() if f == file and k not in held]
+        if missing:
+            raise ExportError(f"{folder / INDEX}: names {len(missing)} tensor(s) in {file} that it does not hold "
+                              f"(first: {missing[0]!r})")
+
+
+def _header_keys(path: Path) -> set[str]:
+    try:
+        with safe_open(path, "pt") as f:
+            return set(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise ExportError(f"{path}: not a readable safetensors file ({e}); was it truncated or copied "
+                          f"incompletely?") from None
+
+
 class SafetensorsFiles:
     """Lazy access to a folder's safetensors: a tensor is read from disk when asked for, not before."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        if (self.folder / INDEX).is_file():
-            weight_map = json.loads((self.folder / INDEX).read_text())["weight_map"]
-        elif (self.folder / "model.safetensors").is_file():
-            with safe_open(self.folder / "model.safetensors", "pt") as f:
-                weight_map = dict.fromkeys(f.keys(), "model.safetensors")
-        else:
+        if not has_safetensors(self.folder):
             raise ExportError(f"{self.folder}: no model.safetensors or {INDEX} (only safetensors checkpoints are read)")
-        self.weight_map: dict[str, str] = weight_map
+        self.weight_map = read_weight_map(self.folder)
         self._open: dict[str, object] = {}
 
     def __contains__(self, key: str) -> bool:

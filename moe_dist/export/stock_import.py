@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 from ..model.configuration import MoEConfig
 from ..model.modeling import MoEForCausalLM
 from .formats import ExportError
-from .sources import NativeSource, StockSource, has_safetensors
+from .sources import NativeSource, StockSource, check_safetensors, has_safetensors
 from .standard import CLASS_NAMES, STANDARD_FORMATS, Unrepresentable, stock_config, to_ours
 from .standard_export import TOLERANCE
 from .upcycle import UpcycleSource, Upcycling
@@ -37,25 +38,45 @@ class InitFrom:
 
 def read_init_config(folder: Path) -> InitFrom:
     """What `folder` holds and our config fields for it; `ExportError` (one line) when we cannot import it."""
-    try:
-        config_json = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ExportError(f"--init_from {folder}: cannot read config.json ({type(e).__name__})") from None
+    config_json = _read_config_json(folder)
     model_type = config_json.get("model_type")
-    if model_type == MoEConfig.model_type:
-        return InitFrom(folder, NATIVE, MoEConfig.from_dict(config_json).to_dict())
-    if model_type not in STANDARD_FORMATS:
+    if model_type != MoEConfig.model_type and model_type not in STANDARD_FORMATS:
         raise ExportError(f"--init_from {folder}: model_type={model_type!r} is not supported; supported: "
                           f"{MoEConfig.model_type} (our exports), {', '.join(STANDARD_FORMATS)}")
     if not has_safetensors(folder):
         raise ExportError(f"--init_from {folder}: no model.safetensors or model.safetensors.index.json "
                           f"(only safetensors checkpoints are read)")
     try:
-        fields = to_ours(stock_config(config_json))
+        if model_type == MoEConfig.model_type:
+            init = InitFrom(folder, NATIVE, MoEConfig.from_dict(config_json).to_dict())
+        else:
+            fields = to_ours(stock_config(config_json))
+            config_from_fields(fields)  # our model's own checks, while the folder can still be named
+            init = InitFrom(folder, model_type, fields)
     except Unrepresentable as e:
         raise ExportError(f"--init_from {folder}: {CLASS_NAMES[model_type]} field {e} cannot be represented "
                           f"by moe-dist's model") from None
-    return InitFrom(folder, model_type, fields)
+    # A field of the wrong type or out of range; ArithmeticError: transformers' own checks divide by fields
+    # (hidden_size % num_attention_heads) before they check them.
+    except (TypeError, ValueError, ArithmeticError, StrictDataclassError) as e:
+        raise ExportError(f"--init_from {folder}: config.json: {' '.join(str(e).split())}") from None
+    try:
+        check_safetensors(folder)
+    except ExportError as e:
+        raise ExportError(f"--init_from {folder}: {e}") from None
+    return init
+
+
+def _read_config_json(folder: Path) -> dict:
+    path = folder / "config.json"
+    try:
+        config_json = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise ExportError(f"--init_from {folder}: cannot read config.json ({type(e).__name__}: {e})") from None
+    if not isinstance(config_json, dict):
+        raise ExportError(f"--init_from {folder}: config.json holds a JSON {type(config_json).__name__}, not an "
+                          f"object of config fields")
+    return config_json
 
 
 def config_from_fields(fields: dict) -> MoEConfig:
