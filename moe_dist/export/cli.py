@@ -19,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..model.configuration import MoEConfig
 from ..output_guard import OutputRefused
 from .formats import ExportError
 from .native import DTYPES, check_export_dir, export_checkpoint, read_config
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = args.tokenizer or next((str(p) for p in (ckpt.parent.parent / "tokenizer",) if p.is_dir()), None)
     try:
         check_export_dir(args.out_dir)  # before any work: OUT_DIR is new, empty, or our own earlier export
+        _check_ours(ckpt)
         formats = _auto_formats(ckpt) if args.format == "auto" else [args.format]
         for fmt in formats[:-1]:  # auto only: a class can still be ruled out by the weights or the logits check
             try:
@@ -79,6 +81,25 @@ def _auto_formats(ckpt: Path) -> list[str]:
         why = "; ".join(f"{f}: {k}={v!r}" for f in STANDARD_FORMATS for k, v in [blocking_field(config, f)])
         print(f"--format auto: no standard class represents this model ({why}); exporting native")
     return [*fitting, "native"]
+
+
+def _check_ours(ckpt: Path) -> None:
+    """Refuse a folder that is not a moe-dist checkpoint, such as a stock model given as RUN, naming what it is."""
+    path = ckpt / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # missing, unreadable, not JSON or not UTF-8
+        raise ExportError(f"{ckpt} is not a moe-dist run or checkpoint: cannot read {path.name} "
+                          f"({type(e).__name__})") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != MoEConfig.model_type:
+        raise ExportError(f"{ckpt} is not a moe-dist run or checkpoint: its config.json has model_type="
+                          f"{model_type!r}; RUN is a run folder or checkpoints/stepNNNNNNNN of ours (to train from "
+                          f"this folder, pass it to launch/train.py --init_from)")
+    try:
+        MoEConfig.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise ExportError(f"{path}: {' '.join(str(e).split())}") from None
 
 
 def _resolve_checkpoint(path: Path) -> Path:
