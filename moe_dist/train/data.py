@@ -10,6 +10,7 @@ import json
 import logging
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,22 +176,68 @@ def _open_file(field: str, path: str) -> tuple[StoryReader, int]:
         raise DataError(f"{field}: {path} is a directory, not a file; pass a file of kind {_VALID_SUFFIXES}")
     if file_kind(p) is None:
         raise DataError(f"{field}: {path} has suffix {''.join(p.suffixes[-2:])!r}; valid are {_VALID_SUFFIXES}")
-    bad = _count_bad_bytes(p)
+    bad = scan_bytes(p, f"{field}: {path}").bad
     if bad:
         log.warning("%s: %d bytes are not valid UTF-8; each was replaced with U+FFFD", path, bad)
     return StoryReader(str(p), label=f"{field}: {path}"), bad
 
 
-def _count_bad_bytes(path: Path) -> int:
-    """Bytes that are not valid UTF-8 (streamed, so huge files are fine)."""
+@dataclass(frozen=True)
+class ByteCounts:
+    total: int
+    bad: int  # bytes that are not valid UTF-8
+    nul: int  # NUL bytes, which no text holds
+
+
+def scan_bytes(path: Path, label: str) -> ByteCounts:
+    """The text's bytes counted, decompressed and streamed to the end (so huge files are fine, and a .gz that is
+    corrupt or truncated is found); `DataError` naming `label` when the file cannot be read to its end."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
-    total = good = 0
+    total = good = nul = 0
+    try:
+        with open_bytes(path) as f:
+            while chunk := f.read(1 << 24):
+                total += len(chunk)
+                nul += chunk.count(0)
+                good += len(decoder.decode(chunk).encode("utf-8"))
+    except (OSError, EOFError, zlib.error) as e:  # gzip raises all three, by how the stream is broken
+        what = "the gzip stream is corrupt or truncated" if str(path).lower().endswith(".gz") else "cannot be read"
+        raise DataError(f"{label}: {what} ({type(e).__name__}: {e})") from None
+    good += len(decoder.decode(b"", final=True).encode("utf-8"))
+    return ByteCounts(total, total - good, nul)
+
+
+def check_data_file(flag: str, path: str) -> None:
+    """Refuse, before the run writes anything, a local data file that data preparation could not read to its end.
+
+    One line naming the file: missing, a folder, an unknown kind, a corrupt or truncated .gz, bytes that are not
+    text (any NUL, or more than 1 in 100 not UTF-8: a few odd bytes are data, replaced with U+FFFD and counted in
+    the log), a JSON record that is not an object with a 'text' string, or no story at all. Streams the file
+    once, and JSON files a second time to parse every record.
+    """
+    p, label = Path(path), f"{flag} {path}"
+    if p.is_dir():
+        raise DataError(f"{label} is a directory; pass a .txt, .json or .jsonl file")
+    if not p.is_file():
+        raise DataError(f"{label} does not exist")
+    if file_kind(p) is None:
+        raise DataError(f"{label} has suffix {''.join(p.suffixes[-2:])!r}; valid are {_VALID_SUFFIXES}")
+    counts = scan_bytes(p, label)
+    if counts.nul:
+        raise DataError(f"{label} is not text: it holds {counts.nul:,} NUL bytes (a binary file, or UTF-16 text)")
+    if counts.bad * 100 > counts.total:
+        raise DataError(f"{label} is not UTF-8 text: {counts.bad:,} of its {counts.total:,} bytes are not valid "
+                        f"UTF-8 (a binary file, or another encoding: convert it with iconv -t UTF-8)")
+    # Every JSON record is parsed and checked (StoryReader raises on a bad one); a text file's first story is enough.
+    stories = sum(1 for _ in StoryReader(str(p), label=label)) if file_kind(p) == "json" else _has_text(p)
+    if not stories:
+        raise DataError(f"{label} is empty: it holds no story, only blank lines or {SEPARATOR} separators")
+
+
+def _has_text(path: Path) -> bool:
+    """Whether any line holds text; stops at the first one, so big corpora cost nothing."""
     with open_bytes(path) as f:
-        while chunk := f.read(1 << 24):
-            total += len(chunk)
-            good += len(decoder.decode(chunk).encode("utf-8"))
-        good += len(decoder.decode(b"", final=True).encode("utf-8"))
-    return total - good
+        return any(line.strip() and line.strip() != SEPARATOR.encode() for line in f)
 
 
 def _source_name(cfg: DataConfig, split: str) -> str:

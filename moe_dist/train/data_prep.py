@@ -141,16 +141,19 @@ def _loads(text: str, label: str):
 
     try:
         return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{label} is not valid json ({e.msg} in a record starting {text.strip()[:40]!r})") from None
+    except (json.JSONDecodeError, RecursionError) as e:  # the second: nesting deeper than the parser follows
+        why = getattr(e, "msg", "nested too deep")
+        raise DataError(f"{label} is not valid json ({why} in a record starting {text.strip()[:40]!r})") from None
 
 
 def _record_text(record, label: str) -> str:
     from .data import DataError
 
     if not isinstance(record, dict) or "text" not in record:
-        found = sorted(record) if isinstance(record, dict) else type(record).__name__
+        found = sorted(record)[:8] if isinstance(record, dict) else type(record).__name__
         raise DataError(f"{label} needs a 'text' field in every record, has {found}")
+    if not isinstance(record["text"], (str, type(None))):  # null is an empty story
+        raise DataError(f"{label} needs 'text' to be a string in every record, has text={record['text']!r:.40}")
     return record["text"] or ""
 
 
