@@ -165,7 +165,8 @@ def test_bad_upcycling_input_is_one_line_and_writes_nothing(dense, tmp_path, cap
 
 def test_a_resume_with_other_upcycling_flags_is_refused(dense, tmp_path, capsys):
     run = tmp_path / "run"
-    base = [*ACCEL_ARGS, "--init_from", str(dense), "--upcycle_experts", "4",
+    assert ACCEL_ARGS[:2] == ["--model", "tiny-moe"]  # left out: --init_from names the model
+    base = [*ACCEL_ARGS[2:], "--init_from", str(dense), "--upcycle_experts", "4",
             "--max_steps", "2", "--eval_every", "2",
             "--seq_len", "32", "--output_dir", str(run)]
     check(python(TRAIN, base))

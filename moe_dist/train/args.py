@@ -9,16 +9,25 @@ aliases of those fields, so the overrides are the fields themselves, with no nam
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field, fields
+from datetime import timedelta
 from pathlib import Path
 
 from transformers import HfArgumentParser
 
 from ..model.configuration import MoEConfig
 from ..parallel.ds_config import ConfigError
+from ..parallel.process_group import WATCHDOG_MARGIN_S
 from .data import DataConfig
+from .ranges import Range, check_ranges
+
+DEFAULT_PRESET = "tiny-moe"
+# transformers.set_seed seeds numpy, whose seeds are 32-bit.
+_SEEDS = Range(0, 2**32 - 1, why="numpy's seed range: the seed also seeds numpy")
+# Process groups take their timeout as a datetime.timedelta, which holds at most 999,999,999 days.
+_TIMEOUTS = Range(1, int(timedelta.max.total_seconds()) - WATCHDOG_MARGIN_S,
+                  why="process groups take it, plus a margin, as a datetime.timedelta")
 
 
 def _help(text: str, default=None):
@@ -36,7 +45,8 @@ def _override(text: str, *aliases: str):
 class ModelArgs:
     """Which model: a preset, field overrides on it, or the weights of an earlier export."""
 
-    model: str = _help("preset name (see moe_dist.model.configuration.PRESETS)", "tiny-moe")
+    model: str | None = _help(f"preset name (see moe_dist.model.configuration.PRESETS; default {DEFAULT_PRESET}); not "
+                              f"with --init_from, whose config.json is the model")
     num_local_experts: int | None = _override("experts per MoE layer (0 = dense)", "num_experts")
     num_experts_per_tok: int | None = _override("experts per token", "top_k")
     moe_intermediate_size: int | None = _override("expert FFN width (default: the preset's)")
@@ -66,6 +76,15 @@ class ModelArgs:
                                      "dense width; --top_k counts copies and is scaled by G", 1)
     grad_ckpt: bool = _help("activation checkpointing of every block", False)
 
+    @property
+    def preset(self) -> str:
+        return self.model or DEFAULT_PRESET
+
+    def __post_init__(self):
+        if self.model is not None and self.init_from is not None:
+            raise ConfigError(f"--model {self.model} conflicts with --init_from {self.init_from}: the folder's "
+                              f"config.json is the model; drop --model")
+
     def model_overrides(self) -> dict:
         """The `MoEConfig` fields given on the command line (the fields named after one)."""
         overrides = {f.name: getattr(self, f.name) for f in fields(self)
@@ -94,16 +113,15 @@ class RunArgs:
     allow_optimizer_reset: bool = _help("when resharding cannot carry the optimizer state, continue with a "
                                         "fresh one instead of stopping", False)
 
+    RANGES = {"max_steps": Range(1), "eval_every": Range(1), "save_every": Range(1), "log_every": Range(1),
+              "early_stopping_patience": Range(0), "keep_last": Range(1), "seed": _SEEDS, "max_bad_steps": Range(1)}
+
     def __post_init__(self):
         if not self.output_dir:
             raise ConfigError("--output_dir is required")
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             raise ConfigError(f"--output_dir {self.output_dir} is an existing file; pass a folder (new, or a run to resume)")
-        for name in ("max_steps", "eval_every", "save_every", "log_every", "keep_last", "max_bad_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name}={getattr(self, name)} is invalid: must be >= 1")
-        if self.early_stopping_patience < 0:
-            raise ConfigError("--early_stopping_patience must be >= 0")
+        check_ranges(self)
 
     @property
     def run_dir(self) -> Path:
@@ -123,10 +141,14 @@ class EngineArgs:
     grad_clip: float | None = _help("max gradient norm, 0 = off (accelerate path)")
     precision: str = _help("auto | bf16 | fp32 (accelerate path; auto = bf16 on GPU, fp32 on CPU)", "auto")
     dist_timeout: int = _help("seconds without progress before a stuck rank ends the job", 1800)
+    gpu_mem_gib: float | None = _help("memory of one device in GiB, for the planner's memory estimate (default: the "
+                                      "GPU's own; on CPU, the memory available now, shared by this machine's ranks)")
+
+    RANGES = {"local_rank": Range(-1), "micro_batch_size": Range(1), "grad_accum": Range(1), "grad_clip": Range(0),
+              "dist_timeout": _TIMEOUTS, "gpu_mem_gib": Range(0, low_open=True)}
 
     def __post_init__(self):
-        if self.dist_timeout < 1:
-            raise ConfigError(f"--dist_timeout={self.dist_timeout} is invalid: must be >= 1")
+        check_ranges(self)
         if self.precision not in ("auto", "bf16", "fp32"):
             why = " (fp16 needs loss scaling, which the accelerate path lacks)" if self.precision == "fp16" else ""
             raise ConfigError(f"--precision={self.precision!r} is invalid{why}: auto, bf16 or fp32")
@@ -155,25 +177,32 @@ class OptimArgs:
     beta2: float = 0.95
     adam_eps: float = 1e-8
 
-    # (flag, lowest, highest, whether each end is allowed): AdamW and the schedule are undefined outside these.
-    # lr 0 is allowed: it freezes the weights (evaluation-only runs, early-stopping checks).
-    _RANGES = (("lr", 0.0, math.inf, (True, False)), ("weight_decay", 0.0, math.inf, (True, False)),
-               ("beta1", 0.0, 1.0, (True, False)), ("beta2", 0.0, 1.0, (True, False)),
-               ("adam_eps", 0.0, math.inf, (False, False)), ("min_lr_ratio", 0.0, 1.0, (True, True)))
+    # AdamW and the schedule are undefined outside these. lr 0 is allowed: it freezes the weights (evaluation-only
+    # runs, early-stopping checks).
+    RANGES = {"lr": Range(0), "min_lr_ratio": Range(0, 1), "warmup_steps": Range(0), "weight_decay": Range(0),
+              "beta1": Range(0, 1, high_open=True), "beta2": Range(0, 1, high_open=True),
+              "adam_eps": Range(0, low_open=True)}
 
     def __post_init__(self):
-        for name, low, high, (low_ok, high_ok) in self._RANGES:
-            value = getattr(self, name)
-            above = value >= low if low_ok else value > low
-            below = value <= high if high_ok else value < high
-            if not (above and below):  # also catches NaN
-                valid = f"{'[' if low_ok else '('}{low:g}, {high:g}{']' if high_ok else ')'}"
-                raise ConfigError(f"--{name}={value:g} is invalid: must be in {valid}")
-        if self.warmup_steps < 0:
-            raise ConfigError("--warmup_steps must be >= 0")
+        check_ranges(self)
+
+
+class _Parser(HfArgumentParser):
+    def error(self, message: str):
+        # argparse prints its 37-line usage before the message; a mistyped value deserves one line, like any
+        # other bad input (cli.main prints it and exits 2).
+        raise ConfigError(message)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, rest = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            # argparse drops "--" (its end-of-options marker) from `--flag=--`, leaving an empty list as the value.
+            if action.nargs is None and isinstance(getattr(namespace, action.dest, None), list):
+                self.error(f"argument {'/'.join(action.option_strings)}: expected one value")
+        return namespace, rest
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArgs, DataConfig, RunArgs, EngineArgs, OptimArgs]:
     """The command line as the five dataclasses `plan_run` takes, in that order."""
-    parser = HfArgumentParser((ModelArgs, DataConfig, RunArgs, EngineArgs, OptimArgs))
+    parser = _Parser((ModelArgs, DataConfig, RunArgs, EngineArgs, OptimArgs))
     return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)

@@ -25,6 +25,7 @@ from .data import DataError
 # Errors we raise on purpose with a one-line message. While planning, a bare ValueError is
 # an invalid MoEConfig field; once training runs, a ValueError is a bug and keeps its traceback.
 RUN_ERRORS = (ConfigError, DataError, ExpertParallelError, CheckpointError, ExportError, OutputRefused)
+PLAN_ERRORS = (*RUN_ERRORS, ValueError)  # what planning refuses with one line
 # Third-party messages a user can do nothing about, each named; every other warning still shows.
 KNOWN_WARNINGS = (
     # DeepSpeed 0.19's ZeRO-2 gathers call the old torch name (deprecated in torch 2.13): printed by
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
         plan = plan_run(*parse_args(argv))
-    except (*RUN_ERRORS, ValueError) as e:
+    except PLAN_ERRORS as e:
         # Every rank sees the same mistake in the command line: rank 0 reports it, and the
         # others wait a moment so the launcher does not kill rank 0 before it has printed.
         if rank == 0:

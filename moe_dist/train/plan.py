@@ -1,10 +1,12 @@
 """Turn the command line into a checked run plan, before any process group or model exists.
 
 Everything a user can get wrong and we can see without a GPU is caught here, as one line
-naming the flag or file: a bad DeepSpeed JSON, an EP size that does not divide the experts
-or the world, missing data, a tokenizer that does not fit the model, or an output folder
-that holds a different run. The one decision that needs the tokenizer itself, the model's
-vocabulary, is `finalize`'s, once the data is ready and before the trainer starts.
+naming the flag or file: a value out of its range, a bad DeepSpeed JSON, an EP size that does
+not divide the experts or the world, an --init_from folder whose files cannot be read, a model
+that cannot fit in memory, data that cannot be read to its end, a tokenizer that does not fit
+the model, or an output folder that holds a different run. Nothing is written here. The one
+decision that needs the tokenizer itself, the model's vocabulary, is `finalize`'s, once the
+data is ready and before the trainer starts.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +23,16 @@ import torch
 from ..export.stock_import import (NATIVE, VOLATILE_FIELDS, InitFrom, check_import, config_from_fields, init_config,
                                    read_init_config)
 from ..export.upcycle import Upcycling, moe_fields
-from ..model.configuration import MoEConfig
+from ..model.configuration import MAX_EXPERTS, MoEConfig
 from ..output_guard import check as check_outputs
 from ..parallel.ds_config import ConfigError, DeepSpeedSettings, launcher_world_size, load_deepspeed_config
 from ..parallel.expert_parallel import validate_expert_parallel
 from ..parallel.expert_tensor_parallel import validate_expert_tensor_parallel
 from .args import EngineArgs, ModelArgs, OptimArgs, RunArgs
-from .data import SEPARATOR, DataConfig, DataError, open_bytes, trained_vocab_size
+from .data import DataConfig, check_data_file, load_tokenizer, trained_vocab_size
+from .data_prep import default_num_proc
+from .memory_fit import check_fits
+from .ranges import Range
 
 RUN_RECORD = "run.json"
 # Every top-level name a run writes into --output_dir; a run may add them beside other files, never over them.
@@ -34,7 +40,8 @@ RUN_OUTPUTS = (RUN_RECORD, "summary.json", "metrics.jsonl", "tb", "heatmaps", "c
                "cache", "heartbeats", ".ranks")
 TRAIN = "train"  # the output kind of a run folder (output_guard)
 # Shape fields that --init_from cannot change: the loaded weights would not fit.
-_SHAPE_FIELDS = ("num_local_experts", "moe_every", "skip_first_moe", "num_shared_experts", "vocab_size")
+_SHAPE_FIELDS = ("num_local_experts", "moe_intermediate_size", "moe_every", "skip_first_moe", "num_shared_experts",
+                 "vocab_size")
 # Filled in from the tokenizer once the data is ready, so not comparable before that.
 _FROM_TOKENIZER = {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"}
 
@@ -94,29 +101,66 @@ def plan_run(model: ModelArgs, data: DataConfig, run: RunArgs, engine: EngineArg
         overrides["capacity_factor"] = None  # one device needs no capacity: route dropless
     init = read_init_config(_resolve_init_from(model.init_from)) if model.init_from else None
     upcycling = _upcycling(model, init, overrides, seed=run.seed)
-    config = _model_config(model.model, init, overrides, upcycling)
-    init_from = init.folder if init else None
+    config = _model_config(model.preset, init, overrides, upcycling)
 
     ep_size = ds.ep_size if ds else 1
     _validate_layout(config, ep_size, ds.etp_size if ds else 1, world)
-    data = _settle_data(data, config, init_from)
-    vocab_fixed = "vocab_size" in overrides or init_from is not None
-    trained = trained_vocab_size(data.tokenizer)
-    if vocab_fixed and trained and trained > config.vocab_size:
-        raise ConfigError(f"--tokenizer {data.tokenizer} makes {trained} tokens but the model's vocab_size is "
-                          f"{config.vocab_size}; use a smaller tokenizer or a larger --vocab_size")
+    given_tokenizer = data.tokenizer
+    data = _settle_data(data, config, init.folder if init else None)
+    vocab_fixed = "vocab_size" in overrides or init is not None
+    vocab = _planned_vocab(data.tokenizer, config, vocab_fixed, given=given_tokenizer is not None,
+                           weights=init is not None)
 
     # A started-from model is named by its folder and format; --model names the preset otherwise.
     source = None if init is None else (init.folder.parent if init.folder.name == "hf" else init.folder)  # a run's hf/
-    preset = model.model if init is None else f"{source.name} ({init.fmt}{', upcycled' if upcycling else ''})"
+    preset = model.preset if init is None else f"{source.name} ({init.fmt}{', upcycled' if upcycling else ''})"
     plan = RunPlan(engine="deepspeed" if ds else "accelerate", world_size=world, preset=preset,
                    model_config=config, vocab_from_tokenizer=not vocab_fixed, init=init, upcycling=upcycling,
                    grad_ckpt=model.grad_ckpt, data=data, spec=_engine_spec(engine, optim, ds, ep_size, run.max_steps),
                    run=run)
+    _check_memory(plan, vocab, ds.zero_stage if ds else 0, engine.gpu_mem_gib)
     check_run_folder(plan)
     check_run_outputs(plan.run_dir)
+    # The slow checks last: every data file read to its end, then a stock import's logits.
+    _check_data_files(data)
     _check_stock_import(plan)
     return plan
+
+
+def _check_memory(plan: RunPlan, vocab: int, zero_stage: int, gpu_mem_gib: float | None) -> None:
+    spec = plan.spec
+    check_fits(config_from_fields({**plan.model_config.to_dict(), "vocab_size": vocab}), zero_stage=zero_stage,
+               ds_config=spec.ds_config, ep_size=spec.ep_size, etp_size=spec.etp_size, world_size=plan.world_size,
+               precision=spec.precision, micro_batch=spec.micro_batch_size, seq_len=plan.data.seq_len,
+               grad_ckpt=plan.grad_ckpt, gpu_mem_gib=gpu_mem_gib)
+
+
+def _check_data_files(data: DataConfig) -> None:
+    for flag, path in (("--train_file", data.train_file), ("--valid_file", data.valid_file)):
+        if path is not None:
+            check_data_file(flag, path)
+
+
+def _planned_vocab(tokenizer: str, config: MoEConfig, fixed: bool, *, given: bool, weights: bool) -> int:
+    """The model's vocabulary as `finalize` will settle it; refuses a tokenizer larger than a fixed one (by
+    --vocab_size, or by the --init_from `weights`).
+
+    A named tokenizer is loaded here, so one that cannot be read is refused before anything is written.
+    """
+    trained = trained_vocab_size(tokenizer)
+    tokens = trained or len(load_tokenizer(tokenizer))
+    if fixed and tokens > config.vocab_size:
+        who = f"--tokenizer {tokenizer}" if given else f"the tokenizer of --init_from ({tokenizer})"
+        fix = (f"pass a --tokenizer of at most {config.vocab_size} tokens (the weights fix the vocabulary)" if weights
+               else "use a smaller tokenizer or a larger --vocab_size")
+        raise ConfigError(f"{who} {'makes' if trained else 'has'} {tokens} tokens but the model's vocab_size is "
+                          f"{config.vocab_size}; token ids would index past the embedding: {fix}")
+    return config.vocab_size if fixed else padded_vocab(tokens)
+
+
+def padded_vocab(tokens: int) -> int:
+    """A tokenizer's size rounded up to 64, the model's vocabulary when nothing fixes it (tensor-core friendly)."""
+    return -(-tokens // 64) * 64
 
 
 def _check_stock_import(plan: RunPlan) -> None:
@@ -159,7 +203,7 @@ def finalize(plan: RunPlan, tokenizer) -> MoEConfig:
     --vocab_size or --init_from fixed it; then it is checked. `plan` is left as it was.
     """
     config, n = plan.model_config, len(tokenizer)
-    vocab = -(-n // 64) * 64 if plan.vocab_from_tokenizer else config.vocab_size
+    vocab = padded_vocab(n) if plan.vocab_from_tokenizer else config.vocab_size
     if n > vocab:
         raise ConfigError(f"the tokenizer has {n} tokens but the model's vocab_size is {vocab}; "
                           f"token ids would index past the embedding")
@@ -195,15 +239,15 @@ def _upcycling(model: ModelArgs, init: InitFrom | None, overrides: dict, *, seed
     if init.fields.get("num_local_experts", 0):
         raise ConfigError(f"--init_from {init.folder} already has experts (num_local_experts="
                           f"{init.fields['num_local_experts']}): --upcycle_experts copies a dense model's FFNs")
-    if E < 2:
-        raise ConfigError(f"--upcycle_experts={E} is invalid: must be >= 2")
+    Range(2, MAX_EXPERTS, why="expert ids are int32 in the expert-parallel dispatch").check("upcycle_experts", E)
     if "num_local_experts" in overrides:
         raise ConfigError("--num_experts and --upcycle_experts both set the expert count: pass --upcycle_experts")
     top_k = _copies_per_token(init, overrides)
     if not 1 <= top_k <= E:
         raise ConfigError(f"--top_k={top_k} is invalid with --upcycle_experts {E}: must be in [1, {E}]")
-    if model.upcycle_noise < 0:
-        raise ConfigError(f"--upcycle_noise={model.upcycle_noise} is invalid: must be >= 0")
+    if not 0 <= model.upcycle_noise <= 1:  # also refuses NaN and inf
+        raise ConfigError(f"--upcycle_noise={model.upcycle_noise} is invalid: must be in [0, 1] (the std is relative "
+                          f"to each weight: at 1 the noise is already as large as the dense weights it perturbs)")
     if not 0 <= model.upcycle_reinit < 1:
         raise ConfigError(f"--upcycle_reinit={model.upcycle_reinit} is invalid: must be in [0, 1)")
     G, width = model.upcycle_granularity, init.fields["intermediate_size"]
@@ -231,37 +275,27 @@ def _resolve_init_from(path: str) -> Path:
 
 
 def _settle_data(data: DataConfig, config: MoEConfig, init_from: Path | None) -> DataConfig:
-    """`data` with its files checked and its tokenizer and sequence length decided."""
+    """`data` with its tokenizer, sequence length and tokenizing processes decided."""
     seq_len = data.seq_len or config.max_position_embeddings
     if seq_len > config.max_position_embeddings:
         raise ConfigError(f"--seq_len={seq_len} exceeds the model's context "
                           f"(max_position_embeddings={config.max_position_embeddings})")
-    if data.train_file is not None:
-        _check_data_files(data)
     # A model continues with the tokenizer it was trained with, unless told otherwise.
     tokenizer = data.tokenizer or (str(init_from) if init_from and (init_from / "tokenizer.json").is_file()
                                    else "gpt2")
-    return dataclasses.replace(data, tokenizer=tokenizer, seq_len=seq_len)
+    return dataclasses.replace(data, tokenizer=tokenizer, seq_len=seq_len, num_proc=_num_proc(data.num_proc))
 
 
-def _check_data_files(data: DataConfig) -> None:
-    for flag, path in (("--train_file", data.train_file), ("--valid_file", data.valid_file)):
-        if path is None:
-            continue
-        p = Path(path)
-        if p.is_dir():
-            raise DataError(f"{flag} {path} is a directory; pass a .txt, .json or .jsonl file")
-        if not p.is_file():
-            raise DataError(f"{flag} {path} does not exist")
-        if not _has_text(p):
-            raise DataError(f"{flag} {path} is empty: it holds no story, only blank lines or "
-                            f"{SEPARATOR} separators")
-
-
-def _has_text(path: Path) -> bool:
-    """Whether any line holds text; stops at the first one, so big corpora cost nothing."""
-    with open_bytes(path) as f:
-        return any(line.strip() and line.strip() != SEPARATOR.encode() for line in f)
+def _num_proc(asked: int | None) -> int | None:
+    """--num_proc, at most the CPUs this process may use: more processes than cores only take turns on them, and
+    each one is forked (1000 of them took 23-45 s for a corpus that tokenizes in 0.1 s)."""
+    cpus = default_num_proc()
+    if asked is None or asked <= cpus:
+        return asked
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: --num_proc {asked} is more than the {cpus} CPUs this process may use; using {cpus}",
+              file=sys.stderr, flush=True)
+    return cpus
 
 
 def _engine_spec(engine: EngineArgs, optim: OptimArgs, ds: DeepSpeedSettings | None, ep_size: int,
@@ -274,8 +308,6 @@ def _engine_spec(engine: EngineArgs, optim: OptimArgs, ds: DeepSpeedSettings | N
         precision = engine.precision
         if precision == "auto":
             precision = "bf16" if torch.cuda.is_available() else "fp32"
-        if micro < 1 or accum < 1 or clip < 0:
-            raise ConfigError("--micro_batch_size and --grad_accum must be >= 1, --grad_clip >= 0")
     return EngineSpec(micro_batch_size=micro, grad_accum=accum, grad_clip=clip, precision=precision,
                       ep_size=ep_size, lr=optim.lr, betas=(optim.beta1, optim.beta2), adam_eps=optim.adam_eps,
                       weight_decay=optim.weight_decay, warmup_steps=optim.warmup_steps, max_steps=max_steps,
