@@ -91,6 +91,19 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def _check_types(config: "MoEConfig") -> None:
+    """Each field's value is of its annotated type, a float finite and an int an int64: a config.json is anyone's
+    text."""
+    for name, annotation in MoEConfig.__annotations__.items():
+        value = getattr(config, name)
+        if not any(_is_a(value, kind.strip()) for kind in annotation.split("|")):
+            raise ValueError(f"MoEConfig.{name}={value!r} is invalid: expected {annotation}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"MoEConfig.{name}={value!r} is invalid: must be finite")
+        if isinstance(value, int) and not -2**63 <= value < 2**63:  # torch and safetensors hold sizes as int64
+            raise ValueError(f"MoEConfig.{name}={value!r} is invalid: must fit in int64")
+
+
 def _is_a(value, kind: str) -> bool:
     """Whether `value` is of the annotated `kind` (JSON's kinds: a bool is not a number, an int is a float)."""
     if kind == "None":
@@ -162,7 +175,7 @@ class MoEConfig(PretrainedConfig):
     router_bias_update_rate: float = 0.0  # DeepSeek-V3 aux-loss-free bias; 0 = off
 
     def __post_init__(self, **kwargs):
-        self._check_types()  # first: the defaults below compute with the values
+        _check_types(self)  # first: the defaults below compute with the values
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.moe_intermediate_size is None:
@@ -195,18 +208,6 @@ class MoEConfig(PretrainedConfig):
         if unknown:
             raise ValueError(f"unknown MoEConfig field(s) {unknown} for preset {name!r}")
         return cls(**{**PRESETS[name], **overrides})
-
-    def _check_types(self) -> None:
-        """Each field's value is of its annotated type, a float finite and an int an int64: a config.json is anyone's
-        text."""
-        for name, annotation in MoEConfig.__annotations__.items():
-            value = getattr(self, name)
-            if not any(_is_a(value, kind.strip()) for kind in annotation.split("|")):
-                raise ValueError(f"MoEConfig.{name}={value!r} is invalid: expected {annotation}")
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"MoEConfig.{name}={value!r} is invalid: must be finite")
-            if isinstance(value, int) and not -2**63 <= value < 2**63:  # torch and safetensors hold sizes as int64
-                raise ValueError(f"MoEConfig.{name}={value!r} is invalid: must fit in int64")
 
     def _validate(self) -> None:
         def bad(field: str, valid: str) -> ValueError:
