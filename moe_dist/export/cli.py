@@ -25,6 +25,7 @@ from .formats import ExportError
 from .native import DTYPES, check_export_dir, export_checkpoint, read_config
 from .standard import STANDARD_FORMATS, blocking_field, fitting_formats
 from .standard_export import export_standard
+from .stock_import import read_config_json
 
 FORMATS = ("native", *STANDARD_FORMATS, "auto")
 
@@ -85,13 +86,11 @@ def _auto_formats(ckpt: Path) -> list[str]:
 
 def _check_ours(ckpt: Path) -> None:
     """Refuse a folder that is not a moe-dist checkpoint, such as a stock model given as RUN, naming what it is."""
-    path = ckpt / "config.json"
     try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as e:  # missing, unreadable, not JSON or not UTF-8
-        raise ExportError(f"{ckpt} is not a moe-dist run or checkpoint: cannot read {path.name} "
-                          f"({type(e).__name__})") from None
-    model_type = config.get("model_type") if isinstance(config, dict) else None
+        config = read_config_json(ckpt)
+    except ExportError as e:
+        raise ExportError(f"{ckpt} is not a moe-dist run or checkpoint: {e}") from None
+    model_type = config.get("model_type")
     if model_type != MoEConfig.model_type:
         raise ExportError(f"{ckpt} is not a moe-dist run or checkpoint: its config.json has model_type="
                           f"{model_type!r}; RUN is a run folder or checkpoints/stepNNNNNNNN of ours (to train from "
@@ -99,7 +98,7 @@ def _check_ours(ckpt: Path) -> None:
     try:
         MoEConfig.from_dict(config)
     except (TypeError, ValueError) as e:
-        raise ExportError(f"{path}: {' '.join(str(e).split())}") from None
+        raise ExportError(f"{ckpt / 'config.json'}: {' '.join(str(e).split())}") from None
 
 
 def _resolve_checkpoint(path: Path) -> Path:

@@ -38,7 +38,10 @@ class InitFrom:
 
 def read_init_config(folder: Path) -> InitFrom:
     """What `folder` holds and our config fields for it; `ExportError` (one line) when we cannot import it."""
-    config_json = _read_config_json(folder)
+    try:
+        config_json = read_config_json(folder)
+    except ExportError as e:
+        raise ExportError(f"--init_from {folder}: {e}") from None
     model_type = config_json.get("model_type")
     if model_type != MoEConfig.model_type and model_type not in STANDARD_FORMATS:
         raise ExportError(f"--init_from {folder}: model_type={model_type!r} is not supported; supported: "
@@ -67,15 +70,15 @@ def read_init_config(folder: Path) -> InitFrom:
     return init
 
 
-def _read_config_json(folder: Path) -> dict:
+def read_config_json(folder: Path) -> dict:
+    """`folder`'s config.json as a dict; `ExportError` naming the file when it is not a JSON object."""
     path = folder / "config.json"
     try:
         config_json = json.loads(path.read_text())
     except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
-        raise ExportError(f"--init_from {folder}: cannot read config.json ({type(e).__name__}: {e})") from None
+        raise ExportError(f"cannot read config.json ({type(e).__name__}: {e})") from None
     if not isinstance(config_json, dict):
-        raise ExportError(f"--init_from {folder}: config.json holds a JSON {type(config_json).__name__}, not an "
-                          f"object of config fields")
+        raise ExportError(f"config.json holds a JSON {type(config_json).__name__}, not an object of config fields")
     return config_json
 
 
