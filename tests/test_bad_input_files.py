@@ -33,7 +33,8 @@ def refused(capsys, args: list[str], out) -> str:
     code = main([*args, "--output_dir", str(out)])
     seconds = time.perf_counter() - start
     err = capsys.readouterr().err.strip().splitlines()
-    print(f"refused in {seconds:.2f} s: {err}")
+    with capsys.disabled():  # shown with -s, and not read back by the next readouterr
+        print(f"refused in {seconds:.2f} s: {err}")
     assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
     assert not out.exists()
     return err[0]
@@ -224,7 +225,8 @@ def test_exporting_a_stock_folder_as_run_is_one_line(folders, tmp_path, capsys):
     start = time.perf_counter()
     code = export_main([str(folders["llama"]), str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
-    print(f"refused in {time.perf_counter() - start:.2f} s: {err}")
+    with capsys.disabled():
+        print(f"refused in {time.perf_counter() - start:.2f} s: {err}")
     assert code == 2 and err == [f"error: {folders['llama']} is not a moe-dist run or checkpoint: its config.json has "
                                  f"model_type='llama'; RUN is a run folder or checkpoints/stepNNNNNNNN of ours (to "
                                  f"train from this folder, pass it to launch/train.py --init_from)"]
