@@ -1,12 +1,20 @@
-"""No command removes or replaces a file or folder it did not write (issue 23).
+"""No command removes or replaces a file or folder it did not write (issues 23 and 28).
 
 Each command that writes a folder (or a JSON file) is pointed at (a) a missing folder, (b) an empty one,
 (c) its own previous output, (d) a folder holding an unrelated file, (e) a folder where an unrelated file
 has a name the command writes. (a)-(c) work; (d) works without touching the file or ends with one line
 and exit 2; (e) ends with one line and exit 2. Every unrelated file keeps its bytes and its mtime.
+
+An export replaces a folder only when it can prove every file in it is its own (issue 28): listed by the
+folder's record with an unchanged size and sha256, or, with no record, a file of an untouched export from
+before records, checked file for file (moe_dist/export/old_exports.py). A folder that cannot be written
+ends with one line and exit 2 as well. Each refusal prints how long it took.
 """
 
+import hashlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +27,7 @@ from launcher import ACCEL_ARGS, DATA_ARGS, FIXTURES, ROOT, TRAIN, _env, check, 
 from test_export_standard import make_run, tokenizer  # noqa: F401 - the module fixture make_run needs
 
 from moe_dist.export.cli import main as export_main
-from moe_dist.output_guard import RECORD, OutputRefused, check_replace, claim, owned
+from moe_dist.output_guard import RECORD, OutputRefused, check_replace, claim, fingerprints, owned
 from moe_dist.train.cli import main as train_main
 
 
@@ -36,6 +44,17 @@ def user_folder(path: Path, files: dict[str, str]) -> dict:
         (path / name).write_text(text)
     os.utime(path / next(iter(files)), ns=(10**18, 10**18))  # an mtime no rewrite could keep by chance
     return snapshot(path)
+
+
+def refused(command, argv: list[str], capsys) -> str:
+    """`command(argv)` exits 2; returns its stderr, and prints past the capture how long it took to refuse."""
+    start = time.perf_counter()
+    assert command(argv) == 2
+    seconds = time.perf_counter() - start
+    err = capsys.readouterr().err
+    with capsys.disabled():
+        print(f"\nrefused in {seconds:.3f} s: {os.environ.get('PYTEST_CURRENT_TEST', '').split(' ')[0]}")
+    return err
 
 
 def one_error_line(err: str, *needles: str) -> str:
@@ -102,19 +121,138 @@ def test_a_user_file_inside_our_export_keeps_it_from_being_replaced(tmp_path, ru
     assert snapshot(out) == before
 
 
-def test_exports_written_before_the_record_are_still_replaced(tmp_path, run, capsys):
+@pytest.fixture(scope="module")
+def exports(run, tmp_path_factory) -> Path:
+    """Our native and mixtral exports of `run` (with their records), to copy into each test."""
+    root = tmp_path_factory.mktemp("exports")
+    for fmt in ("native", "mixtral"):
+        assert export_main([str(run), str(root / fmt), "--format", fmt]) == 0
+    return root
+
+
+def copy_export(exports: Path, fmt: str, dst: Path, *, record: bool = True) -> Path:
+    """A copy of our `fmt` export at `dst`; without `record`, as `cp hf/* dst/` makes it (the dot file stays behind)."""
+    shutil.copytree(exports / fmt, dst)
+    if not record:
+        (dst / RECORD).unlink()
+    return dst
+
+
+@pytest.mark.parametrize("case", ["copy_of_hf_with_serve_py", "only_a_readme_naming_moe_dist"])
+def test_issue_28_data_loss_cases_are_refused_and_keep_every_byte(tmp_path, run, exports, capsys, case):
+    out = tmp_path / "serve"
+    if case == "copy_of_hf_with_serve_py":  # mkdir serve && cp runs/moe/hf/* serve/ && echo 'print(1)' > serve/serve.py
+        copy_export(exports, "native", out, record=False)
+        before, name = user_folder(out, {"serve.py": "print(1)\n"}), "serve.py"
+    else:
+        before, name = user_folder(out, {"README.md": "# My notes\nTrained with moe-dist.\n"}), "README.md"
+    err = refused(export_main, [str(run), str(out)], capsys)
+    one_error_line(err, str(out), name, "cannot prove it wrote", f"mv {out} {out}.old")
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["serve"]
+
+
+@pytest.mark.parametrize("record", [True, False], ids=["with_record", "without_record"])
+@pytest.mark.parametrize("name", ["serve.py", "extra.safetensors", "tokenizer.model", "README.md", "vocab.json",
+                                  "model.safetensors.index.json", "sub/config.json"])
+def test_one_file_that_is_not_ours_keeps_our_export_from_being_replaced(tmp_path, run, exports, capsys, record,
+                                                                         name):
+    out = copy_export(exports, "native", tmp_path / "hf", record=record)
+    before = user_folder(out, {name: '{"mine": 1}'})
+    one_error_line(refused(export_main, [str(run), str(out)], capsys), str(out), name.split("/")[0])
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("fmt, name, edit", [
+    ("native", "modeling.py", "same_size"), ("native", "config.json", "append"),
+    ("native", "model.safetensors", "same_size"), ("mixtral", "README.md", "same_size"),
+    ("mixtral", "tokenizer.json", "append"),
+])
+def test_a_file_of_our_export_edited_since_is_refused(tmp_path, run, exports, capsys, fmt, name, edit):
+    out = copy_export(exports, fmt, tmp_path / "hf")
+    data = bytearray((out / name).read_bytes())
+    if edit == "same_size":  # the record's size still matches: only the sha256 tells
+        data[-2] ^= 0x01
+    else:
+        data += b"\n"
+    (out / name).write_bytes(bytes(data))
+    before = snapshot(out)
+    err = refused(export_main, [str(run), str(out), "--format", fmt], capsys)
+    one_error_line(err, name, "changed since moe-dist wrote it", f"mv {out} {out}.old")
+    assert snapshot(out) == before
+
+
+def test_new_exports_record_each_file_size_and_sha256(exports):
+    for fmt in ("native", "mixtral"):
+        files = {p.name: p for p in (exports / fmt).iterdir() if p.name != RECORD}
+        assert fingerprints(exports / fmt) == {n: {"size": p.stat().st_size,
+                                                   "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+                                               for n, p in files.items()}
+
+
+def test_a_record_without_hashes_still_proves_ownership_by_name(tmp_path, run, exports, capsys):
+    out = copy_export(exports, "native", tmp_path / "hf")
+    data = json.loads((out / RECORD).read_text())
+    del data["files"]  # a record written before sizes and hashes were
+    (out / RECORD).write_text(json.dumps(data))
+    (out / "modeling.py").write_text("# edited, but the record cannot tell\n")
+    assert export_main([str(run), str(out)]) == 0, capsys.readouterr().err
+    assert set(fingerprints(out)) == set(owned(out))
+
+
+def old_export(tmp_path: Path) -> Path:
+    """v0.1-tiny-moe (tests/fixtures/exports) as its exporter wrote it: reference.safetensors is the fixture
+    script's addition, not the exporter's."""
     with tarfile.open(FIXTURES / "exports" / "v0.1-exports.tar.gz") as tar:
         tar.extractall(tmp_path, filter="data")
-    old = tmp_path / "v0.1-tiny-moe"  # config.json with our model_type, no record
+    (tmp_path / "v0.1-tiny-moe" / "reference.safetensors").unlink()
+    return tmp_path / "v0.1-tiny-moe"
+
+
+def test_an_untouched_export_from_before_the_record_is_replaced(tmp_path, run, exports, capsys):
+    old = old_export(tmp_path)  # config.json with our model_type, no record
     assert export_main([str(run), str(old)]) == 0, capsys.readouterr().err
-    assert not (old / "reference.safetensors").exists() and (old / RECORD).is_file()
-    card = tmp_path / "stock"  # a stock-class export: the model card names moe-dist
-    assert export_main([str(run), str(card), "--format", "mixtral"]) == 0
-    (card / RECORD).unlink()
+    assert (old / RECORD).is_file() and (old / "tokenizer.json").is_file()
+    card = copy_export(exports, "mixtral", tmp_path / "stock", record=False)  # a stock class: our model card
     assert export_main([str(run), str(card), "--format", "mixtral"]) == 0, capsys.readouterr().err
-    (card / RECORD).unlink()
-    (card / "notes.txt").write_text("mine")  # but not with a file of the user's beside it
-    assert export_main([str(run), str(card), "--format", "mixtral"]) == 2
+    assert (card / RECORD).is_file()
+
+
+def _extend_weights(folder: Path) -> None:
+    with open(folder / "model.safetensors", "ab") as f:
+        f.write(b"\0" * 8)
+
+
+def _shrink_config(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+
+
+@pytest.mark.parametrize("change, name", [
+    (lambda d: (d / "reference.safetensors").write_bytes(b"x"), "reference.safetensors"),
+    (lambda d: (d / "README.md").write_text("# moe-dist export\n"), "README.md"),
+    (lambda d: (d / "serve.py").write_text("from .modeling import MoEForCausalLM\n"), "serve.py"),
+    (_extend_weights, "model.safetensors"),
+    (_shrink_config, "model.safetensors"),  # the weights no longer match what config.json describes
+    (lambda d: (d / "generation_config.json").write_text("not json"), "generation_config.json"),
+    (lambda d: (d / "tokenizer.json").symlink_to(d / "config.json"), "tokenizer.json"),
+    (lambda d: (d / "model.safetensors").unlink(), "config.json"),  # an export always wrote its weights
+], ids=["fixture_file", "readme", "module", "weights_extended", "config_changed", "broken_json", "link", "no_weights"])
+def test_an_export_from_before_the_record_with_anything_changed_is_refused(tmp_path, run, capsys, change, name):
+    old = old_export(tmp_path)
+    change(old)
+    before = snapshot(old)
+    err = refused(export_main, [str(run), str(old)], capsys)
+    one_error_line(err, name, "cannot prove it wrote", f"mv {old} {old}.old")
+    assert snapshot(old) == before
+
+
+def test_a_users_readme_in_place_of_our_model_card_is_refused(tmp_path, run, exports, capsys):
+    card = copy_export(exports, "mixtral", tmp_path / "stock", record=False)
+    (card / "README.md").write_text("# Notes\nThis model was exported with moe-dist.\n")
+    before = snapshot(card)
+    one_error_line(refused(export_main, [str(run), str(card), "--format", "mixtral"], capsys), "README.md")
+    assert snapshot(card) == before
 
 
 def test_kill_9_during_an_export_over_an_export_leaves_the_old_one_whole_and_loadable(tmp_path, run):
@@ -159,6 +297,46 @@ def test_training_refuses_a_folder_where_a_name_it_writes_is_taken(tmp_path, cap
     assert train_main([*DATA_ARGS, "--model", "tiny-moe", "--output_dir", str(out)]) == 2
     one_error_line(capsys.readouterr().err, "--output_dir", taken.split("/")[0])
     assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == sorted({taken.split("/")[0]})
+
+
+def unwritable(tmp_path: Path, where: str, request) -> Path:
+    """An output path this process cannot write: under a regular file, inside a locked folder, or that folder."""
+    if where == "under_a_file":
+        (tmp_path / "file").write_text("mine")
+        return tmp_path / "file" / "out"
+    locked = request.getfixturevalue("locked_folder")
+    return locked / "out" if where == "in_a_locked_folder" else locked
+
+
+@pytest.fixture
+def locked_folder(tmp_path):
+    """An empty folder nobody here can write into: immutable for root (whom mode bits do not stop), mode 555
+    for anyone else."""
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)]).returncode != 0:
+        pytest.skip("running as root on a file system without the immutable flag: no folder can be locked")
+    yield folder
+    subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "in_a_locked_folder", "the_locked_folder"])
+@pytest.mark.parametrize("command", ["train", "export"])
+def test_an_output_folder_that_cannot_be_written_is_one_line_and_exit_2(tmp_path, run, capsys, request, where,
+                                                                        command):
+    out = unwritable(tmp_path, where, request)
+    before = snapshot(tmp_path), sorted(tmp_path.rglob("*"))
+    if command == "train":
+        err = refused(train_main, [*DATA_ARGS, "--model", "tiny-moe", "--output_dir", str(out)], capsys)
+    else:
+        err = refused(export_main, [str(run), str(out)], capsys)
+    one_error_line(err, str(out), "cannot be written")
+    assert (snapshot(tmp_path), sorted(tmp_path.rglob("*"))) == before  # nothing written, not even a folder
 
 
 # ---- sweep, report and the tools ------------------------------------------------------------------

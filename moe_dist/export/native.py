@@ -7,7 +7,6 @@ come together under their global ids, so the export is the EP=1 model.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 from pathlib import Path
 
@@ -21,34 +20,23 @@ from .formats import ExportError, load_hf_state_dict, zero_shards
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 EXPORT = "export"  # the output kind of an export folder (output_guard)
-# What an export holds: save_pretrained's files, the model code, the tokenizer's, the model card.
-_EXPORT_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "*.py",
-                 "README.md", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-                 "merges.txt", "chat_template.jinja")
-
-
-def is_legacy_export(folder: Path) -> bool:
-    """An export written before output records existed: our `model_type` in config.json or a model card
-    naming moe-dist, and nothing but the files an export writes (a user's file inside keeps it from being replaced)."""
-    entries = list(folder.iterdir())
-    if any(p.is_dir() or not any(fnmatch.fnmatch(p.name, pat) for pat in _EXPORT_FILES) for p in entries):
-        return False
-    try:
-        ours = json.loads((folder / "config.json").read_text()).get("model_type") == "moe_dist"
-    except (OSError, ValueError, AttributeError):
-        ours = False
-    card = folder / "README.md"
-    return ours or (card.is_file() and "moe-dist" in card.read_text(errors="replace"))
 
 
 def check_export_dir(out_dir: str | Path) -> None:
     """Refuse, before any work, an OUT_DIR that holds anything but our own earlier export (see output_guard)."""
-    check_replace(out_dir, EXPORT, legacy=is_legacy_export, what="OUT_DIR")
+    check_replace(out_dir, EXPORT, unproven=_not_from_an_old_export, what="OUT_DIR")
 
 
 def write_export_dir(out_dir: str | Path, write_fn) -> None:
     """Fill a staging folder through `write_fn(staging)` and swap it in for `out_dir` whole (output_guard)."""
-    replace_dir(out_dir, EXPORT, write_fn, legacy=is_legacy_export, what="OUT_DIR")
+    replace_dir(out_dir, EXPORT, write_fn, unproven=_not_from_an_old_export, what="OUT_DIR")
+
+
+def _not_from_an_old_export(folder: Path) -> list[str]:
+    # Lazily: old_exports reads configs through stock_import, which imports the exporters, and so this module.
+    from .old_exports import unproven
+
+    return unproven(folder)
 
 
 def build_model(ckpt: Path, dtype: str = "fp32") -> MoEForCausalLM:

@@ -139,6 +139,13 @@ def stock_logits_diff(folder: Path, class_name: str, ids: torch.Tensor, ours: to
     return (theirs - ours).abs().max().item()
 
 
+def card_front_matter(fmt: str) -> str:
+    """The model card's opening; it also tells our card from a user's README in an export from before records
+    (`old_exports`)."""
+    return "\n".join(["---", "library_name: transformers", "pipeline_tag: text-generation", f"tags: [moe-dist, {fmt}]",
+                      "---", ""])
+
+
 def model_card(ckpt: Path, model: MoEForCausalLM, fmt: str, class_name: str, diff: float) -> str:
     """README.md: which class loads the folder, how the model was trained (as far as the run folder records it)."""
     run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
@@ -152,7 +159,7 @@ def model_card(ckpt: Path, model: MoEForCausalLM, fmt: str, class_name: str, dif
     data = record.get("data") or "not recorded in this run folder"
     ppl = summary.get("final_val_ppl")
     lines = [
-        "---", "library_name: transformers", "pipeline_tag: text-generation", f"tags: [moe-dist, {fmt}]", "---", "",
+        card_front_matter(fmt),
         f"# {preset} (moe-dist export)", "",
         (f"Loads with the stock `transformers.{class_name}` (`model_type: {fmt}`): "
          "`AutoModelForCausalLM.from_pretrained(folder)`, no custom code, no `trust_remote_code`."),
