@@ -86,12 +86,19 @@ class SafetensorsFiles:
         return key in self.weight_map
 
     def read(self, key: str) -> torch.Tensor:
+        return self._file(key).get_tensor(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The tensor's shape from its file's header, without reading it."""
+        return tuple(self._file(key).get_slice(key).get_shape())
+
+    def _file(self, key: str):
         if key not in self.weight_map:
             raise ExportError(f"{self.folder}: the checkpoint has no tensor {key!r}")
         file = self.weight_map[key]
         if file not in self._open:
             self._open[file] = safe_open(self.folder / file, "pt")
-        return self._open[file].get_tensor(key)
+        return self._open[file]
 
 
 class NativeSource:

@@ -19,7 +19,7 @@ from huggingface_hub.errors import StrictDataclassError
 from ..model.configuration import MoEConfig
 from ..model.modeling import MoEForCausalLM
 from .formats import ExportError
-from .sources import NativeSource, StockSource, check_safetensors, has_safetensors
+from .sources import NativeSource, SafetensorsFiles, StockSource, check_safetensors, has_safetensors
 from .standard import CLASS_NAMES, STANDARD_FORMATS, Unrepresentable, stock_config, to_ours
 from .standard_export import TOLERANCE
 from .upcycle import UpcycleSource, Upcycling
@@ -65,9 +65,28 @@ def read_init_config(folder: Path) -> InitFrom:
         raise ExportError(f"--init_from {folder}: config.json: {' '.join(str(e).split())}") from None
     try:
         check_safetensors(folder)
+        if init.fmt == NATIVE:
+            _check_weights_fit(init)
     except ExportError as e:
         raise ExportError(f"--init_from {folder}: {e}") from None
     return init
+
+
+def _check_weights_fit(init: InitFrom) -> None:
+    """Our export holds exactly the tensors its config.json gives the model, in their shapes, read from the headers:
+    a config.json edited away from its weights is refused before the run writes anything. (A stock folder is held
+    to its logits by `check_import`.)"""
+    with torch.device("meta"):
+        model = MoEForCausalLM(init_config(init))
+    files = SafetensorsFiles(init.folder)
+    for name, param in model.named_parameters():
+        if name not in files or files.shape(name) != tuple(param.shape):
+            held = f"shape {files.shape(name)}" if name in files else "no such tensor"
+            raise ExportError(f"{name}: the weights hold {held}, but config.json makes {tuple(param.shape)}")
+    extra = sorted(set(files.weight_map) - set(model.state_dict()))
+    if extra:
+        raise ExportError(f"the weights hold {len(extra)} tensor(s) that config.json's model has no place for "
+                          f"(first: {extra[0]!r})")
 
 
 def read_config_json(folder: Path) -> dict:
@@ -115,7 +134,10 @@ def check_import(init: InitFrom, config: MoEConfig) -> float:
     ids = torch.randint(config.vocab_size, (2, min(16, config.max_position_embeddings)),
                         generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ours = converted_model(init, config)(input_ids=ids, use_cache=False).logits
+        try:
+            ours = converted_model(init, config)(input_ids=ids, use_cache=False).logits
+        except ValueError as e:  # a tensor whose shape is not the one config.json gives it
+            raise ExportError(f"--init_from {init.folder}: {e}") from None
         stock = AutoModelForCausalLM.from_pretrained(init.folder, dtype=torch.float32).eval()
         theirs = stock(input_ids=ids, use_cache=False).logits
     diff = (theirs - ours).abs().max().item()
