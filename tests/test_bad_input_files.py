@@ -158,6 +158,10 @@ def _shard(folder, index: str, missing: bool = False):
      "/model.safetensors.index.json: names shard model-00002-of-00002.safetensors, which is not in "),
     ("llama", lambda d: _shard(d, "{oops"), "/model.safetensors.index.json: not a safetensors index (JSONDecodeError"),
     ("dense", lambda d: _truncate(d / "model.safetensors"), "/model.safetensors: not a readable safetensors file"),
+    ("dense", lambda d: _edit_config(d, lambda c: json.dumps({**c, "intermediate_size": 256})),
+     "model.layers.0.mlp.up_proj.weight: the weights hold shape (512, 128), but config.json makes (256, 128)"),
+    ("llama", lambda d: _edit_config(d, lambda c: json.dumps({**c, "intermediate_size": 96})),
+     "model.layers.0.mlp.up_proj.weight: the checkpoint holds shape (128, 64), the model (96, 64)"),
 ])
 def test_an_init_from_folder_that_cannot_be_read_is_one_line_naming_the_file(folders, tmp_path, capsys, source,
                                                                               breaks, expected):
@@ -179,8 +183,8 @@ def test_a_stock_vocabulary_smaller_than_its_tokenizer_is_refused_before_the_cor
     capsys.readouterr()
     line = refused(capsys, [*DATA_ARGS[:4], "--init_from", str(tmp_path / "small")], tmp_path / "run")
     assert line == (f"error: the tokenizer of --init_from ({tmp_path / 'small'}) has 50257 tokens but the model's "
-                    f"vocab_size is 300; token ids would index past the embedding: pass a --tokenizer of at most 300 "
-                    f"tokens (the weights fix the vocabulary)")
+                    f"vocab_size is 300 (config.json of --init_from {tmp_path / 'small'}); token ids would index past "
+                    f"the embedding: pass a --tokenizer of at most 300 tokens (the weights fix the vocabulary)")
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -150,7 +150,7 @@ def bad_config(rng: random.Random, tmp: Path, sources: dict) -> tuple[list[str],
     fmt = rng.choice(["native", "llama"])
     folder = _linked_copy(sources[fmt], tmp / fmt, skip="config.json")
     text = (sources[fmt] / "config.json").read_text()
-    kind = rng.randrange(4)
+    kind = rng.randrange(5)
     if kind == 0:  # the file cut short
         content = text[: rng.randrange(len(text) - 1)].encode()
     elif kind == 1:  # JSON, but not an object
@@ -158,10 +158,17 @@ def bad_config(rng: random.Random, tmp: Path, sources: dict) -> tuple[list[str],
     elif kind == 2:  # bytes that are not UTF-8 somewhere inside
         cut = rng.randrange(len(text))
         content = text[:cut].encode() + bytes([rng.randint(0x80, 0xff)]) + text[cut:].encode()
-    else:  # one field of the wrong type or out of its range
+    elif kind == 3:  # one field of the wrong type or out of its range
         fields = _NATIVE_FIELDS if fmt == "native" else _LLAMA_FIELDS
         field = rng.choice(sorted(fields))
         content = json.dumps({**json.loads(text), field: _wrong_value(rng, fields[field])}).encode()
+    else:  # a size of the right type that the weights do not have
+        config = json.loads(text)
+        field = rng.choice(["hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"])
+        # Fewer layers than a stock folder holds is what its own class loads too (the rest ignored): not bad there.
+        low = config[field] + 1 if (fmt, field) == ("llama", "num_hidden_layers") else max(1, config[field] - 8)
+        config[field] = rng.choice([v for v in range(low, config[field] + 9) if v != config[field]])
+        content = json.dumps(config).encode()
     (folder / "config.json").write_bytes(content)
     return ["--init_from", str(folder)], (str(folder),)
 

@@ -109,7 +109,7 @@ def plan_run(model: ModelArgs, data: DataConfig, run: RunArgs, engine: EngineArg
     data = _settle_data(data, config, init.folder if init else None)
     vocab_fixed = "vocab_size" in overrides or init is not None
     vocab = _planned_vocab(data.tokenizer, config, vocab_fixed, given=given_tokenizer is not None,
-                           weights=init is not None)
+                           weights=init.folder if init else None)
 
     # A started-from model is named by its folder and format; --model names the preset otherwise.
     source = None if init is None else (init.folder.parent if init.folder.name == "hf" else init.folder)  # a run's hf/
@@ -141,9 +141,9 @@ def _check_data_files(data: DataConfig) -> None:
             check_data_file(flag, path)
 
 
-def _planned_vocab(tokenizer: str, config: MoEConfig, fixed: bool, *, given: bool, weights: bool) -> int:
+def _planned_vocab(tokenizer: str, config: MoEConfig, fixed: bool, *, given: bool, weights: Path | None) -> int:
     """The model's vocabulary as `finalize` will settle it; refuses a tokenizer larger than a fixed one (by
-    --vocab_size, or by the --init_from `weights`).
+    --vocab_size, or by the --init_from folder `weights`).
 
     A named tokenizer is loaded here, so one that cannot be read is refused before anything is written.
     """
@@ -151,10 +151,11 @@ def _planned_vocab(tokenizer: str, config: MoEConfig, fixed: bool, *, given: boo
     tokens = trained or len(load_tokenizer(tokenizer))
     if fixed and tokens > config.vocab_size:
         who = f"--tokenizer {tokenizer}" if given else f"the tokenizer of --init_from ({tokenizer})"
-        fix = (f"pass a --tokenizer of at most {config.vocab_size} tokens (the weights fix the vocabulary)" if weights
-               else "use a smaller tokenizer or a larger --vocab_size")
+        where, fix = ((f" (config.json of --init_from {weights})",
+                       f"pass a --tokenizer of at most {config.vocab_size} tokens (the weights fix the vocabulary)")
+                      if weights else ("", "use a smaller tokenizer or a larger --vocab_size"))
         raise ConfigError(f"{who} {'makes' if trained else 'has'} {tokens} tokens but the model's vocab_size is "
-                          f"{config.vocab_size}; token ids would index past the embedding: {fix}")
+                          f"{config.vocab_size}{where}; token ids would index past the embedding: {fix}")
     return config.vocab_size if fixed else padded_vocab(tokens)
 
 
