@@ -86,10 +86,7 @@ def _auto_formats(ckpt: Path) -> list[str]:
 
 def _check_ours(ckpt: Path) -> None:
     """Refuse a folder that is not a moe-dist checkpoint, such as a stock model given as RUN, naming what it is."""
-    try:
-        config = read_config_json(ckpt)
-    except ExportError as e:
-        raise ExportError(f"{ckpt} is not a moe-dist run or checkpoint: {e}") from None
+    config = read_config_json(ckpt, f"{ckpt} is not a moe-dist run or checkpoint: ")
     model_type = config.get("model_type")
     if model_type != MoEConfig.model_type:
         raise ExportError(f"{ckpt} is not a moe-dist run or checkpoint: its config.json has model_type="

@@ -38,10 +38,7 @@ class InitFrom:
 
 def read_init_config(folder: Path) -> InitFrom:
     """What `folder` holds and our config fields for it; `ExportError` (one line) when we cannot import it."""
-    try:
-        config_json = read_config_json(folder)
-    except ExportError as e:
-        raise ExportError(f"--init_from {folder}: {e}") from None
+    config_json = read_config_json(folder, f"--init_from {folder}: ")
     model_type = config_json.get("model_type")
     if model_type != MoEConfig.model_type and model_type not in STANDARD_FORMATS:
         raise ExportError(f"--init_from {folder}: model_type={model_type!r} is not supported; supported: "
@@ -89,15 +86,16 @@ def _check_weights_fit(init: InitFrom) -> None:
                           f"(first: {extra[0]!r})")
 
 
-def read_config_json(folder: Path) -> dict:
-    """`folder`'s config.json as a dict; `ExportError` naming the file when it is not a JSON object."""
+def read_config_json(folder: Path, prefix: str = "") -> dict:
+    """`folder`'s config.json as a dict; `ExportError` starting with `prefix` when it is not a JSON object."""
     path = folder / "config.json"
     try:
         config_json = json.loads(path.read_text())
     except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
-        raise ExportError(f"cannot read config.json ({type(e).__name__}: {e})") from None
+        raise ExportError(f"{prefix}cannot read config.json ({type(e).__name__}: {e})") from None
     if not isinstance(config_json, dict):
-        raise ExportError(f"config.json holds a JSON {type(config_json).__name__}, not an object of config fields")
+        raise ExportError(f"{prefix}config.json holds a JSON {type(config_json).__name__}, not an object of config "
+                          f"fields")
     return config_json
 
 
