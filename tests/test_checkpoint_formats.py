@@ -10,7 +10,7 @@ from launcher import ROOT
 
 from moe_dist.atomic_io import write_atomic, write_dir_atomic
 from moe_dist.export import ExportError, load_hf_state_dict
-from moe_dist.export.formats import ds_to_hf_key, local_to_hf_key
+from moe_dist.checkpoint.formats import ds_to_hf_key, local_to_hf_key
 
 DS_KEY = "model.layers.1.mlp.experts.deepspeed_moe.experts.deepspeed_experts.{}.w1.weight"
 HF_KEY = "model.layers.1.mlp.experts.{}.w1.weight"

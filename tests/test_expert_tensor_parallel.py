@@ -9,7 +9,7 @@ import torch
 from launcher import DATA_ARGS, ROOT, TRAIN, check, deepspeed, leftover_shm, metrics, python, truncate_run
 from safetensors.torch import load_file
 
-from moe_dist.export.formats import merge_expert_slices
+from moe_dist.checkpoint.formats import merge_expert_slices
 from moe_dist.model.moe import FeedForward
 from moe_dist.parallel.expert_parallel import ExpertParallelError
 from moe_dist.parallel.expert_tensor_parallel import EtpLayout, slice_expert, validate_expert_tensor_parallel

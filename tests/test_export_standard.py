@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 from moe_dist import MoEConfig, MoEForCausalLM
 from moe_dist.export import build_model
 from moe_dist.export.cli import main
-from moe_dist.export.formats import ACCELERATE_WEIGHTS
-from moe_dist.export.standard import fitting_formats
+from moe_dist.checkpoint.formats import ACCELERATE_WEIGHTS
+from moe_dist.convert.standard import fitting_formats
 from moe_dist.train.data import SEPARATOR, build_tokenizer
 
 SHAPE = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,

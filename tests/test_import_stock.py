@@ -16,8 +16,8 @@ from launcher import DATA_ARGS
 from stock_models import save_stock, tokenizer_for_tests
 
 from moe_dist import MoEConfig
-from moe_dist.export.standard import MOE_FORMATS, STANDARD_FORMATS
-from moe_dist.export.stock_import import check_import, converted_model, read_init_config
+from moe_dist.convert.standard import MOE_FORMATS, STANDARD_FORMATS
+from moe_dist.convert.stock_import import check_import, converted_model, read_init_config
 from moe_dist.train.cli import main as train_main
 
 

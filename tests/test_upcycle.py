@@ -12,8 +12,8 @@ import torch
 from launcher import ACCEL_ARGS, DATA_ARGS, TRAIN, check, python
 
 from moe_dist import MoEConfig, MoEForCausalLM
-from moe_dist.export.stock_import import read_init_config, weight_source
-from moe_dist.export.upcycle import Upcycling, moe_fields, step0_description
+from moe_dist.convert.stock_import import read_init_config, weight_source
+from moe_dist.convert.upcycle import Upcycling, moe_fields, step0_description
 from moe_dist.train.cli import main as train_main
 from moe_dist.train.metrics import expert_similarity, pairwise_cosine
 

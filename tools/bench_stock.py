@@ -1,7 +1,7 @@
 """Our training step against the stock transformers class's, on the same weights: tokens/s side by side.
 
 What: per shape, a random `Qwen3MoeForCausalLM` (the released fine-grained MoE family), and our model
-converted from it exactly (`--init_from`'s path: `export.stock_import.converted_model`). Each variant runs
+converted from it exactly (`--init_from`'s path: `convert.stock_import.converted_model`). Each variant runs
 forward, backward and a fused AdamW step on the same random tokens, dropless, router losses off:
 - `stock grouped_mm`: transformers' default experts implementation (`grouped_mm`);
 - `stock eager`: its per-expert loop;
@@ -49,7 +49,7 @@ def stock_model(shape: dict, folder: Path, seed: int):
 
 def our_model(folder: Path, impl: str):
     from moe_dist import MoEConfig
-    from moe_dist.export.stock_import import converted_model, read_init_config
+    from moe_dist.convert.stock_import import converted_model, read_init_config
 
     init = read_init_config(folder)
     model = converted_model(init, MoEConfig(**init.fields))

@@ -61,7 +61,7 @@ from moe_dist.model.modeling import MoEForCausalLM
 from moe_dist.model.moe import LocalExperts
 from moe_dist.parallel.engines import AccelerateEngine
 from moe_dist.train.args import EngineArgs, OptimArgs, RunArgs
-from moe_dist.train.plan import EngineSpec
+from moe_dist.parallel.engines import EngineSpec
 
 COMMAND = command_line("python")
 GOAL = ("seed reference (seed shape, one GPU, bf16): E=8 top-1 0.26x dense tok/s (40.4k vs 158.1k), "

@@ -2,7 +2,7 @@
 
 For each expert count E (`--experts`) the tool saves a random `Qwen3MoeForCausalLM` folder in bf16 (the
 shape set by `--hidden_size`, `--layers`, `--moe_width`), then:
-- measures the exactness check (`export.stock_import.check_import`: the stock class and the converted model,
+- measures the exactness check (`convert.stock_import.check_import`: the stock class and the converted model,
   both in fp32, in one process, as rank 0 runs it when a run starts) in a fresh process;
 - for each EP size P (`--ep`), launches P CPU ranks through the `deepspeed` launcher (`--worker`); each rank
   builds the model on the meta device and fills it as the trainer does (`DeepSpeedEngine.shard`: experts
@@ -58,7 +58,7 @@ def save_stock(folder: Path, args, experts: int) -> int:
 
 def check_worker(folder: str) -> dict:
     from moe_dist import MoEConfig
-    from moe_dist.export.stock_import import check_import, read_init_config
+    from moe_dist.convert.stock_import import check_import, read_init_config
 
     init = read_init_config(Path(folder))
     before, t0 = peak_rss_mb(), time.perf_counter()
@@ -71,9 +71,9 @@ def load_worker(folder: str, ep_size: int) -> dict | None:
     import torch.distributed as dist
 
     from moe_dist import MoEConfig, MoEForCausalLM
-    from moe_dist.export.stock_import import read_init_config, weight_source
+    from moe_dist.convert.stock_import import read_init_config, weight_source
     from moe_dist.parallel.engines import make_engine
-    from moe_dist.train.plan import EngineSpec
+    from moe_dist.parallel.engines import EngineSpec
 
     init = read_init_config(Path(folder))
     config = MoEConfig(**init.fields)

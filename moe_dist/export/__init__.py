@@ -10,7 +10,7 @@ Importing this package does not import DeepSpeed: `formats` imports it only to r
 """
 
 from .cli import main
-from .formats import ExportError, load_hf_state_dict
+from ..checkpoint.formats import ExportError, load_hf_state_dict
 from .native import build_model, export_checkpoint
 from .standard_export import export_standard
 

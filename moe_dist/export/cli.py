@@ -21,11 +21,11 @@ from pathlib import Path
 
 from ..model.configuration import MoEConfig
 from ..output_guard import OutputRefused
-from .formats import ExportError
+from ..checkpoint.formats import ExportError
 from .native import DTYPES, check_export_dir, export_checkpoint, read_config
-from .standard import STANDARD_FORMATS, blocking_field, fitting_formats
+from ..convert.standard import STANDARD_FORMATS, blocking_field, fitting_formats
 from .standard_export import export_standard
-from .stock_import import read_config_json
+from ..convert.stock_import import read_config_json
 
 FORMATS = ("native", *STANDARD_FORMATS, "auto")
 

@@ -15,7 +15,7 @@ import torch
 from ..output_guard import check_replace, replace_dir
 from ..model.configuration import MoEConfig
 from ..model.modeling import MoEForCausalLM
-from .formats import ExportError, load_hf_state_dict, zero_shards
+from ..checkpoint.formats import ExportError, load_hf_state_dict, zero_shards
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

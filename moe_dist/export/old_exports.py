@@ -33,10 +33,10 @@ from tokenizers import Tokenizer
 from transformers.dynamic_module_utils import get_relative_import_files
 
 from ..model.modeling import MoEForCausalLM
-from .sources import INDEX, SafetensorsFiles
-from .standard_export import card_front_matter
-from .standard_keys import key_pairs, our_tensor_names
-from .stock_import import NATIVE, config_from_fields, read_config_json, read_init_config
+from ..convert.sources import INDEX, SafetensorsFiles
+from .card import card_front_matter
+from ..convert.standard_keys import key_pairs, our_tensor_names
+from ..convert.stock_import import NATIVE, config_from_fields, read_config_json, read_init_config
 
 # What a file that is not what it claims raises on reading (ExportError is a RuntimeError, as is a config
 # that builds no model).

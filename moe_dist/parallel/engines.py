@@ -18,12 +18,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-from ..export.formats import EXPERT_SLICES, hf_named_parameters
+from ..checkpoint.formats import EXPERT_SLICES, hf_named_parameters
 from ..model.modeling import MoEForCausalLM
 from .expert_parallel import apply_expert_parallel
 from .expert_tensor_parallel import apply_expert_tensor_parallel
@@ -32,10 +31,28 @@ from .portable import PortableState, apply_plain, apply_zero, slice_state
 from .process_group import (collective_timeout_s, free_port, init_distributed, set_group_timeouts,
                             shutdown_distributed)
 
-if TYPE_CHECKING:
-    from ..train.plan import EngineSpec  # built by the planner; imported here for annotations only
-
 log = logging.getLogger("moe_dist")
+
+
+@dataclass
+class EngineSpec:
+    """What an engine needs from the run plan (the planner, `train.plan`, builds it)."""
+
+    micro_batch_size: int
+    grad_accum: int
+    grad_clip: float
+    precision: str  # "bf16" | "fp16" | "fp32"
+    ep_size: int
+    lr: float
+    betas: tuple[float, float]
+    adam_eps: float
+    weight_decay: float
+    warmup_steps: int
+    max_steps: int
+    min_lr_ratio: float
+    dist_timeout_s: int
+    ds_config: dict | None = None
+    etp_size: int = 1  # expert tensor parallelism: ranks each expert is sliced over
 
 
 @dataclass
@@ -75,7 +92,7 @@ class TrainEngine(ABC):
     def setup(self, model: MoEForCausalLM, weights=None) -> None:
         """Shard `model` where the engine does, build AdamW and its schedule, then wrap all three.
 
-        `weights` (a source with `read(name)`, see `export.sources`): `model` was built on the meta device
+        `weights` (a source with `read(name)`, see `convert.sources`): `model` was built on the meta device
         and is filled from it, after sharding where each rank can read just its own experts.
         """
         spec = self.spec
@@ -286,7 +303,7 @@ class DeepSpeedEngine(TrainEngine):
     def save(self, staging: Path) -> None:
         self.ds.save_checkpoint(str(staging.parent), tag=staging.name, save_latest=False)
         if self.spec.etp_size > 1 and self.is_main:
-            # Sliced experts: the file ids mean (expert, slice) only with this record (export.formats).
+            # Sliced experts: the file ids mean (expert, slice) only with this record (checkpoint.formats).
             (staging / EXPERT_SLICES).write_text(json.dumps(self._slice_record()))
 
     def _slice_record(self) -> dict:

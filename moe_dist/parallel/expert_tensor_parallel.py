@@ -8,7 +8,7 @@ of the experts of EP rank p (E/P of them). So:
 - the token all-to-all (EP > 1) runs over the P ranks of the block with the same t;
 - a slice's gradient is reduced over the ranks with the same j in other blocks: exactly
   DeepSpeed's expert-data-parallel groups of `ep_size_{P*T}`, which also names the slices in
-  checkpoints (file id = j * E/P + local expert; `export.formats` decodes it).
+  checkpoints (file id = j * E/P + local expert; `checkpoint.formats` decodes it).
 DeepSpeed's groups API gives the `ep_size_{P*T}` groups; the ETP and all-to-all groups have no
 counterpart there (its own ETP needs a Megatron `mpu`), so they come from `dist.new_group`.
 
@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..export.formats import slice_dim
+from ..checkpoint.formats import slice_dim
 from ..model.moe import FeedForward, LocalExperts, MoEBlock
 from ..model.routing import Routing, assign_positions
 from .expert_parallel import ExpertParallelError, divisors, _expert_shard_class, _PrecomputedGate

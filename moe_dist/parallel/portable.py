@@ -6,7 +6,7 @@ written into either engine after setup, so experts and their moments move to whi
 rank owns them now. DeepSpeed's own converters (`ds_to_universal`, `zero_to_fp32`) fail
 on native-MoE checkpoints; ZeRO-1/2 shards record where each parameter lies in them
 (`param_slice_mappings`), which is all this needs. The files and their names are
-`moe_dist.export.formats`'s business; this module only reassembles what they hold. Expert
+`moe_dist.checkpoint.formats`'s business; this module only reassembles what they hold. Expert
 slices (ETP) are joined into whole experts on reading and cut again for a sliced
 target (`slice_state`), so every layout change takes the same path.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..export.formats import (
+from ..checkpoint.formats import (
     load_accelerate_optimizer,
     load_hf_state_dict,
     load_zero_shard,

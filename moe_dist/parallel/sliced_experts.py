@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..export.formats import slice_dim
+from ..checkpoint.formats import slice_dim
 from ..model import MoEConfig, MoEForCausalLM
 from ..model.moe import FeedForward, LocalExperts, MoEBlock
 from ..model.routing import Routing

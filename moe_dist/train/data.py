@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..atomic_io import write_atomic, write_dir_atomic
-from .data_prep import (SEPARATOR, StoryReader, default_num_proc, log_phase, one_thread_tokenizers, pack_file,
+from .data_prep import (SEPARATOR, DataError, StoryReader, default_num_proc, log_phase, one_thread_tokenizers, pack_file,
                         progress, token_dtype, tokenize_to_file)
 
 if TYPE_CHECKING:
@@ -41,10 +41,6 @@ _VALID_SUFFIXES = ".txt, .json and .jsonl, optionally .gz"
 BUNDLED_SAMPLE = Path(__file__).resolve().parents[2] / "data" / "tinystories"
 # GPT-2's tokenizer (MIT, see its SOURCE.md): what `--tokenizer gpt2`, the default, loads with no hub.
 BUNDLED_GPT2 = Path(__file__).resolve().parents[2] / "data" / "gpt2"
-
-
-class DataError(ValueError):
-    """Bad data input. The message is one line naming the field or path and what is valid."""
 
 
 @dataclass

@@ -39,6 +39,11 @@ from ..atomic_io import write_atomic
 log = logging.getLogger("moe_dist")
 
 SEPARATOR = "<|endoftext|>"
+
+
+class DataError(ValueError):
+    """Bad data input. The message is one line naming the field or path and what is valid."""
+
 CHUNK_STORIES = 2000  # stories per task sent to a worker: large enough to amortise the IPC, small for memory
 _READ_BYTES = 1 << 22
 _PACK_ROWS = 1 << 16  # blocks copied per slab while packing
@@ -137,8 +142,6 @@ def _kind(path: str) -> str:
 
 
 def _loads(text: str, label: str):
-    from .data import DataError
-
     try:
         return json.loads(text)
     except (json.JSONDecodeError, RecursionError) as e:  # the second: nesting deeper than the parser follows
@@ -147,8 +150,6 @@ def _loads(text: str, label: str):
 
 
 def _record_text(record, label: str) -> str:
-    from .data import DataError
-
     if not isinstance(record, dict) or "text" not in record:
         found = sorted(record)[:8] if isinstance(record, dict) else type(record).__name__
         raise DataError(f"{label} needs a 'text' field in every record, has {found}")

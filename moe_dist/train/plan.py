@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 
-from ..export.stock_import import (NATIVE, VOLATILE_FIELDS, InitFrom, check_import, config_from_fields, init_config,
+from ..convert.stock_import import (NATIVE, VOLATILE_FIELDS, InitFrom, check_import, config_from_fields, init_config,
                                    read_init_config)
-from ..export.upcycle import Upcycling, moe_fields
+from ..convert.upcycle import Upcycling, moe_fields
 from ..model.configuration import MAX_EXPERTS, MoEConfig
 from ..output_guard import check as check_outputs
 from ..parallel.ds_config import ConfigError, DeepSpeedSettings, launcher_world_size, load_deepspeed_config
+from ..parallel.engines import EngineSpec
 from ..parallel.expert_parallel import validate_expert_parallel
 from ..parallel.expert_tensor_parallel import validate_expert_tensor_parallel
 from .args import EngineArgs, ModelArgs, OptimArgs, RunArgs
@@ -44,27 +45,6 @@ _SHAPE_FIELDS = ("num_local_experts", "moe_intermediate_size", "moe_every", "ski
                  "vocab_size")
 # Filled in from the tokenizer once the data is ready, so not comparable before that.
 _FROM_TOKENIZER = {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"}
-
-
-@dataclass
-class EngineSpec:
-    """What an engine needs from the run plan."""
-
-    micro_batch_size: int
-    grad_accum: int
-    grad_clip: float
-    precision: str  # "bf16" | "fp16" | "fp32"
-    ep_size: int
-    lr: float
-    betas: tuple[float, float]
-    adam_eps: float
-    weight_decay: float
-    warmup_steps: int
-    max_steps: int
-    min_lr_ratio: float
-    dist_timeout_s: int
-    ds_config: dict | None = None
-    etp_size: int = 1  # expert tensor parallelism: ranks each expert is sliced over
 
 
 @dataclass

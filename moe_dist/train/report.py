@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..export.upcycle import source_record
+from ..convert.upcycle import source_record
 from ..model.configuration import MoEConfig
 from .logging_io import MetricsWriter, write_summary
 from .metrics import Throughput, format_progress, peak_memory_mb, routing_health, routing_utilization

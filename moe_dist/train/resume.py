@@ -16,7 +16,7 @@ import torch
 
 from ..model.configuration import MoEConfig
 from ..model.modeling import MoEForCausalLM
-from ..export.formats import read_expert_slices
+from ..checkpoint.formats import read_expert_slices
 from ..parallel.engines import TrainEngine
 from ..parallel.portable import read_state
 from .checkpoint import CheckpointError, CheckpointStore, load_rank_state, restore_rng, step_of

@@ -22,9 +22,9 @@ import transformers
 
 from ..atomic_io import write_atomic
 from ..export import export_checkpoint
-from ..export.formats import hf_named_parameters
-from ..export.stock_import import weight_source
-from ..export.upcycle import source_record, step0_description
+from ..checkpoint.formats import hf_named_parameters
+from ..convert.stock_import import weight_source
+from ..convert.upcycle import source_record, step0_description
 from ..model.configuration import MoEConfig
 from ..model.modeling import MoEForCausalLM
 from ..output_guard import record as record_outputs

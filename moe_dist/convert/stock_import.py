@@ -18,10 +18,9 @@ from huggingface_hub.errors import StrictDataclassError
 
 from ..model.configuration import MoEConfig
 from ..model.modeling import MoEForCausalLM
-from .formats import ExportError
+from ..checkpoint.formats import ExportError
 from .sources import NativeSource, SafetensorsFiles, StockSource, check_safetensors, has_safetensors
-from .standard import CLASS_NAMES, STANDARD_FORMATS, Unrepresentable, stock_config, to_ours
-from .standard_export import TOLERANCE
+from .standard import CLASS_NAMES, STANDARD_FORMATS, TOLERANCE, Unrepresentable, stock_config, to_ours
 from .upcycle import UpcycleSource, Upcycling
 
 NATIVE = "native"

@@ -54,6 +54,9 @@ CLASS_NAMES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": 
 _CONFIGS = {"gpt2": GPT2Config, "llama": LlamaConfig, "qwen3": Qwen3Config, "mixtral": MixtralConfig,
             "qwen3_moe": Qwen3MoeConfig, "olmoe": OlmoeConfig, "ernie4_5_moe": Ernie4_5_MoeConfig}
 MOE_FORMATS = ("mixtral", "qwen3_moe", "olmoe", "ernie4_5_moe")
+# Max |logit difference| in fp32 between a stock class and our model of the same weights: the bar of both
+# the import check and the export check. fp32 reorderings of the same sums stay orders of magnitude below it.
+TOLERANCE = 1e-4
 
 
 class Unrepresentable(ValueError):

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..model.configuration import MoEConfig
-from .formats import ExportError
+from ..checkpoint.formats import ExportError
 from .standard_keys import Pair, key_pairs
 
 INDEX = "model.safetensors.index.json"
