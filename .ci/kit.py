@@ -7,6 +7,7 @@
 The rehearsal builds the kit for this machine's Python (3.11); `same` holds it to the 3.12 kit that travels
 to the GPU machine (docs/gpu/kit.json), so the packages rehearsed are the packages carried.
 """
+
 import json
 import sys
 from pathlib import Path
@@ -27,8 +28,10 @@ elif verb == "same":
     # Names, not versions: a dependency's newest release moves between two builds, its name does not.
     ours, theirs = (sorted(p["name"] for p in k["packages"]) for k in (kit, other))
     if ours != theirs:
-        sys.exit(f"the kit for CPython {kit['python']} carries {ours}, the one for CPython {other['python']} "
-                 f"({sys.argv[3]}) {theirs}: rebuild that one with its command: {other['command']}")
+        sys.exit(
+            f"the kit for CPython {kit['python']} carries {ours}, the one for CPython {other['python']} "
+            f"({sys.argv[3]}) {theirs}: rebuild that one with its command: {other['command']}"
+        )
     print(f"the kits for CPython {kit['python']} and {other['python']} carry the same {len(ours)} packages")
 else:
     sys.exit(f"unknown verb {verb!r}: from-image, absent or same")

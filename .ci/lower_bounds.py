@@ -7,6 +7,7 @@ With `--requirements`: print the install and test requirements as written, for `
 With `--image FILE` (tools/gpu_image.txt): the lent GPU image's pinned versions replace the bounds of
 the packages it pins, and are added where setup.cfg has none: the lower-bound venv mirrors that image.
 """
+
 import configparser
 import re
 import sys

@@ -63,9 +63,12 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch_size", type=int, default=8, help="prompts per generate() call")
     p.add_argument("--json", help="also write prompts, samples and settings to this JSON file")
-    p.add_argument("--etp_size", type=int, default=1,
-                   help="slice every expert over this many ranks (launch them with deepspeed --num_gpus T); "
-                        "1 = off")
+    p.add_argument(
+        "--etp_size",
+        type=int,
+        default=1,
+        help="slice every expert over this many ranks (launch them with deepspeed --num_gpus T); 1 = off",
+    )
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher's
     return p.parse_args(argv)
 
@@ -85,15 +88,26 @@ def main(argv=None) -> int:
         tokenizer = load_tokenizer_for_generation(model_dir)
         max_new_tokens, warning = fit_to_context(prompt_lengths(tokenizer, prompts), context, args.max_new_tokens)
         config = build_generation_config(
-            tokenizer, max_new_tokens=max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, repetition_penalty=args.repetition_penalty, num_samples=args.num_samples)
+            tokenizer,
+            max_new_tokens=max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            num_samples=args.num_samples,
+        )
         if args.batch_size < 1:
             raise GenerationError(f"--batch_size {args.batch_size}: must be >= 1")
         if args.json and not Path(args.json).parent.is_dir():  # found out now, not after generating
             raise GenerationError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
         if args.json:  # and never over a file we did not write
-            output_guard.check(Path(args.json).parent, SAMPLES, [Path(args.json).name], what="--json",
-                               legacy=lambda d: is_our_json(d / Path(args.json).name, ("samples", "settings")))
+            output_guard.check(
+                Path(args.json).parent,
+                SAMPLES,
+                [Path(args.json).name],
+                what="--json",
+                legacy=lambda d: is_our_json(d / Path(args.json).name, ("samples", "settings")),
+            )
         if sliced:  # every check above ran before any process group
             started = start_process_group(device)
             model = load_sliced_model(model_dir, rank, args.etp_size, device)
@@ -112,12 +126,19 @@ def main(argv=None) -> int:
     if rank != 0:
         return 0
     for s in samples:
-        print(f"=== prompt {s.prompt_index + 1}/{len(prompts)}, sample {s.sample_index + 1}/{args.num_samples}"
-              f" ({s.num_new_tokens} new tokens) ===\n{s.text}\n")
+        print(
+            f"=== prompt {s.prompt_index + 1}/{len(prompts)}, sample {s.sample_index + 1}/{args.num_samples}"
+            f" ({s.num_new_tokens} new tokens) ===\n{s.text}\n"
+        )
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k != "local_rank"}
-        record = {"model_dir": str(model_dir), "device": str(device), "settings": settings,
-                  "max_new_tokens_used": max_new_tokens, "samples": [s.to_json() for s in samples]}
+        record = {
+            "model_dir": str(model_dir),
+            "device": str(device),
+            "settings": settings,
+            "max_new_tokens_used": max_new_tokens,
+            "samples": [s.to_json() for s in samples],
+        }
         output_guard.record(Path(args.json).parent, SAMPLES, [Path(args.json).name])
         Path(args.json).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     return 0
@@ -131,8 +152,10 @@ def _rank_device(device):
         return device
     local_rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
     if local_rank >= count:
-        raise GenerationError(f"--device {device}: rank {local_rank} on this host needs GPU {local_rank}, but only "
-                              f"{count} are visible; launch at most {count} ranks per host")
+        raise GenerationError(
+            f"--device {device}: rank {local_rank} on this host needs GPU {local_rank}, but only "
+            f"{count} are visible; launch at most {count} ranks per host"
+        )
     return torch.device("cuda", local_rank)
 
 

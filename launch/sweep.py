@@ -20,16 +20,25 @@ from moe_dist.analysis.sweep import GRIDS, SCALES, Launcher, SweepError, grid_po
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    ours, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    ours, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--grid", required=True, choices=list(GRIDS))
     p.add_argument("--scale", default="tiny", choices=SCALES, help="tiny-* presets (CPU) or the seed-* presets")
     p.add_argument("--runs_dir", required=True, help="grid folders go here: RUNS_DIR/GRID/RUN")
-    p.add_argument("--deepspeed", metavar="JSON", help="train through `deepspeed --num_gpus N` with this config; "
-                                                       "without it each run is `python launch/train.py` (accelerate)")
+    p.add_argument(
+        "--deepspeed",
+        metavar="JSON",
+        help="train through `deepspeed --num_gpus N` with this config; "
+        "without it each run is `python launch/train.py` (accelerate)",
+    )
     p.add_argument("--num_gpus", type=int, default=None, help="ranks per run (with --deepspeed; default 1)")
-    p.add_argument("--only", action="append", default=[], metavar="NAME",
-                   help="run just this point of the grid (repeatable, or comma-separated)")
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="run just this point of the grid (repeatable, or comma-separated)",
+    )
     p.add_argument("--dry_run", action="store_true", help="print the plan and the commands, start nothing")
     p.add_argument("--list", action="store_true", help="print the grid's run names and flags, then exit")
     args = p.parse_args(ours)
@@ -51,8 +60,9 @@ def main(argv: list[str]) -> int:
                 print(f"{point.name:32s} {' '.join(point.args)}")
             return 0
         launcher = Launcher(args.deepspeed, args.num_gpus or 1)
-        failures = run_sweep(args.grid, args.scale, args.runs_dir, launcher=launcher, extra=extra,
-                             only=args.only, dry_run=args.dry_run)
+        failures = run_sweep(
+            args.grid, args.scale, args.runs_dir, launcher=launcher, extra=extra, only=args.only, dry_run=args.dry_run
+        )
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

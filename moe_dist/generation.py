@@ -20,8 +20,12 @@ import torch
 
 from .train.data import SEPARATOR, DataError, load_tokenizer
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
@@ -47,6 +51,7 @@ class Sample:
 
 # ---------------------------------------------------------------- inputs
 
+
 def resolve_model_dir(path: str | Path) -> Path:
     """An exported HF folder, or a run folder whose `hf/` holds one; checked for config, weights, tokenizer."""
     path = Path(path)
@@ -54,15 +59,20 @@ def resolve_model_dir(path: str | Path) -> Path:
         raise GenerationError(f"--model_path {path}: {'is not a folder' if path.exists() else 'does not exist'}")
     model_dir = next((d for d in (path, path / "hf") if (d / "config.json").is_file()), None)
     if model_dir is None:
-        raise GenerationError(f"--model_path {path}: no model here (no config.json in it or in its hf/); pass an "
-                              f"exported hf/ folder or a finished run folder, or export a checkpoint first "
-                              f"(python -m moe_dist.export CHECKPOINT OUT_DIR)")
+        raise GenerationError(
+            f"--model_path {path}: no model here (no config.json in it or in its hf/); pass an "
+            f"exported hf/ folder or a finished run folder, or export a checkpoint first "
+            f"(python -m moe_dist.export CHECKPOINT OUT_DIR)"
+        )
     if not any((model_dir / f).is_file() for f in WEIGHT_FILES):
-        raise GenerationError(f"--model_path {model_dir}: config.json but no weights (expected one of "
-                              f"{', '.join(WEIGHT_FILES)})")
+        raise GenerationError(
+            f"--model_path {model_dir}: config.json but no weights (expected one of {', '.join(WEIGHT_FILES)})"
+        )
     if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
-        raise GenerationError(f"--model_path {model_dir}: no tokenizer files (expected {' or '.join(TOKENIZER_FILES)}"
-                              f"); export with --tokenizer")
+        raise GenerationError(
+            f"--model_path {model_dir}: no tokenizer files (expected {' or '.join(TOKENIZER_FILES)}"
+            f"); export with --tokenizer"
+        )
     return model_dir
 
 
@@ -103,42 +113,66 @@ def resolve_device(spec: str) -> torch.device:
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            why = (f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None
-                   else "torch sees no CUDA GPU (check the driver and CUDA_VISIBLE_DEVICES)")
+            why = (
+                f"this torch ({torch.__version__}) is built without CUDA"
+                if torch.version.cuda is None
+                else "torch sees no CUDA GPU (check the driver and CUDA_VISIBLE_DEVICES)"
+            )
             raise GenerationError(f"--device {spec}: {why}; use --device cpu or auto")
         if device.index is not None and device.index >= count:
             raise GenerationError(f"--device {spec}: only {count} GPU(s) visible, valid indices 0..{count - 1}")
     return device
 
 
-def build_generation_config(tokenizer, *, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-                            repetition_penalty: float, num_samples: int):
+def build_generation_config(
+    tokenizer,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    repetition_penalty: float,
+    num_samples: int,
+):
     """The `GenerationConfig`: temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
     from transformers import GenerationConfig
 
-    for name, value, ok, valid in (("max_new_tokens", max_new_tokens, max_new_tokens >= 1, ">= 1"),
-                                   ("temperature", temperature, temperature >= 0, ">= 0 (0 = greedy)"),
-                                   ("top_k", top_k, top_k >= 0, ">= 0 (0 = off)"),
-                                   ("top_p", top_p, 0 < top_p <= 1, "in (0, 1] (1 = off)"),
-                                   ("repetition_penalty", repetition_penalty, repetition_penalty > 0,
-                                    "> 0 (1 = off)"),
-                                   ("num_samples", num_samples, num_samples >= 1, ">= 1")):
+    for name, value, ok, valid in (
+        ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, ">= 1"),
+        ("temperature", temperature, temperature >= 0, ">= 0 (0 = greedy)"),
+        ("top_k", top_k, top_k >= 0, ">= 0 (0 = off)"),
+        ("top_p", top_p, 0 < top_p <= 1, "in (0, 1] (1 = off)"),
+        ("repetition_penalty", repetition_penalty, repetition_penalty > 0, "> 0 (1 = off)"),
+        ("num_samples", num_samples, num_samples >= 1, ">= 1"),
+    ):
         if not ok:
             raise GenerationError(f"--{name} {value}: must be {valid}")
-    ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-               bos_token_id=tokenizer.bos_token_id)
+    ids = dict(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id
+    )
     if temperature == 0:
         if num_samples > 1:
-            raise GenerationError(f"--num_samples {num_samples}: greedy decoding (--temperature 0) gives one "
-                                  f"answer per prompt; sample with --temperature > 0")
-        return GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens,
-                                repetition_penalty=repetition_penalty, **ids)
-    return GenerationConfig(do_sample=True, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                            top_p=top_p, repetition_penalty=repetition_penalty, num_return_sequences=num_samples,
-                            **ids)
+            raise GenerationError(
+                f"--num_samples {num_samples}: greedy decoding (--temperature 0) gives one "
+                f"answer per prompt; sample with --temperature > 0"
+            )
+        return GenerationConfig(
+            do_sample=False, max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty, **ids
+        )
+    return GenerationConfig(
+        do_sample=True,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        num_return_sequences=num_samples,
+        **ids,
+    )
 
 
 # ---------------------------------------------------------------- model
+
 
 def load_tokenizer_for_generation(model_dir: Path):
     """The folder's tokenizer, left-padded (a batch's new tokens then line up at the right), pad = eos if unset."""
@@ -192,16 +226,21 @@ def fit_to_context(prompt_lengths: list[int], context: int | None, max_new_token
     longest = max(prompt_lengths)
     if longest >= context:
         which = prompt_lengths.index(longest) + 1
-        raise GenerationError(f"prompt {which} is {longest} tokens; the model's context is {context} tokens "
-                              f"(max_position_embeddings), which leaves no room to generate: shorten it")
+        raise GenerationError(
+            f"prompt {which} is {longest} tokens; the model's context is {context} tokens "
+            f"(max_position_embeddings), which leaves no room to generate: shorten it"
+        )
     room = context - longest
     if max_new_tokens <= room:
         return max_new_tokens, None
-    return room, (f"warning: the longest prompt is {longest} tokens and the context is {context}: "
-                  f"--max_new_tokens {max_new_tokens} clamped to {room}")
+    return room, (
+        f"warning: the longest prompt is {longest} tokens and the context is {context}: "
+        f"--max_new_tokens {max_new_tokens} clamped to {room}"
+    )
 
 
 # ---------------------------------------------------------------- generation
+
 
 def prompt_lengths(tokenizer, prompts: list[str]) -> list[int]:
     return [len(ids) for ids in tokenizer(_model_text(tokenizer, prompts), add_special_tokens=False)["input_ids"]]
@@ -214,8 +253,9 @@ def _model_text(tokenizer, prompts: list[str]) -> list[str]:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], generation_config, *, seed: int, batch_size: int = 8
-             ) -> list[Sample]:
+def generate(
+    model, tokenizer, prompts: list[str], generation_config, *, seed: int, batch_size: int = 8
+) -> list[Sample]:
     """`generation_config.num_return_sequences` samples per prompt, `batch_size` prompts per `generate` call.
 
     The seed is set once before the first batch: the same seed, prompts and batch size give the
@@ -227,19 +267,30 @@ def generate(model, tokenizer, prompts: list[str], generation_config, *, seed: i
     n = generation_config.num_return_sequences or 1
     samples = []
     for first in range(0, len(prompts), batch_size):
-        batch = prompts[first:first + batch_size]
-        enc = tokenizer(_model_text(tokenizer, batch), add_special_tokens=False, padding=True,
-                        return_tensors="pt", return_token_type_ids=False).to(model.device)
+        batch = prompts[first : first + batch_size]
+        enc = tokenizer(
+            _model_text(tokenizer, batch),
+            add_special_tokens=False,
+            padding=True,
+            return_tensors="pt",
+            return_token_type_ids=False,
+        ).to(model.device)
         out = model.generate(**enc, generation_config=generation_config)
-        new_tokens = out[:, enc["input_ids"].shape[1]:]  # shape: (len(batch) * n, new)
+        new_tokens = out[:, enc["input_ids"].shape[1] :]  # shape: (len(batch) * n, new)
         for row, ids in enumerate(new_tokens.tolist()):
             ids = _until_eos(ids, generation_config.eos_token_id)
-            samples.append(Sample(prompt_index=first + row // n, sample_index=row % n, prompt=batch[row // n],
-                                  continuation=tokenizer.decode(ids, skip_special_tokens=True),
-                                  num_new_tokens=len(ids)))
+            samples.append(
+                Sample(
+                    prompt_index=first + row // n,
+                    sample_index=row % n,
+                    prompt=batch[row // n],
+                    continuation=tokenizer.decode(ids, skip_special_tokens=True),
+                    num_new_tokens=len(ids),
+                )
+            )
     return samples
 
 
 def _until_eos(ids: list[int], eos: int | None) -> list[int]:
     # Rows that stop early are padded with pad = eos up to the batch's longest row; cut after the first eos.
-    return ids[:ids.index(eos) + 1] if eos in ids else ids
+    return ids[: ids.index(eos) + 1] if eos in ids else ids

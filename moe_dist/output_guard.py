@@ -55,8 +55,9 @@ def fingerprints(folder: str | os.PathLike) -> dict[str, dict]:
     return {str(k): v for k, v in files.items() if isinstance(v, dict)} if isinstance(files, dict) else {}
 
 
-def check(folder: str | os.PathLike, kind: str, names: Iterable[str], *, legacy: Legacy | None = None,
-          what: str = "") -> None:
+def check(
+    folder: str | os.PathLike, kind: str, names: Iterable[str], *, legacy: Legacy | None = None, what: str = ""
+) -> None:
     """Refuse (before any work) to write `names` into `folder` if one of them is taken by an entry we did not write.
 
     `what` names the flag in the message (`--output_dir`); `legacy(folder)` says that the folder is
@@ -73,8 +74,10 @@ def check(folder: str | os.PathLike, kind: str, names: Iterable[str], *, legacy:
     # A name the record does not list may still be ours from before records existed (`legacy`).
     foreign = [n for n in taken if ours.get(n) != kind and (n in ours or legacy is None or not legacy(folder))]
     if foreign:
-        raise OutputRefused(f"{_label(what, folder)} holds {_list(folder, foreign)}, which moe-dist did not write "
-                            f"as {kind} output; it would be overwritten. Move it, or choose another folder")
+        raise OutputRefused(
+            f"{_label(what, folder)} holds {_list(folder, foreign)}, which moe-dist did not write "
+            f"as {kind} output; it would be overwritten. Move it, or choose another folder"
+        )
 
 
 def record(folder: str | os.PathLike, kind: str, names: Iterable[str]) -> None:
@@ -87,8 +90,9 @@ def record(folder: str | os.PathLike, kind: str, names: Iterable[str]) -> None:
         _write_record(folder, new, fingerprints(folder))
 
 
-def claim(folder: str | os.PathLike, kind: str, names: Iterable[str], *, legacy: Legacy | None = None,
-          what: str = "") -> Path:
+def claim(
+    folder: str | os.PathLike, kind: str, names: Iterable[str], *, legacy: Legacy | None = None, what: str = ""
+) -> Path:
     """`check`, then `record`: for a command that runs in one process. Returns the folder."""
     names = list(names)
     check(folder, kind, names, legacy=legacy, what=what)
@@ -112,13 +116,21 @@ def check_replace(folder: str | os.PathLike, kind: str, *, unproven: Unproven | 
     entries = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
     foreign, why = _not_ours(folder, kind, entries, unproven) if entries else ([], "")
     if foreign:
-        raise OutputRefused(f"{_label(what, folder)} holds {_list(folder, foreign)}, {why}; it would be replaced. "
-                            f"Move it aside (mv {shlex.quote(str(folder))} {shlex.quote(str(folder) + '.old')}) "
-                            f"or choose a new or empty folder")
+        raise OutputRefused(
+            f"{_label(what, folder)} holds {_list(folder, foreign)}, {why}; it would be replaced. "
+            f"Move it aside (mv {shlex.quote(str(folder))} {shlex.quote(str(folder) + '.old')}) "
+            f"or choose a new or empty folder"
+        )
 
 
-def replace_dir(folder: str | os.PathLike, kind: str, write_fn: Callable[[Path], object], *,
-                unproven: Unproven | None = None, what: str = "") -> Path:
+def replace_dir(
+    folder: str | os.PathLike,
+    kind: str,
+    write_fn: Callable[[Path], object],
+    *,
+    unproven: Unproven | None = None,
+    what: str = "",
+) -> Path:
     """Write a new `folder` through `write_fn(staging)` and swap it in whole (`check_replace` first); its record
     fingerprints every file, so a later replace can tell a file the user edited from ours."""
     check_replace(folder, kind, unproven=unproven, what=what)
@@ -126,8 +138,11 @@ def replace_dir(folder: str | os.PathLike, kind: str, write_fn: Callable[[Path],
     def write(staging: Path) -> None:
         write_fn(staging)
         entries = [p for p in staging.iterdir() if p.name != RECORD]
-        _write_record(staging, {p.name: kind for p in entries},
-                      {p.name: _fingerprint(p) for p in entries if p.is_file() and not p.is_symlink()})
+        _write_record(
+            staging,
+            {p.name: kind for p in entries},
+            {p.name: _fingerprint(p) for p in entries if p.is_file() and not p.is_symlink()},
+        )
 
     write_dir_atomic(folder, write)
     return Path(folder)
@@ -139,13 +154,16 @@ def _not_ours(folder: Path, kind: str, entries: list[str], unproven: Unproven | 
     if not ours:
         return (unproven(folder) if unproven is not None else entries), (
             f"which moe-dist cannot prove it wrote (there is no {RECORD}, and it is not an untouched {kind} output "
-            f"from before records existed)")
+            f"from before records existed)"
+        )
     foreign = [n for n in entries if n != RECORD and ours.get(n) != kind]
     if foreign:
         return foreign, "which moe-dist did not write"
     files = fingerprints(folder)  # read only once every name is ours: hashing is the one costly check
-    return ([n for n in entries if n in files and not _unchanged(folder / n, files[n])],
-            f"changed since moe-dist wrote it (size or sha256 differs from {RECORD})")
+    return (
+        [n for n in entries if n in files and not _unchanged(folder / n, files[n])],
+        f"changed since moe-dist wrote it (size or sha256 differs from {RECORD})",
+    )
 
 
 def _read_record(folder: str | os.PathLike) -> dict:
@@ -170,8 +188,12 @@ def _fingerprint(path: Path) -> dict:
 
 def _unchanged(path: Path, recorded: dict) -> bool:
     """The file still has its recorded size and sha256 (the size first: a changed length costs no reading)."""
-    return (path.is_file() and not path.is_symlink() and path.stat().st_size == recorded.get("size")
-            and _sha256(path) == recorded.get("sha256"))
+    return (
+        path.is_file()
+        and not path.is_symlink()
+        and path.stat().st_size == recorded.get("size")
+        and _sha256(path) == recorded.get("sha256")
+    )
 
 
 def _sha256(path: Path) -> str:

@@ -1,4 +1,5 @@
 """Shared test helpers: the repository on sys.path, the xdist split, and a factory for CPU-sized model configs."""
+
 import functools
 import os
 import sys
@@ -65,8 +66,14 @@ def one_torch_thread():
 
 
 # A preset shrunk to a few thousand parameters per layer: every test model is built in milliseconds.
-TINY_SHAPE = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  intermediate_size=128, max_position_embeddings=64)
+TINY_SHAPE = dict(
+    vocab_size=256,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    max_position_embeddings=64,
+)
 
 
 @pytest.fixture
@@ -106,8 +113,9 @@ def ep2_run(tmp_path_factory):
     """One uninterrupted 24-step EP=2 DeepSpeed run (2 CPU ranks), shared by every test that reads it."""
     from launcher import EP2_ARGS, TRAIN, check, deepspeed
 
-    return _made_once(tmp_path_factory, "ep2",
-                      lambda run_dir: check(deepspeed(TRAIN, [*EP2_ARGS, "--output_dir", str(run_dir)])))
+    return _made_once(
+        tmp_path_factory, "ep2", lambda run_dir: check(deepspeed(TRAIN, [*EP2_ARGS, "--output_dir", str(run_dir)]))
+    )
 
 
 @pytest.fixture(scope="session")
@@ -115,5 +123,6 @@ def accel_run(tmp_path_factory):
     """One uninterrupted 24-step single-process run through accelerate (no DeepSpeed engine)."""
     from launcher import ACCEL_ARGS, TRAIN, check, python
 
-    return _made_once(tmp_path_factory, "accel",
-                      lambda run_dir: check(python(TRAIN, [*ACCEL_ARGS, "--output_dir", str(run_dir)])))
+    return _made_once(
+        tmp_path_factory, "accel", lambda run_dir: check(python(TRAIN, [*ACCEL_ARGS, "--output_dir", str(run_dir)]))
+    )

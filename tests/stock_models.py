@@ -15,11 +15,23 @@ from launcher import FIXTURES
 
 from moe_dist.train.data import SEPARATOR, build_tokenizer
 
-SHAPE = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=64, rms_norm_eps=1e-6)
+SHAPE = dict(
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+)
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 
 
 def configs(vocab: int, experts: int = 4) -> dict[str, transformers.PretrainedConfig]:
@@ -28,25 +40,55 @@ def configs(vocab: int, experts: int = 4) -> dict[str, transformers.PretrainedCo
     moe = dict(num_experts_per_tok=2, router_aux_loss_coef=0.0)
     return {
         # Tied embeddings, as the released GPT-2 checkpoints are.
-        "gpt2": t.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=3, n_head=4, n_positions=64, tie_word_embeddings=True),
+        "gpt2": t.GPT2Config(
+            vocab_size=vocab, n_embd=64, n_layer=3, n_head=4, n_positions=64, tie_word_embeddings=True
+        ),
         # Llama 3.2-style: llama3 rope scaling and a tied head.
-        "llama": t.LlamaConfig(vocab_size=vocab, intermediate_size=128, tie_word_embeddings=True,
-                               rope_parameters=dict(LLAMA3_ROPE), **SHAPE),
+        "llama": t.LlamaConfig(
+            vocab_size=vocab,
+            intermediate_size=128,
+            tie_word_embeddings=True,
+            rope_parameters=dict(LLAMA3_ROPE),
+            **SHAPE,
+        ),
         # Per-head q/k RMSNorm, and a head_dim that is not hidden_size / heads.
         "qwen3": t.Qwen3Config(vocab_size=vocab, intermediate_size=128, head_dim=32, **SHAPE),
         "mixtral": t.MixtralConfig(vocab_size=vocab, intermediate_size=64, num_local_experts=experts, **moe, **SHAPE),
         # A dense first layer (mlp_only_layers), unnormalised top-k, head_dim 32.
-        "qwen3_moe": t.Qwen3MoeConfig(vocab_size=vocab, intermediate_size=128, moe_intermediate_size=64,
-                                      num_experts=experts, norm_topk_prob=False, mlp_only_layers=[0], head_dim=32,
-                                      **moe, **SHAPE),
+        "qwen3_moe": t.Qwen3MoeConfig(
+            vocab_size=vocab,
+            intermediate_size=128,
+            moe_intermediate_size=64,
+            num_experts=experts,
+            norm_topk_prob=False,
+            mlp_only_layers=[0],
+            head_dim=32,
+            **moe,
+            **SHAPE,
+        ),
         # q/k norms over the whole projections and a clamp that binds.
-        "olmoe": t.OlmoeConfig(vocab_size=vocab, intermediate_size=64, num_experts=experts, clip_qkv=0.5,
-                               norm_topk_prob=False, **moe, **SHAPE),
+        "olmoe": t.OlmoeConfig(
+            vocab_size=vocab,
+            intermediate_size=64,
+            num_experts=experts,
+            clip_qkv=0.5,
+            norm_topk_prob=False,
+            **moe,
+            **SHAPE,
+        ),
         # A dense first layer, one shared expert, a selection bias, interleaved RoPE.
-        "ernie4_5_moe": t.Ernie4_5_MoeConfig(vocab_size=vocab, intermediate_size=128, moe_intermediate_size=64,
-                                             moe_num_experts=experts, moe_k=2, moe_num_shared_experts=1,
-                                             moe_layer_start_index=1, use_bias=False, router_aux_loss_coef=0.0,
-                                             **SHAPE),
+        "ernie4_5_moe": t.Ernie4_5_MoeConfig(
+            vocab_size=vocab,
+            intermediate_size=128,
+            moe_intermediate_size=64,
+            moe_num_experts=experts,
+            moe_k=2,
+            moe_num_shared_experts=1,
+            moe_layer_start_index=1,
+            use_bias=False,
+            router_aux_loss_coef=0.0,
+            **SHAPE,
+        ),
     }
 
 
@@ -58,8 +100,11 @@ def tokenizer_for_tests(folder: Path):
 def save_stock(fmt: str, folder: Path, tokenizer, *, experts: int = 4, seed: int = 0) -> Path:
     """`folder` holding a random `fmt` model (the tokenizer's vocabulary) and the tokenizer."""
     config = configs(len(tokenizer), experts)[fmt]
-    config.bos_token_id, config.eos_token_id, config.pad_token_id = (tokenizer.bos_token_id, tokenizer.eos_token_id,
-                                                                     tokenizer.pad_token_id)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = (
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+    )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():

@@ -31,20 +31,31 @@ def ds_json(**changes):
     return config
 
 
-@pytest.mark.parametrize("make_path,expected", [
-    (lambda tmp: str(tmp / "missing.json"), r"missing\.json: does not exist"),
-    (lambda tmp: write_json(tmp, "{not json"), r"not valid JSON"),
-    (lambda tmp: str(tmp), r"is a directory"),
-    (lambda tmp: write_json(tmp, ds_json(zero_optimization={"stage": 3})), r"stage=3 is not supported.*ZeRO-3"),
-    (lambda tmp: write_json(tmp, ds_json(zero_optimization={"stage": 2, "overlap_com": True})),
-     r"unknown zero_optimization key\(s\) \['overlap_com'\]"),
-    (lambda tmp: write_json(tmp, {k: v for k, v in ds_json().items() if k != "moe"}), r'missing "moe"'),
-    (lambda tmp: write_json(tmp, ds_json(optimizer={"type": "Adam"})), r"remove the 'optimizer' block"),
-    (lambda tmp: write_json(tmp, ds_json(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}})),
-     r"zero_optimization\.offload_optimizer is not supported: .*CPU tensor over NCCL"),
-    (lambda tmp: write_json(tmp, ds_json(zero_optimization={"stage": 2, "offload_param": {"device": "nvme"}})),
-     r"zero_optimization\.offload_param is not supported"),
-])
+@pytest.mark.parametrize(
+    "make_path,expected",
+    [
+        (lambda tmp: str(tmp / "missing.json"), r"missing\.json: does not exist"),
+        (lambda tmp: write_json(tmp, "{not json"), r"not valid JSON"),
+        (lambda tmp: str(tmp), r"is a directory"),
+        (lambda tmp: write_json(tmp, ds_json(zero_optimization={"stage": 3})), r"stage=3 is not supported.*ZeRO-3"),
+        (
+            lambda tmp: write_json(tmp, ds_json(zero_optimization={"stage": 2, "overlap_com": True})),
+            r"unknown zero_optimization key\(s\) \['overlap_com'\]",
+        ),
+        (lambda tmp: write_json(tmp, {k: v for k, v in ds_json().items() if k != "moe"}), r'missing "moe"'),
+        (lambda tmp: write_json(tmp, ds_json(optimizer={"type": "Adam"})), r"remove the 'optimizer' block"),
+        (
+            lambda tmp: write_json(
+                tmp, ds_json(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}})
+            ),
+            r"zero_optimization\.offload_optimizer is not supported: .*CPU tensor over NCCL",
+        ),
+        (
+            lambda tmp: write_json(tmp, ds_json(zero_optimization={"stage": 2, "offload_param": {"device": "nvme"}})),
+            r"zero_optimization\.offload_param is not supported",
+        ),
+    ],
+)
 def test_bad_deepspeed_json_is_refused_with_one_line(capsys, tmp_path, make_path, expected):
     code, err = run_cli(capsys, ["--deepspeed", make_path(tmp_path), *DATA_ARGS], tmp_path)
     assert code == 2 and len(err) == 1
@@ -99,11 +110,18 @@ def test_max_steps_zero_is_refused(capsys, tmp_path):
     assert code == 2 and "--max_steps=0 is invalid: must be >= 1" in err[0]
 
 
-@pytest.mark.parametrize("flag,value,valid", [
-    ("--lr", "-1", "[0, inf)"), ("--weight_decay", "-1", "[0, inf)"),
-    ("--beta1", "1.5", "[0, 1)"), ("--beta2", "1", "[0, 1)"), ("--adam_eps", "0", "(0, inf)"),
-    ("--min_lr_ratio", "2", "[0, 1]"), ("--lr", "nan", "[0, inf)"),
-])
+@pytest.mark.parametrize(
+    "flag,value,valid",
+    [
+        ("--lr", "-1", "[0, inf)"),
+        ("--weight_decay", "-1", "[0, inf)"),
+        ("--beta1", "1.5", "[0, 1)"),
+        ("--beta2", "1", "[0, 1)"),
+        ("--adam_eps", "0", "(0, inf)"),
+        ("--min_lr_ratio", "2", "[0, 1]"),
+        ("--lr", "nan", "[0, inf)"),
+    ],
+)
 def test_impossible_optimizer_setting_names_flag_value_and_range(capsys, tmp_path, flag, value, valid):
     code, err = run_cli(capsys, [*DATA_ARGS, flag, value], tmp_path)
     assert code == 2 and len(err) == 1
@@ -150,17 +168,40 @@ def test_the_real_script_exits_2_and_prints_one_line(tmp_path):
 # ---- expert tensor parallelism: "moe": {"ep_size": P, "etp_size": T} ---------------------------------------
 
 
-@pytest.mark.parametrize("world,moe,extra,expected", [
-    (4, {"ep_size": 2, "etp_size": 0}, [], r"moe\.etp_size=0 is invalid: must be an integer >= 1"),
-    (6, {"ep_size": 2, "etp_size": 3}, [], r"moe\.etp_size=3 does not divide the expert width "
-                                           r"moe_intermediate_size=512: valid etp_size values are \[1, 2, 4, "),
-    (2, {"ep_size": 2, "etp_size": 2}, [], r"moe\.ep_size x moe\.etp_size = 2 x 2 = 4 does not divide the world "
-                                           r"size 2: with ep_size=2, valid etp_size values here are \[1\]"),
-    (6, {"ep_size": 3, "etp_size": 2}, [], r"moe\.ep_size=3 does not divide num_experts=8: valid ep_size values "
-                                           r"are \[1, 2, 4, 8\]"),
-    (2, {"ep_size": 1, "etp_size": 2}, ["--model", "tiny-dense"], r"moe\.etp_size=2 slices experts, but this "
-                                                                  r"model has none"),
-])
+@pytest.mark.parametrize(
+    "world,moe,extra,expected",
+    [
+        (4, {"ep_size": 2, "etp_size": 0}, [], r"moe\.etp_size=0 is invalid: must be an integer >= 1"),
+        (
+            6,
+            {"ep_size": 2, "etp_size": 3},
+            [],
+            r"moe\.etp_size=3 does not divide the expert width "
+            r"moe_intermediate_size=512: valid etp_size values are \[1, 2, 4, ",
+        ),
+        (
+            2,
+            {"ep_size": 2, "etp_size": 2},
+            [],
+            r"moe\.ep_size x moe\.etp_size = 2 x 2 = 4 does not divide the world "
+            r"size 2: with ep_size=2, valid etp_size values here are \[1\]",
+        ),
+        (
+            6,
+            {"ep_size": 3, "etp_size": 2},
+            [],
+            r"moe\.ep_size=3 does not divide num_experts=8: valid ep_size values "
+            r"are \[1, 2, 4, 8\]",
+        ),
+        (
+            2,
+            {"ep_size": 1, "etp_size": 2},
+            ["--model", "tiny-dense"],
+            r"moe\.etp_size=2 slices experts, but this "
+            r"model has none",
+        ),
+    ],
+)
 def test_bad_etp_layout_is_refused_with_one_line(capsys, tmp_path, monkeypatch, world, moe, extra, expected):
     monkeypatch.setenv("WORLD_SIZE", str(world))
     path = write_json(tmp_path, ds_json(moe=moe))
@@ -174,9 +215,11 @@ def test_bad_etp_layout_through_the_real_script_exits_2_with_one_line(tmp_path):
     path = write_json(tmp_path, ds_json(moe={"ep_size": 2, "etp_size": 2}))
     proc = python(TRAIN, ["--deepspeed", path, *DATA_ARGS, "--output_dir", str(tmp_path / "r")])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == ("error: moe.ep_size x moe.etp_size = 2 x 2 = 4 does not divide "
-                                                    "the world size 1: ep_size=2 alone does not fit; valid ep_size "
-                                                    "values here are [1]")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: moe.ep_size x moe.etp_size = 2 x 2 = 4 does not divide "
+        "the world size 1: ep_size=2 alone does not fit; valid ep_size "
+        "values here are [1]"
+    )
     assert not (tmp_path / "r").exists()
 
 
@@ -196,25 +239,49 @@ def tiny_exports(tmp_path_factory):
     folders = {}
     for name, preset in (("moe", "tiny-moe"), ("dense", "tiny-dense")):
         torch.manual_seed(0)
-        config = MoEConfig.from_preset(preset, vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
-                                       intermediate_size=128, max_position_embeddings=64)
+        config = MoEConfig.from_preset(
+            preset,
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            num_hidden_layers=2,
+            intermediate_size=128,
+            max_position_embeddings=64,
+        )
         MoEForCausalLM(config).save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
         folders[name] = root / name
     return folders
 
 
-@pytest.mark.parametrize("export,etp,world,expected", [
-    ("moe", 3, "3", ("--etp_size 3 does not divide the expert width moe_intermediate_size=128: valid values are "
-                     "[1, 2, 4, 8, 16, 32, 64, 128]")),
-    ("moe", 2, None, ("--etp_size 2 needs one rank per slice, but this launch has WORLD_SIZE=1: valid here is "
-                      "--etp_size 1; slice over 2 ranks with `deepspeed --num_gpus 2 launch/generate.py --etp_size 2")),
-    ("moe", 2, "4", "WORLD_SIZE=4: valid here is --etp_size 1 or 4;"),
-    ("dense", 2, "2", "is a dense model (num_local_experts=0), it has no experts to slice; valid value: 1"),
-    ("moe", 0, None, "--etp_size 0: must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "export,etp,world,expected",
+    [
+        (
+            "moe",
+            3,
+            "3",
+            (
+                "--etp_size 3 does not divide the expert width moe_intermediate_size=128: valid values are "
+                "[1, 2, 4, 8, 16, 32, 64, 128]"
+            ),
+        ),
+        (
+            "moe",
+            2,
+            None,
+            (
+                "--etp_size 2 needs one rank per slice, but this launch has WORLD_SIZE=1: valid here is "
+                "--etp_size 1; slice over 2 ranks with `deepspeed --num_gpus 2 launch/generate.py --etp_size 2"
+            ),
+        ),
+        ("moe", 2, "4", "WORLD_SIZE=4: valid here is --etp_size 1 or 4;"),
+        ("dense", 2, "2", "is a dense model (num_local_experts=0), it has no experts to slice; valid value: 1"),
+        ("moe", 0, None, "--etp_size 0: must be >= 1"),
+    ],
+)
 def test_bad_generate_etp_size_is_refused_with_one_line_before_any_process_group(
-        capsys, monkeypatch, tiny_exports, export, etp, world, expected):
+    capsys, monkeypatch, tiny_exports, export, etp, world, expected
+):
     import torch.distributed as dist
 
     from launch.generate import main as generate_main

@@ -1,11 +1,26 @@
 """`tools/bench_train.py` end to end on a shrunken tiny model: what it writes, never how fast it is."""
+
 import json
 
 from launcher import ROOT, check, python
 
 BENCH = ROOT / "tools" / "bench_train.py"
-SMALL = ["--vocab_size", "256", "--seq_len", "16", "--micro_batch_size", "2", "--experts", "4", "--threads", "1",
-         "--warmup", "1", "--rounds", "2"]
+SMALL = [
+    "--vocab_size",
+    "256",
+    "--seq_len",
+    "16",
+    "--micro_batch_size",
+    "2",
+    "--experts",
+    "4",
+    "--threads",
+    "1",
+    "--warmup",
+    "1",
+    "--rounds",
+    "2",
+]
 
 
 def test_bench_train_times_dense_and_both_moe_twins_with_both_expert_kernels_and_each_peak_in_isolation(tmp_path):

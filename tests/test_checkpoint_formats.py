@@ -9,8 +9,8 @@ import torch
 from launcher import ROOT
 
 from moe_dist.atomic_io import write_atomic, write_dir_atomic
-from moe_dist.export import ExportError, load_hf_state_dict
 from moe_dist.checkpoint.formats import ds_to_hf_key, local_to_hf_key
+from moe_dist.export import ExportError, load_hf_state_dict
 
 DS_KEY = "model.layers.1.mlp.experts.deepspeed_moe.experts.deepspeed_experts.{}.w1.weight"
 HF_KEY = "model.layers.1.mlp.experts.{}.w1.weight"
@@ -28,8 +28,10 @@ def test_local_expert_ids_become_global_by_expert_parallel_rank():
 
 
 def test_importing_the_exporter_imports_neither_deepspeed_nor_the_parallel_stack():
-    code = ("import sys, moe_dist.export; "
-            "print(sorted(m for m in sys.modules if m == 'deepspeed' or m.startswith('moe_dist.parallel')))")
+    code = (
+        "import sys, moe_dist.export; "
+        "print(sorted(m for m in sys.modules if m == 'deepspeed' or m.startswith('moe_dist.parallel')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -1,5 +1,6 @@
 """The per-rank RNG state a checkpoint saves: restorable with fewer devices visible (a job may resume with
 one GPU per process)."""
+
 import random
 
 import numpy as np

@@ -1,4 +1,5 @@
 """The analytic parameter and FLOPs counts against the built model, and `tools/benchmark.py` end to end."""
+
 import json
 
 import pytest
@@ -44,8 +45,11 @@ def test_flops_per_token_are_two_per_matmul_weight_a_token_passes_plus_attention
     config = model.config
     in_experts = {id(p) for m in model.modules() if isinstance(m, LocalExperts) for p in m.parameters()}
     share = config.num_experts_per_tok / max(config.num_local_experts, 1)  # a token visits k of E experts
-    matmul = sum(m.weight.numel() * (share if id(m.weight) in in_experts else 1)
-                 for m in model.modules() if isinstance(m, nn.Linear))
+    matmul = sum(
+        m.weight.numel() * (share if id(m.weight) in in_experts else 1)
+        for m in model.modules()
+        if isinstance(m, nn.Linear)
+    )
     matmul += sum(r.weight.numel() for r in model.modules() if isinstance(r, Router))
     flops = flops_per_token(config, context=100)
     assert flops["total"] == pytest.approx(2 * matmul + attention_score_flops(config, 100), rel=1e-12)
@@ -92,8 +96,12 @@ def test_ep_expert_flops_count_every_slot_of_the_capacity_buffer():
 @pytest.mark.parametrize("preset", ["tiny-moe", "tiny-dense"])
 def test_benchmark_reports_sizes_flops_and_latencies_as_json(tmp_path, preset):
     out = tmp_path / "bench.json"
-    check(python(ROOT / "tools" / "benchmark.py", ["--preset", preset, "--prompt_len", "8", "--new_tokens", "3",
-                                                   "--repeats", "1", "--json", str(out)]))
+    check(
+        python(
+            ROOT / "tools" / "benchmark.py",
+            ["--preset", preset, "--prompt_len", "8", "--new_tokens", "3", "--repeats", "1", "--json", str(out)],
+        )
+    )
     result = json.loads(out.read_text())
     model = meta_model(preset)
     assert result["params_total"] == model.num_parameters()

@@ -26,22 +26,67 @@ from moe_dist.parallel.process_group import free_port
 pytestmark = pytest.mark.multirank
 
 STEPS = 6
-SMALL = ["--model", "tiny-moe", *DATA_ARGS, "--seq_len", "32", "--max_valid_blocks", "16", "--dropless",
-         # The Switch aux loss and the z-loss are statistics of each micro-batch: with them, 4 ranks
-         # x 4 sequences cannot match 2 ranks x 8. Off, so that every layout below must agree exactly.
-         "--aux_loss_coef", "0", "--z_loss_coef", "0",
-         "--eval_every", "100", "--save_every", "4", "--log_every", "1", "--keep_last", "5",
-         "--lr", "2e-3", "--warmup_steps", "0", "--min_lr_ratio", "1.0"]
+SMALL = [
+    "--model",
+    "tiny-moe",
+    *DATA_ARGS,
+    "--seq_len",
+    "32",
+    "--max_valid_blocks",
+    "16",
+    "--dropless",
+    # The Switch aux loss and the z-loss are statistics of each micro-batch: with them, 4 ranks
+    # x 4 sequences cannot match 2 ranks x 8. Off, so that every layout below must agree exactly.
+    "--aux_loss_coef",
+    "0",
+    "--z_loss_coef",
+    "0",
+    "--eval_every",
+    "100",
+    "--save_every",
+    "4",
+    "--log_every",
+    "1",
+    "--keep_last",
+    "5",
+    "--lr",
+    "2e-3",
+    "--warmup_steps",
+    "0",
+    "--min_lr_ratio",
+    "1.0",
+]
 
 
 def two_nodes(args_per_node: list[list[str]], *, timeout: int = 300) -> list[subprocess.CompletedProcess]:
     """`launch/train.py` on two torchrun "nodes" (one rank each) on localhost; each node's own args."""
     torchrun = Path(sys.executable).parent / "torchrun"
     port = str(free_port())
-    procs = [subprocess.Popen([str(torchrun), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
-                               "--master_addr", "127.0.0.1", "--master_port", port, str(TRAIN), *args],
-                              cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for node, args in enumerate(args_per_node)]
+    procs = [
+        subprocess.Popen(
+            [
+                str(torchrun),
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--node_rank",
+                str(node),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                str(TRAIN),
+                *args,
+            ],
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node, args in enumerate(args_per_node)
+    ]
     done = []
     try:
         for p in procs:
@@ -103,12 +148,25 @@ def test_run_folder_not_shared_by_every_node_stops_every_rank_with_one_line(tmp_
     # Each torchrun agent reports its worker's status 2 (torchrun itself exits 1, with its own report).
     # On failure: each node's exit status and torchrun's per-worker report lines (one CI run saw a node without
     # "exitcode  : 2"; the truncated message did not say which node or what status it had instead).
-    report = [(n, p.returncode, [line for line in p.stderr.splitlines() if "exitcode" in line or "error_file" in line
-                                  or "traceback" in line], p.stderr[-600:]) for n, p in enumerate(nodes)]
+    report = [
+        (
+            n,
+            p.returncode,
+            [
+                line
+                for line in p.stderr.splitlines()
+                if "exitcode" in line or "error_file" in line or "traceback" in line
+            ],
+            p.stderr[-600:],
+        )
+        for n, p in enumerate(nodes)
+    ]
     assert all(p.returncode != 0 and "exitcode  : 2" in p.stderr for p in nodes), report
     out = "".join(p.stdout + p.stderr for p in nodes)
-    line = (f"error: --output_dir {tmp_path / 'node0'} is not shared by every rank: rank 0 cannot see ranks [1]; "
-            "put it on storage every node sees")
+    line = (
+        f"error: --output_dir {tmp_path / 'node0'} is not shared by every rank: rank 0 cannot see ranks [1]; "
+        "put it on storage every node sees"
+    )
     assert out.count("is not shared by every rank") == 1, out[-3000:]
     assert line in out
     assert f'File "{ROOT / "moe_dist"}' not in out  # no traceback from the trainer, only torchrun's report
@@ -120,8 +178,10 @@ def test_deepspeed_ep2_run_resumes_at_deepspeed_ep1_on_one_process(reference, tm
     run = tmp_path / "run"
     truncate_run(reference, run, keep_step=4)
     proc = check(python(TRAIN, ["--deepspeed", CPU_EP1, *SMALL, "--max_steps", str(STEPS), "--output_dir", str(run)]))
-    assert "resharded step00000004 from deepspeed EP=2 on 2 rank(s) to deepspeed EP=1 on 1 rank(s); " \
-           "optimizer state carried over" in proc.stderr
+    assert (
+        "resharded step00000004 from deepspeed EP=2 on 2 rank(s) to deepspeed EP=1 on 1 rank(s); "
+        "optimizer state carried over" in proc.stderr
+    )
     want, got = losses(reference), losses(run)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in (5, 6):
@@ -146,8 +206,11 @@ def _world4(tmp_path_factory, zero_stage: int) -> Path:
     ds["zero_optimization"]["stage"] = zero_stage
     (tmp / "ds.json").write_text(json.dumps(ds))
     run = tmp / "run"
-    check(deepspeed(TRAIN, ["--deepspeed", str(tmp / "ds.json"), *SMALL, "--max_steps", "4", "--output_dir", str(run)],
-                    ranks=4))
+    check(
+        deepspeed(
+            TRAIN, ["--deepspeed", str(tmp / "ds.json"), *SMALL, "--max_steps", "4", "--output_dir", str(run)], ranks=4
+        )
+    )
     return run
 
 

@@ -1,4 +1,5 @@
 """Behaviour of moe_dist.train.data: text loading, tokenizer, packing, caches, and rank-sharded batches."""
+
 import gzip
 import itertools
 import json
@@ -62,6 +63,7 @@ def no_barrier() -> None:
 
 # ---------------------------------------------------------------- config
 
+
 @pytest.mark.parametrize("spec", ["train:abc", "train:100", "train:"])
 def test_config_rejects_bad_train_tokenizer_spec(spec):
     with pytest.raises(DataError, match=r"tokenizer: 'train:N' needs an int N >= 257"):
@@ -81,6 +83,7 @@ def test_config_requires_train_and_valid_file_together():
 
 
 # ---------------------------------------------------------------- loading text
+
 
 def test_fixture_corpus_loads_one_row_per_story(tmp_path):
     train, valid = (list(split) for split in load_text_splits(file_cfg(TRAIN, VALID, tmp_path)))
@@ -130,7 +133,10 @@ def test_bad_byte_count_reaches_prepare_data_stats(tmp_path):
 
 
 def test_missing_file_raises_data_error(tmp_path):
-    with pytest.raises(DataError, match=r"train_file: .*nope.txt does not exist; pass a file of kind .txt, .json and .jsonl, optionally .gz"):
+    with pytest.raises(
+        DataError,
+        match=r"train_file: .*nope.txt does not exist; pass a file of kind .txt, .json and .jsonl, optionally .gz",
+    ):
         load_text_splits(file_cfg(tmp_path / "nope.txt", VALID, tmp_path))
 
 
@@ -178,6 +184,7 @@ def test_unreachable_hub_raises_data_error_suggesting_local_files(monkeypatch):
 
 # ---------------------------------------------------------------- tokenizer
 
+
 def test_bpe_training_is_deterministic(fixture_texts, tokenizer):
     again = build_tokenizer("train:512", fixture_texts, None)
     assert len(tokenizer) == 512
@@ -206,7 +213,8 @@ def test_loaded_tokenizer_without_pad_gets_pad_equal_to_eos(tmp_path, tokenizer)
     from transformers import PreTrainedTokenizerFast
 
     PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token=SEPARATOR).save_pretrained(
-        tmp_path / "tok")
+        tmp_path / "tok"
+    )
     loaded = load_tokenizer(tmp_path / "tok")
     assert loaded.pad_token_id == loaded.eos_token_id is not None
 
@@ -219,6 +227,7 @@ def test_unloadable_tokenizer_raises_data_error(tmp_path):
 
 
 # ---------------------------------------------------------------- packing
+
 
 def expected_stream(tokenizer, stories: list[str]) -> list[int]:
     return [i for s in stories for i in tokenizer.encode(s, add_special_tokens=False) + [tokenizer.eos_token_id]]
@@ -263,6 +272,7 @@ def test_pack_blocks_writes_cache_and_trusts_it_next_time(tmp_path, tokenizer, f
 
 
 # ---------------------------------------------------------------- prepare_data
+
 
 def test_prepare_data_builds_tokenizer_blocks_and_stats(tmp_path):
     data = prepare_data(file_cfg(TRAIN, VALID, tmp_path), tmp_path / "run", is_main=True, barrier=no_barrier)
@@ -317,36 +327,44 @@ def test_non_main_rank_loads_from_disk_what_main_built_before_the_barrier(tmp_pa
 def test_resumed_run_reuses_its_saved_tokenizer(tmp_path):
     run = tmp_path / "run"
     prepare_data(file_cfg(TRAIN, VALID, tmp_path), run, is_main=True, barrier=no_barrier)
-    resumed = prepare_data(file_cfg(TRAIN, VALID, tmp_path, tokenizer="train:300"), run, is_main=True,
-                           barrier=no_barrier)
+    resumed = prepare_data(
+        file_cfg(TRAIN, VALID, tmp_path, tokenizer="train:300"), run, is_main=True, barrier=no_barrier
+    )
     assert len(resumed.tokenizer) == 512
 
 
 def test_max_valid_blocks_keeps_the_first_blocks(tmp_path):
     full = prepare_data(file_cfg(TRAIN, VALID, tmp_path), tmp_path / "run", is_main=True, barrier=no_barrier)
-    cut = prepare_data(file_cfg(TRAIN, VALID, tmp_path, max_valid_blocks=5), tmp_path / "run", is_main=True,
-                       barrier=no_barrier)
+    cut = prepare_data(
+        file_cfg(TRAIN, VALID, tmp_path, max_valid_blocks=5), tmp_path / "run", is_main=True, barrier=no_barrier
+    )
     np.testing.assert_array_equal(cut.valid_blocks, full.valid_blocks[:5])
 
 
 def test_corpus_too_small_for_one_block_raises_data_error(tmp_path):
     tiny = write_stories(tmp_path / "tiny.txt", ["A cat sat."])
     with pytest.raises(DataError, match=r"train_file .*tiny.txt: makes 0 blocks of seq_len \+ 1 = 257 tokens"):
-        prepare_data(file_cfg(tiny, VALID, tmp_path, seq_len=256), tmp_path / "run", is_main=True,
-                     barrier=no_barrier)
+        prepare_data(file_cfg(tiny, VALID, tmp_path, seq_len=256), tmp_path / "run", is_main=True, barrier=no_barrier)
 
 
 def test_too_few_validation_blocks_raises_data_error(tmp_path):
     with pytest.raises(DataError, match=r"valid_file .*stories_valid.txt: makes \d+ blocks .* need >= 100000"):
-        prepare_data(file_cfg(TRAIN, VALID, tmp_path), tmp_path / "run", is_main=True, barrier=no_barrier,
-                     min_valid_blocks=100_000)
+        prepare_data(
+            file_cfg(TRAIN, VALID, tmp_path),
+            tmp_path / "run",
+            is_main=True,
+            barrier=no_barrier,
+            min_valid_blocks=100_000,
+        )
 
 
 # ---------------------------------------------------------------- batches
 
+
 def sampler(rank=0, world_size=2, seed=0, num_blocks=50, micro=3, accum=2) -> BlockSampler:
-    return BlockSampler(num_blocks, micro_batch_size=micro, grad_accum=accum, rank=rank, world_size=world_size,
-                        seed=seed)
+    return BlockSampler(
+        num_blocks, micro_batch_size=micro, grad_accum=accum, rank=rank, world_size=world_size, seed=seed
+    )
 
 
 def test_sampler_ranks_are_disjoint_and_cover_the_global_batch():
@@ -410,8 +428,9 @@ def test_batch_tensors_shift_labels_by_one_token():
 
 @pytest.mark.parametrize("num_blocks, world_size, micro", [(23, 3, 2), (13, 2, 4), (18, 3, 2), (1, 4, 3), (5, 2, 3)])
 def test_validation_shard_covers_every_block_once_in_equal_batches_on_every_rank(num_blocks, world_size, micro):
-    shards = [validation_shard(num_blocks, rank=r, world_size=world_size, micro_batch_size=micro)
-              for r in range(world_size)]
+    shards = [
+        validation_shard(num_blocks, rank=r, world_size=world_size, micro_batch_size=micro) for r in range(world_size)
+    ]
     steps = -(-num_blocks // (world_size * micro))
     assert [len(s) for s in shards] == [steps] * world_size  # same forward count, same shape on every rank
     assert all(idx.shape == real.shape == (micro,) and real.dtype == bool for s in shards for idx, real in s)
@@ -449,11 +468,14 @@ def test_evaluate_leaves_padded_rows_out_of_every_sum(make_config):
     with torch.no_grad():
         logits = model.eval()(input_ids=torch.from_numpy(blocks[:, :-1]).long()).logits.double()
     labels = torch.from_numpy(blocks[:, 1:]).long()
-    plain = {"loss": torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()).item(),
-             "top1_acc": (logits.argmax(-1) == labels).double().mean().item()}
+    plain = {
+        "loss": torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()).item(),
+        "top1_acc": (logits.argmax(-1) == labels).double().mean().item(),
+    }
     for micro in (1, 2, 4, 5):  # 0, 1, 3 and 0 padded rows
-        result = evaluate(model, blocks, validation_shard(5, rank=0, world_size=1, micro_batch_size=micro),
-                          device=torch.device("cpu"))
+        result = evaluate(
+            model, blocks, validation_shard(5, rank=0, world_size=1, micro_batch_size=micro), device=torch.device("cpu")
+        )
         assert result["loss"] == pytest.approx(plain["loss"], abs=1e-6)
         assert result["top1_acc"] == pytest.approx(plain["top1_acc"], abs=1e-9)
 
@@ -477,12 +499,14 @@ def test_validation_loss_is_the_same_at_world_size_1_and_2(tmp_path):
 
 # ---------------------------------------------------------------- real sample
 
+
 def test_bundled_sample_is_read_from_gzip_with_every_story(tmp_path):
     # The offline default: the compressed TinyStories sample in data/, with its licence beside it.
     assert "CDLA-Sharing-1.0" in (BUNDLED_SAMPLE / "SOURCE.md").read_text()
     train_path, valid_path = bundled_sample()
-    train, valid = (list(s) for s in load_text_splits(file_cfg(train_path, valid_path, tmp_path,
-                                                                  tokenizer="train:2048")))
+    train, valid = (
+        list(s) for s in load_text_splits(file_cfg(train_path, valid_path, tmp_path, tokenizer="train:2048"))
+    )
     assert (len(train), len(valid)) == (8231, 433)  # the counts in SOURCE.md
     assert all(text and SEPARATOR not in text for text in valid)
 
@@ -496,8 +520,20 @@ def test_no_data_flag_plans_the_bundled_sample_and_a_hub_name_plans_the_hub(tmp_
     hub = plan_run(*parse_args(["--output_dir", str(tmp_path / "b"), "--dataset", "roneneldan/TinyStories"])).data
     assert (hub.dataset, hub.train_file) == ("roneneldan/TinyStories", None)
     with pytest.raises(DataError, match="contradict"):
-        plan_run(*parse_args(["--output_dir", str(tmp_path / "c"), "--dataset", "x", "--train_file", str(TRAIN),
-                              "--valid_file", str(VALID)]))
+        plan_run(
+            *parse_args(
+                [
+                    "--output_dir",
+                    str(tmp_path / "c"),
+                    "--dataset",
+                    "x",
+                    "--train_file",
+                    str(TRAIN),
+                    "--valid_file",
+                    str(VALID),
+                ]
+            )
+        )
 
 
 def test_a_gzip_file_and_its_plain_text_give_the_same_stories(tmp_path):
@@ -519,7 +555,6 @@ def test_trained_tokenizer_on_real_tinystories_gives_sane_tokens_per_story(tmp_p
     assert tokenizer.decode(tokenizer.encode(stories[0])) == stories[0]
 
 
-
 def hostile_corpus(path: Path) -> Path:
     """CRLF endings, empty stories, invalid UTF-8 and one story many blocks long, in one file."""
     stories = TRAIN.read_text().split(f"{SEPARATOR}\n")
@@ -536,8 +571,15 @@ def test_blocks_are_bitwise_the_same_at_any_num_proc_and_one_cache_serves_both(t
     monkeypatch.setattr(data_prep, "CHUNK_STORIES", 100)  # ~43 chunks: the workers' queue fills and drains
     train = tmp_path / "train.txt"
     train.write_bytes(b"".join([hostile_corpus(tmp_path / "h.txt").read_bytes()] * 30))
-    prepared = {n: prepare_data(file_cfg(train, VALID, tmp_path / f"p{n}", num_proc=n), tmp_path / f"run{n}",
-                                is_main=True, barrier=no_barrier) for n in (1, 2)}
+    prepared = {
+        n: prepare_data(
+            file_cfg(train, VALID, tmp_path / f"p{n}", num_proc=n),
+            tmp_path / f"run{n}",
+            is_main=True,
+            barrier=no_barrier,
+        )
+        for n in (1, 2)
+    }
     for split in ("train_blocks", "valid_blocks"):
         assert np.array_equal(getattr(prepared[1], split), getattr(prepared[2], split))
     assert prepared[1].stats == prepared[2].stats and prepared[1].stats["n_train_stories"] > 4000
@@ -545,8 +587,9 @@ def test_blocks_are_bitwise_the_same_at_any_num_proc_and_one_cache_serves_both(t
     # The cache made at num_proc=1 is the one num_proc=2 finds: nothing is tokenized again.
     cache = tmp_path / "p1" / "cache"
     before = {p: p.stat().st_mtime_ns for p in cache.iterdir()}
-    again = prepare_data(file_cfg(train, VALID, tmp_path / "p1", num_proc=2), tmp_path / "run1", is_main=True,
-                         barrier=no_barrier)
+    again = prepare_data(
+        file_cfg(train, VALID, tmp_path / "p1", num_proc=2), tmp_path / "run1", is_main=True, barrier=no_barrier
+    )
     assert {p: p.stat().st_mtime_ns for p in cache.iterdir()} == before
     assert np.array_equal(again.train_blocks, prepared[1].train_blocks)
 

@@ -94,6 +94,7 @@ def test_the_guides_have_runnable_commands():
 @pytest.mark.parametrize("name, block", runnable_blocks(), ids=[name for name, _ in runnable_blocks()])
 def test_a_runnable_command_runs_as_written(clone, name, block):
     env = _env({"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(clone)})
-    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=clone, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block], cwd=clone, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, f"{name} exited {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"

@@ -67,13 +67,22 @@ def test_layout_groups_partition_the_world():
     assert layout.describe() == "DP 2 x EP 2 x ETP 2 on 8 rank(s)"
 
 
-@pytest.mark.parametrize("kwargs,expected", [
-    (dict(etp_size=3), r"moe.etp_size=3 does not divide the expert width moe_intermediate_size=512: valid etp_size "
-                       r"values are \[1, 2, 4, 8, 16, 32, 64, 128, 256, 512\]"),
-    (dict(etp_size=4), r"2 x 4 = 8 does not divide the world size 4: with ep_size=2, valid etp_size values here "
-                       r"are \[1, 2\]"),
-    (dict(ep_size=3, etp_size=1, world_size=3), r"moe.ep_size=3 does not divide num_experts=8"),
-])
+@pytest.mark.parametrize(
+    "kwargs,expected",
+    [
+        (
+            dict(etp_size=3),
+            r"moe.etp_size=3 does not divide the expert width moe_intermediate_size=512: valid etp_size "
+            r"values are \[1, 2, 4, 8, 16, 32, 64, 128, 256, 512\]",
+        ),
+        (
+            dict(etp_size=4),
+            r"2 x 4 = 8 does not divide the world size 4: with ep_size=2, valid etp_size values here "
+            r"are \[1, 2\]",
+        ),
+        (dict(ep_size=3, etp_size=1, world_size=3), r"moe.ep_size=3 does not divide num_experts=8"),
+    ],
+)
 def test_bad_layouts_are_refused_with_the_valid_values(kwargs, expected):
     args = dict(num_experts=8, intermediate_size=512, ep_size=2, etp_size=2, world_size=4)
     args.update(kwargs)
@@ -81,8 +90,9 @@ def test_bad_layouts_are_refused_with_the_valid_values(kwargs, expected):
         validate_expert_tensor_parallel(**args)
 
 
-@pytest.fixture(scope="module", params=[(2, 1, 2), (4, 2, 2), (4, 1, 2)],
-                ids=["etp2-2ranks", "ep2xetp2-4ranks", "dp2xetp2-4ranks"])
+@pytest.fixture(
+    scope="module", params=[(2, 1, 2), (4, 2, 2), (4, 1, 2)], ids=["etp2-2ranks", "ep2xetp2-4ranks", "dp2xetp2-4ranks"]
+)
 def equivalence(request, tmp_path_factory):
     """One launch per layout checks every (block, routing) case; the tests below read its results.
 
@@ -118,9 +128,31 @@ ETP_STEPS = 20
 # 4 ranks ends 20 steps 3.9e-5 away from one process (measured), because fp32 sums in another order and
 # Adam blows that noise up in near-zero gradients (attention key biases, rare embedding rows) and
 # eventually flips a top-1 choice. At 2e-4 the loss still falls by 0.6 and ETP stays within 2e-6.
-ETP_ARGS = ["--model", "tiny-moe", *DATA_ARGS, "--seq_len", "32", "--max_valid_blocks", "16",
-            "--max_steps", str(ETP_STEPS), "--eval_every", "100", "--save_every", "10", "--log_every", "1",
-            "--keep_last", "5", "--lr", "2e-4", "--warmup_steps", "0", "--min_lr_ratio", "1.0"]
+ETP_ARGS = [
+    "--model",
+    "tiny-moe",
+    *DATA_ARGS,
+    "--seq_len",
+    "32",
+    "--max_valid_blocks",
+    "16",
+    "--max_steps",
+    str(ETP_STEPS),
+    "--eval_every",
+    "100",
+    "--save_every",
+    "10",
+    "--log_every",
+    "1",
+    "--keep_last",
+    "5",
+    "--lr",
+    "2e-4",
+    "--warmup_steps",
+    "0",
+    "--min_lr_ratio",
+    "1.0",
+]
 
 
 def _ds_variant(tmp_path, **changes) -> str:
@@ -133,8 +165,9 @@ def _ds_variant(tmp_path, **changes) -> str:
 @pytest.fixture(scope="module")
 def etp_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("etp_run") / "run"
-    proc = check(deepspeed(TRAIN, ["--deepspeed", str(CPU_ETP), *ETP_ARGS, "--output_dir", str(run)], ranks=4,
-                           timeout=600))
+    proc = check(
+        deepspeed(TRAIN, ["--deepspeed", str(CPU_ETP), *ETP_ARGS, "--output_dir", str(run)], ranks=4, timeout=600)
+    )
     return run, proc
 
 
@@ -195,11 +228,15 @@ def test_checkpoint_holds_every_expert_slice_once(etp_run):
     run, _ = etp_run
     ckpt = run / "checkpoints" / f"step{ETP_STEPS:08d}"
     # 8 experts x 2 slices per layer: file id (p*T + t) * E/P + local expert, decoded by expert_slices.json.
-    assert json.loads((ckpt / "expert_slices.json").read_text()) == {"ep_size": 2, "etp_size": 2,
-                                                                     "experts_per_ep_rank": 4}
+    assert json.loads((ckpt / "expert_slices.json").read_text()) == {
+        "ep_size": 2,
+        "etp_size": 2,
+        "experts_per_ep_rank": 4,
+    }
     for layer in range(4):
         assert {p.name for p in ckpt.glob(f"layer_{layer}_expert_*")} == {
-            f"layer_{layer}_expert_{i}_mp_rank_00_model_states.pt" for i in range(16)}
+            f"layer_{layer}_expert_{i}_mp_rank_00_model_states.pt" for i in range(16)
+        }
 
 
 @pytest.mark.multirank
@@ -235,8 +272,10 @@ def test_resume_at_etp2_on_2_ranks_slices_the_experts_and_continues(one_process_
     truncate_run(one_process_run, run, keep_step=10)
     ds = _ds_variant(tmp_path, gradient_accumulation_steps=2, moe={"ep_size": 1, "etp_size": 2})
     proc = check(deepspeed(TRAIN, ["--deepspeed", ds, *ETP_ARGS, "--output_dir", str(run)], timeout=600))
-    assert ("resharded step00000010 from deepspeed EP=1 on 1 rank(s) to deepspeed EP=1 x ETP=2 on 2 rank(s); "
-            "optimizer state carried over") in proc.stderr
+    assert (
+        "resharded step00000010 from deepspeed EP=1 on 1 rank(s) to deepspeed EP=1 x ETP=2 on 2 rank(s); "
+        "optimizer state carried over"
+    ) in proc.stderr
     want, got = metrics(one_process_run), metrics(run)
     assert sorted(got) == list(range(1, ETP_STEPS + 1))
     assert all(abs(want[s]["loss"] - got[s]["loss"]) <= 1e-5 for s in range(11, ETP_STEPS + 1))

@@ -6,6 +6,7 @@ rounded from. The export must be the masters: rounding them to bf16 gives the sa
 and they are not themselves bf16-rounded. The run goes through `tests/scripts/train_probe.py` (the
 real trainer, with the routers observed) and saves at steps 2 and 4.
 """
+
 import json
 import math
 
@@ -29,8 +30,25 @@ def test_bf16_deepspeed_ep2_trains_with_fp32_routers_resumes_and_exports_its_fp3
     ds_json = tmp_path / "bf16_ep2.json"
     ds_json.write_text(json.dumps(config))
     run = tmp_path / "run"
-    args = ["--deepspeed", str(ds_json), "--model", "tiny-moe", *DATA_ARGS, "--seq_len", "32", "--max_steps",
-            str(STEPS), "--eval_every", str(STEPS), "--save_every", "2", "--log_every", "1", "--lr", "2e-3"]
+    args = [
+        "--deepspeed",
+        str(ds_json),
+        "--model",
+        "tiny-moe",
+        *DATA_ARGS,
+        "--seq_len",
+        "32",
+        "--max_steps",
+        str(STEPS),
+        "--eval_every",
+        str(STEPS),
+        "--save_every",
+        "2",
+        "--log_every",
+        "1",
+        "--lr",
+        "2e-3",
+    ]
     check(deepspeed(PROBE, [str(tmp_path), *args, "--output_dir", str(run)]))
     # It trains; the model computes in bf16 and every router in fp32, on both ranks.
     losses = {step: row["loss"] for step, row in metrics(run).items()}

@@ -16,14 +16,15 @@ from launcher import FIXTURES, run_without_moe_dist
 from safetensors.torch import save_file
 
 from moe_dist import MoEConfig, MoEForCausalLM
-from moe_dist.export import build_model
-from moe_dist.export.cli import main
 from moe_dist.checkpoint.formats import ACCELERATE_WEIGHTS
 from moe_dist.convert.standard import fitting_formats
+from moe_dist.export import build_model
+from moe_dist.export.cli import main
 from moe_dist.train.data import SEPARATOR, build_tokenizer
 
-SHAPE = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
-             max_position_embeddings=64)
+SHAPE = dict(
+    hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, max_position_embeddings=64
+)
 MODERN_SHAPE = dict(SHAPE, num_key_value_heads=2, moe_intermediate_size=64)
 CLASS = {"gpt2": "GPT2LMHeadModel", "mixtral": "MixtralForCausalLM", "ernie4_5_moe": "Ernie4_5_MoeForCausalLM"}
 
@@ -38,9 +39,14 @@ def make_run(root: Path, tokenizer, preset: str, **overrides) -> Path:
     """A run folder holding one checkpoint of a seeded `preset` model (tiny shape) and the tokenizer."""
     shape = SHAPE if preset in ("tiny-dense", "tiny-moe") else MODERN_SHAPE
     torch.manual_seed(0)
-    config = MoEConfig.from_preset(preset, **{**shape, **overrides}, vocab_size=len(tokenizer),
-                                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                   pad_token_id=tokenizer.pad_token_id)
+    config = MoEConfig.from_preset(
+        preset,
+        **{**shape, **overrides},
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = MoEForCausalLM(config)
     for router in model.routers():
         if config.router_bias_update_rate > 0:  # a trained aux-free bias is non-zero: let it change the choice
@@ -89,10 +95,12 @@ def fixed_batch(vocab_size: int) -> torch.Tensor:
     return torch.randint(vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("preset, fmt", [("tiny-dense", "gpt2"), ("mixtral-tiny", "mixtral"),
-                                         ("ernie-tiny", "ernie4_5_moe")])
+@pytest.mark.parametrize(
+    "preset, fmt", [("tiny-dense", "gpt2"), ("mixtral-tiny", "mixtral"), ("ernie-tiny", "ernie4_5_moe")]
+)
 def test_export_loads_in_the_stock_class_with_our_logits_greedy_tokens_and_a_pipeline(
-        tmp_path, tokenizer, capsys, preset, fmt):
+    tmp_path, tokenizer, capsys, preset, fmt
+):
     run = make_run(tmp_path, tokenizer, preset)
     out = tmp_path / "out"
     assert main([str(run), str(out), "--format", fmt]) == 0
@@ -132,28 +140,47 @@ def refused(capsys, run: Path, out: Path, fmt: str) -> str:
     return err
 
 
-@pytest.mark.parametrize("preset, overrides, fmt, field, able", [
-    ("tiny-moe", {}, "gpt2", "num_local_experts=8", "native"),  # GPT-2-style MoE: no stock class has that block
-    ("tiny-moe", {}, "mixtral", "norm_type='layernorm'", "native"),
-    ("tiny-dense", {}, "llama", "norm_type='layernorm'", "gpt2, native"),
-    ("mixtral-tiny", {"router_type": "random"}, "mixtral", "router_type='random'", "native"),
-    ("mixtral-tiny", {"norm_topk_prob": False}, "mixtral", "norm_topk_prob=False", "native"),
-    ("mixtral-tiny", {"norm_topk_prob": False}, "ernie4_5_moe", "norm_topk_prob=False", "native"),
-    ("mixtral-tiny", {"norm_topk_prob": False, "qk_norm": "head"}, "mixtral", "qk_norm='head'",
-     "qwen3_moe, native"),
-    ("mixtral-tiny", {"qk_norm": "projection", "clip_qkv": 3.0}, "qwen3_moe", "qk_norm='projection'",
-     "olmoe, native"),
-    ("mixtral-tiny", {"router_bias_update_rate": 1e-3}, "mixtral", "router_bias_update_rate=0.001",
-     "ernie4_5_moe, native"),
-    ("mixtral-tiny", {"num_shared_experts": 1}, "mixtral", "num_shared_experts=1", "ernie4_5_moe, native"),
-    ("mixtral-tiny", {"eval_capacity_factor": 1.0}, "mixtral", "eval_capacity_factor=1.0", "native"),
-    ("ernie-tiny", {"eval_capacity_factor": 1.0}, "ernie4_5_moe", "eval_capacity_factor=1.0", "native"),
-    ("ernie-tiny", {}, "mixtral", "skip_first_moe=1", "ernie4_5_moe, native"),
-    ("ernie-tiny", {"skip_first_moe": 0, "moe_every": 2}, "ernie4_5_moe", "moe_every=2", "native"),
-    ("tiny-modern", {"hidden_act": "gelu"}, "ernie4_5_moe", "hidden_act='gelu'", "native"),
-])
-def test_a_field_the_class_cannot_represent_is_refused_before_writing(tmp_path, tokenizer, capsys, preset,
-                                                                      overrides, fmt, field, able):
+@pytest.mark.parametrize(
+    "preset, overrides, fmt, field, able",
+    [
+        ("tiny-moe", {}, "gpt2", "num_local_experts=8", "native"),  # GPT-2-style MoE: no stock class has that block
+        ("tiny-moe", {}, "mixtral", "norm_type='layernorm'", "native"),
+        ("tiny-dense", {}, "llama", "norm_type='layernorm'", "gpt2, native"),
+        ("mixtral-tiny", {"router_type": "random"}, "mixtral", "router_type='random'", "native"),
+        ("mixtral-tiny", {"norm_topk_prob": False}, "mixtral", "norm_topk_prob=False", "native"),
+        ("mixtral-tiny", {"norm_topk_prob": False}, "ernie4_5_moe", "norm_topk_prob=False", "native"),
+        (
+            "mixtral-tiny",
+            {"norm_topk_prob": False, "qk_norm": "head"},
+            "mixtral",
+            "qk_norm='head'",
+            "qwen3_moe, native",
+        ),
+        (
+            "mixtral-tiny",
+            {"qk_norm": "projection", "clip_qkv": 3.0},
+            "qwen3_moe",
+            "qk_norm='projection'",
+            "olmoe, native",
+        ),
+        (
+            "mixtral-tiny",
+            {"router_bias_update_rate": 1e-3},
+            "mixtral",
+            "router_bias_update_rate=0.001",
+            "ernie4_5_moe, native",
+        ),
+        ("mixtral-tiny", {"num_shared_experts": 1}, "mixtral", "num_shared_experts=1", "ernie4_5_moe, native"),
+        ("mixtral-tiny", {"eval_capacity_factor": 1.0}, "mixtral", "eval_capacity_factor=1.0", "native"),
+        ("ernie-tiny", {"eval_capacity_factor": 1.0}, "ernie4_5_moe", "eval_capacity_factor=1.0", "native"),
+        ("ernie-tiny", {}, "mixtral", "skip_first_moe=1", "ernie4_5_moe, native"),
+        ("ernie-tiny", {"skip_first_moe": 0, "moe_every": 2}, "ernie4_5_moe", "moe_every=2", "native"),
+        ("tiny-modern", {"hidden_act": "gelu"}, "ernie4_5_moe", "hidden_act='gelu'", "native"),
+    ],
+)
+def test_a_field_the_class_cannot_represent_is_refused_before_writing(
+    tmp_path, tokenizer, capsys, preset, overrides, fmt, field, able
+):
     run = make_run(tmp_path, tokenizer, preset, **overrides)
     expected = f"error: {field} cannot be exported as {fmt}; formats that represent this model: {able}"
     assert refused(capsys, run, tmp_path / "out", fmt) == expected
@@ -174,6 +201,7 @@ def test_an_export_the_stock_class_does_not_reproduce_to_1e_4_is_refused_and_rem
     run = make_run(tmp_path, tokenizer, "ernie-tiny")
     ckpt = run / "checkpoints" / "step00000001"
     from safetensors.torch import load_file
+
     weights = load_file(ckpt / ACCELERATE_WEIGHTS)
     weights["lm_head.weight"] *= 1e6
     save_file(weights, ckpt / ACCELERATE_WEIGHTS)
@@ -182,9 +210,15 @@ def test_an_export_the_stock_class_does_not_reproduce_to_1e_4_is_refused_and_rem
 
 
 def test_auto_picks_the_first_exact_class_and_falls_back_to_native(tmp_path, tokenizer, capsys):
-    expected = {"tiny-dense": ["gpt2"], "seed-baseline": ["gpt2"], "mixtral-tiny": ["mixtral", "ernie4_5_moe"],
-                "ernie-tiny": ["ernie4_5_moe"], "modern-moe": ["ernie4_5_moe"], "tiny-modern": ["ernie4_5_moe"],
-                "tiny-moe": []}
+    expected = {
+        "tiny-dense": ["gpt2"],
+        "seed-baseline": ["gpt2"],
+        "mixtral-tiny": ["mixtral", "ernie4_5_moe"],
+        "ernie-tiny": ["ernie4_5_moe"],
+        "modern-moe": ["ernie4_5_moe"],
+        "tiny-modern": ["ernie4_5_moe"],
+        "tiny-moe": [],
+    }
     assert {p: fitting_formats(MoEConfig.from_preset(p)) for p in expected} == expected
     run = make_run(tmp_path, tokenizer, "tiny-moe")
     assert main([str(run), str(tmp_path / "out"), "--format", "auto"]) == 0
@@ -207,6 +241,7 @@ def test_auto_moves_on_when_the_weights_rule_a_class_out(tmp_path, tokenizer, ca
 
 def test_the_console_script_takes_the_format_flag():
     import subprocess
+
     script = Path(sys.executable).parent / "moe-dist-export"
     proc = subprocess.run([str(script), "--help"], check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "{native,gpt2,llama,qwen3,mixtral,qwen3_moe,olmoe,ernie4_5_moe,auto}" in proc.stdout

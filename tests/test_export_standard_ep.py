@@ -19,14 +19,40 @@ def ep2_modern_run(tmp_path_factory):
     """A short EP=2 DeepSpeed run of mixtral-tiny (2 CPU ranks). Mixtral's block is also an Ernie 4.5 MoE block
     (no dense layer, no shared expert, a zero selection bias), so this one run exports to both classes."""
     run = tmp_path_factory.mktemp("ep2_modern") / "run"
-    check(deepspeed(TRAIN, ["--deepspeed", CPU_EP2, "--model", "mixtral-tiny", *DATA_ARGS, "--seq_len", "32",
-                            "--max_steps", "4", "--eval_every", "4", "--save_every", "4", "--log_every", "1",
-                            "--lr", "2e-3", "--warmup_steps", "1", "--output_dir", str(run)]))
+    check(
+        deepspeed(
+            TRAIN,
+            [
+                "--deepspeed",
+                CPU_EP2,
+                "--model",
+                "mixtral-tiny",
+                *DATA_ARGS,
+                "--seq_len",
+                "32",
+                "--max_steps",
+                "4",
+                "--eval_every",
+                "4",
+                "--save_every",
+                "4",
+                "--log_every",
+                "1",
+                "--lr",
+                "2e-3",
+                "--warmup_steps",
+                "1",
+                "--output_dir",
+                str(run),
+            ],
+        )
+    )
     return run
 
 
 def test_an_ep2_deepspeed_checkpoint_exports_to_mixtral_and_ernie_with_the_native_exports_logits(
-        ep2_modern_run, tmp_path):
+    ep2_modern_run, tmp_path
+):
     ckpt = ep2_modern_run / "checkpoints" / "step00000004"
     assert json.loads((ckpt / "trainer_state.json").read_text())["ep_size"] == 2
     assert main([str(ep2_modern_run), str(tmp_path / "native")]) == 0

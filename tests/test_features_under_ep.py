@@ -24,10 +24,33 @@ pytestmark = pytest.mark.multirank
 SCRIPT = ROOT / "tests" / "scripts" / "train_probe.py"
 STEPS, SKIPPED = 5, 3
 LAYERS, EXPERTS, TOP_K = 4, 8, 3  # tiny-modern: every one of its 4 FFNs is an 8-expert MoE block
-COMMON = [*DATA_ARGS, "--seq_len", "32", "--max_steps", str(STEPS), "--eval_every", str(STEPS),
-          "--save_every", str(STEPS), "--log_every", "1", "--warmup_steps", "2"]
-FEATURES = ["--model", "tiny-modern", "--num_shared_experts", "1", "--top_k", str(TOP_K), "--grad_ckpt",
-            "--bias_update_rate", "1e-3", *COMMON]
+COMMON = [
+    *DATA_ARGS,
+    "--seq_len",
+    "32",
+    "--max_steps",
+    str(STEPS),
+    "--eval_every",
+    str(STEPS),
+    "--save_every",
+    str(STEPS),
+    "--log_every",
+    "1",
+    "--warmup_steps",
+    "2",
+]
+FEATURES = [
+    "--model",
+    "tiny-modern",
+    "--num_shared_experts",
+    "1",
+    "--top_k",
+    str(TOP_K),
+    "--grad_ckpt",
+    "--bias_update_rate",
+    "1e-3",
+    *COMMON,
+]
 FAULT = {"MOE_DIST_FAULT": f"nan_batch@before_step:{SKIPPED}:1"}
 
 
@@ -36,9 +59,25 @@ def _launch(engine: str, out: Path, args: list[str], env: dict | None = None):
     if engine == "deepspeed":
         return deepspeed(args[0], [*args[1:], "--deepspeed", CPU_EP2], env=env)
     accelerate = Path(sys.executable).parent / "accelerate"
-    return python(accelerate, ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                               "--main_process_port", str(free_port()), "--mixed_precision", "no",
-                               "--dynamo_backend", "no", *args], env=env)
+    return python(
+        accelerate,
+        [
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--main_process_port",
+            str(free_port()),
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            *args,
+        ],
+        env=env,
+    )
 
 
 def _ranks(out: Path) -> list[dict]:
@@ -76,8 +115,7 @@ def test_every_feature_trains_and_the_bias_costs_one_all_reduce_per_step_and_agr
 
 
 def test_random_router_trains_under_ep_frozen_and_identical_on_every_rank(tmp_path):
-    check(_launch("deepspeed", tmp_path, ["--model", "tiny-moe", "--router_type", "random", "--top_k", "2",
-                                          *COMMON]))
+    check(_launch("deepspeed", tmp_path, ["--model", "tiny-moe", "--router_type", "random", "--top_k", "2", *COMMON]))
     ranks = _ranks(tmp_path)
     losses = [row["loss"] for row in metrics(tmp_path / "run").values()]
     assert len(losses) == STEPS and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]

@@ -29,8 +29,9 @@ from moe_dist.train.cli import PLAN_ERRORS
 from moe_dist.train.plan import plan_run
 
 CASES = 1000
-_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-              max_position_embeddings=64)
+_SHAPE = dict(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, max_position_embeddings=64
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,8 @@ def sources(tmp_path_factory):
     tokenizer = tokenizer_for_tests(root / "tokenizer")
     torch.manual_seed(0)
     MoEForCausalLM(MoEConfig.from_preset("tiny-dense", vocab_size=len(tokenizer), **_SHAPE)).save_pretrained(
-        root / "native")
+        root / "native"
+    )
     tokenizer.save_pretrained(root / "native")
     return {"native": root / "native", "llama": save_stock("llama", root / "llama", tokenizer)}
 
@@ -55,54 +57,78 @@ _TOO_BIG = "the model does not fit in memory"  # what a size no machine holds is
 def _ints(low: int, high: int | None = 2**63 - 1, *, size: bool = False):
     """Bad values of an int flag valid in [low, high] (None: any larger value is fine too); with `size`, also one
     that no memory holds."""
+
     def bad(rng: random.Random) -> str:
         choices = [rng.choice(_NOT_AN_INT), str(low - rng.randint(1, 10**6))]
-        return rng.choice(choices + ([str(high + rng.randint(1, 10**6))] if high is not None else [])
-                          + ([str(10**12)] if size else []))
+        return rng.choice(
+            choices
+            + ([str(high + rng.randint(1, 10**6))] if high is not None else [])
+            + ([str(10**12)] if size else [])
+        )
+
     return bad
 
 
 def _floats(low: float, high: float | None = None, *, open_low: bool = False, open_high: bool = False):
     """Bad values of a float flag valid from low to high (inf when None), each end open or closed."""
+
     def bad(rng: random.Random) -> str:
         choices = [rng.choice(_NOT_A_FLOAT), repr(low - rng.uniform(1e-6, 1e6))] + ([repr(low)] if open_low else [])
         if high is not None:
             choices += [repr(high + rng.uniform(1e-6, 1e6))] + ([repr(high)] if open_high else [])
         return rng.choice(choices)
+
     return bad
 
 
 # flag -> (the name its refusal gives, its bad values), for tiny-moe (8 experts, 4 layers, 128 positions) on the
 # test corpus with a train:512 tokenizer.
 FLAGS = {
-    "--max_steps": ("max_steps", _ints(1)), "--eval_every": ("eval_every", _ints(1)),
-    "--save_every": ("save_every", _ints(1)), "--log_every": ("log_every", _ints(1)),
-    "--keep_last": ("keep_last", _ints(1)), "--max_bad_steps": ("max_bad_steps", _ints(1)),
-    "--early_stopping_patience": ("early_stopping_patience", _ints(0)), "--warmup_steps": ("warmup_steps", _ints(0)),
-    "--seed": ("seed", _ints(0, 2**32 - 1)), "--dist_timeout": ("dist_timeout", _ints(1, 86399999999940)),
-    "--local_rank": ("local_rank", _ints(-1)), "--micro_batch_size": ("micro_batch_size", _ints(1, size=True)),
-    "--grad_accum": ("grad_accum", _ints(1)), "--seq_len": ("seq_len", _ints(8, 128)),
+    "--max_steps": ("max_steps", _ints(1)),
+    "--eval_every": ("eval_every", _ints(1)),
+    "--save_every": ("save_every", _ints(1)),
+    "--log_every": ("log_every", _ints(1)),
+    "--keep_last": ("keep_last", _ints(1)),
+    "--max_bad_steps": ("max_bad_steps", _ints(1)),
+    "--early_stopping_patience": ("early_stopping_patience", _ints(0)),
+    "--warmup_steps": ("warmup_steps", _ints(0)),
+    "--seed": ("seed", _ints(0, 2**32 - 1)),
+    "--dist_timeout": ("dist_timeout", _ints(1, 86399999999940)),
+    "--local_rank": ("local_rank", _ints(-1)),
+    "--micro_batch_size": ("micro_batch_size", _ints(1, size=True)),
+    "--grad_accum": ("grad_accum", _ints(1)),
+    "--seq_len": ("seq_len", _ints(8, 128)),
     # Any number of validation blocks is a valid limit; --num_proc above the CPUs is capped with a warning.
-    "--max_valid_blocks": ("max_valid_blocks", _ints(1, None)), "--num_proc": ("num_proc", _ints(1, None)),
-    "--num_experts": ("num_local_experts", _ints(2, 2**31 - 1)), "--top_k": ("num_experts_per_tok", _ints(1, 8)),
+    "--max_valid_blocks": ("max_valid_blocks", _ints(1, None)),
+    "--num_proc": ("num_proc", _ints(1, None)),
+    "--num_experts": ("num_local_experts", _ints(2, 2**31 - 1)),
+    "--top_k": ("num_experts_per_tok", _ints(1, 8)),
     "--moe_intermediate_size": ("moe_intermediate_size", _ints(1, size=True)),
-    "--moe_every": ("moe_every", _ints(1)), "--skip_first_moe": ("skip_first_moe", _ints(0, 3)),
+    "--moe_every": ("moe_every", _ints(1)),
+    "--skip_first_moe": ("skip_first_moe", _ints(0, 3)),
     "--num_shared_experts": ("num_shared_experts", _ints(0, size=True)),
     "--vocab_size": ("vocab_size", lambda rng: rng.choice([_ints(1, size=True)(rng), str(rng.randint(1, 511))])),
-    "--lr": ("lr", _floats(0)), "--min_lr_ratio": ("min_lr_ratio", _floats(0, 1)),
-    "--weight_decay": ("weight_decay", _floats(0)), "--beta1": ("beta1", _floats(0, 1, open_high=True)),
-    "--beta2": ("beta2", _floats(0, 1, open_high=True)), "--adam_eps": ("adam_eps", _floats(0, open_low=True)),
-    "--grad_clip": ("grad_clip", _floats(0)), "--gpu_mem_gib": ("gpu_mem_gib", _floats(0, open_low=True)),
+    "--lr": ("lr", _floats(0)),
+    "--min_lr_ratio": ("min_lr_ratio", _floats(0, 1)),
+    "--weight_decay": ("weight_decay", _floats(0)),
+    "--beta1": ("beta1", _floats(0, 1, open_high=True)),
+    "--beta2": ("beta2", _floats(0, 1, open_high=True)),
+    "--adam_eps": ("adam_eps", _floats(0, open_low=True)),
+    "--grad_clip": ("grad_clip", _floats(0)),
+    "--gpu_mem_gib": ("gpu_mem_gib", _floats(0, open_low=True)),
     "--capacity_factor": ("capacity_factor", _floats(0, open_low=True)),
     "--router_jitter": ("router_jitter_noise", _floats(0, 1, open_high=True)),
-    "--aux_loss_coef": ("router_aux_loss_coef", _floats(0)), "--z_loss_coef": ("router_z_loss_coef", _floats(0)),
+    "--aux_loss_coef": ("router_aux_loss_coef", _floats(0)),
+    "--z_loss_coef": ("router_z_loss_coef", _floats(0)),
     "--bias_update_rate": ("router_bias_update_rate", _floats(0)),
 }
 # With --init_from a dense export of FFN width 128 and --upcycle_experts 4 (unless the flag is that one).
-UPCYCLE_FLAGS = {"--upcycle_experts": ("upcycle_experts", _ints(2, 2**31 - 1)),
-                 "--upcycle_noise": ("upcycle_noise", _floats(0, 1)),
-                 "--upcycle_reinit": ("upcycle_reinit", _floats(0, 1, open_high=True)),
-                 "--upcycle_granularity": ("upcycle_granularity", lambda rng: rng.choice([_ints(1)(rng), "3", "256"]))}
+UPCYCLE_FLAGS = {
+    "--upcycle_experts": ("upcycle_experts", _ints(2, 2**31 - 1)),
+    "--upcycle_noise": ("upcycle_noise", _floats(0, 1)),
+    "--upcycle_reinit": ("upcycle_reinit", _floats(0, 1, open_high=True)),
+    "--upcycle_granularity": ("upcycle_granularity", lambda rng: rng.choice([_ints(1)(rng), "3", "256"])),
+}
 
 
 def bad_flag(rng: random.Random, tmp: Path, sources: dict) -> tuple[list[str], tuple[str, ...]]:
@@ -111,8 +137,11 @@ def bad_flag(rng: random.Random, tmp: Path, sources: dict) -> tuple[list[str], t
     name, bad = FLAGS.get(flag) or UPCYCLE_FLAGS[flag]
     args = [f"{flag}={bad(rng)}"]
     if flag in UPCYCLE_FLAGS:
-        args += ["--init_from", str(sources["native"]), *([] if flag == "--upcycle_experts" else
-                                                          ["--upcycle_experts", "4"])]
+        args += [
+            "--init_from",
+            str(sources["native"]),
+            *([] if flag == "--upcycle_experts" else ["--upcycle_experts", "4"]),
+        ]
     return args, (name, flag[2:], _TOO_BIG)
 
 
@@ -125,24 +154,47 @@ def _linked_copy(source: Path, folder: Path, skip: str) -> Path:
     return folder
 
 
-_NATIVE_FIELDS = {"hidden_size": "int", "num_hidden_layers": "int", "num_attention_heads": "int", "vocab_size": "int",
-                  "intermediate_size": "int", "max_position_embeddings": "int", "norm_eps": "float",
-                  "initializer_range": "float", "num_local_experts": "int", "bias": "bool", "hidden_act": "choice",
-                  "norm_type": "choice", "router_aux_loss_coef": "float", "capacity_factor": "float",
-                  "rope_parameters": "dict"}
-_LLAMA_FIELDS = {"hidden_size": "int", "num_hidden_layers": "int", "num_attention_heads": "int",
-                 "num_key_value_heads": "int", "intermediate_size": "int", "vocab_size": "int",
-                 "max_position_embeddings": "int", "rms_norm_eps": "float", "tie_word_embeddings": "bool",
-                 "hidden_act": "choice", "rope_parameters": "dict"}
+_NATIVE_FIELDS = {
+    "hidden_size": "int",
+    "num_hidden_layers": "int",
+    "num_attention_heads": "int",
+    "vocab_size": "int",
+    "intermediate_size": "int",
+    "max_position_embeddings": "int",
+    "norm_eps": "float",
+    "initializer_range": "float",
+    "num_local_experts": "int",
+    "bias": "bool",
+    "hidden_act": "choice",
+    "norm_type": "choice",
+    "router_aux_loss_coef": "float",
+    "capacity_factor": "float",
+    "rope_parameters": "dict",
+}
+_LLAMA_FIELDS = {
+    "hidden_size": "int",
+    "num_hidden_layers": "int",
+    "num_attention_heads": "int",
+    "num_key_value_heads": "int",
+    "intermediate_size": "int",
+    "vocab_size": "int",
+    "max_position_embeddings": "int",
+    "rms_norm_eps": "float",
+    "tie_word_embeddings": "bool",
+    "hidden_act": "choice",
+    "rope_parameters": "dict",
+}
 
 
 def _wrong_value(rng: random.Random, kind: str):
     """A JSON value that a field of `kind` cannot take."""
-    others = {"int": ["64", [64], {"n": 64}, 2.5, True, -rng.randint(1, 99)],
-              "float": ["1e-5", [1e-5], float("nan"), float("inf"), -float("inf"), True],
-              "bool": ["yes", 1, [True], {"on": True}],
-              "choice": ["relu6", 7, [None], ""],
-              "dict": ["rope", [1, 2], 3.5, True]}[kind]
+    others = {
+        "int": ["64", [64], {"n": 64}, 2.5, True, -rng.randint(1, 99)],
+        "float": ["1e-5", [1e-5], float("nan"), float("inf"), -float("inf"), True],
+        "bool": ["yes", 1, [True], {"on": True}],
+        "choice": ["relu6", 7, [None], ""],
+        "dict": ["rope", [1, 2], 3.5, True],
+    }[kind]
     return rng.choice(others)
 
 
@@ -157,7 +209,7 @@ def bad_config(rng: random.Random, tmp: Path, sources: dict) -> tuple[list[str],
         content = json.dumps(rng.choice([[1, 2], 3, "config", None, True, [json.loads(text)]])).encode()
     elif kind == 2:  # bytes that are not UTF-8 somewhere inside
         cut = rng.randrange(len(text))
-        content = text[:cut].encode() + bytes([rng.randint(0x80, 0xff)]) + text[cut:].encode()
+        content = text[:cut].encode() + bytes([rng.randint(0x80, 0xFF)]) + text[cut:].encode()
     elif kind == 3:  # one field of the wrong type or out of its range
         fields = _NATIVE_FIELDS if fmt == "native" else _LLAMA_FIELDS
         field = rng.choice(sorted(fields))
@@ -175,7 +227,7 @@ def bad_config(rng: random.Random, tmp: Path, sources: dict) -> tuple[list[str],
 
 def _header(blob: bytes) -> tuple[dict, bytes]:
     n = struct.unpack("<Q", blob[:8])[0]
-    return json.loads(blob[8:8 + n]), blob[8 + n:]
+    return json.loads(blob[8 : 8 + n]), blob[8 + n :]
 
 
 def _with_header(header: dict, data: bytes) -> bytes:
@@ -272,8 +324,14 @@ def bad_jsonl(rng: random.Random, tmp: Path, sources: dict) -> tuple[list[str], 
             content = content[: rng.randrange(len(content) - 1)]  # the gzip stream cut short, whatever the lines
     path = tmp / name
     path.write_bytes(content)
-    return ["--train_file", str(path), "--valid_file", str(FIXTURES / "stories_valid.txt"),
-            "--tokenizer", "train:512"], (str(path),)
+    return [
+        "--train_file",
+        str(path),
+        "--valid_file",
+        str(FIXTURES / "stories_valid.txt"),
+        "--tokenizer",
+        "train:512",
+    ], (str(path),)
 
 
 GENERATORS = (bad_flag, bad_config, bad_safetensors, bad_jsonl)
@@ -311,6 +369,8 @@ def test_the_planner_refuses_every_malformed_input_with_one_line(sources, tmp_pa
     seconds = time.perf_counter() - start
     capsys.readouterr()  # the planner's warnings (a capped --num_proc)
     with capsys.disabled():
-        print(f"\nfuzz: {CASES} seeded cases in {seconds:.1f} s ({1000 * seconds / CASES:.0f} ms each), "
-              f"{len(failures)} failed")
+        print(
+            f"\nfuzz: {CASES} seeded cases in {seconds:.1f} s ({1000 * seconds / CASES:.0f} ms each), "
+            f"{len(failures)} failed"
+        )
     assert not failures, "\n".join(failures[:20])

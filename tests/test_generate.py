@@ -33,9 +33,14 @@ def run_dir(tmp_path_factory):
     stories = [s.strip() for s in (FIXTURES / "stories.txt").read_text().split(SEPARATOR) if s.strip()]
     tokenizer = build_tokenizer("train:512", stories, root / "tokenizer")
     torch.manual_seed(0)
-    config = MoEConfig.from_preset("tiny-moe", vocab_size=len(tokenizer), num_hidden_layers=2,
-                                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                   pad_token_id=tokenizer.pad_token_id)
+    config = MoEConfig.from_preset(
+        "tiny-moe",
+        vocab_size=len(tokenizer),
+        num_hidden_layers=2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = MoEForCausalLM(config).train()
     ids = tokenizer(SEPARATOR.join(stories), add_special_tokens=False)["input_ids"]
     blocks = torch.tensor(ids[: len(ids) // 65 * 65]).view(-1, 65)  # shape: (N, seq 64 + 1)
@@ -69,9 +74,27 @@ def texts(samples):
 
 def test_real_script_prints_every_sample_of_every_prompt_from_a_run_folder(run_dir, tmp_path):
     out = tmp_path / "samples.json"
-    proc = check(python(GENERATE, ["--model_path", str(run_dir), "--prompt", PROMPT, "--prompt", "Sam was",
-                                   "--num_samples", "2", "--temperature", "1.0", "--max_new_tokens", "30",
-                                   "--json", str(out)]))
+    proc = check(
+        python(
+            GENERATE,
+            [
+                "--model_path",
+                str(run_dir),
+                "--prompt",
+                PROMPT,
+                "--prompt",
+                "Sam was",
+                "--num_samples",
+                "2",
+                "--temperature",
+                "1.0",
+                "--max_new_tokens",
+                "30",
+                "--json",
+                str(out),
+            ],
+        )
+    )
     record = json.loads(out.read_text())
     assert record["model_dir"] == str(run_dir / "hf")  # a run folder means its hf/ export
     assert [(s["prompt_index"], s["sample_index"]) for s in record["samples"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
@@ -82,16 +105,32 @@ def test_real_script_prints_every_sample_of_every_prompt_from_a_run_folder(run_d
 
 
 def test_greedy_output_is_deterministic(capsys, tmp_path, hf_dir):
-    runs = [generate(capsys, tmp_path, hf_dir, "--prompt", PROMPT, "--temperature", 0, "--seed", seed)
-            for seed in (0, 1)]
+    runs = [
+        generate(capsys, tmp_path, hf_dir, "--prompt", PROMPT, "--temperature", 0, "--seed", seed) for seed in (0, 1)
+    ]
     assert runs[0][0] == 0 and texts(runs[0][1]) == texts(runs[1][1])
     assert runs[0][1][0]["num_new_tokens"] > 0
 
 
 def test_sampling_is_reproducible_with_the_same_seed_and_varies_with_another(capsys, tmp_path, hf_dir):
     def sample(seed):
-        return texts(generate(capsys, tmp_path, hf_dir, "--prompt", PROMPT, "--temperature", 1.0,
-                              "--num_samples", 4, "--max_new_tokens", 40, "--seed", seed)[1])
+        return texts(
+            generate(
+                capsys,
+                tmp_path,
+                hf_dir,
+                "--prompt",
+                PROMPT,
+                "--temperature",
+                1.0,
+                "--num_samples",
+                4,
+                "--max_new_tokens",
+                40,
+                "--seed",
+                seed,
+            )[1]
+        )
 
     first = sample(7)
     assert sample(7) == first
@@ -102,18 +141,47 @@ def test_sampling_is_reproducible_with_the_same_seed_and_varies_with_another(cap
 @pytest.mark.parametrize("flag,value", [("--top_k", 1), ("--top_p", 1e-6)])
 def test_sampling_restricted_to_the_top_token_equals_greedy(capsys, tmp_path, hf_dir, flag, value):
     greedy = generate(capsys, tmp_path, hf_dir, "--prompt", PROMPT, "--temperature", 0, "--max_new_tokens", 40)[1]
-    sampled = generate(capsys, tmp_path, hf_dir, "--prompt", PROMPT, "--temperature", 1.0, flag, value,
-                       "--max_new_tokens", 40, "--seed", 3)[1]
+    sampled = generate(
+        capsys,
+        tmp_path,
+        hf_dir,
+        "--prompt",
+        PROMPT,
+        "--temperature",
+        1.0,
+        flag,
+        value,
+        "--max_new_tokens",
+        40,
+        "--seed",
+        3,
+    )[1]
     assert texts(sampled) == texts(greedy)
 
 
 @pytest.mark.parametrize("temperature", [0, 1.0])
 def test_repetition_penalty_changes_the_output(capsys, tmp_path, hf_dir, temperature):
     prompt = "Sam was a little mouse. Sam was a little mouse. Sam"
-    plain, penalised = (texts(generate(capsys, tmp_path, hf_dir, "--prompt", prompt, "--temperature", temperature,
-                                       "--num_samples", 1 if temperature == 0 else 4, "--max_new_tokens", 30,
-                                       "--repetition_penalty", penalty)[1])
-                        for penalty in (1.0, 2.0))
+    plain, penalised = (
+        texts(
+            generate(
+                capsys,
+                tmp_path,
+                hf_dir,
+                "--prompt",
+                prompt,
+                "--temperature",
+                temperature,
+                "--num_samples",
+                1 if temperature == 0 else 4,
+                "--max_new_tokens",
+                30,
+                "--repetition_penalty",
+                penalty,
+            )[1]
+        )
+        for penalty in (1.0, 2.0)
+    )
     assert plain != penalised
 
 
@@ -122,8 +190,9 @@ def test_batched_prompts_of_different_lengths_continue_as_they_do_alone(hf_dir):
     from moe_dist.generation import generate as generate_samples
 
     model, tokenizer = load_model(hf_dir, torch.device("cpu")), load_tokenizer_for_generation(hf_dir)
-    config = build_generation_config(tokenizer, max_new_tokens=30, temperature=0, top_k=0, top_p=1.0,
-                                     repetition_penalty=1.0, num_samples=1)
+    config = build_generation_config(
+        tokenizer, max_new_tokens=30, temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0, num_samples=1
+    )
     prompts = ["Sam", "Once upon a time, there was a happy dog named Sam. They looked under the trees", ""]
     batched = generate_samples(model, tokenizer, prompts, config, seed=0, batch_size=3)
     alone = [generate_samples(model, tokenizer, [p], config, seed=0)[0] for p in prompts]
@@ -133,8 +202,9 @@ def test_batched_prompts_of_different_lengths_continue_as_they_do_alone(hf_dir):
 
 def _greedy_without_cache(model, tokenizer, prompts, new_tokens):
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
-    out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, use_cache=False,
-                         pad_token_id=tokenizer.pad_token_id)
+    out = model.generate(
+        **batch, max_new_tokens=new_tokens, do_sample=False, use_cache=False, pad_token_id=tokenizer.pad_token_id
+    )
     return tokenizer.batch_decode(out, skip_special_tokens=True)
 
 
@@ -150,10 +220,12 @@ def test_trained_model_decodes_the_same_with_and_without_the_cache_and_logs_no_d
     for prompts in ([PROMPT], [PROMPT, "Sam was", "The little dog"]):  # one prompt; a left-padded batch
         batch = tokenizer(prompts, return_tensors="pt", padding=True)
         with caplog.at_level("WARNING", logger="transformers"):
-            cached = model.generate(**batch, max_new_tokens=30, do_sample=False, use_cache=True,
-                                    pad_token_id=tokenizer.pad_token_id)
-        assert tokenizer.batch_decode(cached, skip_special_tokens=True) == \
-            _greedy_without_cache(model, tokenizer, prompts, 30)
+            cached = model.generate(
+                **batch, max_new_tokens=30, do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id
+            )
+        assert tokenizer.batch_decode(cached, skip_special_tokens=True) == _greedy_without_cache(
+            model, tokenizer, prompts, 30
+        )
     assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
 
 
@@ -199,36 +271,47 @@ def test_prompt_plus_new_tokens_past_the_context_is_clamped_with_a_warning(capsy
     context = json.loads((hf_dir / "config.json").read_text())["max_position_embeddings"]
     tokenizer = load_tokenizer_for_generation(hf_dir)
     ids = tokenizer((FIXTURES / "stories.txt").read_text().replace(SEPARATOR, ""))["input_ids"]
-    prompt = tokenizer.decode(ids[:context - 2])
+    prompt = tokenizer.decode(ids[: context - 2])
     room = context - prompt_lengths(tokenizer, [prompt])[0]
-    code, samples, err = generate(capsys, tmp_path, hf_dir, "--prompt", prompt, "--max_new_tokens", 50,
-                                  "--temperature", 0)
+    code, samples, err = generate(
+        capsys, tmp_path, hf_dir, "--prompt", prompt, "--max_new_tokens", 50, "--temperature", 0
+    )
     assert code == 0 and 1 <= room <= 3
-    assert err == [f"warning: the longest prompt is {context - room} tokens and the context is {context}: "
-                   f"--max_new_tokens 50 clamped to {room}"]
+    assert err == [
+        f"warning: the longest prompt is {context - room} tokens and the context is {context}: "
+        f"--max_new_tokens 50 clamped to {room}"
+    ]
     assert samples[0]["num_new_tokens"] <= room
 
 
-@pytest.mark.parametrize("make_path,args,expected", [
-    (lambda run: run / "tokenizer", [], "no model here (no config.json in it or in its hf/)"),
-    (lambda run: run / "checkpoints", [], "does not exist"),
-    (lambda run: run / "hf" / "config.json", [], "is not a folder"),
-    (lambda run: run / "hf", ["--prompt", "Sam and Kai " * 80], "the model's context is 128 tokens"),
-    (lambda run: run / "hf", ["--temperature", 0, "--num_samples", 2], "greedy decoding"),
-    (lambda run: run / "hf", ["--top_p", 0], "--top_p 0.0: must be in (0, 1]"),
-    (lambda run: run / "hf", ["--device", "tpu"], "expected auto, cpu, cuda or cuda:N"),
-])
+@pytest.mark.parametrize(
+    "make_path,args,expected",
+    [
+        (lambda run: run / "tokenizer", [], "no model here (no config.json in it or in its hf/)"),
+        (lambda run: run / "checkpoints", [], "does not exist"),
+        (lambda run: run / "hf" / "config.json", [], "is not a folder"),
+        (lambda run: run / "hf", ["--prompt", "Sam and Kai " * 80], "the model's context is 128 tokens"),
+        (lambda run: run / "hf", ["--temperature", 0, "--num_samples", 2], "greedy decoding"),
+        (lambda run: run / "hf", ["--top_p", 0], "--top_p 0.0: must be in (0, 1]"),
+        (lambda run: run / "hf", ["--device", "tpu"], "expected auto, cpu, cuda or cuda:N"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(capsys, tmp_path, run_dir, make_path, args, expected):
     code, _, err = generate(capsys, tmp_path, make_path(run_dir), *args)
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
 
 
-@pytest.mark.parametrize("break_folder,expected", [
-    (lambda d: (d / "model.safetensors").unlink(), "config.json but no weights"),
-    (lambda d: (d / "config.json").write_text("{not json"), "config.json' is not a valid JSON file"),
-    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]),
-     "SafetensorError"),
-])
+@pytest.mark.parametrize(
+    "break_folder,expected",
+    [
+        (lambda d: (d / "model.safetensors").unlink(), "config.json but no weights"),
+        (lambda d: (d / "config.json").write_text("{not json"), "config.json' is not a valid JSON file"),
+        (
+            lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]),
+            "SafetensorError",
+        ),
+    ],
+)
 def test_a_broken_model_folder_exits_2_with_one_line(capsys, tmp_path, hf_dir, break_folder, expected):
     broken = tmp_path / "broken"
     shutil.copytree(hf_dir, broken)

@@ -42,10 +42,16 @@ def exports(tmp_path_factory):
     folders = {}
     for seed, (name, spec) in enumerate(EXPORTS.items()):
         spec = dict(spec)
-        config = MoEConfig.from_preset(spec.pop("preset"), vocab_size=len(tokenizer), num_hidden_layers=2,
-                                       initializer_range=0.05, bos_token_id=tokenizer.bos_token_id,
-                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                       **spec)
+        config = MoEConfig.from_preset(
+            spec.pop("preset"),
+            vocab_size=len(tokenizer),
+            num_hidden_layers=2,
+            initializer_range=0.05,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **spec,
+        )
         torch.manual_seed(seed)
         model = MoEForCausalLM(config).eval()
         with torch.no_grad():

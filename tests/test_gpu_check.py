@@ -6,6 +6,7 @@ is ever lent. The check must always hand back what it measured (a GPU is lent fo
 hangs is recorded and the others still run, a stage that cannot fit before the deadline is skipped,
 and the JSON is complete either way.
 """
+
 import importlib
 import json
 import math
@@ -64,19 +65,37 @@ def test_dry_run_passes_every_stage_and_records_its_numbers(dry_run):
 
 def test_a_stage_that_raises_or_hangs_is_recorded_and_every_other_stage_still_runs(tmp_path):
     work = tmp_path / "work"
-    proc = python(GPU_CHECK, ["--dry-run", "--out", str(tmp_path / "out"), "--work_dir", str(work),
-                              "--inject", "train:exception", "--inject", "bench_moe:hang"], timeout=600)
+    proc = python(
+        GPU_CHECK,
+        [
+            "--dry-run",
+            "--out",
+            str(tmp_path / "out"),
+            "--work_dir",
+            str(work),
+            "--inject",
+            "train:exception",
+            "--inject",
+            "bench_moe:hang",
+        ],
+        timeout=600,
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
-        "gpu_check: not passed: train (failed), bench_moe (failed), resume_export_generate (skipped)"]
+        "gpu_check: not passed: train (failed), bench_moe (failed), resume_export_generate (skipped)"
+    ]
     r = result(tmp_path / "out")
     assert r["status"] == "incomplete" and list(r["stages"]) == STAGES
     s = r["stages"]
     assert s["train"]["error"]["type"] == "RuntimeError" and "injected" in s["train"]["error"]["message"]
     assert any("done:" in line for line in s["train"]["error"]["output_tail"])  # the last lines of its output
     assert s["bench_moe"]["error"]["type"] == "StageFailed" and "killed after" in s["bench_moe"]["error"]["message"]
-    assert s["resume_export_generate"] == {"status": "skipped", "planned_s": 60,
-                                           "reason": "needs train, which failed", "wall_s": 0.0}
+    assert s["resume_export_generate"] == {
+        "status": "skipped",
+        "planned_s": 60,
+        "reason": "needs train, which failed",
+        "wall_s": 0.0,
+    }
     for name in ("unit_tests", "bench_train", "profile_memory"):
         assert s[name]["status"] == "passed", (name, s[name])
     # The hung command's own child was killed with its process group: nothing is left holding the device.
@@ -90,8 +109,13 @@ def test_stages_that_cannot_fit_before_the_deadline_are_skipped_and_the_json_is_
     assert proc.returncode == 1, proc.stderr
     s = result(tmp_path)["stages"]
     assert {name: rec["status"] for name, rec in s.items()} == {
-        "unit_tests": "skipped", "train": "skipped", "bench_moe": "passed", "bench_train": "skipped",
-        "profile_memory": "skipped", "resume_export_generate": "skipped"}
+        "unit_tests": "skipped",
+        "train": "skipped",
+        "bench_moe": "passed",
+        "bench_train": "skipped",
+        "profile_memory": "skipped",
+        "resume_export_generate": "skipped",
+    }
     assert s["unit_tests"]["reason"].startswith("deadline:") and s["bench_train"]["reason"].startswith("deadline:")
 
 
@@ -121,13 +145,21 @@ def test_a_command_that_exits_non_zero_fails_its_stage_with_its_exit_code(tmp_pa
 
 
 def test_without_a_gpu_the_real_check_refuses_with_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(GPU_CHECK), "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    proc = subprocess.run(
+        [sys.executable, str(GPU_CHECK), "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
     assert proc.returncode == 2 and "no CUDA device visible" in proc.stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("visible, expected", [
-    ("", ["--num_gpus", "2"]), ("3,5,7", ["--include", "localhost:3,5"]), (" 1 , 0 ", ["--include", "localhost:1,0"])])
+@pytest.mark.parametrize(
+    "visible, expected",
+    [("", ["--num_gpus", "2"]), ("3,5,7", ["--include", "localhost:3,5"]), (" 1 , 0 ", ["--include", "localhost:1,0"])],
+)
 def test_the_launcher_keeps_the_gpus_cuda_visible_devices_names(visible, expected):
     from moe_dist.parallel.process_group import deepspeed_launcher
 

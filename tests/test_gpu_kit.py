@@ -10,10 +10,10 @@ import re
 import subprocess
 import sys
 
+from launcher import ROOT
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from launcher import ROOT
 from moe_dist.export.standard_export import without_moe_dist
 from tools.gpu_kit import applies, image_satisfies, lower_bound, marker_env, read_image
 
@@ -51,8 +51,13 @@ def test_the_stored_kit_is_what_the_lent_image_needs(tmp_path):
 
 def test_a_kit_over_the_limit_is_refused_with_one_line_and_nothing_written(tmp_path):
     out = tmp_path / "kit"
-    proc = subprocess.run([sys.executable, ROOT / "tools" / "gpu_kit.py", out, "--limit_mib", "1"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, ROOT / "tools" / "gpu_kit.py", out, "--limit_mib", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "over --limit_mib 1" in lines[0] and "deepspeed-0.19.8" in lines[0], lines

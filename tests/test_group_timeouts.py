@@ -6,6 +6,7 @@ group, with `new_group(ranks)` and no timeout, and torch's `new_group(timeout=No
 constant (NCCL 10 min, gloo 30 min), not the default group's: the engine sets them itself, after
 initialize. Read under the real 2-rank launcher, on gloo, with EP and with ETP.
 """
+
 import json
 from pathlib import Path
 
@@ -24,9 +25,27 @@ def test_every_group_the_engine_reaches_times_out_after_the_dist_timeout_watchdo
     dist_timeout = 2400  # not torch's 1800 s gloo default, so an untouched group would show
     config = tmp_path / "ds.json"
     config.write_text(json.dumps({**json.loads(Path(CPU_EP2).read_text()), "moe": moe}))
-    check(deepspeed(SCRIPT, [str(tmp_path), "--deepspeed", str(config), "--model", "tiny-moe", *DATA_ARGS,
-                             "--max_steps", "1", "--eval_every", "1",
-                             "--dist_timeout", str(dist_timeout), "--output_dir", str(tmp_path / "run")]))
+    check(
+        deepspeed(
+            SCRIPT,
+            [
+                str(tmp_path),
+                "--deepspeed",
+                str(config),
+                "--model",
+                "tiny-moe",
+                *DATA_ARGS,
+                "--max_steps",
+                "1",
+                "--eval_every",
+                "1",
+                "--dist_timeout",
+                str(dist_timeout),
+                "--output_dir",
+                str(tmp_path / "run"),
+            ],
+        )
+    )
     for rank in (0, 1):
         seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert seen["exit"] == 0

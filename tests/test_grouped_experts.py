@@ -1,4 +1,5 @@
 """The grouped expert GEMM against the per-expert loop, and the MoE block without host syncs."""
+
 import pytest
 import torch
 
@@ -24,8 +25,11 @@ def experts(E: int, activation: str, bias: bool) -> LocalExperts:
 def routing(expert_idx_TK: torch.Tensor, E: int, capacity_factor: float | None) -> Routing:
     """A `Routing` as `Router._route` builds it, for hand-picked experts and random gate weights."""
     T, K = expert_idx_TK.shape
-    capacity = None if capacity_factor is None else expert_capacity(
-        num_tokens=T, num_experts=E, top_k=K, capacity_factor=capacity_factor, min_capacity=1)
+    capacity = (
+        None
+        if capacity_factor is None
+        else expert_capacity(num_tokens=T, num_experts=E, top_k=K, capacity_factor=capacity_factor, min_capacity=1)
+    )
     position_TK = assign_positions(expert_idx_TK, E)
     keep_TK = position_TK < capacity if capacity is not None else torch.ones_like(expert_idx_TK, dtype=torch.bool)
     weight_TK = torch.rand(T, K) * keep_TK
@@ -198,6 +202,7 @@ def run_refusing_host_reads(model: MoEForCausalLM, monkeypatch) -> tuple[list[st
         def sync(self, *args, **kwargs):
             synced.append(name)
             raise RuntimeError(f"host sync: Tensor.{name}")
+
         return sync
 
     loss = torch.tensor(float("nan"))

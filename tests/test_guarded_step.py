@@ -23,9 +23,31 @@ def test_one_finiteness_all_reduce_per_step_however_often_zero_calls_the_optimiz
     config = json.loads(Path(CPU_EP2).read_text())
     config["zero_optimization"] = {**config["zero_optimization"], "stage": stage}
     (tmp_path / "ds.json").write_text(json.dumps(config))
-    check(deepspeed(SCRIPT, [str(tmp_path), "--deepspeed", str(tmp_path / "ds.json"), "--model", "tiny-moe",
-                             *DATA_ARGS, "--seq_len", "32", "--max_steps", str(STEPS), "--eval_every", str(STEPS),
-                             "--log_every", "1", "--warmup_steps", "1", "--output_dir", str(tmp_path / "run")]))
+    check(
+        deepspeed(
+            SCRIPT,
+            [
+                str(tmp_path),
+                "--deepspeed",
+                str(tmp_path / "ds.json"),
+                "--model",
+                "tiny-moe",
+                *DATA_ARGS,
+                "--seq_len",
+                "32",
+                "--max_steps",
+                str(STEPS),
+                "--eval_every",
+                str(STEPS),
+                "--log_every",
+                "1",
+                "--warmup_steps",
+                "1",
+                "--output_dir",
+                str(tmp_path / "run"),
+            ],
+        )
+    )
     for rank in (0, 1):
         record = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert record["exit"] == 0 and len(record["steps"]) == STEPS

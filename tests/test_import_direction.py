@@ -10,7 +10,6 @@ import ast
 import re
 
 import pytest
-
 from launcher import ROOT
 
 PACKAGE = ROOT / "moe_dist"
@@ -82,7 +81,7 @@ def test_no_import_cycle():
 
     def visit(module):
         if module in stack:
-            cycles.append(stack[stack.index(module):] + [module])
+            cycles.append(stack[stack.index(module) :] + [module])
             return
         if module in seen:
             return

@@ -33,7 +33,12 @@ def load(folder):
 
     init = read_init_config(folder)
     config = MoEConfig(**init.fields)
-    return init, config, converted_model(init, config), AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return (
+        init,
+        config,
+        converted_model(init, config),
+        AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
+    )
 
 
 def batch(vocab: int) -> torch.Tensor:
@@ -47,7 +52,7 @@ def test_import_gives_the_stock_logits_and_greedy_tokens(folders, fmt):
     assert check_import(init, config) <= 1e-4
     ids = batch(config.vocab_size)
     with torch.no_grad():
-        diff = (ours(input_ids=ids, use_cache=False).logits - stock.eval()(input_ids=ids, use_cache=False).logits)
+        diff = ours(input_ids=ids, use_cache=False).logits - stock.eval()(input_ids=ids, use_cache=False).logits
     assert diff.abs().max() <= 1e-4
     kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, use_cache=True, pad_token_id=0)
     assert torch.equal(ours.generate(ids[:1, :8], **kwargs), stock.generate(ids[:1, :8], **kwargs))
@@ -72,8 +77,9 @@ def test_the_training_loss_of_the_imported_moe_is_the_stock_loss(folders, fmt):
     ours.train()
     stock.train()
     assert ours(input_ids=ids, labels=ids).aux_loss == 0  # router losses off, as in the stock config
-    torch.testing.assert_close(ours(input_ids=ids, labels=ids).loss, stock(input_ids=ids, labels=ids).loss,
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        ours(input_ids=ids, labels=ids).loss, stock(input_ids=ids, labels=ids).loss, rtol=0, atol=1e-5
+    )
 
 
 def edited(folders, tmp_path, fmt: str, **changes):
@@ -87,18 +93,23 @@ def edited(folders, tmp_path, fmt: str, **changes):
     return folder
 
 
-@pytest.mark.parametrize("fmt, changes, expected", [
-    ("mixtral", {"sliding_window": 16}, "MixtralForCausalLM field sliding_window=16"),
-    ("qwen3", {"use_sliding_window": True}, "Qwen3ForCausalLM field use_sliding_window=True"),
-    ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}},
-     "field rope_parameters.rope_type='dynamic'"),
-    ("llama", {"attention_bias": True}, "field attention_bias=True (with mlp_bias=False"),
-    ("gpt2", {"activation_function": "relu"}, "GPT2LMHeadModel field activation_function='relu'"),
-    ("ernie4_5_moe", {"use_bias": True}, "Ernie4_5_MoeForCausalLM field use_bias=True"),
-    ("qwen3_moe", {"model_type": "deepseek_v3"}, "model_type='deepseek_v3' is not supported; supported: moe_dist"),
-])
-def test_a_field_our_model_cannot_reproduce_is_refused_with_one_line(folders, tmp_path, capsys, fmt, changes,
-                                                                     expected):
+@pytest.mark.parametrize(
+    "fmt, changes, expected",
+    [
+        ("mixtral", {"sliding_window": 16}, "MixtralForCausalLM field sliding_window=16"),
+        ("qwen3", {"use_sliding_window": True}, "Qwen3ForCausalLM field use_sliding_window=True"),
+        (
+            "llama",
+            {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}},
+            "field rope_parameters.rope_type='dynamic'",
+        ),
+        ("llama", {"attention_bias": True}, "field attention_bias=True (with mlp_bias=False"),
+        ("gpt2", {"activation_function": "relu"}, "GPT2LMHeadModel field activation_function='relu'"),
+        ("ernie4_5_moe", {"use_bias": True}, "Ernie4_5_MoeForCausalLM field use_bias=True"),
+        ("qwen3_moe", {"model_type": "deepseek_v3"}, "model_type='deepseek_v3' is not supported; supported: moe_dist"),
+    ],
+)
+def test_a_field_our_model_cannot_reproduce_is_refused_with_one_line(folders, tmp_path, capsys, fmt, changes, expected):
     folder = edited(folders, tmp_path, fmt, **changes)
     out = tmp_path / "run"
     assert train_main([*DATA_ARGS, "--init_from", str(folder), "--output_dir", str(out)]) == 2
@@ -112,7 +123,19 @@ def test_a_checkpoint_without_safetensors_or_a_new_shape_is_refused(folders, tmp
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
     assert train_main([*DATA_ARGS, "--init_from", str(folder), "--output_dir", str(tmp_path / "a")]) == 2
     assert "only safetensors checkpoints are read" in capsys.readouterr().err
-    assert train_main([*DATA_ARGS, "--init_from", str(folders["olmoe"]), "--num_experts", "8",
-                       "--output_dir", str(tmp_path / "b")]) == 2
+    assert (
+        train_main(
+            [
+                *DATA_ARGS,
+                "--init_from",
+                str(folders["olmoe"]),
+                "--num_experts",
+                "8",
+                "--output_dir",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 2
+    )
     assert "cannot change the model's shape (['num_local_experts'])" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

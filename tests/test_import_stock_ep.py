@@ -21,9 +21,24 @@ from moe_dist.export.cli import main as export_main
 pytestmark = pytest.mark.multirank
 
 STEPS = 10
-COMMON = ["--train_file", str(FIXTURES / "stories.txt"), "--valid_file", str(FIXTURES / "stories_valid.txt"),
-          "--seq_len", "32", "--max_steps", str(STEPS), "--eval_every", str(STEPS), "--log_every", "1",
-          "--warmup_steps", "2", "--lr", "2e-3"]
+COMMON = [
+    "--train_file",
+    str(FIXTURES / "stories.txt"),
+    "--valid_file",
+    str(FIXTURES / "stories_valid.txt"),
+    "--seq_len",
+    "32",
+    "--max_steps",
+    str(STEPS),
+    "--eval_every",
+    str(STEPS),
+    "--log_every",
+    "1",
+    "--warmup_steps",
+    "2",
+    "--lr",
+    "2e-3",
+]
 
 
 def losses(run_dir) -> list[float]:
@@ -43,18 +58,27 @@ def exported_logits_match(run_dir, fmt: str, tmp_path) -> None:
     assert (torch.load(tmp_path / "logits0.pt") - mine).abs().max() <= 1e-4, row
 
 
-@pytest.mark.parametrize("fmt, experts, ranks", [("mixtral", 4, 2), ("olmoe", 4, 2), ("ernie4_5_moe", 4, 2),
-                                                 ("qwen3_moe", 8, 4), ("llama", 4, 2)])
-def test_an_imported_model_trains_under_ep_as_in_one_process_and_exports_back_to_its_class(tmp_path, fmt,
-                                                                                         experts, ranks):
+@pytest.mark.parametrize(
+    "fmt, experts, ranks",
+    [("mixtral", 4, 2), ("olmoe", 4, 2), ("ernie4_5_moe", 4, 2), ("qwen3_moe", 8, 4), ("llama", 4, 2)],
+)
+def test_an_imported_model_trains_under_ep_as_in_one_process_and_exports_back_to_its_class(
+    tmp_path, fmt, experts, ranks
+):
     folder = save_stock(fmt, tmp_path / "stock", tokenizer_for_tests(tmp_path / "tokenizer"), experts=experts)
     args = [*COMMON, "--init_from", str(folder)]
     config = json.loads(open(CPU_EP2).read())
     # The same global batch of 16 sequences on `ranks` ranks as in one process (8 x 2 accumulation).
     config.update(train_micro_batch_size_per_gpu=16 // ranks, moe={"ep_size": ranks if experts % ranks == 0 else 1})
     (tmp_path / "ds.json").write_text(json.dumps(config))
-    launched = check(deepspeed(TRAIN, [*args, "--deepspeed", str(tmp_path / "ds.json"),
-                                       "--output_dir", str(tmp_path / "ep")], ranks=ranks, timeout=600))
+    launched = check(
+        deepspeed(
+            TRAIN,
+            [*args, "--deepspeed", str(tmp_path / "ds.json"), "--output_dir", str(tmp_path / "ep")],
+            ranks=ranks,
+            timeout=600,
+        )
+    )
     assert f"{fmt} converted exactly" in launched.stdout + launched.stderr
     check(python(TRAIN, [*args, "--deepspeed", CPU_EP1, "--output_dir", str(tmp_path / "one")], timeout=600))
     ep, one = losses(tmp_path / "ep"), losses(tmp_path / "one")
@@ -65,10 +89,12 @@ def test_an_imported_model_trains_under_ep_as_in_one_process_and_exports_back_to
 @pytest.mark.parametrize("fmt", ["gpt2", "qwen3"])
 def test_a_dense_import_trains_on_one_device_and_exports_back_to_its_class(tmp_path, fmt):
     folder = save_stock(fmt, tmp_path / "stock", tokenizer_for_tests(tmp_path / "tokenizer"))
-    check(python(TRAIN, [*COMMON, "--init_from", str(folder), "--max_steps", "3", "--output_dir",
-                         str(tmp_path / "run")]))
+    check(
+        python(TRAIN, [*COMMON, "--init_from", str(folder), "--max_steps", "3", "--output_dir", str(tmp_path / "run")])
+    )
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["model"] == f"stock ({fmt})" and summary["steps"] == 3
     from transformers import AutoTokenizer
+
     assert AutoTokenizer.from_pretrained(tmp_path / "run" / "hf").chat_template == CHAT_TEMPLATE  # the model's own
     exported_logits_match(tmp_path / "run", fmt, tmp_path)

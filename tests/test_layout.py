@@ -5,7 +5,6 @@ import ast
 import re
 
 import pytest
-
 from launcher import ROOT
 
 PACKAGE = ROOT / "moe_dist"
@@ -21,8 +20,11 @@ def _definitions(path):
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_function_over_60_lines_and_no_class_over_150(path):
-    too_long = [f"{node.name} ({lines} lines)" for node, lines in _definitions(path)
-                if lines > (MAX_CLASS_LINES if isinstance(node, ast.ClassDef) else MAX_FUNCTION_LINES)]
+    too_long = [
+        f"{node.name} ({lines} lines)"
+        for node, lines in _definitions(path)
+        if lines > (MAX_CLASS_LINES if isinstance(node, ast.ClassDef) else MAX_FUNCTION_LINES)
+    ]
     assert not too_long, f"{path.relative_to(ROOT)}: split {', '.join(too_long)}"
 
 
@@ -53,6 +55,10 @@ def test_every_module_of_the_package_is_in_the_layout_table():
     named = {p.rstrip("/") for row in _layout_rows() for p in row}
     modules = [str(p.relative_to(ROOT)) for p in MODULES if p.name not in ("__init__.py", "__main__.py")]
     # A folder row covers the folder's files when none of them has a row of its own.
-    unlisted = [m for m in modules if m not in named and not (
-        m.rsplit("/", 1)[0] in named and not any(n.startswith(m.rsplit("/", 1)[0] + "/") for n in named))]
+    unlisted = [
+        m
+        for m in modules
+        if m not in named
+        and not (m.rsplit("/", 1)[0] in named and not any(n.startswith(m.rsplit("/", 1)[0] + "/") for n in named))
+    ]
     assert not unlisted, f"the layout table (docs/development.md) does not name: {unlisted}"

@@ -1,5 +1,6 @@
 """Behaviour of moe_dist.train.metrics and moe_dist.train.logging_io: routing health, collapse warnings,
 memory, throughput, and the run-folder files (JSONL, tensorboard, heatmaps, summary)."""
+
 import json
 import math
 from pathlib import Path
@@ -30,9 +31,15 @@ E = 8
 
 def layer_stats(counts, z=0.01, entropy=1.5, drop=0.0):
     counts = torch.as_tensor(counts, dtype=torch.long)
-    return {"selected_per_expert": counts, "tokens_per_expert": counts.clone(),
-            "drop_fraction": torch.tensor(drop), "entropy": torch.tensor(entropy),
-            "aux_loss": torch.tensor(1.0), "z_loss": torch.tensor(z), "score_bias": torch.zeros(len(counts))}
+    return {
+        "selected_per_expert": counts,
+        "tokens_per_expert": counts.clone(),
+        "drop_fraction": torch.tensor(drop),
+        "entropy": torch.tensor(entropy),
+        "aux_loss": torch.tensor(1.0),
+        "z_loss": torch.tensor(z),
+        "score_bias": torch.zeros(len(counts)),
+    }
 
 
 BALANCED = [100] * E

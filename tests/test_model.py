@@ -1,4 +1,5 @@
 """Behaviour of MoEForCausalLM and MoEConfig: sizes, init, losses, generation, saving and validation."""
+
 import json
 import textwrap
 
@@ -32,13 +33,16 @@ def build(config) -> MoEForCausalLM:
 # ---- sizes ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset, millions", [
-    ("seed-baseline", 70.51),
-    ("seed-moe-e4", 108.26),
-    ("seed-moe-e8", 158.60),
-    ("seed-moe-e16", 259.29),
-    ("seed-top2-e16", 158.62),
-])
+@pytest.mark.parametrize(
+    "preset, millions",
+    [
+        ("seed-baseline", 70.51),
+        ("seed-moe-e4", 108.26),
+        ("seed-moe-e8", 158.60),
+        ("seed-moe-e16", 259.29),
+        ("seed-top2-e16", 158.62),
+    ],
+)
 def test_seed_preset_parameter_counts_match_the_seed_table(preset, millions):
     with torch.device("meta"):
         model = MoEForCausalLM(MoEConfig.from_preset(preset, vocab_size=50257))
@@ -105,8 +109,9 @@ def test_experts_of_a_layer_start_with_different_weights(make_config):
     for layer in model.model.layers:
         weights = [expert.up_proj.weight for expert in layer.mlp.experts]
         assert all(not torch.equal(weights[0], w) for w in weights[1:])
-    assert not torch.equal(model.model.layers[0].mlp.experts[0].up_proj.weight,
-                           model.model.layers[1].mlp.experts[0].up_proj.weight)
+    assert not torch.equal(
+        model.model.layers[0].mlp.experts[0].up_proj.weight, model.model.layers[1].mlp.experts[0].up_proj.weight
+    )
 
 
 def test_expert_init_depends_only_on_seed_layer_and_global_expert_id(make_config):
@@ -145,16 +150,20 @@ def test_random_router_is_initialised_and_frozen(make_config):
 # ---- forward, losses, block styles ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset, overrides", [
-    ("tiny-dense", {}),
-    ("tiny-moe", {}),
-    ("tiny-modern", {}),
-    ("tiny-dense", {"num_key_value_heads": 2}),
-    ("tiny-dense", {"position_embedding_type": "rope"}),
-    ("tiny-dense", {"hidden_act": "swiglu"}),
-    ("tiny-dense", {"norm_type": "rmsnorm"}),
-    ("tiny-moe", {"num_experts_per_tok": 2, "router_z_loss_coef": 1e-3, "router_jitter_noise": 0.1}),
-], ids=["tiny-dense", "tiny-moe", "tiny-modern", "gqa", "rope", "swiglu", "rmsnorm", "top2-z-jitter"])
+@pytest.mark.parametrize(
+    "preset, overrides",
+    [
+        ("tiny-dense", {}),
+        ("tiny-moe", {}),
+        ("tiny-modern", {}),
+        ("tiny-dense", {"num_key_value_heads": 2}),
+        ("tiny-dense", {"position_embedding_type": "rope"}),
+        ("tiny-dense", {"hidden_act": "swiglu"}),
+        ("tiny-dense", {"norm_type": "rmsnorm"}),
+        ("tiny-moe", {"num_experts_per_tok": 2, "router_z_loss_coef": 1e-3, "router_jitter_noise": 0.1}),
+    ],
+    ids=["tiny-dense", "tiny-moe", "tiny-modern", "gqa", "rope", "swiglu", "rmsnorm", "top2-z-jitter"],
+)
 def test_block_style_trains_on_cpu_with_finite_loss_and_gradients(make_config, preset, overrides):
     model = build(make_config(preset, **overrides)).train()
     ids = tokens(2, 16)
@@ -226,7 +235,7 @@ def test_eval_logits_do_not_depend_on_batch_mates(make_config):
     with torch.no_grad():
         together = model(batch).logits
         for i in (0, 5):
-            alone = model(batch[i:i + 1]).logits
+            alone = model(batch[i : i + 1]).logits
             torch.testing.assert_close(alone[0], together[i], atol=1e-5, rtol=0)
 
 
@@ -274,8 +283,7 @@ def test_router_bias_stays_fp32_when_the_model_is_cast_to_bf16(make_config):
 def test_greedy_decoding_with_cache_matches_decoding_without(make_config, preset):
     model = build(make_config(preset)).eval()
     prompt = tokens(2, 6)
-    kwargs = dict(max_new_tokens=10, do_sample=False, output_scores=True, return_dict_in_generate=True,
-                  pad_token_id=0)
+    kwargs = dict(max_new_tokens=10, do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
     cached = model.generate(prompt, use_cache=True, **kwargs)
     uncached = model.generate(prompt, use_cache=False, **kwargs)
     assert torch.equal(cached.sequences, uncached.sequences)
@@ -293,7 +301,7 @@ def test_incremental_forward_with_cache_matches_the_full_forward(make_config, pr
         out = model(ids[:, :8], use_cache=True)
         steps = [out.logits]
         for t in range(8, 12):
-            out = model(ids[:, t:t + 1], **{cache_name: getattr(out, CACHE_FIELD)}, use_cache=True)
+            out = model(ids[:, t : t + 1], **{cache_name: getattr(out, CACHE_FIELD)}, use_cache=True)
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
@@ -316,14 +324,14 @@ def test_left_padded_batch_generation_matches_each_sequence_alone(make_config, p
     batch = torch.cat([long, torch.cat([torch.full((1, 4), pad), short], dim=1)])
     mask = torch.ones_like(batch)
     mask[1, :4] = 0
-    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=pad, output_scores=True,
-                  return_dict_in_generate=True)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=pad, output_scores=True, return_dict_in_generate=True)
     together = model.generate(batch, attention_mask=mask, **kwargs)
     for row, prompt in enumerate((long, short)):
         alone = model.generate(prompt, **kwargs)
-        assert torch.equal(together.sequences[row, 9:], alone.sequences[0, prompt.shape[1]:])
-        torch.testing.assert_close(torch.stack(together.scores)[:, row], torch.stack(alone.scores)[:, 0],
-                                   atol=1e-4, rtol=0)
+        assert torch.equal(together.sequences[row, 9:], alone.sequences[0, prompt.shape[1] :])
+        torch.testing.assert_close(
+            torch.stack(together.scores)[:, row], torch.stack(alone.scores)[:, 0], atol=1e-4, rtol=0
+        )
 
 
 # ---- saving and loading ---------------------------------------------------------------------
@@ -342,8 +350,10 @@ def test_save_pretrained_round_trip_gives_identical_logits(make_config, tmp_path
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["auto_map"] == {"AutoConfig": "configuration.MoEConfig",
-                                  "AutoModelForCausalLM": "modeling.MoEForCausalLM"}
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration.MoEConfig",
+        "AutoModelForCausalLM": "modeling.MoEForCausalLM",
+    }
     assert config["model_type"] == "moe_dist"
     assert "ep_size" not in config  # parallelism never lands in config.json
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -384,15 +394,20 @@ def test_trust_remote_code_loads_in_a_process_that_never_imported_moe_dist(make_
 # ---- configuration errors -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides, words", [
-    ({"num_experts_per_tok": 3, "num_local_experts": 2}, ["num_experts_per_tok=3", "[1, num_local_experts=2]"]),
-    ({"num_attention_heads": 4, "num_key_value_heads": 3},
-     ["num_key_value_heads=3", "must divide num_attention_heads=4"]),
-    ({"router_aux_loss_coef": -0.1}, ["router_aux_loss_coef=-0.1", ">= 0"]),
-    ({"router_z_loss_coef": -1.0}, ["router_z_loss_coef=-1.0", ">= 0"]),
-    ({"capacity_factor": 0.0}, ["capacity_factor=0.0", "> 0", "None"]),
-    ({"num_local_experts": 1}, ["num_local_experts=1", ">= 2"]),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"num_experts_per_tok": 3, "num_local_experts": 2}, ["num_experts_per_tok=3", "[1, num_local_experts=2]"]),
+        (
+            {"num_attention_heads": 4, "num_key_value_heads": 3},
+            ["num_key_value_heads=3", "must divide num_attention_heads=4"],
+        ),
+        ({"router_aux_loss_coef": -0.1}, ["router_aux_loss_coef=-0.1", ">= 0"]),
+        ({"router_z_loss_coef": -1.0}, ["router_z_loss_coef=-1.0", ">= 0"]),
+        ({"capacity_factor": 0.0}, ["capacity_factor=0.0", "> 0", "None"]),
+        ({"num_local_experts": 1}, ["num_local_experts=1", ">= 2"]),
+    ],
+)
 def test_bad_config_fails_naming_field_value_and_valid_range(overrides, words):
     with pytest.raises(ValueError) as err:
         MoEConfig.from_preset("tiny-moe", **overrides)

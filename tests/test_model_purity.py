@@ -9,7 +9,6 @@ siblings and third-party modelling code, and nothing distributed (docs/design.md
 import ast
 
 import pytest
-
 from launcher import ROOT
 
 MODEL_FILES = sorted((ROOT / "moe_dist" / "model").glob("*.py"))
@@ -61,17 +60,30 @@ def test_model_file_makes_no_torch_distributed_or_deepspeed_call(path):
     tree = ast.parse(path.read_text(), filename=str(path))
     uses = [(node.lineno, _dotted(node)) for node in ast.walk(tree) if isinstance(node, ast.Attribute)]
     names = [(node.lineno, node.id) for node in ast.walk(tree) if isinstance(node, ast.Name)]
-    bad = [f"line {line}: {name}" for line, name in uses + names if name and (
-        name == "torch.distributed" or name.startswith("torch.distributed.") or name.split(".")[0] == "deepspeed"
-        or name in ("dist", "all_reduce"))]
+    bad = [
+        f"line {line}: {name}"
+        for line, name in uses + names
+        if name
+        and (
+            name == "torch.distributed"
+            or name.startswith("torch.distributed.")
+            or name.split(".")[0] == "deepspeed"
+            or name in ("dist", "all_reduce")
+        )
+    ]
     assert not bad, f"{path.name}: {bad}"
 
 
 def test_the_checks_catch_what_they_are_for():
     # Guard against a checker that passes everything: each line below must be flagged.
-    for source in ("import torch.distributed as dist", "from torch import distributed", "import deepspeed",
-                   "from deepspeed.comm import all_reduce", "from ..parallel import engines",
-                   "from moe_dist.train import trainer"):
+    for source in (
+        "import torch.distributed as dist",
+        "from torch import distributed",
+        "import deepspeed",
+        "from deepspeed.comm import all_reduce",
+        "from ..parallel import engines",
+        "from moe_dist.train import trainer",
+    ):
         assert any(_forbidden_import(n) for _, n in _imported_modules(ast.parse(source))), source
     calls = ast.parse("torch.distributed.all_reduce(x)\nif torch.distributed.is_initialized(): pass")
     assert sum(_dotted(n) == "torch.distributed" for n in ast.walk(calls) if isinstance(n, ast.Attribute)) == 2

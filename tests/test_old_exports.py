@@ -1,7 +1,8 @@
 """Exports written by older moe-dist code keep loading, to the same logits.
 
 The fixtures in tests/fixtures/exports/*.tar.gz were written before the package restructure and are
-never regenerated (see their README); they are unpacked into a temporary folder for the tests. Loading goes both ways an export is used: through the installed
+never regenerated (see their README); they are unpacked into a temporary folder for the tests. Loading goes
+both ways an export is used: through the installed
 package (`import moe_dist` registers the classes), and with `trust_remote_code=True` in a process that
 never imports moe_dist, where the model code carried in the folder runs.
 """

@@ -47,8 +47,9 @@ def loss_and_grads(model, ids, device, autocast_dtype=None):
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         loss = model(input_ids=ids[:, :-1], shift_labels=ids[:, 1:]).loss
     loss.backward()
-    return loss.detach().float().cpu(), {n: p.grad.detach().float().cpu() for n, p in model.named_parameters()
-                                         if p.grad is not None}
+    return loss.detach().float().cpu(), {
+        n: p.grad.detach().float().cpu() for n, p in model.named_parameters() if p.grad is not None
+    }
 
 
 @pytest.mark.parametrize("preset", PRESETS)

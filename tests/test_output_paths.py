@@ -33,8 +33,11 @@ from moe_dist.train.cli import main as train_main
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     """Every file below `folder`: its bytes and mtime (ns)."""
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def user_folder(path: Path, files: dict[str, str]) -> dict:
@@ -100,8 +103,11 @@ def test_export_fills_a_missing_or_empty_folder_and_replaces_its_own_export(tmp_
 
 
 @pytest.mark.parametrize("fmt", ["native", "mixtral"])
-@pytest.mark.parametrize("files", [{"keep.txt": "notes"}, {"config.json": '{"model_type": "llama"}'},
-                                   {"sub/model.safetensors": "user weights"}], ids=["unrelated", "taken", "nested"])
+@pytest.mark.parametrize(
+    "files",
+    [{"keep.txt": "notes"}, {"config.json": '{"model_type": "llama"}'}, {"sub/model.safetensors": "user weights"}],
+    ids=["unrelated", "taken", "nested"],
+)
 def test_export_refuses_a_folder_holding_what_it_did_not_write(tmp_path, run, capsys, fmt, files):
     out = tmp_path / "models"
     before = user_folder(out, files)
@@ -153,21 +159,35 @@ def test_issue_28_data_loss_cases_are_refused_and_keep_every_byte(tmp_path, run,
 
 
 @pytest.mark.parametrize("record", [True, False], ids=["with_record", "without_record"])
-@pytest.mark.parametrize("name", ["serve.py", "extra.safetensors", "tokenizer.model", "README.md", "vocab.json",
-                                  "model.safetensors.index.json", "sub/config.json"])
-def test_one_file_that_is_not_ours_keeps_our_export_from_being_replaced(tmp_path, run, exports, capsys, record,
-                                                                         name):
+@pytest.mark.parametrize(
+    "name",
+    [
+        "serve.py",
+        "extra.safetensors",
+        "tokenizer.model",
+        "README.md",
+        "vocab.json",
+        "model.safetensors.index.json",
+        "sub/config.json",
+    ],
+)
+def test_one_file_that_is_not_ours_keeps_our_export_from_being_replaced(tmp_path, run, exports, capsys, record, name):
     out = copy_export(exports, "native", tmp_path / "hf", record=record)
     before = user_folder(out, {name: '{"mine": 1}'})
     one_error_line(refused(export_main, [str(run), str(out)], capsys), str(out), name.split("/")[0])
     assert snapshot(out) == before
 
 
-@pytest.mark.parametrize("fmt, name, edit", [
-    ("native", "modeling.py", "same_size"), ("native", "config.json", "append"),
-    ("native", "model.safetensors", "same_size"), ("mixtral", "README.md", "same_size"),
-    ("mixtral", "tokenizer.json", "append"),
-])
+@pytest.mark.parametrize(
+    "fmt, name, edit",
+    [
+        ("native", "modeling.py", "same_size"),
+        ("native", "config.json", "append"),
+        ("native", "model.safetensors", "same_size"),
+        ("mixtral", "README.md", "same_size"),
+        ("mixtral", "tokenizer.json", "append"),
+    ],
+)
 def test_a_file_of_our_export_edited_since_is_refused(tmp_path, run, exports, capsys, fmt, name, edit):
     out = copy_export(exports, fmt, tmp_path / "hf")
     data = bytearray((out / name).read_bytes())
@@ -185,9 +205,10 @@ def test_a_file_of_our_export_edited_since_is_refused(tmp_path, run, exports, ca
 def test_new_exports_record_each_file_size_and_sha256(exports):
     for fmt in ("native", "mixtral"):
         files = {p.name: p for p in (exports / fmt).iterdir() if p.name != RECORD}
-        assert fingerprints(exports / fmt) == {n: {"size": p.stat().st_size,
-                                                   "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-                                               for n, p in files.items()}
+        assert fingerprints(exports / fmt) == {
+            n: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+            for n, p in files.items()
+        }
 
 
 def test_a_record_without_hashes_still_proves_ownership_by_name(tmp_path, run, exports, capsys):
@@ -228,16 +249,20 @@ def _shrink_config(folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
 
 
-@pytest.mark.parametrize("change, name", [
-    (lambda d: (d / "reference.safetensors").write_bytes(b"x"), "reference.safetensors"),
-    (lambda d: (d / "README.md").write_text("# moe-dist export\n"), "README.md"),
-    (lambda d: (d / "serve.py").write_text("from .modeling import MoEForCausalLM\n"), "serve.py"),
-    (_extend_weights, "model.safetensors"),
-    (_shrink_config, "model.safetensors"),  # the weights no longer match what config.json describes
-    (lambda d: (d / "generation_config.json").write_text("not json"), "generation_config.json"),
-    (lambda d: (d / "tokenizer.json").symlink_to(d / "config.json"), "tokenizer.json"),
-    (lambda d: (d / "model.safetensors").unlink(), "config.json"),  # an export always wrote its weights
-], ids=["fixture_file", "readme", "module", "weights_extended", "config_changed", "broken_json", "link", "no_weights"])
+@pytest.mark.parametrize(
+    "change, name",
+    [
+        (lambda d: (d / "reference.safetensors").write_bytes(b"x"), "reference.safetensors"),
+        (lambda d: (d / "README.md").write_text("# moe-dist export\n"), "README.md"),
+        (lambda d: (d / "serve.py").write_text("from .modeling import MoEForCausalLM\n"), "serve.py"),
+        (_extend_weights, "model.safetensors"),
+        (_shrink_config, "model.safetensors"),  # the weights no longer match what config.json describes
+        (lambda d: (d / "generation_config.json").write_text("not json"), "generation_config.json"),
+        (lambda d: (d / "tokenizer.json").symlink_to(d / "config.json"), "tokenizer.json"),
+        (lambda d: (d / "model.safetensors").unlink(), "config.json"),  # an export always wrote its weights
+    ],
+    ids=["fixture_file", "readme", "module", "weights_extended", "config_changed", "broken_json", "link", "no_weights"],
+)
 def test_an_export_from_before_the_record_with_anything_changed_is_refused(tmp_path, run, capsys, change, name):
     old = old_export(tmp_path)
     change(old)
@@ -259,9 +284,14 @@ def test_kill_9_during_an_export_over_an_export_leaves_the_old_one_whole_and_loa
     out = tmp_path / "hf"
     assert export_main([str(run), str(out), "--format", "mixtral"]) == 0
     before = snapshot(out)
-    proc = subprocess.Popen([sys.executable, "-m", "moe_dist.export", str(run), str(out), "--format", "mixtral"],
-                            cwd=ROOT, env=_env(), start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moe_dist.export", str(run), str(out), "--format", "mixtral"],
+        cwd=ROOT,
+        env=_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     staging = tmp_path / f"hf.tmp-{proc.pid}"
     deadline = time.time() + 120
     # The weights are in the staging folder: the fresh-interpreter logits check is running now.
@@ -271,8 +301,16 @@ def test_kill_9_during_an_export_over_an_export_leaves_the_old_one_whole_and_loa
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert snapshot(out) == before
-    check(python("-c", ["import sys, torch; from transformers import MixtralForCausalLM; "
-                        "MixtralForCausalLM.from_pretrained(sys.argv[1]); print('ok')", str(out)]))
+    check(
+        python(
+            "-c",
+            [
+                "import sys, torch; from transformers import MixtralForCausalLM; "
+                "MixtralForCausalLM.from_pretrained(sys.argv[1]); print('ok')",
+                str(out),
+            ],
+        )
+    )
 
 
 # ---- training -----------------------------------------------------------------------------------
@@ -327,8 +365,7 @@ def locked_folder(tmp_path):
 
 @pytest.mark.parametrize("where", ["under_a_file", "in_a_locked_folder", "the_locked_folder"])
 @pytest.mark.parametrize("command", ["train", "export"])
-def test_an_output_folder_that_cannot_be_written_is_one_line_and_exit_2(tmp_path, run, capsys, request, where,
-                                                                        command):
+def test_an_output_folder_that_cannot_be_written_is_one_line_and_exit_2(tmp_path, run, capsys, request, where, command):
     out = unwritable(tmp_path, where, request)
     before = snapshot(tmp_path), sorted(tmp_path.rglob("*"))
     if command == "train":
@@ -343,8 +380,9 @@ def test_an_output_folder_that_cannot_be_written_is_one_line_and_exit_2(tmp_path
 
 
 def sweep(runs_dir: Path) -> subprocess.CompletedProcess:
-    return python(ROOT / "launch" / "sweep.py", ["--grid", "experts", "--runs_dir", str(runs_dir), "--only", "dense",
-                                                 "--dry_run"])
+    return python(
+        ROOT / "launch" / "sweep.py", ["--grid", "experts", "--runs_dir", str(runs_dir), "--only", "dense", "--dry_run"]
+    )
 
 
 def test_sweep_refuses_a_grid_folder_it_did_not_write(tmp_path):
@@ -374,14 +412,39 @@ def test_report_adds_its_files_beside_others_and_refuses_a_taken_name(tmp_path, 
     assert snapshot(taken) == before
 
 
-@pytest.mark.parametrize("command, taken", [
-    (lambda out: ("profile_memory.py", "--preset", "tiny-moe", "--output_dir", out), "memory.json"),
-    (lambda out: ("gpu_check.py", "--dry-run", "--out", out), "cpu-dry-run.json"),
-    (lambda out: ("bench_moe.py", "--d_model", 32, "--ffn", 64, "--tokens", 64, "--experts", 4, "--repeats", 1,
-                  "--iters", 1, "--warmup", 0, "--no_deepspeed", "--json", out / "bench.json"), "bench.json"),
-    (lambda out: ("benchmark.py", "--preset", "tiny-dense", "--json", out / "bench.json"), "bench.json"),
-    (lambda out: ("bench_train.py", "--json", out / "bench.json"), "bench.json"),
-], ids=["profile_memory", "gpu_check", "bench_moe", "benchmark", "bench_train"])
+@pytest.mark.parametrize(
+    "command, taken",
+    [
+        (lambda out: ("profile_memory.py", "--preset", "tiny-moe", "--output_dir", out), "memory.json"),
+        (lambda out: ("gpu_check.py", "--dry-run", "--out", out), "cpu-dry-run.json"),
+        (
+            lambda out: (
+                "bench_moe.py",
+                "--d_model",
+                32,
+                "--ffn",
+                64,
+                "--tokens",
+                64,
+                "--experts",
+                4,
+                "--repeats",
+                1,
+                "--iters",
+                1,
+                "--warmup",
+                0,
+                "--no_deepspeed",
+                "--json",
+                out / "bench.json",
+            ),
+            "bench.json",
+        ),
+        (lambda out: ("benchmark.py", "--preset", "tiny-dense", "--json", out / "bench.json"), "bench.json"),
+        (lambda out: ("bench_train.py", "--json", out / "bench.json"), "bench.json"),
+    ],
+    ids=["profile_memory", "gpu_check", "bench_moe", "benchmark", "bench_train"],
+)
 def test_tools_refuse_a_name_they_write_that_is_taken(tmp_path, command, taken):
     before = user_folder(tmp_path, {taken: '{"mine": 1}', "notes.txt": "mine"})
     proc = tool(*command(tmp_path))
@@ -399,7 +462,9 @@ def test_profile_memory_fills_new_empty_and_its_own_folders(tmp_path):
 
 def test_generate_refuses_a_json_path_it_did_not_write(tmp_path, accel_run):
     before = user_folder(tmp_path, {"samples.json": '{"mine": 1}'})
-    proc = python(ROOT / "launch" / "generate.py", ["--model_path", str(accel_run), "--max_new_tokens", "2",
-                                                    "--json", str(tmp_path / "samples.json")])
+    proc = python(
+        ROOT / "launch" / "generate.py",
+        ["--model_path", str(accel_run), "--max_new_tokens", "2", "--json", str(tmp_path / "samples.json")],
+    )
     assert proc.returncode == 2 and "samples.json" in one_error_line(proc.stderr, "--json")
     assert snapshot(tmp_path) == before

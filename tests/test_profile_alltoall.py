@@ -19,9 +19,36 @@ def profile(tmp_path_factory):
     One launch covers every collective: the all-to-all over the 2 ranks with the same expert slice and
     the all-gather / reduce-scatter over the 2 ranks of an ETP group."""
     out = tmp_path_factory.mktemp("alltoall")
-    check(deepspeed(TOOL, ["--deepspeed", CPU_EP2_ETP2, "--model", "tiny-moe", "--vocab_size", "512",
-                           "--capacity_factor", "1.0", "--sizes", "4K", "64K", "--warmup", "1", "--repeats", "3",
-                           "--warmup_steps", "1", "--steps", "2", "--out", str(out)], ranks=4, timeout=600))
+    check(
+        deepspeed(
+            TOOL,
+            [
+                "--deepspeed",
+                CPU_EP2_ETP2,
+                "--model",
+                "tiny-moe",
+                "--vocab_size",
+                "512",
+                "--capacity_factor",
+                "1.0",
+                "--sizes",
+                "4K",
+                "64K",
+                "--warmup",
+                "1",
+                "--repeats",
+                "3",
+                "--warmup_steps",
+                "1",
+                "--steps",
+                "2",
+                "--out",
+                str(out),
+            ],
+            ranks=4,
+            timeout=600,
+        )
+    )
     return out, json.loads((out / "alltoall.json").read_text())
 
 
@@ -50,9 +77,14 @@ def test_bytes_moved_per_step_equal_the_analytic_counts(profile):
     # int64, 3 calls per layer; reduce-scatter forward: the partial outputs [1024, d]. Backward: the all-gather of
     # the output gradient, and the reduce-scatters of the token and gate-weight gradients (2 calls).
     x, weights, meta = 1024 * 128 * 4, 1024 * 4, 1024 * 2 * 8
-    expected = {"a2a_fwd": (8, 8 * a2a), "a2a_bwd": (8, 8 * a2a),
-                "ag_fwd": (12, 4 * (x + weights + meta)), "rs_fwd": (4, 4 * x),
-                "ag_bwd": (4, 4 * x), "rs_bwd": (8, 4 * (x + weights))}
+    expected = {
+        "a2a_fwd": (8, 8 * a2a),
+        "a2a_bwd": (8, 8 * a2a),
+        "ag_fwd": (12, 4 * (x + weights + meta)),
+        "rs_fwd": (4, 4 * x),
+        "ag_bwd": (4, 4 * x),
+        "rs_bwd": (8, 4 * (x + weights)),
+    }
     for rank in result["step"]:
         for step in rank["steps"]:
             assert {k: (step[f"{k}_calls"], step[f"{k}_bytes"]) for k in expected} == expected
@@ -80,8 +112,9 @@ def test_dropless_routing_has_no_analytic_byte_count(make_config):
     from moe_dist.analysis.comm_cost import step_alltoall_bytes
 
     with pytest.raises(ValueError, match="dropless"):
-        step_alltoall_bytes(make_config(capacity_factor=None), tokens_per_micro_batch=64, micro_batches=1,
-                            dtype_bytes=4)
+        step_alltoall_bytes(
+            make_config(capacity_factor=None), tokens_per_micro_batch=64, micro_batches=1, dtype_bytes=4
+        )
 
 
 def test_analytic_counts_without_etp_and_with_it(make_config):

@@ -1,4 +1,6 @@
-"""The analytic memory model (`moe_dist.analysis.costs.memory_bytes`), the fit verdict, and `tools/profile_memory.py`."""
+"""The analytic memory model (`moe_dist.analysis.costs.memory_bytes`), the fit verdict, and
+`tools/profile_memory.py`."""
+
 import json
 
 import pytest
@@ -33,8 +35,11 @@ def test_expert_memory_halves_when_ep_size_doubles(make_config, zero_stage):
     def expert_bytes(ep: int) -> dict:
         mem = memory_bytes(config, **{**SETTINGS, "zero_stage": zero_stage}, ep_size=ep, world_size=ep)
         # Dense parameters: bf16 weights and grads, 12 bytes of AdamW state; ZeRO shards over the world.
-        dense_bytes = {"weights": 2 * dense, "gradients": 2 * dense / (ep if zero_stage == 2 else 1),
-                       "optimizer": 12 * dense / (ep if zero_stage else 1)}
+        dense_bytes = {
+            "weights": 2 * dense,
+            "gradients": 2 * dense / (ep if zero_stage == 2 else 1),
+            "optimizer": 12 * dense / (ep if zero_stage else 1),
+        }
         return {k: mem[k] - v for k, v in dense_bytes.items()}
 
     one, two, four = expert_bytes(1), expert_bytes(2), expert_bytes(4)
@@ -54,8 +59,9 @@ def test_zero_shards_expert_state_over_the_expert_data_parallel_group(make_confi
 def test_zero2_shards_gradients_and_zero1_shards_only_the_optimizer_state(make_config):
     config = make_config("tiny-moe")
     params = sum(expert_and_dense_params(config))
-    mem = {stage: memory_bytes(config, **{**SETTINGS, "zero_stage": stage}, ep_size=1, world_size=4)
-           for stage in (0, 1, 2)}
+    mem = {
+        stage: memory_bytes(config, **{**SETTINGS, "zero_stage": stage}, ep_size=1, world_size=4) for stage in (0, 1, 2)
+    }
     assert mem[0]["gradients"] == mem[1]["gradients"] == pytest.approx(2 * params)
     assert mem[2]["gradients"] == pytest.approx(2 * params / 4)
     assert mem[0]["optimizer"] == pytest.approx(12 * params)  # fp32 master + two fp32 moments
@@ -105,12 +111,15 @@ def saved_activation_bytes(model: MoEForCausalLM, input_ids: torch.Tensor) -> in
 
 
 @pytest.mark.parametrize("impl", ["loop", "grouped"])  # the CPU's default; CUDA bf16's, which stacks the weights
-@pytest.mark.parametrize("preset, overrides, dtype, precision", [
-    ("tiny-moe", {}, torch.float32, "fp32"),
-    ("tiny-dense", {}, torch.bfloat16, "bf16"),
-    ("tiny-modern", {"num_shared_experts": 1}, torch.bfloat16, "bf16"),
-    ("tiny-modern", {"num_experts_per_tok": 2}, torch.float32, "fp32"),
-])
+@pytest.mark.parametrize(
+    "preset, overrides, dtype, precision",
+    [
+        ("tiny-moe", {}, torch.float32, "fp32"),
+        ("tiny-dense", {}, torch.bfloat16, "bf16"),
+        ("tiny-modern", {"num_shared_experts": 1}, torch.bfloat16, "bf16"),
+        ("tiny-modern", {"num_experts_per_tok": 2}, torch.float32, "fp32"),
+    ],
+)
 def test_predicted_activations_match_what_autograd_saves(make_config, preset, overrides, dtype, precision, impl):
     config = make_config(preset, capacity_factor=None, **overrides)
     torch.manual_seed(0)
@@ -119,8 +128,13 @@ def test_predicted_activations_match_what_autograd_saves(make_config, preset, ov
         experts.impl = impl
     B, S = 4, config.max_position_embeddings
     measured = saved_activation_bytes(model, torch.randint(0, config.vocab_size, (B, S)))
-    mem = memory_bytes(config, **{**SETTINGS, "precision": precision, "micro_batch": B, "seq_len": S},
-                       ep_size=1, world_size=1, experts_impl=impl)
+    mem = memory_bytes(
+        config,
+        **{**SETTINGS, "precision": precision, "micro_batch": B, "seq_len": S},
+        ep_size=1,
+        world_size=1,
+        experts_impl=impl,
+    )
     assert mem["activations"] == pytest.approx(measured, rel=0.05)
 
 
@@ -163,7 +177,12 @@ def test_etp_activations_keep_the_gathered_routes_with_a_slice_of_each_expert_bo
     """Per own token a rank keeps T x the routes (the ETP group's tokens), each with a full-width input and
     output but a 1/T slice of the expert body; the stacked expert weights shrink by T."""
     config = make_config("tiny-moe", capacity_factor=None)
-    D, width, a, tokens = config.hidden_size, config.moe_intermediate_size, 2, SETTINGS["micro_batch"] * SETTINGS["seq_len"]
+    D, width, a, tokens = (
+        config.hidden_size,
+        config.moe_intermediate_size,
+        2,
+        SETTINGS["micro_batch"] * SETTINGS["seq_len"],
+    )
     moe_layers = len(config.moe_layer_indices)
     act = {T: memory_bytes(config, **SETTINGS, ep_size=1, etp_size=T, world_size=4)["activations"] for T in (1, 2, 4)}
     per_route = {T: a * (D + 2 * width / T) + 8 * D for T in (1, 2, 4)}  # GELU keeps 2 bodies
@@ -173,13 +192,16 @@ def test_etp_activations_keep_the_gathered_routes_with_a_slice_of_each_expert_bo
         assert act[T] - act[1] == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("zero, elements", [
-    ({"stage": 2}, 500_000_000),  # DeepSpeed's default reduce_bucket_size, allocated whatever the model size
-    ({"stage": 1, "reduce_bucket_size": 1000}, 1000),
-    ({"stage": 2, "reduce_bucket_size": 1000, "overlap_comm": True}, 2000),  # double buffered
-    ({"stage": 2, "contiguous_gradients": False}, 0),
-    ({"stage": 0}, 0),
-])
+@pytest.mark.parametrize(
+    "zero, elements",
+    [
+        ({"stage": 2}, 500_000_000),  # DeepSpeed's default reduce_bucket_size, allocated whatever the model size
+        ({"stage": 1, "reduce_bucket_size": 1000}, 1000),
+        ({"stage": 2, "reduce_bucket_size": 1000, "overlap_comm": True}, 2000),  # double buffered
+        ({"stage": 2, "contiguous_gradients": False}, 0),
+        ({"stage": 0}, 0),
+    ],
+)
 def test_reduce_bucket_is_read_from_the_deepspeed_json(zero, elements):
     assert reduce_bucket_elements({"zero_optimization": zero}) == elements
 
@@ -188,12 +210,14 @@ def test_reduce_bucket_counts_in_the_weights_precision(make_config):
     config = make_config("tiny-moe")
     mem = memory_bytes(config, **SETTINGS, ep_size=1, world_size=1, reduce_bucket=1000)
     assert mem["buffers"] == 2 * 1000
-    assert mem["total"] == pytest.approx(sum(mem[k] for k in ("weights", "gradients", "optimizer", "activations",
-                                                              "buffers")))
+    assert mem["total"] == pytest.approx(
+        sum(mem[k] for k in ("weights", "gradients", "optimizer", "activations", "buffers"))
+    )
 
 
-@pytest.mark.parametrize("gib, verdict", [(1.0, "fits"), (72.0, "fits"), (72.1, "tight"), (80.0, "tight"),
-                                          (80.01, "does not fit")])
+@pytest.mark.parametrize(
+    "gib, verdict", [(1.0, "fits"), (72.0, "fits"), (72.1, "tight"), (80.0, "tight"), (80.01, "does not fit")]
+)
 def test_fit_verdict_keeps_ten_percent_headroom(gib, verdict):
     assert fit_verdict(gib * GiB, gpu_mem_gib=80) == verdict
 
@@ -219,9 +243,28 @@ def test_profile_memory_predicts_a_measured_ep2_etp2_run_within_10_percent(tmp_p
     config = tmp_path / "cpu_ep2_etp2.json"
     config.write_text(json.dumps(ds))
     out = tmp_path / "mem"
-    proc = check(python(ROOT / "tools" / "profile_memory.py", [
-        "--preset", "tiny-moe", "--measure", str(config), "--vocab_size", "512", "--seq_len", "128",
-        "--max_steps", "6", "--timed_steps", "1", "--output_dir", str(out)], timeout=600))
+    proc = check(
+        python(
+            ROOT / "tools" / "profile_memory.py",
+            [
+                "--preset",
+                "tiny-moe",
+                "--measure",
+                str(config),
+                "--vocab_size",
+                "512",
+                "--seq_len",
+                "128",
+                "--max_steps",
+                "6",
+                "--timed_steps",
+                "1",
+                "--output_dir",
+                str(out),
+            ],
+            timeout=600,
+        )
+    )
     report = (out / "report.md").read_text()
     for scale in ("ep1", "ep2", "ep4", "ep8", "cpu_ep2_etp2 (run)"):
         assert f"| {scale} |" in report, proc.stdout
@@ -246,8 +289,12 @@ def test_measured_gpu_row_reports_allocated_reserved_and_nvml_and_is_judged_on_r
 
     profile_memory = importlib.import_module("tools.profile_memory")
     args = profile_memory.parse_args(["--output_dir", "unused", "--cuda_context_mb", "500"])
-    gpu = {"peak_mem_mb": 1000.0, "allocated_mb_per_rank": [1000.0, 900.0],
-           "peak_reserved_mb_per_rank": [1500.0, 1200.0], "nvml_used_mb_per_rank": [1800.0, 1600.0]}
+    gpu = {
+        "peak_mem_mb": 1000.0,
+        "allocated_mb_per_rank": [1000.0, 900.0],
+        "peak_reserved_mb_per_rank": [1500.0, 1200.0],
+        "nvml_used_mb_per_rank": [1800.0, 1600.0],
+    }
     row = profile_memory.measured_fields(gpu, args)
     assert row["allocated_mb_per_rank"] == [1000.0, 900.0] and row["reserved_mb_per_rank"] == [1500.0, 1200.0]
     assert row["nvml_used_mb_per_rank"] == [1800.0, 1600.0]
@@ -256,7 +303,19 @@ def test_measured_gpu_row_reports_allocated_reserved_and_nvml_and_is_judged_on_r
     assert no_nvml["nvml_used_mb_per_rank"] is None and no_nvml["judged_mb"] == 2000.0
     # CPU runs: RSS as before, no allocator or NVML fields.
     # CPU runs: RSS as before, the profiler's allocator peak, no reserve or NVML.
-    cpu = profile_memory.measured_fields({"peak_mem_mb": 600.0, "allocated_mb_per_rank": [40.0, 41.0],
-                                          "peak_reserved_mb_per_rank": [], "nvml_used_mb_per_rank": []}, args)
-    assert cpu == {"measured_mb": 600.0, "allocated_mb_per_rank": [40.0, 41.0], "reserved_mb_per_rank": None,
-                   "nvml_used_mb_per_rank": None, "judged_mb": 600.0}
+    cpu = profile_memory.measured_fields(
+        {
+            "peak_mem_mb": 600.0,
+            "allocated_mb_per_rank": [40.0, 41.0],
+            "peak_reserved_mb_per_rank": [],
+            "nvml_used_mb_per_rank": [],
+        },
+        args,
+    )
+    assert cpu == {
+        "measured_mb": 600.0,
+        "allocated_mb_per_rank": [40.0, 41.0],
+        "reserved_mb_per_rank": None,
+        "nvml_used_mb_per_rank": None,
+        "judged_mb": 600.0,
+    }

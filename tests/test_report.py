@@ -27,23 +27,53 @@ WARNING = "layer 1 expert 3 collapsed: 1.0% of its fair share for 3 evals (step 
 def _write_run(run_dir, fields: dict, best_ppl: float, *, finished: bool = True, warnings=()) -> None:
     from moe_dist.train.logging_io import MetricsWriter, write_summary
 
-    settings = {**dict(num_local_experts=8, num_experts_per_tok=1, capacity_factor=None, router_jitter_noise=0.0,
-                       router_aux_loss_coef=0.01, router_z_loss_coef=0.0, router_bias_update_rate=0.0,
-                       router_type="softmax"), **fields}
+    settings = {
+        **dict(
+            num_local_experts=8,
+            num_experts_per_tok=1,
+            capacity_factor=None,
+            router_jitter_noise=0.0,
+            router_aux_loss_coef=0.01,
+            router_z_loss_coef=0.0,
+            router_bias_update_rate=0.0,
+            router_type="softmax",
+        ),
+        **fields,
+    }
     writer = MetricsWriter(run_dir, enabled=True)
     for step, ppl in ((2, best_ppl * 1.5), (4, best_ppl)):
-        routing = {} if settings["num_local_experts"] == 0 else {
-            f"routing/layer{layer}/{stat}": value for layer in LAYERS
-            for stat, value in (("entropy", 1.5 - 0.1 * layer), ("util_std", 0.02 * step), ("util_cv", 0.1))}
+        routing = (
+            {}
+            if settings["num_local_experts"] == 0
+            else {
+                f"routing/layer{layer}/{stat}": value
+                for layer in LAYERS
+                for stat, value in (("entropy", 1.5 - 0.1 * layer), ("util_std", 0.02 * step), ("util_cv", 0.1))
+            }
+        )
         writer.log(step, "train", {"loss": 5.0 - step / 4, **routing})
-        writer.log(step, "eval", {"loss": math.log(ppl), "ppl": ppl, "top1_acc": 0.2,
-                                  "top3_acc": 0.4, **routing})
+        writer.log(step, "eval", {"loss": math.log(ppl), "ppl": ppl, "top1_acc": 0.2, "top3_acc": 0.4, **routing})
     writer.close()
     if finished:
-        write_summary(run_dir, dict(settings, final_val_ppl=best_ppl * 1.01, best_val_ppl=best_ppl, max_tok_s=1234.5,
-                                    peak_mem_mb=567.8, steps=4, params_total=2_000_000, params_active=1_000_000,
-                                    ep_size=1, world_size=1, model="tiny-moe", final_val_loss=4.0,
-                                    final_top3_acc=0.4, routing_warnings=list(warnings)))
+        write_summary(
+            run_dir,
+            dict(
+                settings,
+                final_val_ppl=best_ppl * 1.01,
+                best_val_ppl=best_ppl,
+                max_tok_s=1234.5,
+                peak_mem_mb=567.8,
+                steps=4,
+                params_total=2_000_000,
+                params_active=1_000_000,
+                ep_size=1,
+                world_size=1,
+                model="tiny-moe",
+                final_val_loss=4.0,
+                final_top3_acc=0.4,
+                routing_warnings=list(warnings),
+            ),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +91,7 @@ def _table(md: str) -> list[dict]:
     """The results table's rows as {column: cell}."""
     lines = md.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| run | final_val_ppl"))
-    lines = lines[start:lines.index("", start)]
+    lines = lines[start : lines.index("", start)]
     header = [c.strip() for c in lines[0].split("|")[1:-1]]
     return [dict(zip(header, (c.strip() for c in line.split("|")[1:-1]))) for line in lines[2:]]
 
@@ -79,11 +109,19 @@ def test_improvement_is_relative_to_the_dense_runs_best_perplexity(report):
 def test_table_holds_each_summarys_numbers_grouped_base_first_then_best_first(report):
     rows = _table(report[1])
     assert [r["run"] for r in rows[:3]] == ["experts/dense", "experts/moe-e8-top1", "experts/moe-e4-top1"]
-    assert [r["run"] for r in rows[3:7]] == ["router/j0.01-cf1.5", "router/j0-cf1.5", "router/j0.01-cf1.0",
-                                             "router/j0-cf1.0"]
+    assert [r["run"] for r in rows[3:7]] == [
+        "router/j0.01-cf1.5",
+        "router/j0-cf1.5",
+        "router/j0.01-cf1.0",
+        "router/j0-cf1.0",
+    ]
     e8 = rows[1]
-    assert (e8["final_val_ppl"], e8["best_val_ppl"], e8["max_tok_s"], e8["peak_mem_mb"]) == \
-        ("30.30", "30.00", "1234", "568")
+    assert (e8["final_val_ppl"], e8["best_val_ppl"], e8["max_tok_s"], e8["peak_mem_mb"]) == (
+        "30.30",
+        "30.00",
+        "1234",
+        "568",
+    )
     assert "strategy/killed" not in {r["run"] for r in rows}
     assert "`strategy/killed`: last eval at step 4" in report[1]
 
@@ -96,8 +134,14 @@ def test_routing_warnings_from_summaries_are_listed(report):
 
 def test_plots_are_readable_pngs_linked_from_the_report(report):
     out, md = report
-    expected = {"experts_val_loss.png", "experts_routing_entropy.png", "experts_util_std.png",
-                "router_router_heatmap.png", "strategy_routing_strategies.png", "strategy_val_loss.png"}
+    expected = {
+        "experts_val_loss.png",
+        "experts_routing_entropy.png",
+        "experts_util_std.png",
+        "router_router_heatmap.png",
+        "strategy_routing_strategies.png",
+        "strategy_val_loss.png",
+    }
     linked = set(re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", md))
     assert expected <= linked and all((out / name).is_file() for name in linked)
     for name in linked:
@@ -116,7 +160,10 @@ def test_heatmap_only_for_runs_that_form_a_jitter_by_capacity_grid(report):
 def test_router_grid_cells_hold_each_runs_best_perplexity():
     from tools.report import Run, router_grid
 
-    runs = [Run(name, "router", dict(num_local_experts=8, **fields, best_val_ppl=best))
-            for name, (fields, best) in RUNS.items() if name.startswith("router/")]
+    runs = [
+        Run(name, "router", dict(num_local_experts=8, **fields, best_val_ppl=best))
+        for name, (fields, best) in RUNS.items()
+        if name.startswith("router/")
+    ]
     assert router_grid(runs) == ([0.0, 0.01], [1.0, 1.5], [[36.0, 34.0], [35.0, 32.0]])
     assert router_grid(runs[:3]) is None  # a missing cell is no grid

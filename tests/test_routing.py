@@ -1,4 +1,5 @@
 """Behaviour of the router math (moe_dist.model.routing) and the MoE block (moe_dist.model.moe), without a model."""
+
 import copy
 import math
 
@@ -26,9 +27,19 @@ def seeded():
 
 
 def config(**overrides) -> MoEConfig:
-    base = dict(vocab_size=32, hidden_size=D, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                max_position_embeddings=16, num_local_experts=4, num_experts_per_tok=1, capacity_factor=None,
-                min_capacity=1, router_aux_loss_coef=0.0)
+    base = dict(
+        vocab_size=32,
+        hidden_size=D,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        capacity_factor=None,
+        min_capacity=1,
+        router_aux_loss_coef=0.0,
+    )
     return MoEConfig(**{**base, **overrides})
 
 
@@ -50,12 +61,14 @@ def force_expert_zero(router: Router) -> None:
 
 def test_load_balancing_loss_is_one_for_uniform_routing_and_above_one_when_collapsed():
     T, E = 16, 4
-    uniform = load_balancing_loss(probs_TE=torch.full((T, E), 1 / E), expert_idx_TK=torch.arange(T).remainder(E)[:, None],
-                                  num_experts=E)
+    uniform = load_balancing_loss(
+        probs_TE=torch.full((T, E), 1 / E), expert_idx_TK=torch.arange(T).remainder(E)[:, None], num_experts=E
+    )
     assert uniform.item() == pytest.approx(1.0)
     collapsed_probs = torch.tensor([[0.97, 0.01, 0.01, 0.01]]).repeat(T, 1)
-    collapsed = load_balancing_loss(probs_TE=collapsed_probs, expert_idx_TK=torch.zeros(T, 1, dtype=torch.long),
-                                    num_experts=E)
+    collapsed = load_balancing_loss(
+        probs_TE=collapsed_probs, expert_idx_TK=torch.zeros(T, 1, dtype=torch.long), num_experts=E
+    )
     assert collapsed.item() == pytest.approx(E * 0.97)
     assert collapsed.item() > 1.5
 
@@ -77,16 +90,21 @@ def test_routing_entropy_is_log_num_experts_for_uniform_and_zero_for_one_hot():
     assert routing_entropy(torch.eye(E)).item() == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("T, E, K, factor, min_cap, expected", [
-    (64, 8, 1, 1.0, 4, 8),    # fair share T*K/E
-    (64, 8, 2, 1.25, 4, 20),  # capacity_factor * T*K/E
-    (10, 4, 1, 1.0, 1, 3),    # rounded up
-    (8, 8, 1, 1.0, 4, 4),     # raised to min_capacity
-    (2, 8, 1, 1.0, 4, 2),     # but never above T: an expert sees a token at most once
-    (16, 4, 2, 4.0, 4, 16),   # large factor capped at T
-])
+@pytest.mark.parametrize(
+    "T, E, K, factor, min_cap, expected",
+    [
+        (64, 8, 1, 1.0, 4, 8),  # fair share T*K/E
+        (64, 8, 2, 1.25, 4, 20),  # capacity_factor * T*K/E
+        (10, 4, 1, 1.0, 1, 3),  # rounded up
+        (8, 8, 1, 1.0, 4, 4),  # raised to min_capacity
+        (2, 8, 1, 1.0, 4, 2),  # but never above T: an expert sees a token at most once
+        (16, 4, 2, 4.0, 4, 16),  # large factor capped at T
+    ],
+)
 def test_expert_capacity_is_factor_times_fair_share_within_min_capacity_and_tokens(T, E, K, factor, min_cap, expected):
-    assert expert_capacity(num_tokens=T, num_experts=E, top_k=K, capacity_factor=factor, min_capacity=min_cap) == expected
+    assert (
+        expert_capacity(num_tokens=T, num_experts=E, top_k=K, capacity_factor=factor, min_capacity=min_cap) == expected
+    )
 
 
 def test_assign_positions_fills_every_first_choice_before_any_second_choice():
@@ -246,8 +264,9 @@ def test_router_jitter_perturbs_routing_input_only_in_training():
 
 
 def test_random_router_is_frozen_deterministic_and_weights_its_k_experts_equally():
-    block = make_block(router_type="random", num_experts_per_tok=2, router_aux_loss_coef=0.01,
-                       router_z_loss_coef=0.01).train()
+    block = make_block(
+        router_type="random", num_experts_per_tok=2, router_aux_loss_coef=0.01, router_z_loss_coef=0.01
+    ).train()
     router = block.router
     assert not router.weight.requires_grad
     x = torch.randn(12, D)
@@ -269,8 +288,9 @@ def test_router_stays_fp32_under_bf16_autocast(monkeypatch):
         return z_loss(logits_TE=logits_TE)
 
     monkeypatch.setattr(routing, "router_z_loss", recording_z_loss)
-    router = make_block(num_experts_per_tok=2, capacity_factor=1.0, router_aux_loss_coef=0.01,
-                        router_z_loss_coef=0.01).router.eval()
+    router = make_block(
+        num_experts_per_tok=2, capacity_factor=1.0, router_aux_loss_coef=0.01, router_z_loss_coef=0.01
+    ).router.eval()
     x = torch.randn(64, D).bfloat16()  # the block's input under autocast is bf16
     reference = router(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):

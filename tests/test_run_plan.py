@@ -23,11 +23,27 @@ def plan(tmp_path, *args):
 
 
 def test_short_cli_names_set_the_hf_config_fields(tmp_path):
-    config = plan(tmp_path, "--num_experts", "4", "--top_k", "2", "--router_jitter", "0.1", "--aux_loss_coef",
-                  "0.02", "--z_loss_coef", "0.001", "--bias_update_rate", "0.003").model_config
+    config = plan(
+        tmp_path,
+        "--num_experts",
+        "4",
+        "--top_k",
+        "2",
+        "--router_jitter",
+        "0.1",
+        "--aux_loss_coef",
+        "0.02",
+        "--z_loss_coef",
+        "0.001",
+        "--bias_update_rate",
+        "0.003",
+    ).model_config
     assert (config.num_local_experts, config.num_experts_per_tok, config.router_jitter_noise) == (4, 2, 0.1)
-    assert (config.router_aux_loss_coef, config.router_z_loss_coef, config.router_bias_update_rate) == \
-           (0.02, 0.001, 0.003)
+    assert (config.router_aux_loss_coef, config.router_z_loss_coef, config.router_bias_update_rate) == (
+        0.02,
+        0.001,
+        0.003,
+    )
 
 
 def test_data_flags_parse_into_the_data_config_and_the_plan_settles_it(tmp_path):

@@ -39,8 +39,11 @@ def test_a_missing_or_stale_marker_names_the_rank(tmp_path, stale, monkeypatch):
     if stale:  # left by an earlier launch into the same folder: another nonce
         (tmp_path / MARKERS).mkdir()
         (tmp_path / MARKERS / "rank1").write_text("12345")
-    with pytest.raises(UnsharedRunFolder, match=r"is not shared by every rank: rank 0 cannot see ranks \[1\]; "
-                                                r"put it on storage every node sees"):
+    with pytest.raises(
+        UnsharedRunFolder,
+        match=r"is not shared by every rank: rank 0 cannot see ranks \[1\]; "
+        r"put it on storage every node sees",
+    ):
         check_run_folder_shared(tmp_path, engine := Rank0Of2())
     # Every rank knows the verdict, so the process group ends before any rank exits.
     assert engine.closed

@@ -13,9 +13,28 @@ from launcher import DATA_ARGS, ROOT, check, python
 SWEEP = ROOT / "launch" / "sweep.py"
 RUNS = ("moe-e4-top1", "moe-e4-random2")
 STEPS, CRASH_AFTER = 4, 2
-SWEEP_ARGS = ["--grid", "strategy", "--scale", "tiny", "--only", ",".join(RUNS), "--",
-              *DATA_ARGS, "--max_steps", str(STEPS), "--eval_every", "2", "--save_every", "2", "--log_every", "1",
-              "--seq_len", "32", "--micro_batch_size", "4"]
+SWEEP_ARGS = [
+    "--grid",
+    "strategy",
+    "--scale",
+    "tiny",
+    "--only",
+    ",".join(RUNS),
+    "--",
+    *DATA_ARGS,
+    "--max_steps",
+    str(STEPS),
+    "--eval_every",
+    "2",
+    "--save_every",
+    "2",
+    "--log_every",
+    "1",
+    "--seq_len",
+    "32",
+    "--micro_batch_size",
+    "4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +49,24 @@ def sweep(tmp_path_factory):
     before = {name: _fingerprint(grid_dir / name) for name in RUNS}
     again = check(python(SWEEP, args))
     after = {name: _fingerprint(grid_dir / name) for name in RUNS}
-    return dict(grid_dir=grid_dir, crashed=crashed, finished_after_crash=finished_after_crash, resumed=resumed,
-                again=again, before=before, after=after)
+    return dict(
+        grid_dir=grid_dir,
+        crashed=crashed,
+        finished_after_crash=finished_after_crash,
+        resumed=resumed,
+        again=again,
+        before=before,
+        after=after,
+    )
 
 
 def _fingerprint(run_dir):
     """What a started run would change: summary.json's mtime, and the metrics and log contents."""
-    return ((run_dir / "summary.json").stat().st_mtime_ns, (run_dir / "metrics.jsonl").read_text(),
-            (run_dir / "train.log").read_text())
+    return (
+        (run_dir / "summary.json").stat().st_mtime_ns,
+        (run_dir / "metrics.jsonl").read_text(),
+        (run_dir / "train.log").read_text(),
+    )
 
 
 def test_a_failed_run_is_reported_and_the_sweep_goes_on(sweep):
@@ -54,8 +83,11 @@ def test_rerun_resumes_each_interrupted_run_from_its_checkpoint(sweep):
     for name in RUNS:
         run_dir = sweep["grid_dir"] / name
         assert f"{name}: unfinished, re-running" in out
-        assert re.search(rf"resumed from {re.escape(str(run_dir))}/checkpoints/step0+{CRASH_AFTER} "
-                         rf"\(step {CRASH_AFTER}\)", out)
+        assert re.search(
+            rf"resumed from {re.escape(str(run_dir))}/checkpoints/step0+{CRASH_AFTER} "
+            rf"\(step {CRASH_AFTER}\)",
+            out,
+        )
         assert json.loads((run_dir / "summary.json").read_text())["steps"] == STEPS
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, STEPS + 1))  # once each, in order
@@ -109,15 +141,21 @@ def test_grids_hold_the_study_points():
 
     assert [p.name for p in grid_points("experts", "tiny")] == ["dense", "moe-e4-top1", "moe-e8-top1", "moe-e16-top1"]
     assert len({p.name for p in grid_points("router", "seed")}) == 9
-    assert [p.name for p in grid_points("strategy", "seed")] == ["moe-e4-top1", "moe-e4-top2", "moe-e4-random1",
-                                                                  "moe-e4-random2"]
+    assert [p.name for p in grid_points("strategy", "seed")] == [
+        "moe-e4-top1",
+        "moe-e4-top2",
+        "moe-e4-random1",
+        "moe-e4-random2",
+    ]
     balance = {p.name: " ".join(p.args) for p in grid_points("balance", "tiny")}
     assert "--aux_loss_coef 0 --bias_update_rate 1e-3 --z_loss_coef 1e-3" in balance["moe-e8-top2-auxfree-zloss"]
     assert "--aux_loss_coef 0 --bias_update_rate 0 --z_loss_coef 0" in balance["moe-e8-top2-noaux"]
 
 
-@pytest.mark.parametrize("scale,presets", [("tiny", {"tiny-dense", "tiny-moe"}),
-                                           ("seed", {"seed-baseline", "seed-moe-e4", "seed-moe-e8", "seed-moe-e16"})])
+@pytest.mark.parametrize(
+    "scale,presets",
+    [("tiny", {"tiny-dense", "tiny-moe"}), ("seed", {"seed-baseline", "seed-moe-e4", "seed-moe-e8", "seed-moe-e16"})],
+)
 def test_scale_picks_the_presets(scale, presets):
     from moe_dist.analysis.sweep import GRIDS, grid_points
     from moe_dist.model.configuration import PRESETS

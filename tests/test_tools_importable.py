@@ -16,8 +16,18 @@ from launcher import ROOT
 SCRIPTS = sorted([*(ROOT / "tools").glob("*.py"), *(ROOT / "launch").glob("*.py")])
 TOOLS = sorted(p for p in SCRIPTS if p.parent.name == "tools")
 # Every list method that changes the list: `sys.path.index(...)` and friends only read it.
-SYS_PATH_METHODS = {"insert", "append", "extend", "remove", "pop", "clear", "sort", "reverse", "__setitem__",
-                    "__iadd__"}
+SYS_PATH_METHODS = {
+    "insert",
+    "append",
+    "extend",
+    "remove",
+    "pop",
+    "clear",
+    "sort",
+    "reverse",
+    "__setitem__",
+    "__iadd__",
+}
 
 
 def _aliases(tree: ast.AST) -> dict[str, set[str]]:
@@ -47,8 +57,12 @@ def sys_path_edits(source: str) -> list[str]:
     def names_a(expr, module: str, attr: str) -> bool:  # `module.attr` or a name imported as it
         if isinstance(expr, ast.Name):
             return expr.id in names[f"{module}.{attr}"]
-        return (isinstance(expr, ast.Attribute) and expr.attr == attr and isinstance(expr.value, ast.Name)
-                and expr.value.id in names[module])
+        return (
+            isinstance(expr, ast.Attribute)
+            and expr.attr == attr
+            and isinstance(expr.value, ast.Name)
+            and expr.value.id in names[module]
+        )
 
     def is_sys_path(expr) -> bool:
         return names_a(expr, "sys", "path")
@@ -65,24 +79,28 @@ def sys_path_edits(source: str) -> list[str]:
         edited = any(is_sys_path(t) or (isinstance(t, ast.Subscript) and is_sys_path(t.value)) for t in targets)
         if isinstance(node, ast.Call):
             f = node.func
-            edited = (isinstance(f, ast.Attribute) and f.attr in SYS_PATH_METHODS and is_sys_path(f.value)) \
-                or names_a(f, "site", "addsitedir")
+            edited = (isinstance(f, ast.Attribute) and f.attr in SYS_PATH_METHODS and is_sys_path(f.value)) or names_a(
+                f, "site", "addsitedir"
+            )
         if edited:
             found.append(f"{node.lineno}: {ast.unparse(node)}")
     return found
 
 
-@pytest.mark.parametrize("source, edits", [
-    ("import sys\nsys.path.insert(0, 'x')", 1),
-    ("import sys\nsys.path.append('x')\nsys.path[0] = 'y'\nsys.path += ['z']", 3),
-    ("import sys as s\ns.path.extend(['x'])", 1),
-    ("import sys\nsys.path[0:0] = ['x']\ndel sys.path[0]", 2),
-    ("from sys import path\npath.insert(0, 'x')", 1),
-    ("import site\nsite.addsitedir('x')", 1),
-    ("from site import addsitedir as add\nadd('x')", 1),
-    ("import sys\n# sys.path.insert(0, 'x')\n'''sys.path.append(1)'''\nprint(sys.path[0])", 0),
-    ("import os\nos.path.join('a', 'b')", 0),
-])
+@pytest.mark.parametrize(
+    "source, edits",
+    [
+        ("import sys\nsys.path.insert(0, 'x')", 1),
+        ("import sys\nsys.path.append('x')\nsys.path[0] = 'y'\nsys.path += ['z']", 3),
+        ("import sys as s\ns.path.extend(['x'])", 1),
+        ("import sys\nsys.path[0:0] = ['x']\ndel sys.path[0]", 2),
+        ("from sys import path\npath.insert(0, 'x')", 1),
+        ("import site\nsite.addsitedir('x')", 1),
+        ("from site import addsitedir as add\nadd('x')", 1),
+        ("import sys\n# sys.path.insert(0, 'x')\n'''sys.path.append(1)'''\nprint(sys.path[0])", 0),
+        ("import os\nos.path.join('a', 'b')", 0),
+    ],
+)
 def test_the_checker_finds_edits_and_ignores_comments_strings_and_reads(source, edits):
     assert len(sys_path_edits(source)) == edits
 
@@ -103,7 +121,8 @@ def test_tool_imports_as_a_module(path):
 @pytest.mark.parametrize("path", TOOLS, ids=lambda p: p.stem)
 def test_tool_help_runs_from_outside_the_checkout(path, tmp_path):
     """`python tools/X.py --help` from another folder: every import resolves through the installed package."""
-    proc = subprocess.run([sys.executable, str(path), "--help"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(path), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "usage:" in proc.stdout

@@ -20,8 +20,16 @@ def test_accelerate_run_trains_and_fills_the_run_folder_contract(accel_run):
     summary = json.loads((accel_run / "summary.json").read_text())
     assert set(REQUIRED_SUMMARY_KEYS) <= set(summary)
     assert summary["engine"] == "accelerate" and summary["ep_size"] == 1 and summary["world_size"] == 1
-    for path in ("metrics.jsonl", "tb", "checkpoints/latest", "checkpoints/best", "hf/config.json",
-                 "hf/model.safetensors", "hf/tokenizer.json", "tokenizer/tokenizer.json"):
+    for path in (
+        "metrics.jsonl",
+        "tb",
+        "checkpoints/latest",
+        "checkpoints/best",
+        "hf/config.json",
+        "hf/model.safetensors",
+        "hf/tokenizer.json",
+        "tokenizer/tokenizer.json",
+    ):
         assert (accel_run / path).exists(), path
     assert list((accel_run / "tb").glob("events.out.tfevents.*"))
     latest = accel_run / "checkpoints" / (accel_run / "checkpoints" / "latest").read_text()
@@ -53,8 +61,26 @@ def _first_loss(run_dir: Path) -> float:
 @pytest.mark.multirank
 def test_a_deepspeed_export_continues_training_on_accelerate(ep2_run, accel_run, tmp_path):
     run_dir = tmp_path / "from_ep2"
-    check(python(TRAIN, ["--init_from", str(ep2_run / "hf"), *DATA_ARGS[:4], "--max_steps", "4", "--eval_every", "4",
-                         "--warmup_steps", "1", "--lr", "1e-4", "--output_dir", str(run_dir)]))
+    check(
+        python(
+            TRAIN,
+            [
+                "--init_from",
+                str(ep2_run / "hf"),
+                *DATA_ARGS[:4],
+                "--max_steps",
+                "4",
+                "--eval_every",
+                "4",
+                "--warmup_steps",
+                "1",
+                "--lr",
+                "1e-4",
+                "--output_dir",
+                str(run_dir),
+            ],
+        )
+    )
     # It starts where the EP=2 run ended, not from scratch, and keeps its tokenizer.
     assert _first_loss(run_dir) < _first_loss(accel_run) - 1.5
     assert (run_dir / "tokenizer" / "tokenizer.json").read_text() == (ep2_run / "hf" / "tokenizer.json").read_text()
@@ -63,9 +89,28 @@ def test_a_deepspeed_export_continues_training_on_accelerate(ep2_run, accel_run,
 @pytest.mark.multirank
 def test_an_accelerate_export_continues_training_on_deepspeed_ep2(accel_run, tmp_path):
     run_dir = tmp_path / "from_accel"
-    check(deepspeed(TRAIN, ["--deepspeed", CPU_EP2, "--init_from", str(accel_run / "hf"), *DATA_ARGS[:4],
-                            "--max_steps", "4", "--eval_every", "4", "--warmup_steps", "1", "--lr", "1e-4",
-                            "--output_dir", str(run_dir)]))
+    check(
+        deepspeed(
+            TRAIN,
+            [
+                "--deepspeed",
+                CPU_EP2,
+                "--init_from",
+                str(accel_run / "hf"),
+                *DATA_ARGS[:4],
+                "--max_steps",
+                "4",
+                "--eval_every",
+                "4",
+                "--warmup_steps",
+                "1",
+                "--lr",
+                "1e-4",
+                "--output_dir",
+                str(run_dir),
+            ],
+        )
+    )
     assert _first_loss(run_dir) < _first_loss(accel_run) - 1.5
     assert json.loads((run_dir / "summary.json").read_text())["ep_size"] == 2
 
@@ -95,10 +140,33 @@ def test_accelerate_launch_with_two_processes_is_plain_data_parallel(tmp_path):
     launcher = Path(sys.executable).parent / "accelerate"
     run_dir = tmp_path / "ddp"
     # --multi_gpu selects accelerate's torchrun launcher; on a CPU-only machine it runs gloo data parallel.
-    proc = check(python(launcher, ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                                   "--mixed_precision", "no", "--dynamo_backend", "no", str(TRAIN), *ACCEL_ARGS[:-8],
-                                   "--max_steps", "6", "--eval_every", "6", "--save_every", "6",
-                                   "--output_dir", str(run_dir)]))
+    proc = check(
+        python(
+            launcher,
+            [
+                "launch",
+                "--multi_gpu",
+                "--num_processes",
+                "2",
+                "--num_machines",
+                "1",
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+                str(TRAIN),
+                *ACCEL_ARGS[:-8],
+                "--max_steps",
+                "6",
+                "--eval_every",
+                "6",
+                "--save_every",
+                "6",
+                "--output_dir",
+                str(run_dir),
+            ],
+        )
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["ep_size"] == 1 and summary["engine"] == "accelerate", proc.stdout
     assert summary["tokens_per_step"] == 2 * 8 * 128

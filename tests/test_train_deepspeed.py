@@ -55,8 +55,13 @@ def test_checkpoint_holds_one_file_per_global_expert(ep2_run):
     for layer in range(4):
         for expert in range(8):
             assert f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt" in names
-    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
-            "MANIFEST.json", "config.json", "trainer_state.json"} <= names
+    assert {
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "MANIFEST.json",
+        "config.json",
+        "trainer_state.json",
+    } <= names
     assert sorted(p.name for p in (latest / "ranks").iterdir()) == ["rank00000.pt", "rank00001.pt"]
     # The expert file's keys name the global expert, whichever rank wrote it.
     keys = torch.load(latest / "layer_2_expert_7_mp_rank_00_model_states.pt", weights_only=True)
@@ -89,21 +94,31 @@ def test_exported_model_reproduces_the_trainers_last_evaluation(ep2_run):
     blocks = np.load(next((run_dir / "cache").glob("valid-*.npy")))
     model = MoEForCausalLM.from_pretrained(run_dir / "hf")
     # The trainer evaluated every block on 2 ranks (EP=2); one process here must agree.
-    loss = evaluate(model, blocks, validation_shard(len(blocks), rank=0, world_size=1, micro_batch_size=8),
-                    device=torch.device("cpu"))["loss"]
+    loss = evaluate(
+        model,
+        blocks,
+        validation_shard(len(blocks), rank=0, world_size=1, micro_batch_size=8),
+        device=torch.device("cpu"),
+    )["loss"]
     assert abs(loss - summary["final_val_loss"]) <= 1e-6
 
 
 def test_offline_export_equals_end_of_training_export(ep2_run, tmp_path):
     run_dir = ep2_run
     ckpt = run_dir / "checkpoints" / f"step{STEPS:08d}"
-    proc = subprocess.run([sys.executable, "-m", "moe_dist.export", str(ckpt), str(tmp_path / "hf")],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "moe_dist.export", str(ckpt), str(tmp_path / "hf")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     check(proc)
     offline, online = load_file(tmp_path / "hf" / "model.safetensors"), load_file(run_dir / "hf" / "model.safetensors")
     assert offline.keys() == online.keys()
     assert all(torch.equal(offline[k], online[k]) for k in online)
-    assert json.loads((tmp_path / "hf" / "config.json").read_text()) == json.loads((run_dir / "hf" / "config.json").read_text())
+    assert json.loads((tmp_path / "hf" / "config.json").read_text()) == json.loads(
+        (run_dir / "hf" / "config.json").read_text()
+    )
 
 
 # Resume after a crash (steps N+1..2N equal the straight run's) is shown, with kills at three

@@ -30,8 +30,9 @@ def test_no_fault_variable_means_no_hook(monkeypatch):
     assert hooks_from_env() == []
 
 
-@pytest.mark.parametrize("spec,why", [("explode@after_step:3", "action must be one of"),
-                                      ("exit@after_stpe:3", "event must be one of")])
+@pytest.mark.parametrize(
+    "spec,why", [("explode@after_step:3", "action must be one of"), ("exit@after_stpe:3", "event must be one of")]
+)
 def test_a_misspelt_fault_is_refused_rather_than_never_firing(monkeypatch, spec, why):
     monkeypatch.setenv("MOE_DIST_FAULT", spec)
     with pytest.raises(ValueError, match=why):
@@ -71,7 +72,10 @@ def test_trainer_state_written_before_the_split_loads_and_is_written_back_unchan
     (tmp_path / TRAINER_STATE).write_text(json.dumps(old))
     state, totals = read_trainer_state(tmp_path)
     assert (state.step, state.scheduler_steps, state.engine, state.sampler["step"]) == (2, 2, "accelerate", 2)
-    assert (totals.last_val["ppl"], totals.peak_mem_mb_per_rank) == (old["last_val"]["ppl"], old["peak_mem_mb_per_rank"])
+    assert (totals.last_val["ppl"], totals.peak_mem_mb_per_rank) == (
+        old["last_val"]["ppl"],
+        old["peak_mem_mb_per_rank"],
+    )
     write_trainer_state(tmp_path, state, totals)
     assert json.loads((tmp_path / TRAINER_STATE).read_text()) == old
 

@@ -11,8 +11,9 @@ from moe_dist import MoEConfig, MoEForCausalLM
 
 def _loss_and_grads(grad_ckpt: bool):
     torch.manual_seed(0)
-    config = MoEConfig.from_preset("tiny-moe", vocab_size=256, num_hidden_layers=2, router_jitter_noise=0.1,
-                                   router_bias_update_rate=1e-3)
+    config = MoEConfig.from_preset(
+        "tiny-moe", vocab_size=256, num_hidden_layers=2, router_jitter_noise=0.1, router_bias_update_rate=1e-3
+    )
     model = MoEForCausalLM(config).train()
     if grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -37,9 +38,28 @@ def test_activation_checkpointing_gives_the_same_loss_gradients_and_router_loads
 def test_early_stopping_ends_the_run_after_patience_evals_without_a_new_best(tmp_path):
     run = tmp_path / "run"
     # lr 0: the weights never change, so the second eval cannot beat the first.
-    proc = check(python(TRAIN, ["--model", "tiny-moe", *DATA_ARGS, "--max_steps", "40", "--eval_every", "3",
-                                "--lr", "0", "--warmup_steps", "0", "--early_stopping_patience", "1",
-                                "--output_dir", str(run)]))
+    proc = check(
+        python(
+            TRAIN,
+            [
+                "--model",
+                "tiny-moe",
+                *DATA_ARGS,
+                "--max_steps",
+                "40",
+                "--eval_every",
+                "3",
+                "--lr",
+                "0",
+                "--warmup_steps",
+                "0",
+                "--early_stopping_patience",
+                "1",
+                "--output_dir",
+                str(run),
+            ],
+        )
+    )
     assert "early stopping at step 6: no improvement for 1 evals" in proc.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["best_step"] == 3

@@ -29,8 +29,14 @@ from pathlib import Path
 
 from moe_dist.analysis.bench import claim_json, command_line, write_json
 from moe_dist.train.data import BUNDLED_SAMPLE, build_tokenizer
-from moe_dist.train.data_prep import (StoryReader, default_num_proc, one_thread_tokenizers, pack_file, token_dtype,
-                                      tokenize_to_file)
+from moe_dist.train.data_prep import (
+    StoryReader,
+    default_num_proc,
+    one_thread_tokenizers,
+    pack_file,
+    token_dtype,
+    tokenize_to_file,
+)
 
 PHASES = ("read", "tokenizer", "tokenize", "pack", "total")
 
@@ -45,8 +51,9 @@ def measure(corpus: Path, num_proc: int, vocab: int, seq_len: int) -> dict:
     out["read"], out["tokenizer"] = reader.seconds, time.perf_counter() - start - reader.seconds
     with tempfile.TemporaryDirectory(dir=corpus.parent) as tmp:
         raw, npy = Path(tmp) / "tokens.bin", Path(tmp) / "blocks.npy"
-        done = tokenize_to_file(reader, tokenizer, raw, num_proc=num_proc, dtype=token_dtype(len(tokenizer)),
-                                label="train", show=False)
+        done = tokenize_to_file(
+            reader, tokenizer, raw, num_proc=num_proc, dtype=token_dtype(len(tokenizer)), label="train", show=False
+        )
         out["tokenize"], out["stories"], out["tokens"] = done["seconds"], done["stories"], done["tokens"]
         t0 = time.perf_counter()
         out["blocks"] = pack_file(raw, npy, seq_len, token_dtype(len(tokenizer)))
@@ -78,14 +85,32 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         corpus = build_corpus(Path(tmp), args.repeat)
         size = corpus.stat().st_size
-        print(f"# command: {command_line('python')}\n# corpus: the bundled sample x {args.repeat}, {size / 2**20:.0f} MiB; "
-              f"{os.cpu_count()} logical CPUs, {default_num_proc()} available to this process", flush=True)
+        print(
+            f"# command: {command_line('python')}\n"
+            f"# corpus: the bundled sample x {args.repeat}, {size / 2**20:.0f} MiB; "
+            f"{os.cpu_count()} logical CPUs, {default_num_proc()} available to this process",
+            flush=True,
+        )
         runs = []
         for r in range(args.rounds):
             for n in procs:
-                proc = subprocess.run([sys.executable, __file__, "--child", str(corpus), "--num_proc", str(n),
-                                       "--vocab", str(args.vocab), "--seq_len", str(args.seq_len)],
-                                      capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="true"))
+                proc = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        str(corpus),
+                        "--num_proc",
+                        str(n),
+                        "--vocab",
+                        str(args.vocab),
+                        "--seq_len",
+                        str(args.seq_len),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    env=dict(os.environ, TOKENIZERS_PARALLELISM="true"),
+                )
                 if proc.returncode != 0:
                     sys.exit(f"error: the --num_proc {n} run failed:\n{proc.stderr[-3000:]}")
                 runs.append({**json.loads(proc.stdout.strip().splitlines()[-1]), "round": r})
@@ -97,11 +122,23 @@ def main(argv=None) -> None:
         print(f"{phase:10s}" + "".join(f"{c:17.1f}" for c in cells) + f"{cells[-1] / cells[0]:8.2f}")
     for n in procs:
         t = table[n]
-        print(f"num_proc {n}: {t['stories'] / t['tokenize']:,.0f} stories/s and {t['tokens'] / t['tokenize']:,.0f} "
-              f"tokens/s tokenizing; peak RSS {t['peak_rss_mb']:,.0f} MB (largest worker {t['peak_worker_rss_mb']:,.0f} MB)")
-    write_json(args.json, {"command": command_line("python"), "corpus_bytes": size, "repeat": args.repeat,
-                           "cpus": os.cpu_count(), "available_cpus": default_num_proc(), "runs": runs,
-                           "median": {str(n): table[n] for n in procs}})
+        print(
+            f"num_proc {n}: {t['stories'] / t['tokenize']:,.0f} stories/s and {t['tokens'] / t['tokenize']:,.0f} "
+            f"tokens/s tokenizing; peak RSS {t['peak_rss_mb']:,.0f} MB "
+            f"(largest worker {t['peak_worker_rss_mb']:,.0f} MB)"
+        )
+    write_json(
+        args.json,
+        {
+            "command": command_line("python"),
+            "corpus_bytes": size,
+            "repeat": args.repeat,
+            "cpus": os.cpu_count(),
+            "available_cpus": default_num_proc(),
+            "runs": runs,
+            "median": {str(n): table[n] for n in procs},
+        },
+    )
 
 
 def summarize(runs: list[dict], procs: list[int]) -> dict:

@@ -41,18 +41,24 @@ import time
 
 import torch
 
-from moe_dist.analysis.bench import (claim_json, command_line, expert_paths, machine, require_device, sync,
-                                     write_json)
-from moe_dist.model.configuration import MoEConfig
+from moe_dist.analysis.bench import claim_json, command_line, expert_paths, machine, require_device, sync, write_json
 from moe_dist.model import moe
+from moe_dist.model.configuration import MoEConfig
 from moe_dist.model.moe import FeedForward, MoEBlock
 
 COMMAND = command_line("python")
 
 
 def build_ours(d, ff, E, k, cf) -> MoEBlock:
-    config = MoEConfig.from_preset("tiny-moe", hidden_size=d, intermediate_size=ff, num_local_experts=E,
-                                   num_experts_per_tok=k, capacity_factor=cf, expert_bias=True)
+    config = MoEConfig.from_preset(
+        "tiny-moe",
+        hidden_size=d,
+        intermediate_size=ff,
+        num_local_experts=E,
+        num_experts_per_tok=k,
+        capacity_factor=cf,
+        expert_bias=True,
+    )
     block = MoEBlock(config, layer_idx=0)
     torch.nn.init.normal_(block.router.weight, std=config.initializer_range)  # as modeling._init_weights
     return block
@@ -66,8 +72,9 @@ def build_deepspeed(ours: MoEBlock, d, ff, E, k):
     """
     from deepspeed.moe.layer import MoE  # lazily: importing deepspeed is slow and logs
 
-    layer = MoE(hidden_size=d, expert=FeedForward(d, ff, "gelu", bias=True), num_experts=E, ep_size=1, k=k,
-                capacity_factor=1.0)
+    layer = MoE(
+        hidden_size=d, expert=FeedForward(d, ff, "gelu", bias=True), num_experts=E, ep_size=1, k=k, capacity_factor=1.0
+    )
     with torch.no_grad():
         layer.deepspeed_moe.gate.wg.weight.copy_(ours.router.weight)
         for theirs, mine in zip(layer.deepspeed_moe.experts.deepspeed_experts, ours.experts):
@@ -182,25 +189,52 @@ def report(args, variants: list[Variant]) -> dict:
             q1, _, q3 = statistics.quantiles(v.rounds[T], n=4) if len(v.rounds[T]) > 1 else [v.rounds[T][0]] * 3
             iqr = (q3 - q1) / statistics.median(v.rounds[T])  # noise: interquartile range of the rounds
             loop = by_name.get(v.name.replace("-grouped ", "-loop ")) if v.impl == "grouped" else None
-            rows.append(dict(variant=v.name, tokens=T, experts_impl=v.impl, tok_s=tok_s, vs_dense=tok_s / dense,
-                             vs_ds=tok_s / ds_tok_s if ds_tok_s else None,
-                             vs_loop=stat(loop.rounds[T]) / stat(v.rounds[T]) if loop else None, drop=v.drop[T],
-                             iqr=iqr, median_tok_s=T / statistics.median(v.rounds[T]),
-                             best_tok_s=T / min(v.rounds[T]), seconds=v.rounds[T],
-                             stack_ms=1e3 * v.stack_s if v.stack_s else None,
-                             stack_share=v.stack_s / stat(v.rounds[T]) if v.stack_s else None))
+            rows.append(
+                dict(
+                    variant=v.name,
+                    tokens=T,
+                    experts_impl=v.impl,
+                    tok_s=tok_s,
+                    vs_dense=tok_s / dense,
+                    vs_ds=tok_s / ds_tok_s if ds_tok_s else None,
+                    vs_loop=stat(loop.rounds[T]) / stat(v.rounds[T]) if loop else None,
+                    drop=v.drop[T],
+                    iqr=iqr,
+                    median_tok_s=T / statistics.median(v.rounds[T]),
+                    best_tok_s=T / min(v.rounds[T]),
+                    seconds=v.rounds[T],
+                    stack_ms=1e3 * v.stack_s if v.stack_s else None,
+                    stack_share=v.stack_s / stat(v.rounds[T]) if v.stack_s else None,
+                )
+            )
     fmt = "{:<27} {:>6} {:>11} {:>7} {:>6} {:>6} {:>6} {:>6} {:>13}"
     print(fmt.format("variant", "tokens", "tok/s", "/dense", "/ds", "/loop", "drop%", "iqr", "stack ms (%)"))
     ratio = lambda x: f"{x:.2f}x" if x else "-"  # noqa: E731
     for r in rows:
         stack = f"{r['stack_ms']:.2f} ({100 * r['stack_share']:.1f}%)" if r["stack_ms"] else "-"
-        print(fmt.format(r["variant"], r["tokens"], f"{r['tok_s']:,.0f}", ratio(r["vs_dense"]), ratio(r["vs_ds"]),
-                         ratio(r["vs_loop"]), f"{100 * r['drop']:.1f}" if r["drop"] is not None else "-",
-                         f"{100 * r['iqr']:.0f}%", stack))
+        print(
+            fmt.format(
+                r["variant"],
+                r["tokens"],
+                f"{r['tok_s']:,.0f}",
+                ratio(r["vs_dense"]),
+                ratio(r["vs_ds"]),
+                ratio(r["vs_loop"]),
+                f"{100 * r['drop']:.1f}" if r["drop"] is not None else "-",
+                f"{100 * r['iqr']:.0f}%",
+                stack,
+            )
+        )
     load_avg = os.getloadavg()  # read as the run ends: neighbours on a shared machine, and our own threads
     print(f"# load average {load_avg[0]:.2f} (1 min) at the end of the run")
-    return dict(command=COMMAND, machine=machine(torch.device(args.device)), load_avg=load_avg,
-                default_impl=default_impl(args), args=vars(args), rows=rows)
+    return dict(
+        command=COMMAND,
+        machine=machine(torch.device(args.device)),
+        load_avg=load_avg,
+        default_impl=default_impl(args),
+        args=vars(args),
+        rows=rows,
+    )
 
 
 def default_impl(args) -> str:
@@ -216,8 +250,12 @@ def parse_args(argv=None):
     p.add_argument("--experts", type=int, nargs="+", default=[8, 16])
     p.add_argument("--top_k", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=15, help="interleaved timing rounds")
-    p.add_argument("--stat", choices=["median", "best"], default="median",
-                   help="round statistic for tok/s and ratios; 'best' (fastest round) resists a shared machine")
+    p.add_argument(
+        "--stat",
+        choices=["median", "best"],
+        default="median",
+        help="round statistic for tok/s and ratios; 'best' (fastest round) resists a shared machine",
+    )
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--iters", type=int, default=3, help="steps per variant per round")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant per token count")
@@ -225,8 +263,13 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_deepspeed", action="store_true", help="skip DeepSpeed's stock layer")
-    p.add_argument("--experts_impl", nargs="+", choices=["grouped", "loop"], default=["grouped", "loop"],
-                   help="expert kernels to time side by side: grouped GEMM (where torch has one) and/or the loop")
+    p.add_argument(
+        "--experts_impl",
+        nargs="+",
+        choices=["grouped", "loop"],
+        default=["grouped", "loop"],
+        help="expert kernels to time side by side: grouped GEMM (where torch has one) and/or the loop",
+    )
     p.add_argument("--json", help="write every number (and per-round timings) here")
     args = p.parse_args(argv)
     args.dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(args.dtype, args.dtype)
@@ -241,9 +284,11 @@ def main(argv=None):
     require_device(args.device)
     print(f"# command: {COMMAND}")
     print(f"# machine: {machine(torch.device(args.device))}")
-    print(f"# d_model={args.d_model} ffn={args.ffn} dtype={args.dtype} device={args.device}; "
-          f"{args.stat} of {args.repeats} interleaved rounds x {args.iters} fwd+bwd steps; "
-          f"the model's default expert path here: {default_impl(args)}")
+    print(
+        f"# d_model={args.d_model} ffn={args.ffn} dtype={args.dtype} device={args.device}; "
+        f"{args.stat} of {args.repeats} interleaved rounds x {args.iters} fwd+bwd steps; "
+        f"the model's default expert path here: {default_impl(args)}"
+    )
     write_json(args.json, report(args, run(args)))
 
 

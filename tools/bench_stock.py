@@ -31,16 +31,27 @@ import torch
 from moe_dist.analysis.bench import claim_json, command_line, expert_paths, machine, write_json
 from moe_dist.model.moe import LocalExperts
 
-SHAPES = {"fine": dict(hidden_size=256, num_experts=64, moe_intermediate_size=64, num_experts_per_tok=8),
-          "coarse": dict(hidden_size=512, num_experts=8, moe_intermediate_size=1024, num_experts_per_tok=2)}
+SHAPES = {
+    "fine": dict(hidden_size=256, num_experts=64, moe_intermediate_size=64, num_experts_per_tok=8),
+    "coarse": dict(hidden_size=512, num_experts=8, moe_intermediate_size=1024, num_experts_per_tok=2),
+}
 
 
 def stock_model(shape: dict, folder: Path, seed: int):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    config = Qwen3MoeConfig(vocab_size=1024, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-                            head_dim=32, intermediate_size=4 * shape["hidden_size"], max_position_embeddings=256,
-                            norm_topk_prob=True, router_aux_loss_coef=0.0, **shape)
+    config = Qwen3MoeConfig(
+        vocab_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=32,
+        intermediate_size=4 * shape["hidden_size"],
+        max_position_embeddings=256,
+        norm_topk_prob=True,
+        router_aux_loss_coef=0.0,
+        **shape,
+    )
     torch.manual_seed(seed)
     model = Qwen3MoeForCausalLM(config)
     model.save_pretrained(folder)
@@ -82,10 +93,13 @@ def run_shape(name: str, shape: dict, args) -> list[dict]:
             model = stock if impl == "grouped_mm" else stock_model(shape, Path(tmp) / "eager", args.seed)
             model.set_experts_implementation(impl)
             variants.append(Variant(f"stock {impl}", model, ids))
-        default, runnable = expert_paths(torch.device("cpu"), torch.float32, shape["hidden_size"],
-                                         shape["moe_intermediate_size"], args.experts_impl)
-        variants += [Variant(f"ours {impl}" + (" (default)" if impl == default else ""), our_model(Path(tmp), impl), ids)
-                     for impl in runnable]
+        default, runnable = expert_paths(
+            torch.device("cpu"), torch.float32, shape["hidden_size"], shape["moe_intermediate_size"], args.experts_impl
+        )
+        variants += [
+            Variant(f"ours {impl}" + (" (default)" if impl == default else ""), our_model(Path(tmp), impl), ids)
+            for impl in runnable
+        ]
     for v in variants:
         for _ in range(args.warmup):
             v.step()
@@ -93,9 +107,17 @@ def run_shape(name: str, shape: dict, args) -> list[dict]:
         for v in variants:
             v.seconds.append(v.step())
     tokens = ids.numel()
-    rows = [{"shape": name, "variant": v.name, "tok_s": tokens / statistics.median(v.seconds),
-             "step_ms": 1000 * statistics.median(v.seconds), "iqr": _iqr(v.seconds), "seconds": v.seconds}
-            for v in variants]
+    rows = [
+        {
+            "shape": name,
+            "variant": v.name,
+            "tok_s": tokens / statistics.median(v.seconds),
+            "step_ms": 1000 * statistics.median(v.seconds),
+            "iqr": _iqr(v.seconds),
+            "seconds": v.seconds,
+        }
+        for v in variants
+    ]
     best_stock = max(r["tok_s"] for r in rows if r["variant"].startswith("stock"))
     for r in rows:
         r["vs_stock_best"] = r["tok_s"] / best_stock
@@ -117,10 +139,20 @@ def main(argv=None) -> None:
         rows += run_shape(name, SHAPES[name], args)
         print(f"{'shape':7s} {'variant':26s} {'tok/s':>9s} {'step ms':>8s} {'iqr':>5s} {'x stock best':>12s}")
         for r in (r for r in rows if r["shape"] == name):
-            print(f"{r['shape']:7s} {r['variant']:26s} {r['tok_s']:9,.0f} {r['step_ms']:8.1f} {r['iqr']:5.0%} "
-                  f"{r['vs_stock_best']:12.2f}", flush=True)
-    write_json(args.json, {"command": command_line("python"), "machine": machine(torch.device("cpu")),
-                           "shapes": {k: SHAPES[k] for k in args.shapes}, "rows": rows})
+            print(
+                f"{r['shape']:7s} {r['variant']:26s} {r['tok_s']:9,.0f} {r['step_ms']:8.1f} {r['iqr']:5.0%} "
+                f"{r['vs_stock_best']:12.2f}",
+                flush=True,
+            )
+    write_json(
+        args.json,
+        {
+            "command": command_line("python"),
+            "machine": machine(torch.device("cpu")),
+            "shapes": {k: SHAPES[k] for k in args.shapes},
+            "rows": rows,
+        },
+    )
 
 
 def parse_args(argv=None):

@@ -59,14 +59,15 @@ from moe_dist.analysis.costs import flops_per_token
 from moe_dist.model.configuration import PRESETS, MoEConfig
 from moe_dist.model.modeling import MoEForCausalLM
 from moe_dist.model.moe import LocalExperts
-from moe_dist.parallel.engines import AccelerateEngine
+from moe_dist.parallel.engines import AccelerateEngine, EngineSpec
 from moe_dist.train.args import EngineArgs, OptimArgs, RunArgs
-from moe_dist.parallel.engines import EngineSpec
 
 COMMAND = command_line("python")
-GOAL = ("seed reference (seed shape, one GPU, bf16): E=8 top-1 0.26x dense tok/s (40.4k vs 158.1k), "
-        "E=16 0.16x. Goals: seed shape on GPU >= 0.85x for E=8, >= 0.8x for E=16; tiny on CPU "
-        ">= 0.92x / 0.85x at 1024 tokens/step, >= 0.97x / 0.95x at 4096")
+GOAL = (
+    "seed reference (seed shape, one GPU, bf16): E=8 top-1 0.26x dense tok/s (40.4k vs 158.1k), "
+    "E=16 0.16x. Goals: seed shape on GPU >= 0.85x for E=8, >= 0.8x for E=16; tiny on CPU "
+    ">= 0.92x / 0.85x at 1024 tokens/step, >= 0.97x / 0.95x at 4096"
+)
 
 
 def goal_ratios(args) -> dict[int, float]:
@@ -74,6 +75,8 @@ def goal_ratios(args) -> dict[int, float]:
     if args.scale == "seed":
         return {8: 0.85, 16: 0.8}
     return {8: 0.97, 16: 0.95} if args.micro_batch_size * args.seq_len >= 4096 else {8: 0.92, 16: 0.85}
+
+
 MB = 2**20
 
 
@@ -81,8 +84,11 @@ def variants_to_run(args) -> list[tuple[str, int, float | None, str | None]]:
     """(name, experts, capacity factor, experts impl): dense, then per E its twin at capacity 1.0 and
     dropless, with each of `--experts_impl`."""
     every = [("dense", 0, None, None)] + [
-        (f"e{E} {name} {impl}", E, cf, impl) for E in args.experts
-        for name, cf in (("cf1", 1.0), ("dropless", None)) for impl in args.experts_impl]
+        (f"e{E} {name} {impl}", E, cf, impl)
+        for E in args.experts
+        for name, cf in (("cf1", 1.0), ("dropless", None))
+        for impl in args.experts_impl
+    ]
     return [v for v in every if args.only in (None, v[0])]
 
 
@@ -98,19 +104,30 @@ def build_config(args, E: int, capacity_factor: float | None) -> MoEConfig:
 def engine_spec(args) -> EngineSpec:
     # The training CLI's defaults: lr, betas, decay, schedule, timeout.
     o, max_steps, timeout = OptimArgs(), RunArgs(output_dir="-").max_steps, EngineArgs().dist_timeout
-    return EngineSpec(micro_batch_size=args.micro_batch_size, grad_accum=1, grad_clip=1.0,  # as plan._engine_spec
-                      precision="bf16" if args.device.startswith("cuda") else "fp32", ep_size=1, lr=o.lr,
-                      betas=(o.beta1, o.beta2), adam_eps=o.adam_eps, weight_decay=o.weight_decay,
-                      warmup_steps=o.warmup_steps, max_steps=max_steps, min_lr_ratio=o.min_lr_ratio,
-                      dist_timeout_s=timeout)
+    return EngineSpec(
+        micro_batch_size=args.micro_batch_size,
+        grad_accum=1,
+        grad_clip=1.0,  # as plan._engine_spec
+        precision="bf16" if args.device.startswith("cuda") else "fp32",
+        ep_size=1,
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        adam_eps=o.adam_eps,
+        weight_decay=o.weight_decay,
+        warmup_steps=o.warmup_steps,
+        max_steps=max_steps,
+        min_lr_ratio=o.min_lr_ratio,
+        dist_timeout_s=timeout,
+    )
 
 
 def expert_paths(args) -> tuple[str, list[str]]:
     """The model's default expert path here, and the `--experts_impl` ones that can run."""
     config = build_config(args, max(args.experts), None)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32  # as engine_spec's precision
-    return bench.expert_paths(torch.device(args.device), dtype, config.hidden_size, config.moe_intermediate_size,
-                              args.experts_impl)
+    return bench.expert_paths(
+        torch.device(args.device), dtype, config.hidden_size, config.moe_intermediate_size, args.experts_impl
+    )
 
 
 class Variant:
@@ -137,8 +154,9 @@ class Variant:
     def optimizer_step_seconds(self, batches) -> float:
         """`GuardedAdamW.step()` alone, after a forward and backward (no clipping)."""
         for input_ids, labels in batches:
-            self.engine.acc.backward(self.engine.wrapped(input_ids=input_ids.to(self.device),
-                                                         shift_labels=labels.to(self.device)).loss)
+            self.engine.acc.backward(
+                self.engine.wrapped(input_ids=input_ids.to(self.device), shift_labels=labels.to(self.device)).loss
+            )
         sync(self.device)
         start = time.perf_counter()
         self.engine.guard.step()
@@ -169,13 +187,18 @@ def make_batches(args):
     if args.train_file:
         from moe_dist.train.data import DataConfig, build_tokenizer, load_text_splits, pack_blocks
 
-        cfg = DataConfig(train_file=args.train_file, valid_file=args.train_file, seq_len=args.seq_len,
-                         tokenizer=f"train:{args.vocab_size}", cache_dir=tempfile.mkdtemp(prefix="bench_train_"))
+        cfg = DataConfig(
+            train_file=args.train_file,
+            valid_file=args.train_file,
+            seq_len=args.seq_len,
+            tokenizer=f"train:{args.vocab_size}",
+            cache_dir=tempfile.mkdtemp(prefix="bench_train_"),
+        )
         texts = list(itertools.islice(load_text_splits(cfg)[0], 4000))  # plenty of blocks for a benchmark
         tokenizer = build_tokenizer(cfg.tokenizer, texts, None)
         blocks = torch.from_numpy(pack_blocks(texts, tokenizer, args.seq_len).astype("int64"))
         args.vocab_size = -(-len(tokenizer) // 64) * 64  # rounded up, as the trainer does
-        block = blocks[torch.randperm(len(blocks), generator=gen)[:args.micro_batch_size]]
+        block = blocks[torch.randperm(len(blocks), generator=gen)[: args.micro_batch_size]]
     else:
         block = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_len + 1), generator=gen)
     return [(block[:, :-1].contiguous(), block[:, 1:].contiguous())]
@@ -253,8 +276,23 @@ def isolated_peaks(args) -> dict[str, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for name, *_ in variants_to_run(args):
             path = os.path.join(tmp, "child.json")
-            subprocess.run([sys.executable, __file__, *args.argv, "--warmup", "1", "--rounds", "1",
-                            "--only", name, "--json", path], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    *args.argv,
+                    "--warmup",
+                    "1",
+                    "--rounds",
+                    "1",
+                    "--only",
+                    name,
+                    "--json",
+                    path,
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
             with open(path) as f:
                 out[name] = json.load(f)
     return out
@@ -269,39 +307,89 @@ def report(args, variants: list[Variant], rss_base_mb: float) -> dict:
         med = statistics.median(v.seconds)
         q1, _, q3 = statistics.quantiles(v.seconds, n=4) if len(v.seconds) > 1 else [med] * 3
         child, stats = peaks.get(v.name, {}), v.engine.model.routing_stats().values()
-        rows.append(dict(variant=v.name, experts=v.E, experts_impl=v.impl, params_total=v.params_total,
-                         params_active=v.params_active, step_ms=1e3 * med, tok_s=tokens / med,
-                         vs_dense=dense_s / med if dense_s else None, goal=goal_ratios(args).get(v.E),
-                         iqr=(q3 - q1) / med, opt_ms=1e3 * statistics.median(v.opt_seconds),
-                         state_mb=v.state_bytes() / MB, seconds=v.seconds,
-                         drop=statistics.mean(float(s["drop_fraction"]) for s in stats) if stats else None,
-                         peak_mb=v.peak_mb if v.peak_mb is not None else child.get("rss_peak_above_base_mb"),
-                         base_mb=child.get("rss_base_mb")))
+        rows.append(
+            dict(
+                variant=v.name,
+                experts=v.E,
+                experts_impl=v.impl,
+                params_total=v.params_total,
+                params_active=v.params_active,
+                step_ms=1e3 * med,
+                tok_s=tokens / med,
+                vs_dense=dense_s / med if dense_s else None,
+                goal=goal_ratios(args).get(v.E),
+                iqr=(q3 - q1) / med,
+                opt_ms=1e3 * statistics.median(v.opt_seconds),
+                state_mb=v.state_bytes() / MB,
+                seconds=v.seconds,
+                drop=statistics.mean(float(s["drop_fraction"]) for s in stats) if stats else None,
+                peak_mb=v.peak_mb if v.peak_mb is not None else child.get("rss_peak_above_base_mb"),
+                base_mb=child.get("rss_base_mb"),
+            )
+        )
     flops = flops_per_token(build_config(args, 0, None), context=args.seq_len)
-    return dict(command=COMMAND, machine=machine(torch.device(args.device)), load_avg=os.getloadavg(), goal=GOAL,
-                tokens_per_step=tokens, ffn_flop_share=flops["dense_ffn"] / flops["total"], args=vars(args), rows=rows,
-                rss_base_mb=rss_base_mb,
-                rss_peak_above_base_mb=None if rss_base_mb is None else _proc_status_mb("VmHWM") - rss_base_mb)
+    return dict(
+        command=COMMAND,
+        machine=machine(torch.device(args.device)),
+        load_avg=os.getloadavg(),
+        goal=GOAL,
+        tokens_per_step=tokens,
+        ffn_flop_share=flops["dense_ffn"] / flops["total"],
+        args=vars(args),
+        rows=rows,
+        rss_base_mb=rss_base_mb,
+        rss_peak_above_base_mb=None if rss_base_mb is None else _proc_status_mb("VmHWM") - rss_base_mb,
+    )
 
 
 def print_table(r: dict) -> None:
     a = r["args"]
     print(f"# command: {r['command']}\n# machine: {r['machine']}; load average {r['load_avg'][0]:.2f}\n# {r['goal']}")
-    print(f"# scale {a['scale']}, vocab {a['vocab_size']}, {a['micro_batch_size']} x {a['seq_len']} = "
-          f"{r['tokens_per_step']} tokens/step, {'bf16' if a['device'].startswith('cuda') else 'fp32'} on "
-          f"{a['device']}; the FFN is {100 * r['ffn_flop_share']:.0f}% of dense forward FLOPs; median of "
-          f"{a['rounds']} interleaved rounds; the model's default expert path here: {a['default_impl']}")
+    print(
+        f"# scale {a['scale']}, vocab {a['vocab_size']}, {a['micro_batch_size']} x {a['seq_len']} = "
+        f"{r['tokens_per_step']} tokens/step, {'bf16' if a['device'].startswith('cuda') else 'fp32'} on "
+        f"{a['device']}; the FFN is {100 * r['ffn_flop_share']:.0f}% of dense forward FLOPs; median of "
+        f"{a['rounds']} interleaved rounds; the model's default expert path here: {a['default_impl']}"
+    )
     fmt = "{:<18} {:>7} {:>7} {:>8} {:>8} {:>6} {:>10} {:>5} {:>7} {:>8} {:>8} {:>8} {:>6}"
-    print(fmt.format("variant", "params", "active", "step ms", "tok/s", "/dense", "goal", "iqr", "opt ms",
-                     "state MB", "peak MB", "base MB", "drop%"))
+    print(
+        fmt.format(
+            "variant",
+            "params",
+            "active",
+            "step ms",
+            "tok/s",
+            "/dense",
+            "goal",
+            "iqr",
+            "opt ms",
+            "state MB",
+            "peak MB",
+            "base MB",
+            "drop%",
+        )
+    )
     for w in r["rows"]:
         ratio = f"{w['vs_dense']:.2f}x" if w["vs_dense"] else "-"
         goal = f">={w['goal']} {'ok' if w['vs_dense'] >= w['goal'] else 'MISS'}" if w["goal"] and w["vs_dense"] else ""
         num = lambda x, f=".0f": "-" if x is None else format(x, f)  # noqa: E731
-        print(fmt.format(w["variant"], f"{w['params_total'] / 1e6:.1f}M", f"{w['params_active'] / 1e6:.1f}M",
-                         f"{w['step_ms']:.1f}", f"{w['tok_s']:,.0f}", ratio, goal, f"{100 * w['iqr']:.0f}%",
-                         f"{w['opt_ms']:.1f}", f"{w['state_mb']:.0f}", num(w["peak_mb"]), num(w["base_mb"]),
-                         num(None if w["drop"] is None else 100 * w["drop"], ".1f")))
+        print(
+            fmt.format(
+                w["variant"],
+                f"{w['params_total'] / 1e6:.1f}M",
+                f"{w['params_active'] / 1e6:.1f}M",
+                f"{w['step_ms']:.1f}",
+                f"{w['tok_s']:,.0f}",
+                ratio,
+                goal,
+                f"{100 * w['iqr']:.0f}%",
+                f"{w['opt_ms']:.1f}",
+                f"{w['state_mb']:.0f}",
+                num(w["peak_mb"]),
+                num(w["base_mb"]),
+                num(None if w["drop"] is None else 100 * w["drop"], ".1f"),
+            )
+        )
     if not a["device"].startswith("cuda") and not a["isolate"]:
         print("# peak MB on CPU needs --isolate: RSS is one high-water mark per process, shared by every variant")
 
@@ -311,18 +399,27 @@ def parse_args(argv=None):
     p.add_argument("--scale", choices=["tiny", "seed"], help="tiny-* or seed-* presets (default: seed on cuda)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--experts", type=int, nargs="+", default=[4, 8, 16])
-    p.add_argument("--vocab_size", type=int, help="default: 4096 at tiny (the quick start's train:4096 "
-                                                  "tokenizer), the preset's 50257 (gpt2) at seed")
+    p.add_argument(
+        "--vocab_size",
+        type=int,
+        help="default: 4096 at tiny (the quick start's train:4096 tokenizer), the preset's 50257 (gpt2) at seed",
+    )
     p.add_argument("--seq_len", type=int, help="default: the preset's context (tiny 128, seed 256)")
     p.add_argument("--micro_batch_size", type=int, help="sequences per step (default: tiny 8, seed 32)")
-    p.add_argument("--train_file", help="time on packed blocks of this text (a train:VOCAB_SIZE BPE) "
-                                        "instead of random tokens")
+    p.add_argument(
+        "--train_file", help="time on packed blocks of this text (a train:VOCAB_SIZE BPE) instead of random tokens"
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
     p.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds of one step each")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--experts_impl", nargs="+", choices=["grouped", "loop"], default=["grouped", "loop"],
-                   help="expert kernels to time side by side: grouped GEMM (where torch has one) and/or the loop")
+    p.add_argument(
+        "--experts_impl",
+        nargs="+",
+        choices=["grouped", "loop"],
+        default=["grouped", "loop"],
+        help="expert kernels to time side by side: grouped GEMM (where torch has one) and/or the loop",
+    )
     p.add_argument("--isolate", action="store_true", help="CPU: peak RSS of each variant in a fresh process")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of one dense and one MoE step")
     p.add_argument("--only", help=argparse.SUPPRESS)  # one variant: the --isolate child

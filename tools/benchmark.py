@@ -88,46 +88,72 @@ def bench_batch(model, batch: int, args, prefill_flops_per_seq: float) -> dict:
         steps += decode
         totals.append(prefill + sum(decode))
     prefill_s = statistics.median(prefills)
-    return {"batch": batch, "prefill_ms": 1e3 * prefill_s,
-            "decode_ms": 1e3 * statistics.median(steps) if steps else None,
-            "generate_tok_s": batch * args.new_tokens / statistics.median(totals),
-            "prefill_gflop_s": prefill_flops_per_seq * batch / prefill_s / 1e9,
-            "peak_mem_mb": peak_memory_mb(device)["peak_mem_mb"]}
+    return {
+        "batch": batch,
+        "prefill_ms": 1e3 * prefill_s,
+        "decode_ms": 1e3 * statistics.median(steps) if steps else None,
+        "generate_tok_s": batch * args.new_tokens / statistics.median(totals),
+        "prefill_gflop_s": prefill_flops_per_seq * batch / prefill_s / 1e9,
+        "peak_mem_mb": peak_memory_mb(device)["peak_mem_mb"],
+    }
 
 
 def run(args) -> dict:
     model = load_model(args)
     config = model.config
     if args.prompt_len + args.new_tokens > config.max_position_embeddings:
-        sys.exit(f"--prompt_len {args.prompt_len} + --new_tokens {args.new_tokens} exceed the model's context "
-                 f"(max_position_embeddings={config.max_position_embeddings})")
+        sys.exit(
+            f"--prompt_len {args.prompt_len} + --new_tokens {args.new_tokens} exceed the model's context "
+            f"(max_position_embeddings={config.max_position_embeddings})"
+        )
     context = args.context or config.max_position_embeddings
     flops = flops_per_token(config, context=context)
     prompt = flops_per_token(config, context=args.prompt_len)
     # The prefill computes logits for the last position only (logits_to_keep=1).
     prefill_flops = (prompt["total"] - prompt["lm_head"]) * args.prompt_len + prompt["lm_head"]
     rows = [bench_batch(model, b, args, prefill_flops) for b in args.batch_sizes]
-    return {"command": command_line(), "machine": machine(torch.device(args.device)),
-            "model": args.model_path or args.preset, "device": args.device, "dtype": args.dtype,
-            "params_total": model.num_parameters(), "params_active": model.num_active_parameters(),
-            "num_local_experts": config.num_local_experts, "num_experts_per_tok": config.num_experts_per_tok,
-            "context": context, "flops_per_token": flops, "prompt_len": args.prompt_len,
-            "new_tokens": args.new_tokens, "repeats": args.repeats, "batches": rows}
+    return {
+        "command": command_line(),
+        "machine": machine(torch.device(args.device)),
+        "model": args.model_path or args.preset,
+        "device": args.device,
+        "dtype": args.dtype,
+        "params_total": model.num_parameters(),
+        "params_active": model.num_active_parameters(),
+        "num_local_experts": config.num_local_experts,
+        "num_experts_per_tok": config.num_experts_per_tok,
+        "context": context,
+        "flops_per_token": flops,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "batches": rows,
+    }
 
 
 def print_report(r: dict) -> None:
     print(f"# {r['command']}\n# machine: {r['machine']}")
-    print(f"model {r['model']} | {r['device']} {r['dtype']} | params total {r['params_total'] / 1e6:.2f}M, "
-          f"active {r['params_active'] / 1e6:.2f}M | forward {r['flops_per_token']['total'] / 1e6:.1f} MFLOP/token "
-          f"at context {r['context']}")
+    print(
+        f"model {r['model']} | {r['device']} {r['dtype']} | params total {r['params_total'] / 1e6:.2f}M, "
+        f"active {r['params_active'] / 1e6:.2f}M | forward {r['flops_per_token']['total'] / 1e6:.1f} MFLOP/token "
+        f"at context {r['context']}"
+    )
     print("  " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in r["flops_per_token"].items() if v and k != "total"))
     print(f"prompt {r['prompt_len']} tokens, {r['new_tokens']} new tokens, median of {r['repeats']} generations")
     fmt = "{:>5} {:>11} {:>15} {:>12} {:>13} {:>12}"
     print(fmt.format("batch", "prefill ms", "decode ms/step", "gen tok/s", "prefill GF/s", "peak MB"))
     for row in r["batches"]:
         decode = f"{row['decode_ms']:.2f}" if row["decode_ms"] is not None else "-"
-        print(fmt.format(row["batch"], f"{row['prefill_ms']:.2f}", decode, f"{row['generate_tok_s']:.1f}",
-                         f"{row['prefill_gflop_s']:.2f}", f"{row['peak_mem_mb']:.0f}"))
+        print(
+            fmt.format(
+                row["batch"],
+                f"{row['prefill_ms']:.2f}",
+                decode,
+                f"{row['generate_tok_s']:.1f}",
+                f"{row['prefill_gflop_s']:.2f}",
+                f"{row['peak_mem_mb']:.0f}",
+            )
+        )
 
 
 def parse_args(argv=None):
@@ -136,8 +162,12 @@ def parse_args(argv=None):
     src.add_argument("--model_path", help="an hf/ export (config.json + model.safetensors)")
     src.add_argument("--preset", help="a preset name, built with random weights")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="auto: bfloat16 on cuda, float32 on cpu")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="auto: bfloat16 on cuda, float32 on cpu",
+    )
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--prompt_len", type=int, default=64)
     p.add_argument("--new_tokens", type=int, default=32, help="tokens generated per sequence")

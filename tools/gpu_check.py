@@ -71,8 +71,14 @@ class Context:
     def env(self) -> dict:
         # MOE_DIST_TEST_DEVICE: the device tests/test_on_device.py runs on. Offline always: a GPU
         # machine may reach no hub, and a stage must not wait on one.
-        e = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-                 HF_DATASETS_OFFLINE="1", MOE_DIST_TEST_DEVICE=self.args.device)
+        e = dict(
+            os.environ,
+            PYTHONUNBUFFERED="1",
+            TOKENIZERS_PARALLELISM="false",
+            HF_HUB_OFFLINE="1",
+            HF_DATASETS_OFFLINE="1",
+            MOE_DIST_TEST_DEVICE=self.args.device,
+        )
         if self.args.dry_run:
             e.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
         return e
@@ -84,8 +90,16 @@ class Context:
         self.rec.setdefault("commands", []).append(shlex.join(cmd))
         print(f"  $ {shlex.join(cmd)}", flush=True)
         timeout = max(1.0, self.ends_at - time.monotonic())
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env or self.env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env or self.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+        )
         try:
             out, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -123,8 +137,11 @@ def read_json(path: Path) -> dict:
 def stage_unit_tests(ctx: Context) -> None:
     # tests/test_on_device.py runs on the device; the other files select no device (CPU). The dry
     # run keeps to the device file: the stage's plumbing is what it checks.
-    files = ["tests/test_on_device.py"] if ctx.args.dry_run else \
-        ["tests/test_on_device.py", "tests/test_routing.py", "tests/test_model.py", "tests/test_generate.py"]
+    files = (
+        ["tests/test_on_device.py"]
+        if ctx.args.dry_run
+        else ["tests/test_on_device.py", "tests/test_routing.py", "tests/test_model.py", "tests/test_generate.py"]
+    )
     cmd = python("-m", "pytest", "-q", "-p", "no:cacheprovider", *files)
     try:
         out = ctx.run(cmd).stdout
@@ -140,19 +157,52 @@ def stage_unit_tests(ctx: Context) -> None:
 def _count_tests(rec: dict, out: str, files: list[str], device: str) -> None:
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", out)}
     failed = re.findall(r"^FAILED (\S+)", out, flags=re.M)
-    rec.update(counts, files=files, device=device, failed_tests=failed,
-               note=f"tests/test_on_device.py ran on {device}; the other files on CPU")
+    rec.update(
+        counts,
+        files=files,
+        device=device,
+        failed_tests=failed,
+        note=f"tests/test_on_device.py ran on {device}; the other files on CPU",
+    )
 
 
 def train_args(args, run_dir: Path, steps: int) -> list:
     if args.dry_run:
-        data = ["--train_file", FIXTURES / "stories.txt", "--valid_file", FIXTURES / "stories_valid.txt",
-                "--tokenizer", "train:512", "--seq_len", "32", "--max_valid_blocks", "8"]
+        data = [
+            "--train_file",
+            FIXTURES / "stories.txt",
+            "--valid_file",
+            FIXTURES / "stories_valid.txt",
+            "--tokenizer",
+            "train:512",
+            "--seq_len",
+            "32",
+            "--max_valid_blocks",
+            "8",
+        ]
     else:
         data = ["--tokenizer", "train:4096"]  # the bundled sample in data/
-    return ["--model", "tiny-moe", *data, "--max_steps", steps, "--eval_every", steps, "--save_every", steps,
-            "--log_every", 1 if args.dry_run else 5, "--warmup_steps", 2, "--seed", 0, "--keep_last", 1,
-            "--output_dir", run_dir]
+    return [
+        "--model",
+        "tiny-moe",
+        *data,
+        "--max_steps",
+        steps,
+        "--eval_every",
+        steps,
+        "--save_every",
+        steps,
+        "--log_every",
+        1 if args.dry_run else 5,
+        "--warmup_steps",
+        2,
+        "--seed",
+        0,
+        "--keep_last",
+        1,
+        "--output_dir",
+        run_dir,
+    ]
 
 
 def check_run(run_dir: Path, steps: int) -> dict:
@@ -164,8 +214,15 @@ def check_run(run_dir: Path, steps: int) -> dict:
         raise StageFailed(f"{run_dir.name}: non-finite or missing training losses {losses[-5:]}")
     if summary.get("steps") != steps:
         raise StageFailed(f"{run_dir.name}: stopped at step {summary.get('steps')}, not {steps}")
-    keys = ("final_val_ppl", "max_tok_s", "precision", "engine", "peak_mem_mb", "peak_reserved_mb_per_rank",
-            "nvml_used_mb_per_rank")
+    keys = (
+        "final_val_ppl",
+        "max_tok_s",
+        "precision",
+        "engine",
+        "peak_mem_mb",
+        "peak_reserved_mb_per_rank",
+        "nvml_used_mb_per_rank",
+    )
     return {"steps": steps, "first_loss": losses[0], "last_loss": losses[-1], **{k: summary.get(k) for k in keys}}
 
 
@@ -177,8 +234,18 @@ def stage_train(ctx: Context) -> None:
     env = ctx.env()
     launcher, launcher_env = deepspeed_launcher(1, env)
     ds_config = ROOT / "ds_configs" / ("cpu_ep1.json" if args.dry_run else "ep1.json")
-    ctx.run([*launcher, "--master_port", free_port(), ROOT / "launch" / "train.py", "--deepspeed", ds_config,
-             *train_args(args, ctx.work / "deepspeed", steps)], env={**env, **launcher_env})
+    ctx.run(
+        [
+            *launcher,
+            "--master_port",
+            free_port(),
+            ROOT / "launch" / "train.py",
+            "--deepspeed",
+            ds_config,
+            *train_args(args, ctx.work / "deepspeed", steps),
+        ],
+        env={**env, **launcher_env},
+    )
     ctx.rec["deepspeed"] = check_run(ctx.work / "deepspeed", steps)
     if not args.dry_run:
         for name in ("accelerate", "deepspeed"):
@@ -193,8 +260,13 @@ def stage_train(ctx: Context) -> None:
 def stage_resume_export_generate(ctx: Context) -> None:
     args = ctx.args
     more = args.steps + max(2, args.steps // 5)
-    proc = ctx.run(python(ROOT / "launch" / "train.py", *train_args(args, ctx.work / "accelerate", more),
-                          *([] if args.dry_run else ["--precision", "bf16"])))
+    proc = ctx.run(
+        python(
+            ROOT / "launch" / "train.py",
+            *train_args(args, ctx.work / "accelerate", more),
+            *([] if args.dry_run else ["--precision", "bf16"]),
+        )
+    )
     resumed = re.search(r"resumed from \S+ \(step (\d+)\)", proc.stdout)
     if not resumed or int(resumed.group(1)) != args.steps:
         raise StageFailed(f"the second run did not resume from step {args.steps}")
@@ -204,47 +276,124 @@ def stage_resume_export_generate(ctx: Context) -> None:
     if not (export / "model.safetensors").exists():
         raise StageFailed(f"export wrote no {export / 'model.safetensors'}")
     samples, t0 = ctx.work / "generate.json", time.perf_counter()
-    ctx.run(python(ROOT / "launch" / "generate.py", "--model_path", export, "--device", args.device,
-                   "--prompt", "Once upon a time", "--max_new_tokens", 8 if args.dry_run else 64, "--seed", 0,
-                   "--json", samples))
+    ctx.run(
+        python(
+            ROOT / "launch" / "generate.py",
+            "--model_path",
+            export,
+            "--device",
+            args.device,
+            "--prompt",
+            "Once upon a time",
+            "--max_new_tokens",
+            8 if args.dry_run else 64,
+            "--seed",
+            0,
+            "--json",
+            samples,
+        )
+    )
     out = read_json(samples)
-    ctx.rec["generate"] = {"device": args.device, "seconds": time.perf_counter() - t0,
-                           "sample": json.dumps(out.get("samples", out))[:300]}
+    ctx.rec["generate"] = {
+        "device": args.device,
+        "seconds": time.perf_counter() - t0,
+        "sample": json.dumps(out.get("samples", out))[:300],
+    }
 
 
 def stage_bench_moe(ctx: Context) -> None:
-    shape = ["--d_model", 64, "--ffn", 128, "--tokens", 256, "--experts", 4, "--iters", 2, "--warmup", 1,
-             "--repeats", 2] if ctx.args.dry_run else \
-        ["--d_model", 512, "--ffn", 2048, "--tokens", 4096, "--experts", 8, 16]
+    shape = (
+        ["--d_model", 64, "--ffn", 128, "--tokens", 256, "--experts", 4, "--iters", 2, "--warmup", 1, "--repeats", 2]
+        if ctx.args.dry_run
+        else ["--d_model", 512, "--ffn", 2048, "--tokens", 4096, "--experts", 8, 16]
+    )
     path = ctx.work / "bench_moe.json"
-    ctx.run(python(ROOT / "tools" / "bench_moe.py", *shape, "--top_k", 1, "--dtype", "bf16", "--device",
-                   ctx.args.device, "--json", path))
-    ctx.rec["rows"] = [{k: r.get(k) for k in ("variant", "tokens", "tok_s", "vs_dense", "vs_ds")}
-                       for r in read_json(path)["rows"]]
+    ctx.run(
+        python(
+            ROOT / "tools" / "bench_moe.py",
+            *shape,
+            "--top_k",
+            1,
+            "--dtype",
+            "bf16",
+            "--device",
+            ctx.args.device,
+            "--json",
+            path,
+        )
+    )
+    ctx.rec["rows"] = [
+        {k: r.get(k) for k in ("variant", "tokens", "tok_s", "vs_dense", "vs_ds")} for r in read_json(path)["rows"]
+    ]
 
 
 def stage_bench_train(ctx: Context) -> None:
     # The dry run times one expert kernel; on the GPU both (grouped and loop), side by side.
-    size = ["--scale", "tiny", "--experts", 4, "--seq_len", 32, "--micro_batch_size", 2, "--rounds", 2,
-            "--warmup", 1, "--experts_impl", "grouped"] if ctx.args.dry_run else ["--scale", "seed", "--experts", 4, 8, 16]
+    size = (
+        [
+            "--scale",
+            "tiny",
+            "--experts",
+            4,
+            "--seq_len",
+            32,
+            "--micro_batch_size",
+            2,
+            "--rounds",
+            2,
+            "--warmup",
+            1,
+            "--experts_impl",
+            "grouped",
+        ]
+        if ctx.args.dry_run
+        else ["--scale", "seed", "--experts", 4, 8, 16]
+    )
     path = ctx.work / "bench_train.json"
     ctx.run(python(ROOT / "tools" / "bench_train.py", *size, "--device", ctx.args.device, "--json", path))
-    ctx.rec["rows"] = [{k: r.get(k) for k in ("variant", "experts", "tok_s", "vs_dense", "step_ms", "peak_mb")}
-                       for r in read_json(path)["rows"]]
+    ctx.rec["rows"] = [
+        {k: r.get(k) for k in ("variant", "experts", "tok_s", "vs_dense", "step_ms", "peak_mb")}
+        for r in read_json(path)["rows"]
+    ]
 
 
 def stage_profile_memory(ctx: Context) -> None:
     if ctx.args.dry_run:
         measure = ["--measure", ROOT / "ds_configs" / "cpu_ep1.json", "--seq_len", 32, "--max_steps", 2]
     else:
-        measure = ["--measure", ROOT / "ds_configs" / "ep1.json", "--max_steps", 4,
-                   "--gpu_mem_gib", torch.cuda.get_device_properties(0).total_memory / 2**30]
-    ctx.run(python(ROOT / "tools" / "profile_memory.py", "--preset", "tiny-moe", "--ds_configs", *measure,
-                   "--output_dir", ctx.work / "memory"))
-    keys = ("config", "world_size", "precision", "measured_mb", "allocated_mb_per_rank", "reserved_mb_per_rank",
-            "nvml_used_mb_per_rank", "verdict")
-    ctx.rec["rows"] = [{k: r.get(k) for k in keys} | {"predicted_mb": (r.get("predicted") or {}).get("total", 0) / 2**20}
-                       for r in read_json(ctx.work / "memory" / "memory.json")["rows"]]
+        measure = [
+            "--measure",
+            ROOT / "ds_configs" / "ep1.json",
+            "--max_steps",
+            4,
+            "--gpu_mem_gib",
+            torch.cuda.get_device_properties(0).total_memory / 2**30,
+        ]
+    ctx.run(
+        python(
+            ROOT / "tools" / "profile_memory.py",
+            "--preset",
+            "tiny-moe",
+            "--ds_configs",
+            *measure,
+            "--output_dir",
+            ctx.work / "memory",
+        )
+    )
+    keys = (
+        "config",
+        "world_size",
+        "precision",
+        "measured_mb",
+        "allocated_mb_per_rank",
+        "reserved_mb_per_rank",
+        "nvml_used_mb_per_rank",
+        "verdict",
+    )
+    ctx.rec["rows"] = [
+        {k: r.get(k) for k in keys} | {"predicted_mb": (r.get("predicted") or {}).get("total", 0) / 2**20}
+        for r in read_json(ctx.work / "memory" / "memory.json")["rows"]
+    ]
     if not any(r["measured_mb"] for r in ctx.rec["rows"]):
         raise StageFailed("profile_memory measured nothing")
 
@@ -297,6 +446,7 @@ def router_check(hf_dir: str, device: str) -> dict:
             F.linear = linear
             dtypes.update({f"weight:{out.weight_TK.dtype}", f"loss:{out.loss.dtype}"})
             routes[name] = out.expert_idx_TK.detach().cpu()
+
         return fn
 
     for name, m in model.named_modules():
@@ -312,8 +462,12 @@ def router_check(hf_dir: str, device: str) -> dict:
             model(input_ids=ids)
     agree = [float((routes[k] == fp32_routes[k]).float().mean()) for k in routes]
     kinds = {d.split(":")[0] for d in dtypes}
-    return {"fp32": kinds == {"logits", "weight", "loss"} and all(d.endswith("torch.float32") for d in dtypes),
-            "dtypes": sorted(dtypes), "routers": len(routes), "route_agreement_min": min(agree) if agree else None}
+    return {
+        "fp32": kinds == {"logits", "weight", "loss"} and all(d.endswith("torch.float32") for d in dtypes),
+        "dtypes": sorted(dtypes),
+        "routers": len(routes),
+        "route_agreement_min": min(agree) if agree else None,
+    }
 
 
 # ---- the check --------------------------------------------------------------------------
@@ -333,7 +487,9 @@ def plan(args) -> list[tuple[Stage, float]]:
     for stage, seconds in planned:
         total += seconds
         fits = "" if total <= args.deadline_s else "  (past the deadline: runs only if earlier stages are quick)"
-        print(f"  {stage.name:24s} {seconds:5.0f} s  {seconds / args.deadline_s:6.1%} of the deadline{fits}", flush=True)
+        print(
+            f"  {stage.name:24s} {seconds:5.0f} s  {seconds / args.deadline_s:6.1%} of the deadline{fits}", flush=True
+        )
     return planned
 
 
@@ -351,18 +507,26 @@ def run_stage(stage: Stage, planned_s: float, args, work: Path, result: dict, de
     ctx, t0 = Context(args, work, rec, stage.name, min(deadline, time.monotonic() + 2 * planned_s)), time.monotonic()
     try:
         if (stage.name, "hang") in args.inject:  # a stuck launcher and its rank: killed at the stage's limit
-            ctx.run(python("-c", "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
-                                 "'import os, time; open(\"hang.pid\", \"w\").write(str(os.getpid())); time.sleep(1e9)'],"
-                                 f" cwd={str(work)!r}); time.sleep(1e9)"))
+            ctx.run(
+                python(
+                    "-c",
+                    "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+                    '\'import os, time; open("hang.pid", "w").write(str(os.getpid())); time.sleep(1e9)\'],'
+                    f" cwd={str(work)!r}); time.sleep(1e9)",
+                )
+            )
         stage.run(ctx)
         rec["status"] = "passed"
     except Exception as e:  # any failure of a stage is recorded, never the end of the run
-        rec.update(status="failed", error={"type": type(e).__name__, "message": str(e)[:2000],
-                                           "output_tail": ctx.output_tail})
+        rec.update(
+            status="failed", error={"type": type(e).__name__, "message": str(e)[:2000], "output_tail": ctx.output_tail}
+        )
     rec["wall_s"] = time.monotonic() - t0
-    print(f"[{stage.name}] {rec['status']} in {rec['wall_s']:.1f} s"
-          + (f": {rec['error']['type']}: {rec['error']['message'][:300]}" if rec["status"] == "failed" else ""),
-          flush=True)
+    print(
+        f"[{stage.name}] {rec['status']} in {rec['wall_s']:.1f} s"
+        + (f": {rec['error']['type']}: {rec['error']['message'][:300]}" if rec["status"] == "failed" else ""),
+        flush=True,
+    )
 
 
 def headline(name: str, rec: dict) -> str:
@@ -374,24 +538,42 @@ def headline(name: str, rec: dict) -> str:
     if name == "unit_tests":
         return f"{rec.get('passed', 0)} passed ({rec['device']}; {rec['note']})"
     if name == "train":
-        runs = [f"{e}: loss {rec[e]['first_loss']:.3f} -> {rec[e]['last_loss']:.3f}, {rec[e]['precision']}, "
-                f"{rec[e]['max_tok_s'] or 0:,.0f} tok/s, peak {rec[e]['peak_mem_mb'] or 0:,.0f} MB"
-                for e in ("accelerate", "deepspeed") if e in rec]
+        runs = [
+            f"{e}: loss {rec[e]['first_loss']:.3f} -> {rec[e]['last_loss']:.3f}, {rec[e]['precision']}, "
+            f"{rec[e]['max_tok_s'] or 0:,.0f} tok/s, peak {rec[e]['peak_mem_mb'] or 0:,.0f} MB"
+            for e in ("accelerate", "deepspeed")
+            if e in rec
+        ]
         return "; ".join(runs + [f"router fp32 under bf16 autocast: {rec.get('router', {}).get('fp32')}"])
     if name == "resume_export_generate":
-        return f"resumed from step {rec['resume']['from_step']} to {rec['resume']['steps']}; exported; " \
-               f"generated on {rec['generate']['device']}"
+        return (
+            f"resumed from step {rec['resume']['from_step']} to {rec['resume']['steps']}; exported; "
+            f"generated on {rec['generate']['device']}"
+        )
     if name in ("bench_moe", "bench_train"):
-        return ", ".join(f"{r['variant']}: {r['tok_s'] or 0:,.0f} tok/s ({r['vs_dense'] or 0:.2f}x dense)"
-                         for r in rec["rows"])
-    return ", ".join(f"{r['config']}: predicted {r['predicted_mb'] or 0:,.0f} MB, measured {r['measured_mb'] or 0:,.0f}"
-                     f" MB, reserved {r['reserved_mb_per_rank']}, {r['verdict']}" for r in rec["rows"])
+        return ", ".join(
+            f"{r['variant']}: {r['tok_s'] or 0:,.0f} tok/s ({r['vs_dense'] or 0:.2f}x dense)" for r in rec["rows"]
+        )
+    return ", ".join(
+        f"{r['config']}: predicted {r['predicted_mb'] or 0:,.0f} MB, measured {r['measured_mb'] or 0:,.0f}"
+        f" MB, reserved {r['reserved_mb_per_rank']}, {r['verdict']}"
+        for r in rec["rows"]
+    )
 
 
 def summary_md(result: dict) -> str:
-    lines = [f"# GPU check: {result['gpu']}", "", f"Command: `{result['command']}`", "",
-             f"Machine: {result['machine']}", "", f"Result: **{result['status']}** in {result['wall_s']:.0f} s "
-             f"(deadline {result['deadline_s']:.0f} s)", "", "| stage | status | wall (s) | key numbers |", "|---|---|---|---|"]
+    lines = [
+        f"# GPU check: {result['gpu']}",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Machine: {result['machine']}",
+        "",
+        f"Result: **{result['status']}** in {result['wall_s']:.0f} s (deadline {result['deadline_s']:.0f} s)",
+        "",
+        "| stage | status | wall (s) | key numbers |",
+        "|---|---|---|---|",
+    ]
     for name, rec in result["stages"].items():
         try:
             cell = headline(name, rec)
@@ -415,17 +597,29 @@ def main(argv=None) -> int:
         print(json.dumps(router_check(args.router_check, args.device)))
         return 0
     name = gpu_name(args)
-    out = claim_dir(args.out, "gpu_check", [f"{name}.json", f"{name}.md"], what="--out",
-                    legacy=lambda d: is_our_json(d / f"{name}.json", ("stages",)))
+    out = claim_dir(
+        args.out,
+        "gpu_check",
+        [f"{name}.json", f"{name}.md"],
+        what="--out",
+        legacy=lambda d: is_our_json(d / f"{name}.json", ("stages",)),
+    )
     start = time.monotonic()
     deadline = start + args.deadline_s
     planned = plan(args)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="gpu_check_"))  # kept: the runs of a failed stage
     work.mkdir(parents=True, exist_ok=True)
     print(f"gpu_check: runs, exports and bench JSONs in {work}", flush=True)
-    result = {"gpu": name, "dry_run": args.dry_run, "command": command_line("python"), "deadline_s": args.deadline_s,
-              "machine": machine(torch.device(args.device)), "status": "running", "wall_s": 0.0,
-              "stages": {s.name: {"status": "pending", "planned_s": p} for s, p in planned}}
+    result = {
+        "gpu": name,
+        "dry_run": args.dry_run,
+        "command": command_line("python"),
+        "deadline_s": args.deadline_s,
+        "machine": machine(torch.device(args.device)),
+        "status": "running",
+        "wall_s": 0.0,
+        "stages": {s.name: {"status": "pending", "planned_s": p} for s, p in planned},
+    }
     save(out, name, result)
     for stage, planned_s in planned:
         run_stage(stage, planned_s, args, work, result, deadline)
@@ -434,8 +628,11 @@ def main(argv=None) -> int:
     statuses = [rec["status"] for rec in result["stages"].values()]
     result["status"] = "passed" if set(statuses) == {"passed"} else "incomplete"
     save(out, name, result)
-    print(f"gpu_check: {statuses.count('passed')}/{len(statuses)} stages passed in {result['wall_s']:.0f} s; "
-          f"wrote {out / name}.json", flush=True)
+    print(
+        f"gpu_check: {statuses.count('passed')}/{len(statuses)} stages passed in {result['wall_s']:.0f} s; "
+        f"wrote {out / name}.json",
+        flush=True,
+    )
     if args.dry_run and (statuses.count("passed") == 0 or "running" in statuses or "pending" in statuses):
         print("gpu_check: the dry run left no stage passed or the JSON incomplete", file=sys.stderr)
         return 1
@@ -448,16 +645,30 @@ def main(argv=None) -> int:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                   help="every stage at toy size on CPU (tiny presets, few steps, CPU-rank DeepSpeed)")
+    p.add_argument(
+        "--dry-run",
+        "--dry_run",
+        dest="dry_run",
+        action="store_true",
+        help="every stage at toy size on CPU (tiny presets, few steps, CPU-rank DeepSpeed)",
+    )
     p.add_argument("--out", default=str(ROOT / "docs" / "gpu"), help="where <gpu-name>.json and .md go")
     p.add_argument("--work_dir", help="runs, exports and bench JSONs (default: a new temporary folder)")
     p.add_argument("--device", help="default: cuda, or cpu with --dry-run")
     p.add_argument("--steps", type=int, help="training steps per engine (default 50; 3 with --dry-run)")
-    p.add_argument("--deadline_s", type=float, default=420.0,
-                   help="the whole run ends by then, JSON complete; stages that cannot fit are skipped")
-    p.add_argument("--inject", action="append", default=[], metavar="STAGE:exception|hang",
-                   help="test the check itself: raise in STAGE after its first command, or hang it")
+    p.add_argument(
+        "--deadline_s",
+        type=float,
+        default=420.0,
+        help="the whole run ends by then, JSON complete; stages that cannot fit are skipped",
+    )
+    p.add_argument(
+        "--inject",
+        action="append",
+        default=[],
+        metavar="STAGE:exception|hang",
+        help="test the check itself: raise in STAGE after its first command, or hang it",
+    )
     p.add_argument("--router_check", metavar="HF_DIR", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.device = args.device or ("cpu" if args.dry_run or args.router_check else "cuda")

@@ -64,18 +64,28 @@ def read_image(path: Path = IMAGE) -> dict[str, Version | None]:
 
 def project_requirements() -> list[Requirement]:
     """setup.cfg's install and test requirements, as `.ci/lower_bounds.py` prints them (one reader of setup.cfg)."""
-    out = subprocess.run([sys.executable, ROOT / ".ci" / "lower_bounds.py", "--requirements"], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, ROOT / ".ci" / "lower_bounds.py", "--requirements"], check=True, capture_output=True, text=True
+    ).stdout
     return [Requirement(line) for line in out.splitlines() if line.strip()]
 
 
 def marker_env(python: str) -> dict[str, str]:
     major, minor = python.split(".")[:2]
-    return {"python_version": f"{major}.{minor}", "python_full_version": f"{major}.{minor}.0", "os_name": "posix",
-            "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
-            "platform_release": "", "platform_version": "", "implementation_name": "cpython",
-            "implementation_version": f"{major}.{minor}.0", "platform_python_implementation": "CPython",
-            "extra": ""}
+    return {
+        "python_version": f"{major}.{minor}",
+        "python_full_version": f"{major}.{minor}.0",
+        "os_name": "posix",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+        "platform_release": "",
+        "platform_version": "",
+        "implementation_name": "cpython",
+        "implementation_version": f"{major}.{minor}.0",
+        "platform_python_implementation": "CPython",
+        "extra": "",
+    }
 
 
 def applies(req: Requirement, env: dict, extras: set[str]) -> bool:
@@ -105,10 +115,27 @@ def fetch(spec: str, python: str, dest: Path) -> Path:
     if name in BUILT_HERE:
         cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-binary", name, "-w", dest, spec]
     else:
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
-               python, "--implementation", "cp", *[a for p in PLATFORMS for a in ("--platform", p)], "-d", dest, spec]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            python,
+            "--implementation",
+            "cp",
+            *[a for p in PLATFORMS for a in ("--platform", p)],
+            "-d",
+            dest,
+            spec,
+        ]
     # DS_BUILD_OPS=0: DeepSpeed's wheel stays pure Python, its ops compiled where they run.
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env={**os.environ, "DS_BUILD_OPS": "0"})
+    proc = subprocess.run(
+        [str(c) for c in cmd], capture_output=True, text=True, env={**os.environ, "DS_BUILD_OPS": "0"}
+    )
     new = sorted(set(dest.glob("*.whl")) - before)
     if proc.returncode != 0 or len(new) != 1:
         last = [line for line in proc.stderr.splitlines() if line.startswith("ERROR")][-1:] or ["no wheel written"]
@@ -140,10 +167,19 @@ def resolve(top: list[Requirement], image: dict, python: str, dest: Path) -> tup
         else:
             wheel = fetch(lower_bound(req) if is_top else f"{req.name}{req.specifier}", python, dest)
             version = wheel.name.split("-")[1]
-            carried[name] = {"name": name, "version": version, "file": wheel.name, "bytes": wheel.stat().st_size,
-                             "why": why, "in_image": name in image}
-            queue += [(dep, set(dep.extras), f"{name} {version}", False) for dep in requires(wheel)
-                      if applies(dep, env, extras)]
+            carried[name] = {
+                "name": name,
+                "version": version,
+                "file": wheel.name,
+                "bytes": wheel.stat().st_size,
+                "why": why,
+                "in_image": name in image,
+            }
+            queue += [
+                (dep, set(dep.extras), f"{name} {version}", False)
+                for dep in requires(wheel)
+                if applies(dep, env, extras)
+            ]
     return list(carried.values()), sorted(from_image)
 
 
@@ -152,12 +188,20 @@ def build(out: Path, python: str, limit_mib: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="gpu-kit-") as tmp:
         packages, from_image = resolve(project_requirements(), image, python, Path(tmp))
         total = sum(p["bytes"] for p in packages)
-        kit = {"python": python, "platforms": "manylinux x86-64 (glibc <= 2.39)", "packages": packages,
-               "from_image": from_image, "total_bytes": total, "limit_bytes": int(limit_mib * 2**20),
-               "command": shlex.join(["python", "tools/gpu_kit.py", *sys.argv[1:]])}
+        kit = {
+            "python": python,
+            "platforms": "manylinux x86-64 (glibc <= 2.39)",
+            "packages": packages,
+            "from_image": from_image,
+            "total_bytes": total,
+            "limit_bytes": int(limit_mib * 2**20),
+            "command": shlex.join(["python", "tools/gpu_kit.py", *sys.argv[1:]]),
+        }
         if total > kit["limit_bytes"]:
-            raise KitError(f"the kit is {total / 2**20:.1f} MiB, over --limit_mib {limit_mib:g}: "
-                           f"{', '.join(p['file'] for p in packages)}")
+            raise KitError(
+                f"the kit is {total / 2**20:.1f} MiB, over --limit_mib {limit_mib:g}: "
+                f"{', '.join(p['file'] for p in packages)}"
+            )
 
         def write(staging: Path) -> None:
             staging.mkdir()
@@ -188,8 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for p in kit["packages"]:
         print(f"  {p['bytes'] / 2**20:6.2f} MiB  {p['file']}  ({p['why']})")
-    print(f"kit for CPython {args.python}: {len(kit['packages'])} wheels, {kit['total_bytes'] / 2**20:.2f} MiB "
-          f"(limit {args.limit_mib:g} MiB) in {args.dir}; relies on the image's {', '.join(kit['from_image'])}")
+    print(
+        f"kit for CPython {args.python}: {len(kit['packages'])} wheels, {kit['total_bytes'] / 2**20:.2f} MiB "
+        f"(limit {args.limit_mib:g} MiB) in {args.dir}; relies on the image's {', '.join(kit['from_image'])}"
+    )
     return 0
 
 

@@ -73,7 +73,9 @@ def parse_size(text: str) -> int:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--deepspeed", required=True, help="DeepSpeed JSON, as for launch/train.py (moe.ep_size or moe.etp_size >= 2)")
+    p.add_argument(
+        "--deepspeed", required=True, help="DeepSpeed JSON, as for launch/train.py (moe.ep_size or moe.etp_size >= 2)"
+    )
     p.add_argument("--model", default="tiny-moe", help="preset name")
     p.add_argument("--capacity_factor", type=float, help="override the preset's training capacity factor")
     p.add_argument("--dropless", action="store_true", help="no capacity limit (no analytic byte count then)")
@@ -143,8 +145,10 @@ class EtpProbe:
 
         self.module, self.calls, self.sync = etp, calls, sync
         self.originals = {"GatherRows": etp.GatherRows, "ReduceScatterRows": etp.ReduceScatterRows}
-        self.timed = {"GatherRows": self._timed(etp.GatherRows, forward="ag", backward="rs"),
-                      "ReduceScatterRows": self._timed(etp.ReduceScatterRows, forward="rs", backward="ag")}
+        self.timed = {
+            "GatherRows": self._timed(etp.GatherRows, forward="ag", backward="rs"),
+            "ReduceScatterRows": self._timed(etp.ReduceScatterRows, forward="rs", backward="ag"),
+        }
 
     def _timed(self, original, *, forward: str, backward: str):
         probe = self
@@ -203,7 +207,7 @@ def bench_collective(op: str, group, args, dtype, device, sync) -> list[dict]:
     for size in args.sizes:
         numel = size // dtype.itemsize // n * n  # a whole row per rank for the gather and scatter
         full = torch.randn(numel, dtype=dtype, device=device)
-        x = full[:numel // n].clone() if op == "ag" else full
+        x = full[: numel // n].clone() if op == "ag" else full
         out = torch.empty_like(full)
         for _ in range(args.warmup):
             _collective_call(op, out, x, group)
@@ -219,7 +223,9 @@ def bench_collective(op: str, group, args, dtype, device, sync) -> list[dict]:
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)  # a collective ends with its last rank
         t = statistics.median(slowest.tolist())
         algbw = algorithm_bandwidth(full.nbytes, t)
-        rows.append({"bytes": full.nbytes, "median_us": t * 1e6, "algbw_gbs": algbw, "busbw_gbs": bus_bandwidth(algbw, n)})
+        rows.append(
+            {"bytes": full.nbytes, "median_us": t * 1e6, "algbw_gbs": algbw, "busbw_gbs": bus_bandwidth(algbw, n)}
+        )
     return rows
 
 
@@ -228,8 +234,13 @@ def _step_row(calls: list, step_s: float, ds_a2a_ms: float) -> dict:
     for op in COLLECTIVES:
         for d in ("fwd", "bwd"):
             mine = [c for c in calls if c[:2] == (op, d)]
-            row.update({f"{op}_{d}_ms": 1e3 * sum(c[3] for c in mine), f"{op}_{d}_bytes": sum(c[2] for c in mine),
-                        f"{op}_{d}_calls": len(mine)})
+            row.update(
+                {
+                    f"{op}_{d}_ms": 1e3 * sum(c[3] for c in mine),
+                    f"{op}_{d}_bytes": sum(c[2] for c in mine),
+                    f"{op}_{d}_calls": len(mine),
+                }
+            )
     return row
 
 
@@ -240,8 +251,9 @@ def profile_steps(engine, plan, calls: list, args, sync) -> dict:
     layers = engine.ds.moe_layers
     rows = []
     for step in range(args.warmup_steps + args.steps):
-        blocks = [torch.randint(0, vocab, (spec.micro_batch_size, seq + 1), generator=gen)
-                  for _ in range(spec.grad_accum)]
+        blocks = [
+            torch.randint(0, vocab, (spec.micro_batch_size, seq + 1), generator=gen) for _ in range(spec.grad_accum)
+        ]
         calls.clear()
         # DeepSpeed's layer timers accumulate (elapsed(reset=False)); the step's share is the difference.
         ds_before = sum(layer.time_falltoall + layer.time_salltoall for layer in layers)
@@ -263,6 +275,7 @@ def profile_steps(engine, plan, calls: list, args, sync) -> dict:
 
 def plot(result: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -273,11 +286,19 @@ def plot(result: dict, path: Path) -> None:
         bw.plot(x, [r["busbw_gbs"] for r in rows], "s--", label=f"{COLLECTIVES[op]} busbw (algbw x (n-1)/n)")
     for op, per_call in result["bytes"]["per_call_measured"].items():
         if per_call:
-            bw.axvline(per_call, ls=":", color="gray",
-                       label=f"step's {COLLECTIVES[op]}, mean call ({per_call / 2**20:.2f} MiB)")
+            bw.axvline(
+                per_call,
+                ls=":",
+                color="gray",
+                label=f"step's {COLLECTIVES[op]}, mean call ({per_call / 2**20:.2f} MiB)",
+            )
     s = result["setup"]
-    bw.set(xscale="log", xlabel="full buffer per rank (bytes)", ylabel="GB/s",
-           title=f"EP {s['ep_size']} x ETP {s['etp_size']} groups ({s['backend']})")
+    bw.set(
+        xscale="log",
+        xlabel="full buffer per rank (bytes)",
+        ylabel="GB/s",
+        title=f"EP {s['ep_size']} x ETP {s['etp_size']} groups ({s['backend']})",
+    )
     bw.legend(fontsize=7)
     ranks = result["step"]
     labels = [f"rank {r['rank']}" for r in ranks]
@@ -296,55 +317,105 @@ def plot(result: dict, path: Path) -> None:
 
 def report_md(result: dict) -> str:
     s, a = result["setup"], result["args"]
-    lines = [f"# Expert collectives profile: {s['model']}, EP={s['ep_size']} x ETP={s['etp_size']}", "",
-             f"`{result['command']}`", "",
-             (f"Machine: {s['machine']}; backend {s['backend']}, world {s['world_size']}, dtype {s['dtype']}, "
-             f"{s['tokens_per_micro_batch']} tokens per micro-batch x {s['micro_batches']}."), ""]
+    lines = [
+        f"# Expert collectives profile: {s['model']}, EP={s['ep_size']} x ETP={s['etp_size']}",
+        "",
+        f"`{result['command']}`",
+        "",
+        (
+            f"Machine: {s['machine']}; backend {s['backend']}, world {s['world_size']}, dtype {s['dtype']}, "
+            f"{s['tokens_per_micro_batch']} tokens per micro-batch x {s['micro_batches']}."
+        ),
+        "",
+    ]
     if s["device"] == "cpu":
-        lines += [("**CPU run:** gloo over shared memory/loopback on a shared host. These numbers say nothing "
-                  "about NVLink or NCCL; only the byte counts carry over to GPUs."), ""]
-    lines += ["## Microbenchmark", "", (f"Each collective on the group the MoE layers use (the all-to-all on the "
-              f"expert-parallel group, the ETP all-gather and reduce-scatter on the ETP group): median of "
-              f"{a['repeats']} calls after {a['warmup']} warm-up calls, each call timed on its slowest rank. Bytes = the "
-              "full buffer (all-to-all: what each rank sends; all-gather: the gathered output; reduce-scatter: the "
-              "input). algbw = bytes / time; busbw = algbw x (n-1)/n (nccl-tests, doc/PERFORMANCE.md)."), "",
-              "| collective | bytes per rank | median (us) | algbw (GB/s) | busbw (GB/s) |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {COLLECTIVES[op]} | {r['bytes']:,} | {r['median_us']:,.1f} | {r['algbw_gbs']:.3f} | "
-              f"{r['busbw_gbs']:.3f} |" for op, rows in result["microbenchmark"].items() for r in rows]
-    lines += ["", f"## Training step (median of {a['steps']} steps after {a['warmup_steps']}, random tokens)", "",
-              ("a2a = the probe's time inside DeepSpeed's `_AllToAll`; ag / rs = inside the ETP layer's all-gather and "
-              "reduce-scatter; each between device syncs, waiting for the other ranks included. DeepSpeed's own "
-              "`1st_a2a` + `2nd_a2a` timers (forward only) enclose the forward a2a probe. Rest = step minus every "
-              "collective: attention, experts, ZeRO gradient reduction, optimizer."), "",
-              ("| rank | step (ms) | a2a fwd | a2a bwd | ag fwd | ag bwd | rs fwd | rs bwd (ms) | rest (ms) | a2a share "
-              "| ETP share | DeepSpeed 1st+2nd_a2a (ms) |"), "|---:|" + "---:|" * 11]
+        lines += [
+            (
+                "**CPU run:** gloo over shared memory/loopback on a shared host. These numbers say nothing "
+                "about NVLink or NCCL; only the byte counts carry over to GPUs."
+            ),
+            "",
+        ]
+    lines += [
+        "## Microbenchmark",
+        "",
+        (
+            f"Each collective on the group the MoE layers use (the all-to-all on the "
+            f"expert-parallel group, the ETP all-gather and reduce-scatter on the ETP group): median of "
+            f"{a['repeats']} calls after {a['warmup']} warm-up calls, each call timed on its slowest rank. Bytes = the "
+            "full buffer (all-to-all: what each rank sends; all-gather: the gathered output; reduce-scatter: the "
+            "input). algbw = bytes / time; busbw = algbw x (n-1)/n (nccl-tests, doc/PERFORMANCE.md)."
+        ),
+        "",
+        "| collective | bytes per rank | median (us) | algbw (GB/s) | busbw (GB/s) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {COLLECTIVES[op]} | {r['bytes']:,} | {r['median_us']:,.1f} | {r['algbw_gbs']:.3f} | {r['busbw_gbs']:.3f} |"
+        for op, rows in result["microbenchmark"].items()
+        for r in rows
+    ]
+    lines += [
+        "",
+        f"## Training step (median of {a['steps']} steps after {a['warmup_steps']}, random tokens)",
+        "",
+        (
+            "a2a = the probe's time inside DeepSpeed's `_AllToAll`; ag / rs = inside the ETP layer's all-gather and "
+            "reduce-scatter; each between device syncs, waiting for the other ranks included. DeepSpeed's own "
+            "`1st_a2a` + `2nd_a2a` timers (forward only) enclose the forward a2a probe. Rest = step minus every "
+            "collective: attention, experts, ZeRO gradient reduction, optimizer."
+        ),
+        "",
+        (
+            "| rank | step (ms) | a2a fwd | a2a bwd | ag fwd | ag bwd | rs fwd | rs bwd (ms) | rest (ms) | a2a share "
+            "| ETP share | DeepSpeed 1st+2nd_a2a (ms) |"
+        ),
+        "|---:|" + "---:|" * 11,
+    ]
     for r in result["step"]:
         m = r["median"]
         cells = " | ".join(f"{m[f'{op}_{d}_ms']:.2f}" for op in COLLECTIVES for d in ("fwd", "bwd"))
-        lines.append(f"| {r['rank']} | {m['step_ms']:.1f} | {cells} | {m['rest_ms']:.1f} | {100 * m['a2a_share']:.1f}% "
-                     f"| {100 * m['etp_share']:.1f}% | {m['ds_timer_fwd_a2a_ms']:.2f} |")
+        lines.append(
+            f"| {r['rank']} | {m['step_ms']:.1f} | {cells} | {m['rest_ms']:.1f} | {100 * m['a2a_share']:.1f}% "
+            f"| {100 * m['etp_share']:.1f}% | {m['ds_timer_fwd_a2a_ms']:.2f} |"
+        )
     return "\n".join(lines + [""] + bytes_section(result)) + "\n"
 
 
 def bytes_section(result: dict) -> list[str]:
     b = result["bytes"]
-    lines = ["## Bytes per rank per step", "",
-             "Measured: the probes' sum of full buffers (rank 0, first timed step)"
-             + (", the same on every timed step and rank." if b["same_every_step_and_rank"] else
-                "; it varies by step or rank: see alltoall.json."), "",
-             "| collective | direction | calls | measured bytes | analytic bytes | equal |", "|---|---|---:|---:|---:|---|"]
+    lines = [
+        "## Bytes per rank per step",
+        "",
+        "Measured: the probes' sum of full buffers (rank 0, first timed step)"
+        + (
+            ", the same on every timed step and rank."
+            if b["same_every_step_and_rank"]
+            else "; it varies by step or rank: see alltoall.json."
+        ),
+        "",
+        "| collective | direction | calls | measured bytes | analytic bytes | equal |",
+        "|---|---|---:|---:|---:|---|",
+    ]
     for op, counts in b["analytic"].items():
         for d, direction in (("fwd", "forward"), ("bwd", "backward")):
             analytic = counts[direction] if counts else None
             if not b["measured"][f"{op}_{d}_calls"] and not analytic:
                 continue
-            lines.append(f"| {COLLECTIVES[op]} | {direction} | {b['measured'][f'{op}_{d}_calls']} | "
-                         f"{b['measured'][f'{op}_{d}_bytes']:,} | {f'{analytic:,}' if analytic is not None else '-'} | "
-                         f"{'yes' if b['equal'][op] else 'NO'} |")
-    lines += ["", ("Analytic: all-to-all 2 x MoE layers x micro-batches x E x C x d x bytes, C the capacity of the "
-              "ETP group's gathered tokens (`moe_dist.analysis.comm_cost.step_alltoall_bytes`); ETP "
-              "`expert_tensor_parallel.etp_bytes_per_layer` x MoE layers x micro-batches "
-              "(`comm_cost.step_etp_bytes`).")]
+            lines.append(
+                f"| {COLLECTIVES[op]} | {direction} | {b['measured'][f'{op}_{d}_calls']} | "
+                f"{b['measured'][f'{op}_{d}_bytes']:,} | {f'{analytic:,}' if analytic is not None else '-'} | "
+                f"{'yes' if b['equal'][op] else 'NO'} |"
+            )
+    lines += [
+        "",
+        (
+            "Analytic: all-to-all 2 x MoE layers x micro-batches x E x C x d x bytes, C the capacity of the "
+            "ETP group's gathered tokens (`moe_dist.analysis.comm_cost.step_alltoall_bytes`); ETP "
+            "`expert_tensor_parallel.etp_bytes_per_layer` x MoE layers x micro-batches "
+            "(`comm_cost.step_etp_bytes`)."
+        ),
+    ]
     lines += [f"Note: {note}" for note in b["notes"]]
     return lines
 
@@ -356,8 +427,11 @@ def _measured_counts(first: dict) -> dict:
 def analytic_counts(plan) -> tuple[dict, list[str]]:
     """Per collective, forward and backward bytes per step from `comm_cost` (None where not defined), and why not."""
     dtype_bytes, spec = DTYPES[plan.spec.precision].itemsize, plan.spec
-    shape = {"micro_batches": spec.grad_accum, "tokens_per_micro_batch": spec.micro_batch_size * plan.data.seq_len,
-                 "dtype_bytes": dtype_bytes}
+    shape = {
+        "micro_batches": spec.grad_accum,
+        "tokens_per_micro_batch": spec.micro_batch_size * plan.data.seq_len,
+        "dtype_bytes": dtype_bytes,
+    }
     out, notes = {"a2a": None, "ag": None, "rs": None}, []
     if spec.ep_size > 1:
         try:
@@ -377,25 +451,41 @@ def byte_counts(plan, ranks: list[dict]) -> dict:
     measured = _measured_counts(first)
     constant = all(_measured_counts(s) == measured for r in ranks for s in r["steps"])
     analytic, notes = analytic_counts(plan)
-    equal = {op: bool(analytic[op]) and constant and (measured[f"{op}_fwd_bytes"], measured[f"{op}_bwd_bytes"]) == (
-        analytic[op]["forward"], analytic[op]["backward"]) for op in COLLECTIVES}
+    equal = {
+        op: bool(analytic[op])
+        and constant
+        and (measured[f"{op}_fwd_bytes"], measured[f"{op}_bwd_bytes"])
+        == (analytic[op]["forward"], analytic[op]["backward"])
+        for op in COLLECTIVES
+    }
     per_call = {op: measured[f"{op}_fwd_bytes"] // max(measured[f"{op}_fwd_calls"], 1) for op in COLLECTIVES}
-    return {"measured": measured, "analytic": analytic, "equal": equal, "notes": notes, "per_call_measured": per_call,
-                "same_every_step_and_rank": constant}
+    return {
+        "measured": measured,
+        "analytic": analytic,
+        "equal": equal,
+        "notes": notes,
+        "per_call_measured": per_call,
+        "same_every_step_and_rank": constant,
+    }
 
 
 def build(args):
     """Plan, engine and model exactly as `launch/train.py` builds them, plus DeepSpeed's a2a timers."""
     import transformers
 
-    plan = plan_run(ModelArgs(model=args.model, capacity_factor=args.capacity_factor, dropless=args.dropless,
-                              vocab_size=args.vocab_size),
-                    DataConfig(seq_len=args.seq_len),
-                    RunArgs(output_dir=args.out, seed=args.seed, max_steps=args.warmup_steps + args.steps),
-                    EngineArgs(deepspeed=args.deepspeed))
+    plan = plan_run(
+        ModelArgs(
+            model=args.model, capacity_factor=args.capacity_factor, dropless=args.dropless, vocab_size=args.vocab_size
+        ),
+        DataConfig(seq_len=args.seq_len),
+        RunArgs(output_dir=args.out, seed=args.seed, max_steps=args.warmup_steps + args.steps),
+        EngineArgs(deepspeed=args.deepspeed),
+    )
     if max(plan.spec.ep_size, plan.spec.etp_size) < 2 or not plan.model_config.is_moe:
-        sys.exit("error: needs an MoE model and moe.ep_size >= 2 or moe.etp_size >= 2 (with neither, no expert "
-                 "collective runs)")
+        sys.exit(
+            "error: needs an MoE model and moe.ep_size >= 2 or moe.etp_size >= 2 (with neither, no expert "
+            "collective runs)"
+        )
     plan.spec.ds_config = {**plan.spec.ds_config, "wall_clock_breakdown": True}
     engine = make_engine("deepspeed", plan.spec)
     transformers.set_seed(args.seed)  # as the trainer: identical weights on every rank before sharding
@@ -419,8 +509,14 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     # Before any process group: every rank checks --out, rank 0 records our three names there.
-    claim_dir(args.out, "profile_alltoall", OUTPUTS, what="--out", main=os.environ.get("RANK", "0") == "0",
-              legacy=lambda d: is_our_json(d / "alltoall.json", ("command", "setup")))
+    claim_dir(
+        args.out,
+        "profile_alltoall",
+        OUTPUTS,
+        what="--out",
+        main=os.environ.get("RANK", "0") == "0",
+        legacy=lambda d: is_our_json(d / "alltoall.json", ("command", "setup")),
+    )
     plan, engine = build(args)
     sync, dtype = get_accelerator().synchronize, DTYPES[plan.spec.precision]
     groups = collective_groups(engine, plan)
@@ -439,15 +535,30 @@ def main(argv=None) -> None:
 
 def write_outputs(args, plan, engine, backend: str, micro, ranks) -> None:
     # The launcher adds --local_rank to each rank's argv; the command a user types has none.
-    command = command_line("deepspeed", "--num_gpus", str(engine.world_size),
-                           argv=[a for a in sys.argv if "--local_rank" not in a])
-    setup = {"model": args.model, "ep_size": plan.spec.ep_size, "etp_size": plan.spec.etp_size,
-                 "world_size": engine.world_size, "backend": backend, "dtype": plan.spec.precision, "device": engine.device.type,
-                 "tokens_per_micro_batch": plan.spec.micro_batch_size * plan.data.seq_len,
-                 "micro_batches": plan.spec.grad_accum, "capacity_factor": plan.model_config.capacity_factor,
-                 "machine": machine(engine.device)}
-    result = {"command": command, "setup": setup, "microbenchmark": micro, "step": ranks,
-                  "args": {k: v for k, v in vars(args).items() if k != "local_rank"}, "bytes": byte_counts(plan, ranks)}
+    command = command_line(
+        "deepspeed", "--num_gpus", str(engine.world_size), argv=[a for a in sys.argv if "--local_rank" not in a]
+    )
+    setup = {
+        "model": args.model,
+        "ep_size": plan.spec.ep_size,
+        "etp_size": plan.spec.etp_size,
+        "world_size": engine.world_size,
+        "backend": backend,
+        "dtype": plan.spec.precision,
+        "device": engine.device.type,
+        "tokens_per_micro_batch": plan.spec.micro_batch_size * plan.data.seq_len,
+        "micro_batches": plan.spec.grad_accum,
+        "capacity_factor": plan.model_config.capacity_factor,
+        "machine": machine(engine.device),
+    }
+    result = {
+        "command": command,
+        "setup": setup,
+        "microbenchmark": micro,
+        "step": ranks,
+        "args": {k: v for k, v in vars(args).items() if k != "local_rank"},
+        "bytes": byte_counts(plan, ranks),
+    }
     out = Path(args.out)
     write_json(out / "alltoall.json", result)
     (out / "report.md").write_text(report_md(result))

@@ -41,10 +41,19 @@ def save_stock(folder: Path, args, experts: int) -> int:
     """A random Qwen3-MoE folder in bf16; returns its parameter count."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    config = Qwen3MoeConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
-                            num_attention_heads=8, num_key_value_heads=2, head_dim=args.hidden_size // 8,
-                            intermediate_size=4 * args.moe_width, moe_intermediate_size=args.moe_width,
-                            num_experts=experts, num_experts_per_tok=8, max_position_embeddings=256)
+    config = Qwen3MoeConfig(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=args.hidden_size // 8,
+        intermediate_size=4 * args.moe_width,
+        moe_intermediate_size=args.moe_width,
+        num_experts=experts,
+        num_experts_per_tok=8,
+        max_position_embeddings=256,
+    )
     torch.manual_seed(0)
     with torch.device("meta"):
         model = Qwen3MoeForCausalLM(config)
@@ -72,21 +81,38 @@ def load_worker(folder: str, ep_size: int) -> dict | None:
 
     from moe_dist import MoEConfig, MoEForCausalLM
     from moe_dist.convert.stock_import import read_init_config, weight_source
-    from moe_dist.parallel.engines import make_engine
-    from moe_dist.parallel.engines import EngineSpec
+    from moe_dist.parallel.engines import EngineSpec, make_engine
 
     init = read_init_config(Path(folder))
     config = MoEConfig(**init.fields)
-    spec = EngineSpec(micro_batch_size=1, grad_accum=1, grad_clip=1.0, precision="fp32", ep_size=ep_size, lr=1e-3,
-                      betas=(0.9, 0.95), adam_eps=1e-8, weight_decay=0.0, warmup_steps=1, max_steps=1, min_lr_ratio=0.1,
-                      dist_timeout_s=600, ds_config={"train_micro_batch_size_per_gpu": 1})
+    spec = EngineSpec(
+        micro_batch_size=1,
+        grad_accum=1,
+        grad_clip=1.0,
+        precision="fp32",
+        ep_size=ep_size,
+        lr=1e-3,
+        betas=(0.9, 0.95),
+        adam_eps=1e-8,
+        weight_decay=0.0,
+        warmup_steps=1,
+        max_steps=1,
+        min_lr_ratio=0.1,
+        dist_timeout_s=600,
+        ds_config={"train_micro_batch_size_per_gpu": 1},
+    )
     engine = make_engine("deepspeed", spec)
     before, t0 = peak_rss_mb(), time.perf_counter()
     with torch.device("meta"):
         model = MoEForCausalLM(config)
     model = engine.shard(model, weight_source(init, config))
-    mine = {"rank": engine.rank, "seconds": time.perf_counter() - t0, "rss_before_mb": before,
-            "peak_rss_mb": peak_rss_mb(), "params_held": sum(p.numel() for p in model.parameters())}
+    mine = {
+        "rank": engine.rank,
+        "seconds": time.perf_counter() - t0,
+        "rss_before_mb": before,
+        "peak_rss_mb": peak_rss_mb(),
+        "params_held": sum(p.numel() for p in model.parameters()),
+    }
     ranks = [None] * engine.world_size
     dist.all_gather_object(ranks, mine)
     engine.close()
@@ -110,21 +136,31 @@ def launch(args, *worker: str, ranks: int = 1) -> dict:
 
 
 def report(result: dict) -> str:
-    lines = [f"# Import memory: {result['shape']}", "", f"Command: `{result['command']}`", "",
-             f"Machine: {result['machine']}", "",
-             "Per-rank peak RSS after the load (whole process: ~0.4-0.6 GB is Python, torch, DeepSpeed and "
-             "transformers, `rss_before`), and the exactness check's process, which holds the stock class and the "
-             "converted model in fp32.", "",
-             "| experts | params | fp32 size (MB) | check: peak RSS (MB), s | EP | per-rank peak RSS (MB) | "
-             "before load (MB) | params held per rank | load s (max) |", "|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# Import memory: {result['shape']}",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Machine: {result['machine']}",
+        "",
+        "Per-rank peak RSS after the load (whole process: ~0.4-0.6 GB is Python, torch, DeepSpeed and "
+        "transformers, `rss_before`), and the exactness check's process, which holds the stock class and the "
+        "converted model in fp32.",
+        "",
+        "| experts | params | fp32 size (MB) | check: peak RSS (MB), s | EP | per-rank peak RSS (MB) | "
+        "before load (MB) | params held per rank | load s (max) |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for row in result["rows"]:
         check = row["check"]
         for load in row["loads"]:
             ranks = load["ranks"]
-            lines.append(f"| {row['experts']} | {row['params'] / 1e6:.0f}M | {row['params'] * 4 / MB:,.0f} | "
-                         f"{check['peak_rss_mb']:,.0f}, {check['seconds']:.1f} | {load['ep_size']} | "
-                         f"{max(r['peak_rss_mb'] for r in ranks):,.0f} | {max(r['rss_before_mb'] for r in ranks):,.0f} | "
-                         f"{max(r['params_held'] for r in ranks) / 1e6:.0f}M | {max(r['seconds'] for r in ranks):.1f} |")
+            lines.append(
+                f"| {row['experts']} | {row['params'] / 1e6:.0f}M | {row['params'] * 4 / MB:,.0f} | "
+                f"{check['peak_rss_mb']:,.0f}, {check['seconds']:.1f} | {load['ep_size']} | "
+                f"{max(r['peak_rss_mb'] for r in ranks):,.0f} | {max(r['rss_before_mb'] for r in ranks):,.0f} | "
+                f"{max(r['params_held'] for r in ranks) / 1e6:.0f}M | {max(r['seconds'] for r in ranks):.1f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -135,20 +171,32 @@ def main(argv=None) -> int:
         if out is not None:
             Path(args.result).write_text(json.dumps(out))
         return 0
-    out = claim_dir(args.out, "profile_import", ["import.json", "report.md"], what="--out",
-                    legacy=lambda d: is_our_json(d / "import.json", ("command", "rows")))
-    shape = f"Qwen3-MoE, d {args.hidden_size}, {args.layers} layers, experts of width {args.moe_width}, top-8, " \
-            f"vocab {args.vocab_size}"
+    out = claim_dir(
+        args.out,
+        "profile_import",
+        ["import.json", "report.md"],
+        what="--out",
+        legacy=lambda d: is_our_json(d / "import.json", ("command", "rows")),
+    )
+    shape = (
+        f"Qwen3-MoE, d {args.hidden_size}, {args.layers} layers, experts of width {args.moe_width}, top-8, "
+        f"vocab {args.vocab_size}"
+    )
     rows = []
     for experts in args.experts:
         with tempfile.TemporaryDirectory() as tmp:
             params = save_stock(Path(tmp) / "stock", args, experts)
             print(f"E={experts}: {params / 1e6:.0f}M parameters", flush=True)
             check = launch(args, "--check", str(Path(tmp) / "stock"))
-            loads = [launch(args, "--load", str(Path(tmp) / "stock"), "--ep_size", str(p), ranks=p)
-                     for p in args.ep if experts % p == 0]
+            loads = [
+                launch(args, "--load", str(Path(tmp) / "stock"), "--ep_size", str(p), ranks=p)
+                for p in args.ep
+                if experts % p == 0
+            ]
             rows.append({"experts": experts, "params": params, "check": check, "loads": loads})
-            print(report({"shape": shape, "command": "", "machine": "", "rows": rows[-1:]}).splitlines()[-1], flush=True)
+            print(
+                report({"shape": shape, "command": "", "machine": "", "rows": rows[-1:]}).splitlines()[-1], flush=True
+            )
     result = {"command": command_line("python"), "machine": machine(torch.device("cpu")), "shape": shape, "rows": rows}
     write_json(out / "import.json", result)
     (out / "report.md").write_text(report(result))

@@ -62,8 +62,8 @@ from moe_dist.analysis.costs import (
     memory_bytes,
     reduce_bucket_elements,
 )
-from moe_dist.model.configuration import MoEConfig
 from moe_dist.model import moe
+from moe_dist.model.configuration import MoEConfig
 from moe_dist.parallel.ds_config import load_deepspeed_config
 from moe_dist.parallel.expert_parallel import (
     ExpertParallelError,
@@ -81,9 +81,13 @@ def _validate(config: MoEConfig, ds, world: int) -> None:
     if ds.etp_size == 1:
         validate_expert_parallel(num_experts=config.num_local_experts, ep_size=ds.ep_size, world_size=world)
     else:
-        validate_expert_tensor_parallel(num_experts=config.num_local_experts, ep_size=ds.ep_size,
-                                        etp_size=ds.etp_size, intermediate_size=config.moe_intermediate_size,
-                                        world_size=world)
+        validate_expert_tensor_parallel(
+            num_experts=config.num_local_experts,
+            ep_size=ds.ep_size,
+            etp_size=ds.etp_size,
+            intermediate_size=config.moe_intermediate_size,
+            world_size=world,
+        )
 
 
 def predict(config: MoEConfig, ds_path: str, world: int, args, experts_impl: str = "grouped") -> dict:
@@ -93,21 +97,44 @@ def predict(config: MoEConfig, ds_path: str, world: int, args, experts_impl: str
     bf16 path, for a prediction, and what the run took for a measured row."""
     ds = load_deepspeed_config(ds_path, world_size=world)
     seq = args.seq_len or config.max_position_embeddings
-    row = {"config": Path(ds_path).stem, "path": os.path.relpath(ds_path, ROOT), "world_size": world,
-           "ep_size": ds.ep_size, "etp_size": ds.etp_size, "zero_stage": ds.zero_stage, "precision": ds.precision,
-           "micro_batch": ds.micro_batch_size, "grad_accum": ds.grad_accum, "seq_len": seq,
-           "measured_mb": None, "allocated_mb_per_rank": None, "reserved_mb_per_rank": None,
-           "nvml_used_mb_per_rank": None, "judged_mb": None, "tok_s": None}
+    row = {
+        "config": Path(ds_path).stem,
+        "path": os.path.relpath(ds_path, ROOT),
+        "world_size": world,
+        "ep_size": ds.ep_size,
+        "etp_size": ds.etp_size,
+        "zero_stage": ds.zero_stage,
+        "precision": ds.precision,
+        "micro_batch": ds.micro_batch_size,
+        "grad_accum": ds.grad_accum,
+        "seq_len": seq,
+        "measured_mb": None,
+        "allocated_mb_per_rank": None,
+        "reserved_mb_per_rank": None,
+        "nvml_used_mb_per_rank": None,
+        "judged_mb": None,
+        "tok_s": None,
+    }
     try:
         _validate(config, ds, world)
     except ExpertParallelError as e:
         return {**row, "predicted": None, "train_flops_per_rank_step": None, "verdict": f"invalid: {e}"}
-    row["predicted"] = memory_bytes(config, zero_stage=ds.zero_stage, ep_size=ds.ep_size, etp_size=ds.etp_size,
-                                    world_size=world, precision=ds.precision, micro_batch=ds.micro_batch_size,
-                                    seq_len=seq, grad_ckpt=args.grad_ckpt, reduce_bucket=reduce_bucket_elements(ds.raw),
-                                    experts_impl=experts_impl)
-    flops = flops_per_rank(config, tokens_per_rank=ds.micro_batch_size * seq, seq_len=seq, ep_size=ds.ep_size,
-                           etp_size=ds.etp_size)
+    row["predicted"] = memory_bytes(
+        config,
+        zero_stage=ds.zero_stage,
+        ep_size=ds.ep_size,
+        etp_size=ds.etp_size,
+        world_size=world,
+        precision=ds.precision,
+        micro_batch=ds.micro_batch_size,
+        seq_len=seq,
+        grad_ckpt=args.grad_ckpt,
+        reduce_bucket=reduce_bucket_elements(ds.raw),
+        experts_impl=experts_impl,
+    )
+    flops = flops_per_rank(
+        config, tokens_per_rank=ds.micro_batch_size * seq, seq_len=seq, ep_size=ds.ep_size, etp_size=ds.etp_size
+    )
     row["train_flops_per_rank_step"] = flops["train"] * ds.grad_accum
     row["verdict"] = fit_verdict(row["predicted"]["total"], gpu_mem_gib=args.gpu_mem_gib)
     return row
@@ -128,12 +155,29 @@ def measure(ds_path: str, ranks: int, args) -> tuple[dict, MoEConfig]:
         sys.exit(f"error: {e}")
     env.update(launcher_env)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [*launcher, "--master_port", str(free_port()), str(Path(__file__).resolve()),
-               "--worker", tmp, "--measure", ds_path, "--preset", args.preset, "--max_steps", str(args.max_steps),
-               "--timed_steps", str(args.timed_steps), "--seed", str(args.seed), "--output_dir", tmp,
-               *(["--seq_len", str(args.seq_len)] if args.seq_len else []),
-               *(["--vocab_size", str(args.vocab_size)] if args.vocab_size else []),
-               *(["--grad_ckpt"] if args.grad_ckpt else [])]
+        cmd = [
+            *launcher,
+            "--master_port",
+            str(free_port()),
+            str(Path(__file__).resolve()),
+            "--worker",
+            tmp,
+            "--measure",
+            ds_path,
+            "--preset",
+            args.preset,
+            "--max_steps",
+            str(args.max_steps),
+            "--timed_steps",
+            str(args.timed_steps),
+            "--seed",
+            str(args.seed),
+            "--output_dir",
+            tmp,
+            *(["--seq_len", str(args.seq_len)] if args.seq_len else []),
+            *(["--vocab_size", str(args.vocab_size)] if args.vocab_size else []),
+            *(["--grad_ckpt"] if args.grad_ckpt else []),
+        ]
         print(f"measuring {ds_path} on {ranks} ranks: {shlex.join(cmd)}", flush=True)
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
@@ -159,8 +203,9 @@ class CpuAllocatorPeak:
 
     def __exit__(self, *exc):
         self.profiler.__exit__(*exc)
-        events = sorted((e.start_ns(), e.nbytes()) for e in self.profiler.profiler.kineto_results.events()
-                        if e.name() == "[memory]")
+        events = sorted(
+            (e.start_ns(), e.nbytes()) for e in self.profiler.profiler.kineto_results.events() if e.name() == "[memory]"
+        )
         live = self.peak = 0
         for _, nbytes in events:
             live += nbytes
@@ -171,8 +216,9 @@ def _random_batches(plan, rank: int, seed: int):
     spec, seq, vocab = plan.spec, plan.data.seq_len, plan.model_config.vocab_size
     gen = torch.Generator().manual_seed(seed * 1000 + rank)
     while True:
-        blocks = [torch.randint(0, vocab, (spec.micro_batch_size, seq + 1), generator=gen)
-                  for _ in range(spec.grad_accum)]
+        blocks = [
+            torch.randint(0, vocab, (spec.micro_batch_size, seq + 1), generator=gen) for _ in range(spec.grad_accum)
+        ]
         yield [(b[:, :-1], b[:, 1:]) for b in blocks]
 
 
@@ -205,10 +251,12 @@ def worker(args) -> None:
     from moe_dist.train.metrics import peak_memory_mb
     from moe_dist.train.plan import plan_run
 
-    plan = plan_run(ModelArgs(model=args.preset, vocab_size=args.vocab_size, grad_ckpt=args.grad_ckpt),
-                    DataConfig(seq_len=args.seq_len), RunArgs(output_dir=str(Path(args.worker) / "run"), seed=args.seed,
-                                                              max_steps=args.max_steps + args.timed_steps),
-                    EngineArgs(deepspeed=args.measure[0]))
+    plan = plan_run(
+        ModelArgs(model=args.preset, vocab_size=args.vocab_size, grad_ckpt=args.grad_ckpt),
+        DataConfig(seq_len=args.seq_len),
+        RunArgs(output_dir=str(Path(args.worker) / "run"), seed=args.seed, max_steps=args.max_steps + args.timed_steps),
+        EngineArgs(deepspeed=args.measure[0]),
+    )
     cpu = not torch.cuda.is_available()
     if cpu:
         with CpuAllocatorPeak() as allocator:
@@ -223,9 +271,13 @@ def worker(args) -> None:
         engine.train_batch(next(batches))
         sync()
         seconds.append(time.perf_counter() - start)
-    mine = {"allocated_mb": allocator.peak / MB if cpu else memory["torch_peak_mb"],
-            "reserved_mb": None if cpu else memory["torch_reserved_peak_mb"], "nvml_mb": memory.get("nvml_used_mb"),
-            "peak_mem_mb": memory["peak_mem_mb"], "step_s": seconds}
+    mine = {
+        "allocated_mb": allocator.peak / MB if cpu else memory["torch_peak_mb"],
+        "reserved_mb": None if cpu else memory["torch_reserved_peak_mb"],
+        "nvml_mb": memory.get("nvml_used_mb"),
+        "peak_mem_mb": memory["peak_mem_mb"],
+        "step_s": seconds,
+    }
     ranks = [None] * engine.world_size
     dist.all_gather_object(ranks, mine)
     if engine.is_main:
@@ -239,12 +291,17 @@ def _gathered(ranks: list[dict], plan, engine) -> dict:
     step_s = [max(r["step_s"][i] for r in ranks) for i in range(len(ranks[0]["step_s"]))]  # each step's slowest rank
     tokens = engine.world_size * plan.spec.micro_batch_size * plan.spec.grad_accum * plan.data.seq_len
     median = statistics.median(step_s) if step_s else None
-    return {"peak_mem_mb": max(r["peak_mem_mb"] for r in ranks),
-            "allocated_mb_per_rank": [r["allocated_mb"] for r in ranks],
-            "peak_reserved_mb_per_rank": [r["reserved_mb"] for r in ranks if r["reserved_mb"] is not None],
-            "nvml_used_mb_per_rank": [r["nvml_mb"] for r in ranks if r["nvml_mb"] is not None],
-            "step_s": step_s, "tokens_per_step": tokens, "tok_s": tokens / median if median else None,
-            "machine": machine(engine.device), "experts_impl": _experts_impl(engine)}
+    return {
+        "peak_mem_mb": max(r["peak_mem_mb"] for r in ranks),
+        "allocated_mb_per_rank": [r["allocated_mb"] for r in ranks],
+        "peak_reserved_mb_per_rank": [r["reserved_mb"] for r in ranks if r["reserved_mb"] is not None],
+        "nvml_used_mb_per_rank": [r["nvml_mb"] for r in ranks if r["nvml_mb"] is not None],
+        "step_s": step_s,
+        "tokens_per_step": tokens,
+        "tok_s": tokens / median if median else None,
+        "machine": machine(engine.device),
+        "experts_impl": _experts_impl(engine),
+    }
 
 
 def _experts_impl(engine) -> str:
@@ -266,8 +323,13 @@ def measured_fields(summary: dict, args) -> dict:
         judged = max(judged, max(nvml)) if nvml else judged
     else:
         judged = summary["peak_mem_mb"]  # peak RSS on CPU
-    return {"measured_mb": summary["peak_mem_mb"], "allocated_mb_per_rank": summary.get("allocated_mb_per_rank"),
-            "reserved_mb_per_rank": reserved, "nvml_used_mb_per_rank": nvml, "judged_mb": judged}
+    return {
+        "measured_mb": summary["peak_mem_mb"],
+        "allocated_mb_per_rank": summary.get("allocated_mb_per_rank"),
+        "reserved_mb_per_rank": reserved,
+        "nvml_used_mb_per_rank": nvml,
+        "judged_mb": judged,
+    }
 
 
 def _world(path: str, args) -> int:
@@ -303,31 +365,43 @@ def build_rows(args) -> list[dict]:
 
 
 def _unit(rows: list[dict]) -> tuple[str, float]:
-    largest = max([r["predicted"]["total"] for r in rows if r["predicted"]] +
-                  [r["measured_mb"] * MB for r in rows if r["measured_mb"]] + [1])
+    largest = max(
+        [r["predicted"]["total"] for r in rows if r["predicted"]]
+        + [r["measured_mb"] * MB for r in rows if r["measured_mb"]]
+        + [1]
+    )
     return ("GiB", GiB) if largest >= GiB else ("MiB", MB)
 
 
 def write_report(rows: list[dict], args, out: Path) -> None:
     name, scale = _unit(rows)
-    lines = [f"# Per-rank training memory: `{args.preset}`", "",
-             f"Command: `{command_line()}`", "",
-             (f"Predicted by `moe_dist.analysis.costs.memory_bytes` (AdamW; bf16 keeps an fp32 master; ZeRO-1 shards the "
-             f"optimizer state, ZeRO-2 also the gradients; experts are split over `ep_size` ranks and each sliced over "
-             f"`etp_size`; activations after Korthikanti et al. 2022, adapted for MoE"
-             f"{', with activation checkpointing' if args.grad_ckpt else ''}; buffers: DeepSpeed's contiguous gradient "
-             f"bucket). Verdict on N x {args.gpu_mem_gib:g} GiB: `fits` leaves 10% headroom, `tight` uses more; a "
-             f"measured row is judged on the larger of predicted and measured. Allocated = the largest rank's allocator "
-             f"peak of live tensors (CUDA's `max_memory_allocated`; on CPU the running sum of torch.profiler's memory "
-             f"events), what the prediction counts. Measured = max over ranks of `peak_mem_mb` (CUDA allocator peak on "
-             f"GPU, process peak RSS on CPU); on GPU the verdict uses the reserved peak plus {args.cuda_context_mb:g} MiB "
-             f"of CUDA context and NCCL buffers (or NVML's reading, if larger), and `memory.json` has allocated, reserved "
-             f"and NVML-used per rank. tok/s: all ranks' tokens per step / the median step"
-             f"{f' (median of {args.rounds} interleaved launches)' if args.rounds > 1 else ''}."), "",
-             "| config | ranks | ep | etp | ZeRO | precision | micro-batch x seq | " + " | ".join(PARTS) +
-             f" | predicted ({name}) | allocated ({name}) | predicted / allocated | measured ({name}) | tok/s "
-             f"| verdict on N x {args.gpu_mem_gib:g} GiB |",
-             "|" + "---|" * (14 + len(PARTS))]
+    lines = [
+        f"# Per-rank training memory: `{args.preset}`",
+        "",
+        f"Command: `{command_line()}`",
+        "",
+        (
+            f"Predicted by `moe_dist.analysis.costs.memory_bytes` (AdamW; bf16 keeps an fp32 master; ZeRO-1 shards the "
+            f"optimizer state, ZeRO-2 also the gradients; experts are split over `ep_size` ranks and each sliced over "
+            f"`etp_size`; activations after Korthikanti et al. 2022, adapted for MoE"
+            f"{', with activation checkpointing' if args.grad_ckpt else ''}; buffers: DeepSpeed's contiguous gradient "
+            f"bucket). Verdict on N x {args.gpu_mem_gib:g} GiB: `fits` leaves 10% headroom, `tight` uses more; a "
+            f"measured row is judged on the larger of predicted and measured. Allocated = the largest rank's allocator "
+            f"peak of live tensors (CUDA's `max_memory_allocated`; on CPU the running sum of torch.profiler's memory "
+            f"events), what the prediction counts. Measured = max over ranks of `peak_mem_mb` (CUDA allocator peak "
+            f"on GPU, process peak RSS on CPU); on GPU the verdict uses the reserved peak plus "
+            f"{args.cuda_context_mb:g} MiB of CUDA context and NCCL buffers (or NVML's reading, if larger), "
+            f"and `memory.json` has allocated, reserved "
+            f"and NVML-used per rank. tok/s: all ranks' tokens per step / the median step"
+            f"{f' (median of {args.rounds} interleaved launches)' if args.rounds > 1 else ''}."
+        ),
+        "",
+        "| config | ranks | ep | etp | ZeRO | precision | micro-batch x seq | "
+        + " | ".join(PARTS)
+        + f" | predicted ({name}) | allocated ({name}) | predicted / allocated | measured ({name}) | tok/s "
+        f"| verdict on N x {args.gpu_mem_gib:g} GiB |",
+        "|" + "---|" * (14 + len(PARTS)),
+    ]
     for r in rows:
         p = r["predicted"]
         cells = [f"{p[k] / scale:.2f}" for k in (*PARTS, "total")] if p else ["-"] * (len(PARTS) + 1)
@@ -335,9 +409,11 @@ def write_report(rows: list[dict], args, out: Path) -> None:
         allocated = f"{r['allocated_mb'] * MB / scale:.2f}" if r.get("allocated_mb") else "-"
         ratio = f"{1 + r['predicted_over_allocated']:.3f}" if r.get("allocated_mb") else "-"
         tok_s = f"{r['tok_s']:,.0f}" if r["tok_s"] else "-"
-        lines.append(f"| {r['config']} | {r['world_size']} | {r['ep_size']} | {r['etp_size']} | {r['zero_stage']} | "
-                     f"{r['precision']} | {r['micro_batch']} x {r['seq_len']} | {' | '.join(cells)} | {allocated} | "
-                     f"{ratio} | {measured} | {tok_s} | {r['verdict']} |")
+        lines.append(
+            f"| {r['config']} | {r['world_size']} | {r['ep_size']} | {r['etp_size']} | {r['zero_stage']} | "
+            f"{r['precision']} | {r['micro_batch']} x {r['seq_len']} | {' | '.join(cells)} | {allocated} | "
+            f"{ratio} | {measured} | {tok_s} | {r['verdict']} |"
+        )
     lines += ["", "![memory per rank](memory.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
 
@@ -364,8 +440,9 @@ def plot(rows: list[dict], args, path: Path) -> None:
         ax.bar([i + 0.27 for i in x], measured, 0.27, color="0.3", hatch="//", label="measured peak (RSS on CPU)")
     if args.gpu_mem_gib * GiB / scale <= 1.5 * max(bottom + measured):
         ax.axhline(args.gpu_mem_gib * GiB / scale, color="red", ls="--", label=f"{args.gpu_mem_gib:g} GiB GPU")
-    ax.set_xticks(list(x), [f"{r['config']}\n{r['world_size']} ranks, ZeRO-{r['zero_stage']}" for r in rows],
-                  fontsize=8)
+    ax.set_xticks(
+        list(x), [f"{r['config']}\n{r['world_size']} ranks, ZeRO-{r['zero_stage']}" for r in rows], fontsize=8
+    )
     ax.set_ylabel(f"per-rank memory ({name})")
     ax.set_title(f"{args.preset}: training memory per rank")
     ax.legend(fontsize=8)
@@ -380,17 +457,25 @@ OUTPUTS = ["report.md", "memory.png", "memory.json"]
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny-moe")
-    p.add_argument("--ds_configs", nargs="*", default=[str(ROOT / f"ds_configs/ep{n}.json") for n in (1, 2, 4, 8)],
-                   help="predicted only (default: the GPU scales ep1/2/4/8)")
+    p.add_argument(
+        "--ds_configs",
+        nargs="*",
+        default=[str(ROOT / f"ds_configs/ep{n}.json") for n in (1, 2, 4, 8)],
+        help="predicted only (default: the GPU scales ep1/2/4/8)",
+    )
     p.add_argument("--measure", nargs="*", default=[], help="DeepSpeed JSONs to also run for real")
     p.add_argument("--world_size", type=int, help="ranks per config (default: its moe.ep_size x moe.etp_size)")
     p.add_argument("--gpu_mem_gib", type=float, default=80.0, help="memory of one GPU for the verdict")
     p.add_argument("--seq_len", type=int, help="tokens per sequence (default: the preset's context)")
     p.add_argument("--vocab_size", type=int, help="model vocabulary (default: the preset's)")
     p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing of every block")
-    p.add_argument("--cuda_context_mb", type=float, default=1024.0,
-                   help="GPU memory outside the allocator (CUDA context, NCCL buffers) added to a measured "
-                        "reserved peak for the verdict")
+    p.add_argument(
+        "--cuda_context_mb",
+        type=float,
+        default=1024.0,
+        help="GPU memory outside the allocator (CUDA context, NCCL buffers) added to a measured "
+        "reserved peak for the verdict",
+    )
     p.add_argument("--max_steps", type=int, default=4, help="training steps of a measured run before the timed ones")
     p.add_argument("--timed_steps", type=int, default=3, help="timed steps of a measured run (tok/s)")
     p.add_argument("--rounds", type=int, default=1, help="launches of each measured config, interleaved")
@@ -405,13 +490,26 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    out = claim_dir(args.output_dir, "profile_memory", OUTPUTS, what="--output_dir",
-                    legacy=lambda d: is_our_json(d / "memory.json", ("preset", "rows")))
+    out = claim_dir(
+        args.output_dir,
+        "profile_memory",
+        OUTPUTS,
+        what="--output_dir",
+        legacy=lambda d: is_our_json(d / "memory.json", ("preset", "rows")),
+    )
     rows = build_rows(args)
     write_report(rows, args, out)
     plot(rows, args, out / "memory.png")
-    write_json(out / "memory.json", {"preset": args.preset, "gpu_mem_gib": args.gpu_mem_gib, "command": command_line(),
-                                     "load_average_at_end": os.getloadavg(), "rows": rows})
+    write_json(
+        out / "memory.json",
+        {
+            "preset": args.preset,
+            "gpu_mem_gib": args.gpu_mem_gib,
+            "command": command_line(),
+            "load_average_at_end": os.getloadavg(),
+            "rows": rows,
+        },
+    )
     print((out / "report.md").read_text())
 
 

@@ -28,9 +28,11 @@ from moe_dist.analysis.bench import claim_dir
 from moe_dist.atomic_io import write_atomic
 
 LAYER_KEY = re.compile(r"^routing/layer(\d+)/(.+)$")
-IMPROVE_NOTE = ("`ppl_improve_vs_base_%` = (base best_val_ppl - run best_val_ppl) / base best_val_ppl x 100, "
-                "on best validation perplexity; positive means better than the base. The base is the dense run "
-                "(num_local_experts == 0) of the run's own group, else the only dense run present.")
+IMPROVE_NOTE = (
+    "`ppl_improve_vs_base_%` = (base best_val_ppl - run best_val_ppl) / base best_val_ppl x 100, "
+    "on best validation perplexity; positive means better than the base. The base is the dense run "
+    "(num_local_experts == 0) of the run's own group, else the only dense run present."
+)
 
 
 @dataclass
@@ -85,8 +87,14 @@ def load_runs(runs_dir: Path) -> list[Run]:
         rows = read_jsonl(metrics_path) if metrics_path.is_file() else []
         rel = folder.relative_to(runs_dir)
         group = "" if rel.parent == Path(".") else rel.parent.as_posix()
-        runs.append(Run(rel.as_posix() if rel != Path(".") else folder.name, group, summary,
-                        [r for r in rows if r.get("kind") == "eval"]))
+        runs.append(
+            Run(
+                rel.as_posix() if rel != Path(".") else folder.name,
+                group,
+                summary,
+                [r for r in rows if r.get("kind") == "eval"],
+            )
+        )
     return runs
 
 
@@ -116,28 +124,49 @@ def _sort_key(run: Run, runs: list[Run]):
 def results_table(runs: list[Run]) -> list[str]:
     """Grouped by folder; in each group the base first, then best validation perplexity ascending."""
     finished = sorted((r for r in runs if r.summary), key=lambda r: _sort_key(r, runs))
-    lines = ["| run | final_val_ppl | best_val_ppl | max_tok_s | peak_mem_mb | ppl_improve_vs_base_% |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| run | final_val_ppl | best_val_ppl | max_tok_s | peak_mem_mb | ppl_improve_vs_base_% |",
+        "|---|---|---|---|---|---|",
+    ]
     for run in finished:
         s, base = run.summary, find_base(run, runs)
-        improve = (improvement_pct(base.best_ppl(), run.best_ppl())
-                   if base is not None and run.best_ppl() is not None else None)
-        lines.append(f"| {run.name} | {_fmt(s.get('final_val_ppl'), 2)} | {_fmt(s.get('best_val_ppl'), 2)} | "
-                     f"{_fmt(s.get('max_tok_s'), 0)} | {_fmt(s.get('peak_mem_mb'), 0)} | "
-                     f"{'—' if improve is None else f'{improve:+.2f}'} |")
+        improve = (
+            improvement_pct(base.best_ppl(), run.best_ppl())
+            if base is not None and run.best_ppl() is not None
+            else None
+        )
+        lines.append(
+            f"| {run.name} | {_fmt(s.get('final_val_ppl'), 2)} | {_fmt(s.get('best_val_ppl'), 2)} | "
+            f"{_fmt(s.get('max_tok_s'), 0)} | {_fmt(s.get('peak_mem_mb'), 0)} | "
+            f"{'—' if improve is None else f'{improve:+.2f}'} |"
+        )
     return lines
 
 
 def settings_table(runs: list[Run]) -> list[str]:
-    lines = ["| run | model | experts | top_k | router | capacity_factor | jitter | aux_coef | z_coef | bias_rate "
-             "| steps | params_active | params_total |", "|---" * 13 + "|"]
+    lines = [
+        "| run | model | experts | top_k | router | capacity_factor | jitter | aux_coef | z_coef | bias_rate "
+        "| steps | params_active | params_total |",
+        "|---" * 13 + "|",
+    ]
     for run in sorted((r for r in runs if r.summary), key=lambda r: _sort_key(r, runs)):
         s = run.summary
         cf = s.get("capacity_factor")
-        cells = [run.name, s.get("model"), s.get("num_local_experts"), s.get("num_experts_per_tok"),
-                 s.get("router_type"), "dropless" if cf is None else cf, s.get("router_jitter_noise"),
-                 s.get("router_aux_loss_coef"), s.get("router_z_loss_coef"), s.get("router_bias_update_rate"),
-                 s.get("steps"), f"{s.get('params_active', 0) / 1e6:.2f}M", f"{s.get('params_total', 0) / 1e6:.2f}M"]
+        cells = [
+            run.name,
+            s.get("model"),
+            s.get("num_local_experts"),
+            s.get("num_experts_per_tok"),
+            s.get("router_type"),
+            "dropless" if cf is None else cf,
+            s.get("router_jitter_noise"),
+            s.get("router_aux_loss_coef"),
+            s.get("router_z_loss_coef"),
+            s.get("router_bias_update_rate"),
+            s.get("steps"),
+            f"{s.get('params_active', 0) / 1e6:.2f}M",
+            f"{s.get('params_total', 0) / 1e6:.2f}M",
+        ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return lines
 
@@ -173,8 +202,15 @@ def plot_router_heatmap(grid, title: str, path: Path) -> None:
     for i, row in enumerate(ppl):
         for k, value in enumerate(row):
             r, g, b, _ = image.cmap(image.norm(value))
-            ax.text(k, i, f"{value:.2f}", ha="center", va="center", fontsize=9,
-                    color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")  # readable on any cell
+            ax.text(
+                k,
+                i,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white",
+            )  # readable on any cell
     ax.set_xlabel("capacity factor")
     ax.set_ylabel("router jitter")
     ax.set_title(title)
@@ -229,8 +265,11 @@ def plot_per_layer(runs: list[Run], stat: str, ylabel: str, title: str, path: Pa
 
 def compares_strategies(runs: list[Run]) -> bool:
     """Whether a group's finished MoE runs differ in how tokens pick experts (router type or top-k)."""
-    kinds = {(r.summary.get("router_type"), r.summary.get("num_experts_per_tok"))
-             for r in runs if r.summary and r.summary.get("num_local_experts")}
+    kinds = {
+        (r.summary.get("router_type"), r.summary.get("num_experts_per_tok"))
+        for r in runs
+        if r.summary and r.summary.get("num_local_experts")
+    }
     return len(kinds) >= 2
 
 
@@ -259,8 +298,13 @@ def plot_strategy(runs: list[Run], title: str, path: Path) -> None:
         layers = sorted({layer for v in per_run.values() for layer in v})
         width = 0.8 / max(len(per_run), 1)
         for k, (name, by_layer) in enumerate(per_run.items()):
-            ax.bar([layer + (k - (len(per_run) - 1) / 2) * width for layer in layers],
-                   [by_layer.get(layer, math.nan) for layer in layers], width, label=name, color=f"C{k}")
+            ax.bar(
+                [layer + (k - (len(per_run) - 1) / 2) * width for layer in layers],
+                [by_layer.get(layer, math.nan) for layer in layers],
+                width,
+                label=name,
+                color=f"C{k}",
+            )
         ax.set_xticks(layers)
         ax.set_xlabel("layer")
         ax.set_ylabel(label)
@@ -282,15 +326,20 @@ def group_plots(group: str, runs: list[Run], out_dir: Path) -> list[tuple[str, s
         return out_dir / (prefix + name)
 
     plot_val_loss(runs, f"{label}: validation loss", target("val_loss.png", "validation loss"))
-    for stat, ylabel, name in (("entropy", "routing entropy (nats)", "routing_entropy.png"),
-                               ("util_std", "expert utilisation std", "util_std.png")):
+    for stat, ylabel, name in (
+        ("entropy", "routing entropy (nats)", "routing_entropy.png"),
+        ("util_std", "expert utilisation std", "util_std.png"),
+    ):
         if not plot_per_layer(runs, stat, ylabel, f"{label}: {ylabel} per layer (eval)", out_dir / (prefix + name)):
             continue
         written.append((f"{ylabel} per layer (eval)", prefix + name))
     grid = router_grid(runs)
     if grid is not None:
-        plot_router_heatmap(grid, f"{label}: best validation perplexity",
-                            target("router_heatmap.png", "router grid: jitter x capacity factor"))
+        plot_router_heatmap(
+            grid,
+            f"{label}: best validation perplexity",
+            target("router_heatmap.png", "router grid: jitter x capacity factor"),
+        )
     if compares_strategies(runs):
         plot_strategy(runs, f"{label}: routing strategies", target("routing_strategies.png", "routing strategies"))
     return written
@@ -313,7 +362,7 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None) -> Pat
         claim_dir(out_dir, "report", names, legacy=_old_report, what="--out")
         for name in names:
             data = (Path(staging) / name).read_bytes()
-            write_atomic(out_dir / name, lambda f: f.write(data))
+            write_atomic(out_dir / name, lambda f, data=data: f.write(data))
     return out_dir / "report.md"
 
 
@@ -326,11 +375,29 @@ def _old_report(folder: Path) -> bool:
 def render(runs_dir: Path, runs: list[Run], out_dir: Path) -> None:
     finished = [r for r in runs if r.summary]
     bases = sorted({b.name for r in finished if (b := find_base(r, runs)) is not None})
-    md = [f"# Routing report: `{runs_dir}`", "",
-          f"{len(finished)} finished run(s), {len(runs) - len(finished)} unfinished.", "", "## Results", "",
-          IMPROVE_NOTE + (f" Base run(s): {', '.join(f'`{b}`' for b in bases)}." if bases
-                          else " No dense run here, so no improvement is computed."), "",
-          *results_table(runs), "", "## Settings", "", *settings_table(runs), "", "## Plots", ""]
+    md = [
+        f"# Routing report: `{runs_dir}`",
+        "",
+        f"{len(finished)} finished run(s), {len(runs) - len(finished)} unfinished.",
+        "",
+        "## Results",
+        "",
+        IMPROVE_NOTE
+        + (
+            f" Base run(s): {', '.join(f'`{b}`' for b in bases)}."
+            if bases
+            else " No dense run here, so no improvement is computed."
+        ),
+        "",
+        *results_table(runs),
+        "",
+        "## Settings",
+        "",
+        *settings_table(runs),
+        "",
+        "## Plots",
+        "",
+    ]
     for group in sorted({r.group for r in runs}):
         md += [f"### {group or 'runs'}", ""]
         for caption, name in group_plots(group, [r for r in runs if r.group == group], out_dir):

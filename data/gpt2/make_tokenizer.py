@@ -9,9 +9,9 @@
 `<|endoftext|>` is id 50256. The vocabulary and merges are recovered from the ranks with transformers' own
 `TikTokenConverter.extract_vocab_merges_from_model`, then given to transformers' own `GPT2Tokenizer`
 (byte-level BPE, ByteLevel pre-tokenizer with GPT-2's regex, no prefix space), as
-`AutoTokenizer.from_pretrained("gpt2")` builds it. The script refuses to write unless the result encodes the bundled TinyStories
-sample and a set of edge cases exactly as tiktoken does with the same file (tiktoken's `gpt2` encoding is
-GPT-2's tokenizer).
+`AutoTokenizer.from_pretrained("gpt2")` builds it. The script refuses to write unless the result encodes the
+bundled TinyStories sample and a set of edge cases exactly as tiktoken does with the same file (tiktoken's
+`gpt2` encoding is GPT-2's tokenizer).
 """
 
 import gzip
@@ -19,14 +19,26 @@ import sys
 from pathlib import Path
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-EDGE_CASES = ["Hello world", " leading space", "tabs\tand\nnewlines\n\n", "Numbers 123 4567 89", "é ü ß 中文 😀",
-              "<|endoftext|>", "don't it's we're I'm you'll he'd", "   many   spaces   ", "a\r\nb", ""]
+EDGE_CASES = [
+    "Hello world",
+    " leading space",
+    "tabs\tand\nnewlines\n\n",
+    "Numbers 123 4567 89",
+    "é ü ß 中文 😀",
+    "<|endoftext|>",
+    "don't it's we're I'm you'll he'd",
+    "   many   spaces   ",
+    "a\r\nb",
+    "",
+]
 
 
 def main(tiktoken_file: str, out: str) -> None:
     if Path(out).exists() and any(Path(out).iterdir()):
-        sys.exit(f"error: {out} is not empty; write into a new or empty folder (this script removes the vocab.json "
-                 f"and merges.txt it writes there, and must not touch files of yours)")
+        sys.exit(
+            f"error: {out} is not empty; write into a new or empty folder (this script removes the vocab.json "
+            f"and merges.txt it writes there, and must not touch files of yours)"
+        )
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
     from transformers import GPT2Tokenizer
@@ -37,8 +49,12 @@ def main(tiktoken_file: str, out: str) -> None:
     # transformers' own GPT-2 construction (models/gpt2/tokenization_gpt2.py): BPE with these vocab and
     # merges, ByteLevel pre-tokenizer and decoder, no prefix space.
     ours = GPT2Tokenizer(vocab=vocab, merges=merges, model_max_length=1024)
-    reference = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=load_tiktoken_bpe(tiktoken_file),
-                                  special_tokens={"<|endoftext|>": 50256})
+    reference = tiktoken.Encoding(
+        "gpt2",
+        pat_str=GPT2_PATTERN,
+        mergeable_ranks=load_tiktoken_bpe(tiktoken_file),
+        special_tokens={"<|endoftext|>": 50256},
+    )
     sample = Path(__file__).resolve().parents[1] / "tinystories" / "train.txt.gz"
     texts = EDGE_CASES + gzip.open(sample, "rt", encoding="utf-8").read().split("<|endoftext|>")
     for text in texts:

@@ -34,8 +34,10 @@ def cpu_model() -> str:
 
 def machine(device: torch.device) -> str:
     """One line naming what a number was measured on: the same line in every tool's output and JSON."""
-    desc = f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, " \
-           f"{torch.get_num_threads()} intra-op threads"
+    desc = (
+        f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} intra-op threads"
+    )
     if device.type == "cuda":
         desc += f", GPU {torch.cuda.get_device_name(device)}"
     return desc
@@ -67,16 +69,16 @@ def is_our_json(path: Path, keys: tuple[str, ...] = ("command", "machine")) -> b
     return isinstance(data, dict) and all(k in data for k in keys)
 
 
-def claim_json(path: str | Path | None, kind: str, keys: tuple[str, ...] = ("command", "machine"),
-               what: str = "--json") -> None:
+def claim_json(
+    path: str | Path | None, kind: str, keys: tuple[str, ...] = ("command", "machine"), what: str = "--json"
+) -> None:
     """Before any work: `path` is new or an earlier result of ours, or stop with one line and exit 2 (output_guard)."""
     if path:
         path = Path(path)
         claim_dir(path.parent, kind, [path.name], legacy=lambda d: is_our_json(d / path.name, keys), what=what)
 
 
-def claim_dir(folder: str | Path, kind: str, names: list[str], legacy: Legacy, what: str, *,
-              main: bool = True) -> Path:
+def claim_dir(folder: str | Path, kind: str, names: list[str], legacy: Legacy, what: str, *, main: bool = True) -> Path:
     """Before any work: the names a tool writes into `folder` are free or ours, or one line and exit 2.
 
     A launched tool calls it on every rank; only rank 0 (`main`) records the names and prints the line.
@@ -101,8 +103,9 @@ def write_json(path: str | Path | None, result: dict) -> None:
             json.dump(result, f, indent=1)
 
 
-def expert_paths(device: torch.device, dtype: torch.dtype, hidden_size: int, intermediate_size: int,
-                 asked: list[str]) -> tuple[str, list[str]]:
+def expert_paths(
+    device: torch.device, dtype: torch.dtype, hidden_size: int, intermediate_size: int, asked: list[str]
+) -> tuple[str, list[str]]:
     """The expert path the model takes here by default, and those of `asked` that can run (printing why
     grouped cannot, where torch refuses it): what the benchmarks time side by side."""
     refusal = grouped_refusal(device.type, dtype, hidden_size, intermediate_size)

@@ -24,8 +24,9 @@ def alltoall_bytes(*, num_experts: int, capacity: int, hidden_size: int, dtype_b
     return num_experts * capacity * hidden_size * dtype_bytes
 
 
-def step_alltoall_bytes(config, *, tokens_per_micro_batch: int, micro_batches: int, dtype_bytes: int,
-                        etp_size: int = 1) -> dict:
+def step_alltoall_bytes(
+    config, *, tokens_per_micro_batch: int, micro_batches: int, dtype_bytes: int, etp_size: int = 1
+) -> dict:
     """Per rank and optimizer step: `per_call`, `forward` and `backward` bytes, at a fixed capacity factor.
 
     Each MoE layer runs two all-to-alls forward (dispatch, combine); autograd runs the same
@@ -34,34 +35,52 @@ def step_alltoall_bytes(config, *, tokens_per_micro_batch: int, micro_batches: i
     the per-rank capacity (`expert_tensor_parallel._gather_routing`).
     """
     if config.capacity_factor is None:
-        raise ValueError("dropless routing: the capacity is the largest expert count over the EP group, "
-                         "known only after routing; pass a capacity factor for an analytic count")
-    capacity = expert_capacity(num_tokens=tokens_per_micro_batch, num_experts=config.num_local_experts,
-                               top_k=config.num_experts_per_tok, capacity_factor=config.capacity_factor,
-                               min_capacity=config.min_capacity) * etp_size
-    per_call = alltoall_bytes(num_experts=config.num_local_experts, capacity=capacity,
-                              hidden_size=config.hidden_size, dtype_bytes=dtype_bytes)
+        raise ValueError(
+            "dropless routing: the capacity is the largest expert count over the EP group, "
+            "known only after routing; pass a capacity factor for an analytic count"
+        )
+    capacity = (
+        expert_capacity(
+            num_tokens=tokens_per_micro_batch,
+            num_experts=config.num_local_experts,
+            top_k=config.num_experts_per_tok,
+            capacity_factor=config.capacity_factor,
+            min_capacity=config.min_capacity,
+        )
+        * etp_size
+    )
+    per_call = alltoall_bytes(
+        num_experts=config.num_local_experts, capacity=capacity, hidden_size=config.hidden_size, dtype_bytes=dtype_bytes
+    )
     per_direction = 2 * len(config.moe_layer_indices) * micro_batches * per_call
     return {"capacity": capacity, "per_call": per_call, "forward": per_direction, "backward": per_direction}
 
 
-def step_etp_bytes(config, *, tokens_per_micro_batch: int, micro_batches: int, dtype_bytes: int,
-                   etp_size: int) -> dict:
+def step_etp_bytes(config, *, tokens_per_micro_batch: int, micro_batches: int, dtype_bytes: int, etp_size: int) -> dict:
     """Per rank and optimizer step: the ETP all-gather and reduce-scatter bytes, forward and backward.
 
     `etp_bytes_per_layer` per MoE layer and micro-batch: forward, the all-gather of the tokens
     and their routing and the reduce-scatter of the partial outputs; backward, their mirror
     images. Zero without ETP. Unlike the all-to-all, the volume does not depend on the capacity.
     """
+
     def per_layer(backward: bool) -> dict:  # forward, or forward + backward
-        return etp_bytes_per_layer(tokens_per_rank=tokens_per_micro_batch, hidden_size=config.hidden_size,
-                                   top_k=config.num_experts_per_tok, etp_size=etp_size, x_bytes=dtype_bytes,
-                                   backward=backward)
+        return etp_bytes_per_layer(
+            tokens_per_rank=tokens_per_micro_batch,
+            hidden_size=config.hidden_size,
+            top_k=config.num_experts_per_tok,
+            etp_size=etp_size,
+            x_bytes=dtype_bytes,
+            backward=backward,
+        )
 
     forward, both = per_layer(False), per_layer(True)
     times = len(config.moe_layer_indices) * micro_batches if etp_size > 1 else 0
-    return {f"{op}_{direction}": times * (forward[op] if direction == "forward" else both[op] - forward[op])
-            for op in ("all_gather", "reduce_scatter") for direction in ("forward", "backward")}
+    return {
+        f"{op}_{direction}": times * (forward[op] if direction == "forward" else both[op] - forward[op])
+        for op in ("all_gather", "reduce_scatter")
+        for direction in ("forward", "backward")
+    }
 
 
 def algorithm_bandwidth(nbytes: int, seconds: float) -> float:

@@ -61,8 +61,13 @@ def parameter_counts(config: MoEConfig) -> dict[str, int]:
         one = _mlp_params(config, width, config.expert_bias)
         expert += E * one
         active_expert += k * one
-    return {"total": dense + expert, "active": dense + active_expert, "dense": dense, "expert": expert,
-            "embedding": embedding}
+    return {
+        "total": dense + expert,
+        "active": dense + active_expert,
+        "dense": dense,
+        "expert": expert,
+        "embedding": embedding,
+    }
 
 
 # ---- FLOPs ----------------------------------------------------------------------------
@@ -84,9 +89,15 @@ def flops_per_token(config: MoEConfig, *, context: int) -> dict[str, int]:
     D, L = config.hidden_size, config.num_hidden_layers
     kv = config.num_key_value_heads * config.head_dim
     d_attn = config.num_attention_heads * config.head_dim
-    out = {"attention_proj": L * 2 * (2 * D * d_attn + 2 * D * kv), "attention_scores": L * 2 * 2 * context * d_attn,
-           "dense_ffn": 0, "routed_experts": 0, "shared_experts": 0, "router": 0,
-           "lm_head": 2 * D * config.vocab_size}
+    out = {
+        "attention_proj": L * 2 * (2 * D * d_attn + 2 * D * kv),
+        "attention_scores": L * 2 * 2 * context * d_attn,
+        "dense_ffn": 0,
+        "routed_experts": 0,
+        "shared_experts": 0,
+        "router": 0,
+        "lm_head": 2 * D * config.vocab_size,
+    }
     for layer in range(L):
         if not config.is_moe_layer(layer):
             out["dense_ffn"] += 2 * _mlp_matmul_params(config, config.intermediate_size)
@@ -112,12 +123,22 @@ def expert_rows_per_rank(config: MoEConfig, *, tokens_per_rank: int, ep_size: in
     k, E = config.num_experts_per_tok, config.num_local_experts
     if ep_size == 1 or config.capacity_factor is None:
         return etp_size * tokens_per_rank * k
-    return E * etp_size * expert_capacity(num_tokens=tokens_per_rank, num_experts=E, top_k=k,
-                                          capacity_factor=config.capacity_factor, min_capacity=config.min_capacity)
+    return (
+        E
+        * etp_size
+        * expert_capacity(
+            num_tokens=tokens_per_rank,
+            num_experts=E,
+            top_k=k,
+            capacity_factor=config.capacity_factor,
+            min_capacity=config.min_capacity,
+        )
+    )
 
 
-def flops_per_rank(config: MoEConfig, *, tokens_per_rank: int, seq_len: int, ep_size: int = 1, etp_size: int = 1
-                   ) -> dict[str, int]:
+def flops_per_rank(
+    config: MoEConfig, *, tokens_per_rank: int, seq_len: int, ep_size: int = 1, etp_size: int = 1
+) -> dict[str, int]:
     """Forward FLOPs one rank does for one micro-batch of `tokens_per_rank` tokens (sequences of `seq_len`).
 
     Everything but the routed experts runs on the rank's own tokens (`flops_per_token` at context
@@ -129,8 +150,10 @@ def flops_per_rank(config: MoEConfig, *, tokens_per_rank: int, seq_len: int, ep_
     moe_layers = len(config.moe_layer_indices)
     expert_row = 2 * _mlp_matmul_params(config, config.moe_intermediate_size) // etp_size  # one slice, one row
     rows = expert_rows_per_rank(config, tokens_per_rank=tokens_per_rank, ep_size=ep_size, etp_size=etp_size)
-    out = {"non_expert": tokens_per_rank * (per_token["total"] - per_token["routed_experts"]),
-           "routed_experts": moe_layers * rows * expert_row if config.is_moe else 0}
+    out = {
+        "non_expert": tokens_per_rank * (per_token["total"] - per_token["routed_experts"]),
+        "routed_experts": moe_layers * rows * expert_row if config.is_moe else 0,
+    }
     out["forward"] = out["non_expert"] + out["routed_experts"]
     out["train"] = 3 * out["forward"]
     return out
@@ -156,8 +179,9 @@ def _norm_bytes(config: MoEConfig, a: int) -> int:
     return a * config.hidden_size if config.norm_type == "layernorm" else 8 * config.hidden_size
 
 
-def _activation_bytes_per_token(config: MoEConfig, layer: int, *, a: int, context: int, ep_size: int,
-                                flash_attention: bool, etp_size: int = 1) -> float:
+def _activation_bytes_per_token(
+    config: MoEConfig, layer: int, *, a: int, context: int, ep_size: int, flash_attention: bool, etp_size: int = 1
+) -> float:
     """Bytes one token keeps alive for the backward of one layer (`a` = bytes per activation).
 
     Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
@@ -192,8 +216,9 @@ def _activation_bytes_per_token(config: MoEConfig, layer: int, *, a: int, contex
     return attention + norm + a * D + router + experts + shared
 
 
-def _stacked_expert_bytes(config: MoEConfig, layer: int, *, a: int, ep_size: int, etp_size: int,
-                          experts_impl: str) -> int:
+def _stacked_expert_bytes(
+    config: MoEConfig, layer: int, *, a: int, ep_size: int, etp_size: int, experts_impl: str
+) -> int:
     """The per-forward stack of a MoE layer's expert weights ([E, out, in] per projection) that the
     EP/ETP batched matmul and the grouped GEMM of `moe.LocalExperts` keep for the backward. At one
     rank per expert (EP = ETP = 1) the per-expert loop (`experts_impl="loop"`, the choice of
@@ -202,8 +227,15 @@ def _stacked_expert_bytes(config: MoEConfig, layer: int, *, a: int, ep_size: int
     if not config.is_moe_layer(layer) or (ep_size * etp_size == 1 and experts_impl == "loop"):
         return 0
     projections = 3 if config.hidden_act == "swiglu" else 2
-    return (a * projections * config.num_local_experts // ep_size * config.hidden_size
-            * config.moe_intermediate_size // etp_size)
+    return (
+        a
+        * projections
+        * config.num_local_experts
+        // ep_size
+        * config.hidden_size
+        * config.moe_intermediate_size
+        // etp_size
+    )
 
 
 def reduce_bucket_elements(ds_config: dict) -> int:
@@ -220,8 +252,9 @@ def reduce_bucket_elements(ds_config: dict) -> int:
     return int(zero.get("reduce_bucket_size", 5e8)) * (2 if zero.get("overlap_comm", False) else 1)
 
 
-def _state_bytes(config: MoEConfig, *, a: int, precision: str, zero_stage: int, world_size: int, ep_size: int,
-                 etp_size: int) -> dict[str, float]:
+def _state_bytes(
+    config: MoEConfig, *, a: int, precision: str, zero_stage: int, world_size: int, ep_size: int, etp_size: int
+) -> dict[str, float]:
     """Weights, gradients and AdamW state of one rank (see `memory_bytes`)."""
     params = parameter_counts(config)
     block = ep_size * etp_size  # ranks that hold one copy of every expert between them
@@ -230,26 +263,55 @@ def _state_bytes(config: MoEConfig, *, a: int, precision: str, zero_stage: int, 
     shard_grads, shard_optim = zero_stage >= 2, zero_stage >= 1
     grads = a * (dense / (world_size if shard_grads else 1) + expert / (edp if shard_grads else 1))
     optim = _optimizer_bytes_per_param(precision, zero_stage) * (
-        dense / (world_size if shard_optim else 1) + expert / (edp if shard_optim else 1))
+        dense / (world_size if shard_optim else 1) + expert / (edp if shard_optim else 1)
+    )
     return {"weights": a * (dense + expert), "gradients": grads, "optimizer": optim}
 
 
-def _activation_bytes(config: MoEConfig, *, a: int, micro_batch: int, seq_len: int, ep_size: int, etp_size: int,
-                      grad_ckpt: bool, flash_attention: bool, experts_impl: str) -> float:
+def _activation_bytes(
+    config: MoEConfig,
+    *,
+    a: int,
+    micro_batch: int,
+    seq_len: int,
+    ep_size: int,
+    etp_size: int,
+    grad_ckpt: bool,
+    flash_attention: bool,
+    experts_impl: str,
+) -> float:
     """Activations of one micro-batch on one rank, head and stacked expert weights included (see `memory_bytes`)."""
     layers = range(config.num_hidden_layers)
-    per_layer = [_activation_bytes_per_token(config, i, a=a, context=seq_len, ep_size=ep_size, etp_size=etp_size,
-                                             flash_attention=flash_attention) for i in layers]
+    per_layer = [
+        _activation_bytes_per_token(
+            config, i, a=a, context=seq_len, ep_size=ep_size, etp_size=etp_size, flash_attention=flash_attention
+        )
+        for i in layers
+    ]
     body = (config.num_hidden_layers * a * config.hidden_size + max(per_layer)) if grad_ckpt else sum(per_layer)
     head = _norm_bytes(config, a) + a * config.hidden_size + (a + 4) * config.vocab_size
-    stacked = [_stacked_expert_bytes(config, i, a=a, ep_size=ep_size, etp_size=etp_size, experts_impl=experts_impl)
-               for i in layers]
+    stacked = [
+        _stacked_expert_bytes(config, i, a=a, ep_size=ep_size, etp_size=etp_size, experts_impl=experts_impl)
+        for i in layers
+    ]
     return micro_batch * seq_len * (body + head) + (max(stacked) if grad_ckpt else sum(stacked))
 
 
-def memory_bytes(config: MoEConfig, *, zero_stage: int, ep_size: int, world_size: int, precision: str,
-                 micro_batch: int, seq_len: int, grad_ckpt: bool = False, flash_attention: bool = True,
-                 etp_size: int = 1, reduce_bucket: int = 0, experts_impl: str = "grouped") -> dict[str, float]:
+def memory_bytes(
+    config: MoEConfig,
+    *,
+    zero_stage: int,
+    ep_size: int,
+    world_size: int,
+    precision: str,
+    micro_batch: int,
+    seq_len: int,
+    grad_ckpt: bool = False,
+    flash_attention: bool = True,
+    etp_size: int = 1,
+    reduce_bucket: int = 0,
+    experts_impl: str = "grouped",
+) -> dict[str, float]:
     """Predicted per-rank training memory (bytes) of one DeepSpeed rank, itemised.
 
     Assumptions:
@@ -285,11 +347,26 @@ def memory_bytes(config: MoEConfig, *, zero_stage: int, ep_size: int, world_size
     if world_size % (ep_size * etp_size):
         raise ValueError(f"ep_size={ep_size} x etp_size={etp_size} must divide world_size={world_size}")
     a = _BYTES[precision]
-    out = _state_bytes(config, a=a, precision=precision, zero_stage=zero_stage, world_size=world_size,
-                       ep_size=ep_size, etp_size=etp_size)
-    out["activations"] = _activation_bytes(config, a=a, micro_batch=micro_batch, seq_len=seq_len, ep_size=ep_size,
-                                           etp_size=etp_size, grad_ckpt=grad_ckpt, flash_attention=flash_attention,
-                                           experts_impl=experts_impl)
+    out = _state_bytes(
+        config,
+        a=a,
+        precision=precision,
+        zero_stage=zero_stage,
+        world_size=world_size,
+        ep_size=ep_size,
+        etp_size=etp_size,
+    )
+    out["activations"] = _activation_bytes(
+        config,
+        a=a,
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        ep_size=ep_size,
+        etp_size=etp_size,
+        grad_ckpt=grad_ckpt,
+        flash_attention=flash_attention,
+        experts_impl=experts_impl,
+    )
     out["buffers"] = a * reduce_bucket
     out["total"] = sum(out.values())
     return out

@@ -29,6 +29,7 @@ SCALES = ("tiny", "seed")
 MANIFEST = "sweep.json"
 RUN_LOG = "train.log"
 # Flags the sweep itself sets on every run; extra arguments may not repeat them.
+_ECHO = functools.partial(print, flush=True)  # a run's lines as they come, not when the buffer fills
 _SWEEP_FLAGS = ("--output_dir", "--deepspeed", "--model", "--local_rank")
 
 
@@ -54,34 +55,51 @@ def _moe(scale: str, experts: int, top_k: int, *overrides: str) -> tuple[str, ..
 
 def experts_grid(scale: str) -> list[GridPoint]:
     """Dense baseline, then every FFN an MoE of E in {4, 8, 16} experts, top-1."""
-    return [GridPoint("dense", _dense(scale))] + [
-        GridPoint(f"moe-e{e}-top1", _moe(scale, e, 1)) for e in (4, 8, 16)]
+    return [GridPoint("dense", _dense(scale))] + [GridPoint(f"moe-e{e}-top1", _moe(scale, e, 1)) for e in (4, 8, 16)]
 
 
 def router_grid(scale: str) -> list[GridPoint]:
     """E=8 top-1: router jitter x capacity factor. Always passes --capacity_factor, since the
     accelerate path is otherwise dropless and the factor would not be varied at all."""
-    return [GridPoint(f"moe-e8-top1-jitter{j}-cf{c}", _moe(scale, 8, 1, "--router_jitter", j, "--capacity_factor", c))
-            for j in ("0", "0.01", "0.05") for c in ("1.0", "1.25", "1.5")]
+    return [
+        GridPoint(f"moe-e8-top1-jitter{j}-cf{c}", _moe(scale, 8, 1, "--router_jitter", j, "--capacity_factor", c))
+        for j in ("0", "0.01", "0.05")
+        for c in ("1.0", "1.25", "1.5")
+    ]
 
 
 def strategy_grid(scale: str) -> list[GridPoint]:
     """E=4: learned softmax top-k against a frozen random router (`--router_type random`), k in {1, 2}."""
-    return [GridPoint(f"moe-e4-{label}{k}", _moe(scale, 4, k, "--router_type", router))
-            for label, router in (("top", "softmax"), ("random", "random")) for k in (1, 2)]
+    return [
+        GridPoint(f"moe-e4-{label}{k}", _moe(scale, 4, k, "--router_type", router))
+        for label, router in (("top", "softmax"), ("random", "random"))
+        for k in (1, 2)
+    ]
 
 
 def balance_grid(scale: str) -> list[GridPoint]:
     """E=8 top-2: no balancing, the Switch aux loss, DeepSeek-V3's aux-loss-free bias, and that plus z-loss."""
-    settings = {"noaux": ("0", "0", "0"), "aux0.01": ("0.01", "0", "0"),
-                "auxfree": ("0", "1e-3", "0"), "auxfree-zloss": ("0", "1e-3", "1e-3")}
-    return [GridPoint(f"moe-e8-top2-{label}", _moe(scale, 8, 2, "--aux_loss_coef", aux, "--bias_update_rate", bias,
-                                                   "--z_loss_coef", z))
-            for label, (aux, bias, z) in settings.items()]
+    settings = {
+        "noaux": ("0", "0", "0"),
+        "aux0.01": ("0.01", "0", "0"),
+        "auxfree": ("0", "1e-3", "0"),
+        "auxfree-zloss": ("0", "1e-3", "1e-3"),
+    }
+    return [
+        GridPoint(
+            f"moe-e8-top2-{label}",
+            _moe(scale, 8, 2, "--aux_loss_coef", aux, "--bias_update_rate", bias, "--z_loss_coef", z),
+        )
+        for label, (aux, bias, z) in settings.items()
+    ]
 
 
 GRIDS: dict[str, Callable[[str], list[GridPoint]]] = {
-    "experts": experts_grid, "router": router_grid, "strategy": strategy_grid, "balance": balance_grid}
+    "experts": experts_grid,
+    "router": router_grid,
+    "strategy": strategy_grid,
+    "balance": balance_grid,
+}
 
 
 def grid_points(grid: str, scale: str, only: Sequence[str] = ()) -> list[GridPoint]:
@@ -126,8 +144,10 @@ def check_extra_args(points: Sequence[GridPoint], extra: Sequence[str]) -> None:
     owned = set(_SWEEP_FLAGS) | {a for p in points for a in p.args if a.startswith("--")}
     clashes = sorted({a.split("=", 1)[0] for a in extra if a.split("=", 1)[0] in owned})
     if clashes:
-        raise SweepError(f"{', '.join(clashes)} after '--' would override what the sweep sets on each run "
-                         f"(--model, --output_dir, --deepspeed and the grid's own flags)")
+        raise SweepError(
+            f"{', '.join(clashes)} after '--' would override what the sweep sets on each run "
+            f"(--model, --output_dir, --deepspeed and the grid's own flags)"
+        )
 
 
 def run_status(run_dir: Path) -> str:
@@ -136,9 +156,17 @@ def run_status(run_dir: Path) -> str:
     return "unfinished" if run_dir.is_dir() and any(run_dir.iterdir()) else "new"
 
 
-def run_sweep(grid: str, scale: str, runs_dir: str | Path, *, launcher: Launcher = Launcher(),
-              extra: Sequence[str] = (), only: Sequence[str] = (), dry_run: bool = False,
-              echo: Callable[[str], None] = functools.partial(print, flush=True)) -> list[str]:
+def run_sweep(
+    grid: str,
+    scale: str,
+    runs_dir: str | Path,
+    *,
+    launcher: Launcher = Launcher(),
+    extra: Sequence[str] = (),
+    only: Sequence[str] = (),
+    dry_run: bool = False,
+    echo: Callable[[str], None] = _ECHO,
+) -> list[str]:
     """Train the grid's points one after another under `runs_dir/grid/`; returns the failed runs' lines.
 
     The children inherit this process's environment (fault injection, CUDA_VISIBLE_DEVICES, ...).
@@ -174,6 +202,7 @@ def run_sweep(grid: str, scale: str, runs_dir: str | Path, *, launcher: Launcher
 
 def _claim_grid_dir(runs_dir: Path, grid: str, runs: list[str], *, dry_run: bool) -> None:
     """RUNS_DIR/GRID and the run folders in it are the sweep's: refuse (SweepError) if one is someone else's."""
+
     def old_grid(grid_dir: Path) -> bool:  # a grid folder from before output records: it has our manifest
         return (grid_dir / MANIFEST).is_file()
 
@@ -189,15 +218,21 @@ def _claim_grid_dir(runs_dir: Path, grid: str, runs: list[str], *, dry_run: bool
 
 
 def _describe(status: str) -> str:
-    return {"finished": "finished (summary.json exists), skipping",
-            "unfinished": "unfinished, re-running (the trainer resumes from its last checkpoint)",
-            "new": "starting"}[status]
+    return {
+        "finished": "finished (summary.json exists), skipping",
+        "unfinished": "unfinished, re-running (the trainer resumes from its last checkpoint)",
+        "new": "starting",
+    }[status]
 
 
 def _write_manifest(grid_dir: Path, grid: str, scale: str, extra: Sequence[str], commands: dict) -> None:
-    manifest = {"grid": grid, "scale": scale, "cwd": os.getcwd(), "extra_args": list(extra),
-                "runs": [{"name": name, "output_dir": str(grid_dir / name), "command": cmd}
-                         for name, cmd in commands.items()]}
+    manifest = {
+        "grid": grid,
+        "scale": scale,
+        "cwd": os.getcwd(),
+        "extra_args": list(extra),
+        "runs": [{"name": name, "output_dir": str(grid_dir / name), "command": cmd} for name, cmd in commands.items()],
+    }
     tmp = grid_dir / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     tmp.replace(grid_dir / MANIFEST)
@@ -209,8 +244,14 @@ def _run_streaming(cmd: list[str], run_dir: Path, echo: Callable[[str], None], e
     with open(run_dir / RUN_LOG, "a", encoding="utf-8") as log_file:
         log_file.write(f"$ {' '.join(cmd)}\n")
         # Unbuffered, so a child's prints arrive as they happen rather than when its pipe buffer fills.
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                                env=dict(os.environ, PYTHONUNBUFFERED="1", **env))
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            env=dict(os.environ, PYTHONUNBUFFERED="1", **env),
+        )
         try:
             for line in proc.stdout:
                 echo(line.rstrip("\n"))

@@ -73,7 +73,7 @@ def hf_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         if _DS_EXPERT_PATH not in name:
             yield name, param
             continue
-        layer = model.get_submodule(name[:name.index(_DS_EXPERT_PATH)] + ".experts")
+        layer = model.get_submodule(name[: name.index(_DS_EXPERT_PATH)] + ".experts")
         yield local_to_hf_key(name, _ep_rank(layer.expert_group_name), layer.num_local_experts), param
 
 

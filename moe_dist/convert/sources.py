@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..model.configuration import MoEConfig
 from ..checkpoint.formats import ExportError
+from ..model.configuration import MoEConfig
 from .standard_keys import Pair, key_pairs
 
 INDEX = "model.safetensors.index.json"
@@ -38,8 +38,10 @@ def read_weight_map(folder: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable, not JSON, no weight_map, not an object
-        raise ExportError(f"{index}: not a safetensors index ({type(e).__name__}: {e}); it needs a "
-                          f'"weight_map" object of tensor name -> file') from None
+        raise ExportError(
+            f"{index}: not a safetensors index ({type(e).__name__}: {e}); it needs a "
+            f'"weight_map" object of tensor name -> file'
+        ) from None
     if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
         raise ExportError(f'{index}: "weight_map" must map each tensor name to a file name')
     return weight_map
@@ -59,8 +61,10 @@ def check_safetensors(folder: Path) -> None:
         held = _header_keys(path)
         missing = [k for k, f in weight_map.items() if f == file and k not in held]
         if missing:
-            raise ExportError(f"{folder / INDEX}: names {len(missing)} tensor(s) in {file} that it does not hold "
-                              f"(first: {missing[0]!r})")
+            raise ExportError(
+                f"{folder / INDEX}: names {len(missing)} tensor(s) in {file} that it does not hold "
+                f"(first: {missing[0]!r})"
+            )
 
 
 def _header_keys(path: Path) -> set[str]:
@@ -68,8 +72,9 @@ def _header_keys(path: Path) -> set[str]:
         with safe_open(path, "pt") as f:
             return set(f.keys())
     except (SafetensorError, OSError) as e:
-        raise ExportError(f"{path}: not a readable safetensors file ({e}); was it truncated or copied "
-                          f"incompletely?") from None
+        raise ExportError(
+            f"{path}: not a readable safetensors file ({e}); was it truncated or copied incompletely?"
+        ) from None
 
 
 class SafetensorsFiles:
@@ -119,8 +124,9 @@ class StockSource:
 
     def __init__(self, folder: Path, fmt: str, config: MoEConfig):
         self.files = SafetensorsFiles(folder)
-        self.pairs: dict[str, tuple[Pair, int]] = {name: (pair, i) for pair in key_pairs(config, fmt)
-                                                   for i, name in enumerate(pair.ours)}
+        self.pairs: dict[str, tuple[Pair, int]] = {
+            name: (pair, i) for pair in key_pairs(config, fmt) for i, name in enumerate(pair.ours)
+        }
 
     def has(self, name: str) -> bool:
         return name in self.pairs

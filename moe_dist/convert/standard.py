@@ -48,11 +48,24 @@ from transformers import (
 from ..model.configuration import ROPE_TYPES, MoEConfig
 
 STANDARD_FORMATS = ("gpt2", "llama", "qwen3", "mixtral", "qwen3_moe", "olmoe", "ernie4_5_moe")  # `auto`'s order
-CLASS_NAMES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
-               "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
-               "ernie4_5_moe": "Ernie4_5_MoeForCausalLM"}
-_CONFIGS = {"gpt2": GPT2Config, "llama": LlamaConfig, "qwen3": Qwen3Config, "mixtral": MixtralConfig,
-            "qwen3_moe": Qwen3MoeConfig, "olmoe": OlmoeConfig, "ernie4_5_moe": Ernie4_5_MoeConfig}
+CLASS_NAMES = {
+    "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+    "ernie4_5_moe": "Ernie4_5_MoeForCausalLM",
+}
+_CONFIGS = {
+    "gpt2": GPT2Config,
+    "llama": LlamaConfig,
+    "qwen3": Qwen3Config,
+    "mixtral": MixtralConfig,
+    "qwen3_moe": Qwen3MoeConfig,
+    "olmoe": OlmoeConfig,
+    "ernie4_5_moe": Ernie4_5_MoeConfig,
+}
 MOE_FORMATS = ("mixtral", "qwen3_moe", "olmoe", "ernie4_5_moe")
 # Max |logit difference| in fp32 between a stock class and our model of the same weights: the bar of both
 # the import check and the export check. fp32 reorderings of the same sums stay orders of magnitude below it.
@@ -79,41 +92,72 @@ def to_ours(stock) -> dict:
         raise Unrepresentable("hidden_act", stock.hidden_act, "only SwiGLU (silu-gated) MLPs")
     rope = dict(stock.rope_parameters or {})
     if rope.get("rope_type", "default") not in ROPE_TYPES:
-        raise Unrepresentable("rope_parameters.rope_type", rope.get("rope_type"),
-                              f"supported: {', '.join(ROPE_TYPES)}")
+        raise Unrepresentable("rope_parameters.rope_type", rope.get("rope_type"), f"supported: {', '.join(ROPE_TYPES)}")
     if fmt == "mixtral" and stock.sliding_window is not None:
         raise Unrepresentable("sliding_window", stock.sliding_window, "sliding-window attention")
     if getattr(stock, "use_sliding_window", False):  # Qwen3's: its sliding_window is unused without it
         raise Unrepresentable("use_sliding_window", True, "sliding-window attention")
-    ids = {k: v if isinstance(v, int) else None for k, v in
-           (("bos_token_id", stock.bos_token_id), ("eos_token_id", stock.eos_token_id),
-            ("pad_token_id", stock.pad_token_id))}
-    ours = dict(vocab_size=stock.vocab_size, hidden_size=stock.hidden_size, num_hidden_layers=stock.num_hidden_layers,
-                num_attention_heads=stock.num_attention_heads, num_key_value_heads=stock.num_key_value_heads,
-                head_dim=getattr(stock, "head_dim", None), max_position_embeddings=stock.max_position_embeddings,
-                norm_type="rmsnorm", norm_eps=stock.rms_norm_eps, position_embedding_type="rope",
-                rope_parameters=rope, rope_theta=rope.get("rope_theta", 10000.0), hidden_act="swiglu",
-                tie_word_embeddings=bool(stock.tie_word_embeddings), initializer_range=stock.initializer_range,
-                bias=False, **ids)
+    ids = {
+        k: v if isinstance(v, int) else None
+        for k, v in (
+            ("bos_token_id", stock.bos_token_id),
+            ("eos_token_id", stock.eos_token_id),
+            ("pad_token_id", stock.pad_token_id),
+        )
+    }
+    ours = dict(
+        vocab_size=stock.vocab_size,
+        hidden_size=stock.hidden_size,
+        num_hidden_layers=stock.num_hidden_layers,
+        num_attention_heads=stock.num_attention_heads,
+        num_key_value_heads=stock.num_key_value_heads,
+        head_dim=getattr(stock, "head_dim", None),
+        max_position_embeddings=stock.max_position_embeddings,
+        norm_type="rmsnorm",
+        norm_eps=stock.rms_norm_eps,
+        position_embedding_type="rope",
+        rope_parameters=rope,
+        rope_theta=rope.get("rope_theta", 10000.0),
+        hidden_act="swiglu",
+        tie_word_embeddings=bool(stock.tie_word_embeddings),
+        initializer_range=stock.initializer_range,
+        bias=False,
+        **ids,
+    )
     ours.update(_FAMILY[fmt](stock))
     return ours
 
 
 def _gpt2_to_ours(s) -> dict:
-    checks = (("activation_function", s.activation_function in ("gelu_new", "gelu_pytorch_tanh"), "tanh-GELU only"),
-              ("scale_attn_weights", s.scale_attn_weights, "unscaled attention"),
-              ("scale_attn_by_inverse_layer_idx", not s.scale_attn_by_inverse_layer_idx, "per-layer attention scale"),
-              ("add_cross_attention", not s.add_cross_attention, "cross-attention"))
+    checks = (
+        ("activation_function", s.activation_function in ("gelu_new", "gelu_pytorch_tanh"), "tanh-GELU only"),
+        ("scale_attn_weights", s.scale_attn_weights, "unscaled attention"),
+        ("scale_attn_by_inverse_layer_idx", not s.scale_attn_by_inverse_layer_idx, "per-layer attention scale"),
+        ("add_cross_attention", not s.add_cross_attention, "cross-attention"),
+    )
     for field, ok, why in checks:
         if not ok:
             raise Unrepresentable(field, getattr(s, field), why)
-    ids = {k: getattr(s, k) if isinstance(getattr(s, k), int) else None
-           for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    return dict(vocab_size=s.vocab_size, hidden_size=s.n_embd, num_hidden_layers=s.n_layer, num_attention_heads=s.n_head,
-                intermediate_size=s.n_inner or 4 * s.n_embd, max_position_embeddings=s.n_positions,
-                norm_type="layernorm", norm_eps=s.layer_norm_epsilon, position_embedding_type="learned",
-                hidden_act="gelu", bias=True, tie_word_embeddings=bool(s.tie_word_embeddings),
-                initializer_range=s.initializer_range, **ids)
+    ids = {
+        k: getattr(s, k) if isinstance(getattr(s, k), int) else None
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+    }
+    return dict(
+        vocab_size=s.vocab_size,
+        hidden_size=s.n_embd,
+        num_hidden_layers=s.n_layer,
+        num_attention_heads=s.n_head,
+        intermediate_size=s.n_inner or 4 * s.n_embd,
+        max_position_embeddings=s.n_positions,
+        norm_type="layernorm",
+        norm_eps=s.layer_norm_epsilon,
+        position_embedding_type="learned",
+        hidden_act="gelu",
+        bias=True,
+        tie_word_embeddings=bool(s.tie_word_embeddings),
+        initializer_range=s.initializer_range,
+        **ids,
+    )
 
 
 def _llama(s) -> dict:
@@ -130,13 +174,22 @@ def _qwen3(s) -> dict:
 
 def _experts(num: int, k: int, width: int, norm_topk_prob: bool, aux: float) -> dict:
     # Released MoEs route without capacity: dropless, so the imported model computes the stock function.
-    return dict(num_local_experts=num, num_experts_per_tok=k, moe_intermediate_size=width, norm_topk_prob=norm_topk_prob,
-                router_aux_loss_coef=aux, capacity_factor=None, eval_capacity_factor=None)
+    return dict(
+        num_local_experts=num,
+        num_experts_per_tok=k,
+        moe_intermediate_size=width,
+        norm_topk_prob=norm_topk_prob,
+        router_aux_loss_coef=aux,
+        capacity_factor=None,
+        eval_capacity_factor=None,
+    )
 
 
 def _mixtral(s) -> dict:
-    return dict(intermediate_size=s.intermediate_size,
-                **_experts(s.num_local_experts, s.num_experts_per_tok, s.intermediate_size, True, s.router_aux_loss_coef))
+    return dict(
+        intermediate_size=s.intermediate_size,
+        **_experts(s.num_local_experts, s.num_experts_per_tok, s.intermediate_size, True, s.router_aux_loss_coef),
+    )
 
 
 def _qwen3_moe(s) -> dict:
@@ -144,16 +197,25 @@ def _qwen3_moe(s) -> dict:
     if step < 1:
         raise Unrepresentable("decoder_sparse_step", step, "must be >= 1")
     # Layer i is routed iff (i + 1) % step == 0 and i is not in mlp_only_layers: ours with skip = step - 1.
-    return dict(_qwen3(s), skip_first_moe=step - 1, moe_every=step, mlp_only_layers=list(s.mlp_only_layers or []),
-                **_experts(s.num_experts, s.num_experts_per_tok, s.moe_intermediate_size, s.norm_topk_prob,
-                           s.router_aux_loss_coef))
+    return dict(
+        _qwen3(s),
+        skip_first_moe=step - 1,
+        moe_every=step,
+        mlp_only_layers=list(s.mlp_only_layers or []),
+        **_experts(
+            s.num_experts, s.num_experts_per_tok, s.moe_intermediate_size, s.norm_topk_prob, s.router_aux_loss_coef
+        ),
+    )
 
 
 def _olmoe(s) -> dict:
-    return dict(intermediate_size=s.intermediate_size, qk_norm="projection", clip_qkv=s.clip_qkv,
-                bias=bool(s.attention_bias),
-                **_experts(s.num_experts, s.num_experts_per_tok, s.intermediate_size, s.norm_topk_prob,
-                           s.router_aux_loss_coef))
+    return dict(
+        intermediate_size=s.intermediate_size,
+        qk_norm="projection",
+        clip_qkv=s.clip_qkv,
+        bias=bool(s.attention_bias),
+        **_experts(s.num_experts, s.num_experts_per_tok, s.intermediate_size, s.norm_topk_prob, s.router_aux_loss_coef),
+    )
 
 
 def _ernie(s) -> dict:
@@ -170,13 +232,23 @@ def _ernie(s) -> dict:
     first = next((i for i in range(start, s.num_hidden_layers) if (i + 1) % every == 0), s.num_hidden_layers)
     if first >= s.num_hidden_layers:
         raise Unrepresentable("moe_layer_start_index", start, "no routed layer")
-    return dict(intermediate_size=s.intermediate_size, skip_first_moe=first, moe_every=every,
-                num_shared_experts=s.moe_num_shared_experts,
-                **_experts(s.moe_num_experts, s.moe_k, s.moe_intermediate_size, True, s.router_aux_loss_coef))
+    return dict(
+        intermediate_size=s.intermediate_size,
+        skip_first_moe=first,
+        moe_every=every,
+        num_shared_experts=s.moe_num_shared_experts,
+        **_experts(s.moe_num_experts, s.moe_k, s.moe_intermediate_size, True, s.router_aux_loss_coef),
+    )
 
 
-_FAMILY = {"llama": _llama, "qwen3": _qwen3, "mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "olmoe": _olmoe,
-           "ernie4_5_moe": _ernie}
+_FAMILY = {
+    "llama": _llama,
+    "qwen3": _qwen3,
+    "mixtral": _mixtral,
+    "qwen3_moe": _qwen3_moe,
+    "olmoe": _olmoe,
+    "ernie4_5_moe": _ernie,
+}
 
 
 def stock_config(config_json: dict):
@@ -205,27 +277,37 @@ def _each(formats, check) -> dict:
 # field either ignores it or cannot reach it. Checked in this order, so a dense model is refused by an MoE
 # class on `num_local_experts` first.
 _RULES = {
-    "num_local_experts": {**_each(("gpt2", "llama", "qwen3"), lambda c: not c.is_moe),
-                          **_each(MOE_FORMATS, lambda c: c.is_moe)},
+    "num_local_experts": {
+        **_each(("gpt2", "llama", "qwen3"), lambda c: not c.is_moe),
+        **_each(MOE_FORMATS, lambda c: c.is_moe),
+    },
     "norm_type": {"gpt2": lambda c: c.norm_type == "layernorm", **_each(_MODERN, lambda c: c.norm_type == "rmsnorm")},
-    "position_embedding_type": {"gpt2": lambda c: c.position_embedding_type == "learned",
-                                **_each(_MODERN, lambda c: c.position_embedding_type == "rope")},
+    "position_embedding_type": {
+        "gpt2": lambda c: c.position_embedding_type == "learned",
+        **_each(_MODERN, lambda c: c.position_embedding_type == "rope"),
+    },
     "hidden_act": {"gpt2": lambda c: c.hidden_act == "gelu", **_each(_MODERN, lambda c: c.hidden_act == "swiglu")},
     "num_key_value_heads": {"gpt2": lambda c: c.num_key_value_heads == c.num_attention_heads},
     "head_dim": _each(("gpt2", "ernie4_5_moe"), lambda c: c.head_dim * c.num_attention_heads == c.hidden_size),
-    "qk_norm": {**_each(("gpt2", "llama", "mixtral", "ernie4_5_moe"), lambda c: c.qk_norm is None),
-                **_each(("qwen3", "qwen3_moe"), lambda c: c.qk_norm == "head"),
-                "olmoe": lambda c: c.qk_norm == "projection"},
+    "qk_norm": {
+        **_each(("gpt2", "llama", "mixtral", "ernie4_5_moe"), lambda c: c.qk_norm is None),
+        **_each(("qwen3", "qwen3_moe"), lambda c: c.qk_norm == "head"),
+        "olmoe": lambda c: c.qk_norm == "projection",
+    },
     "clip_qkv": _each(("gpt2", "llama", "qwen3", "mixtral", "qwen3_moe", "ernie4_5_moe"), lambda c: c.clip_qkv is None),
     # One `bias` for attention and dense MLP; Qwen3's MLPs and every class's experts have none, and Ernie's
     # one `use_bias` also gives the shared experts (ours have none) and the LM head (zeros) biases.
-    "bias": {**_each(("mixtral", "qwen3", "qwen3_moe"), lambda c: not c.bias),
-             "ernie4_5_moe": lambda c: not c.bias or not c.num_shared_experts},
+    "bias": {
+        **_each(("mixtral", "qwen3", "qwen3_moe"), lambda c: not c.bias),
+        "ernie4_5_moe": lambda c: not c.bias or not c.num_shared_experts,
+    },
     "expert_bias": _each(MOE_FORMATS, lambda c: not c.expert_bias),
     # Mixtral and OLMoE route every layer; Ernie places routed layers by start and interval only.
     "moe_every": {**_each(("mixtral", "olmoe"), lambda c: c.moe_every == 1), "ernie4_5_moe": _ernie_places_moe_layers},
-    "skip_first_moe": {**_each(("mixtral", "olmoe"), lambda c: c.skip_first_moe == 0),
-                       "ernie4_5_moe": _ernie_places_moe_layers},
+    "skip_first_moe": {
+        **_each(("mixtral", "olmoe"), lambda c: c.skip_first_moe == 0),
+        "ernie4_5_moe": _ernie_places_moe_layers,
+    },
     "mlp_only_layers": _each(("mixtral", "olmoe", "ernie4_5_moe"), lambda c: not c.mlp_only_layers),
     "num_shared_experts": _each(("mixtral", "qwen3_moe", "olmoe"), lambda c: c.num_shared_experts == 0),
     "router_type": _each(MOE_FORMATS, lambda c: c.router_type == "softmax"),
@@ -263,42 +345,95 @@ def fitting_formats(config: MoEConfig, first: str | None = None) -> list[str]:
 def standard_config(config: MoEConfig, fmt: str):
     """The standard class's config for our `config` (already checked by `unrepresentable`)."""
     c = config
-    ids = dict(bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
-               tie_word_embeddings=c.tie_word_embeddings, vocab_size=c.vocab_size, use_cache=True,
-               initializer_range=c.initializer_range)
+    ids = dict(
+        bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_id,
+        pad_token_id=c.pad_token_id,
+        tie_word_embeddings=c.tie_word_embeddings,
+        vocab_size=c.vocab_size,
+        use_cache=True,
+        initializer_range=c.initializer_range,
+    )
     if fmt == "gpt2":
         # tanh-GELU is GPT-2's `gelu_new`; dropout off: the export is for inference.
-        return GPT2Config(n_positions=c.max_position_embeddings, n_embd=c.hidden_size, n_layer=c.num_hidden_layers,
-                          n_head=c.num_attention_heads, n_inner=c.intermediate_size, activation_function="gelu_new",
-                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=c.norm_eps, **ids)
-    common = dict(hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers, hidden_act="silu",
-                  num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
-                  max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.norm_eps,
-                  rope_parameters=dict(c.rope_parameters), **ids)
+        return GPT2Config(
+            n_positions=c.max_position_embeddings,
+            n_embd=c.hidden_size,
+            n_layer=c.num_hidden_layers,
+            n_head=c.num_attention_heads,
+            n_inner=c.intermediate_size,
+            activation_function="gelu_new",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            layer_norm_epsilon=c.norm_eps,
+            **ids,
+        )
+    common = dict(
+        hidden_size=c.hidden_size,
+        num_hidden_layers=c.num_hidden_layers,
+        hidden_act="silu",
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads,
+        max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.norm_eps,
+        rope_parameters=dict(c.rope_parameters),
+        **ids,
+    )
     head_dim = dict(head_dim=c.head_dim)
     experts = dict(num_experts_per_tok=c.num_experts_per_tok, router_aux_loss_coef=c.router_aux_loss_coef)
     if fmt == "llama":
-        return LlamaConfig(intermediate_size=c.intermediate_size, attention_bias=c.bias, mlp_bias=c.bias,
-                           **head_dim, **common)
+        return LlamaConfig(
+            intermediate_size=c.intermediate_size, attention_bias=c.bias, mlp_bias=c.bias, **head_dim, **common
+        )
     if fmt == "qwen3":
         return Qwen3Config(intermediate_size=c.intermediate_size, use_sliding_window=False, **head_dim, **common)
     if fmt == "mixtral":
-        return MixtralConfig(intermediate_size=c.moe_intermediate_size, num_local_experts=c.num_local_experts,
-                             router_jitter_noise=c.router_jitter_noise, sliding_window=None, **experts, **head_dim,
-                             **common)
+        return MixtralConfig(
+            intermediate_size=c.moe_intermediate_size,
+            num_local_experts=c.num_local_experts,
+            router_jitter_noise=c.router_jitter_noise,
+            sliding_window=None,
+            **experts,
+            **head_dim,
+            **common,
+        )
     if fmt == "qwen3_moe":
         dense = [i for i in range(c.num_hidden_layers) if not c.is_moe_layer(i)]
-        return Qwen3MoeConfig(intermediate_size=c.intermediate_size, moe_intermediate_size=c.moe_intermediate_size,
-                              num_experts=c.num_local_experts, norm_topk_prob=c.norm_topk_prob, decoder_sparse_step=1,
-                              mlp_only_layers=dense, use_sliding_window=False, **experts, **head_dim, **common)
+        return Qwen3MoeConfig(
+            intermediate_size=c.intermediate_size,
+            moe_intermediate_size=c.moe_intermediate_size,
+            num_experts=c.num_local_experts,
+            norm_topk_prob=c.norm_topk_prob,
+            decoder_sparse_step=1,
+            mlp_only_layers=dense,
+            use_sliding_window=False,
+            **experts,
+            **head_dim,
+            **common,
+        )
     if fmt == "olmoe":
-        return OlmoeConfig(intermediate_size=c.moe_intermediate_size, num_experts=c.num_local_experts,
-                           norm_topk_prob=c.norm_topk_prob, clip_qkv=c.clip_qkv, attention_bias=c.bias, **experts,
-                           **common)
+        return OlmoeConfig(
+            intermediate_size=c.moe_intermediate_size,
+            num_experts=c.num_local_experts,
+            norm_topk_prob=c.norm_topk_prob,
+            clip_qkv=c.clip_qkv,
+            attention_bias=c.bias,
+            **experts,
+            **common,
+        )
     # moe_norm_min 0: the clamp never binds, so the gates are divided by their plain sum, as ours are.
-    return Ernie4_5_MoeConfig(intermediate_size=c.intermediate_size, use_bias=c.bias,
-                              moe_intermediate_size=c.moe_intermediate_size, moe_k=c.num_experts_per_tok,
-                              moe_num_experts=c.num_local_experts, moe_num_shared_experts=c.num_shared_experts,
-                              moe_layer_start_index=c.skip_first_moe, moe_layer_end_index=c.num_hidden_layers - 1,
-                              moe_layer_interval=c.moe_every, moe_norm_min=0.0,
-                              router_aux_loss_coef=c.router_aux_loss_coef, **common)
+    return Ernie4_5_MoeConfig(
+        intermediate_size=c.intermediate_size,
+        use_bias=c.bias,
+        moe_intermediate_size=c.moe_intermediate_size,
+        moe_k=c.num_experts_per_tok,
+        moe_num_experts=c.num_local_experts,
+        moe_num_shared_experts=c.num_shared_experts,
+        moe_layer_start_index=c.skip_first_moe,
+        moe_layer_end_index=c.num_hidden_layers - 1,
+        moe_layer_interval=c.moe_every,
+        moe_norm_min=0.0,
+        router_aux_loss_coef=c.router_aux_loss_coef,
+        **common,
+    )

@@ -62,13 +62,18 @@ _EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.")
 
 
 def _modern_pair(name: str, config: MoEConfig, fmt: str) -> Pair | None:
-    disk = name.replace(".input_norm.", ".input_layernorm.").replace(".post_attention_norm.",
-                                                                     ".post_attention_layernorm.")
+    disk = name.replace(".input_norm.", ".input_layernorm.").replace(
+        ".post_attention_norm.", ".post_attention_layernorm."
+    )
     if name.endswith(".mlp.router.score_bias"):
         if fmt != "ernie4_5_moe":
             return None
-        return Pair((name,), disk.replace(".router.score_bias", ".moe_statics.e_score_correction_bias"),
-                    lambda t: t[0].float().unsqueeze(0), lambda t: [t.squeeze(0)])  # [1, E]: one expert group
+        return Pair(
+            (name,),
+            disk.replace(".router.score_bias", ".moe_statics.e_score_correction_bias"),
+            lambda t: t[0].float().unsqueeze(0),
+            lambda t: [t.squeeze(0)],
+        )  # [1, E]: one expert group
     if fmt == "mixtral":
         disk = disk.replace(".mlp.router.", ".block_sparse_moe.gate.")
         disk = _EXPERT.sub(lambda m: f".block_sparse_moe.experts.{m[1]}.{_MIXTRAL_EXPERT[m[2]]}.", disk)
@@ -105,22 +110,35 @@ def _gpt2_pairs(config: MoEConfig) -> list[Pair]:
     def norm(ours: str, disk: str) -> list[Pair]:
         return [Pair((f"{ours}.weight",), f"{disk}.weight"), _bias(config, f"{ours}.bias", f"{disk}.bias", D)]
 
-    pairs = [Pair(("model.embed_tokens.weight",), "transformer.wte.weight"),
-             Pair(("model.embed_positions.weight",), "transformer.wpe.weight"), *norm("model.norm", "transformer.ln_f")]
+    pairs = [
+        Pair(("model.embed_tokens.weight",), "transformer.wte.weight"),
+        Pair(("model.embed_positions.weight",), "transformer.wpe.weight"),
+        *norm("model.norm", "transformer.ln_f"),
+    ]
     if not config.tie_word_embeddings:
         pairs.append(Pair(("lm_head.weight",), "lm_head.weight"))
     for i in range(config.num_hidden_layers):
         ours, theirs = f"model.layers.{i}", f"transformer.h.{i}"
         qkv = tuple(f"{ours}.self_attn.{p}_proj" for p in "qkv")
-        pairs += [*norm(f"{ours}.input_norm", f"{theirs}.ln_1"), *norm(f"{ours}.post_attention_norm", f"{theirs}.ln_2"),
-                  Pair(tuple(f"{k}.weight" for k in qkv), f"{theirs}.attn.c_attn.weight",
-                       lambda x: torch.cat(x).t().contiguous(), lambda x: list(x.t().split(D))),
-                  *linear(f"{ours}.self_attn.o_proj", f"{theirs}.attn.c_proj", D),
-                  *linear(f"{ours}.mlp.up_proj", f"{theirs}.mlp.c_fc", F),
-                  *linear(f"{ours}.mlp.down_proj", f"{theirs}.mlp.c_proj", D)]
+        pairs += [
+            *norm(f"{ours}.input_norm", f"{theirs}.ln_1"),
+            *norm(f"{ours}.post_attention_norm", f"{theirs}.ln_2"),
+            Pair(
+                tuple(f"{k}.weight" for k in qkv),
+                f"{theirs}.attn.c_attn.weight",
+                lambda x: torch.cat(x).t().contiguous(),
+                lambda x: list(x.t().split(D)),
+            ),
+            *linear(f"{ours}.self_attn.o_proj", f"{theirs}.attn.c_proj", D),
+            *linear(f"{ours}.mlp.up_proj", f"{theirs}.mlp.c_fc", F),
+            *linear(f"{ours}.mlp.down_proj", f"{theirs}.mlp.c_proj", D),
+        ]
         if config.bias:
-            pairs.append(Pair(tuple(f"{k}.bias" for k in qkv), f"{theirs}.attn.c_attn.bias", torch.cat,
-                              lambda x: list(x.split(D))))
+            pairs.append(
+                Pair(
+                    tuple(f"{k}.bias" for k in qkv), f"{theirs}.attn.c_attn.bias", torch.cat, lambda x: list(x.split(D))
+                )
+            )
         else:
             pairs.append(Pair((), f"{theirs}.attn.c_attn.bias", lambda _: torch.zeros(3 * D)))
     return pairs

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from huggingface_hub.errors import StrictDataclassError
 
+from ..checkpoint.formats import ExportError
 from ..model.configuration import MoEConfig
 from ..model.modeling import MoEForCausalLM
-from ..checkpoint.formats import ExportError
 from .sources import NativeSource, SafetensorsFiles, StockSource, check_safetensors, has_safetensors
 from .standard import CLASS_NAMES, STANDARD_FORMATS, TOLERANCE, Unrepresentable, stock_config, to_ours
 from .upcycle import UpcycleSource, Upcycling
@@ -40,11 +40,15 @@ def read_init_config(folder: Path) -> InitFrom:
     config_json = read_config_json(folder, f"--init_from {folder}: ")
     model_type = config_json.get("model_type")
     if model_type != MoEConfig.model_type and model_type not in STANDARD_FORMATS:
-        raise ExportError(f"--init_from {folder}: model_type={model_type!r} is not supported; supported: "
-                          f"{MoEConfig.model_type} (our exports), {', '.join(STANDARD_FORMATS)}")
+        raise ExportError(
+            f"--init_from {folder}: model_type={model_type!r} is not supported; supported: "
+            f"{MoEConfig.model_type} (our exports), {', '.join(STANDARD_FORMATS)}"
+        )
     if not has_safetensors(folder):
-        raise ExportError(f"--init_from {folder}: no model.safetensors or model.safetensors.index.json "
-                          f"(only safetensors checkpoints are read)")
+        raise ExportError(
+            f"--init_from {folder}: no model.safetensors or model.safetensors.index.json "
+            f"(only safetensors checkpoints are read)"
+        )
     try:
         if model_type == MoEConfig.model_type:
             init = InitFrom(folder, NATIVE, MoEConfig.from_dict(config_json).to_dict())
@@ -53,8 +57,9 @@ def read_init_config(folder: Path) -> InitFrom:
             config_from_fields(fields)  # our model's own checks, while the folder can still be named
             init = InitFrom(folder, model_type, fields)
     except Unrepresentable as e:
-        raise ExportError(f"--init_from {folder}: {CLASS_NAMES[model_type]} field {e} cannot be represented "
-                          f"by moe-dist's model") from None
+        raise ExportError(
+            f"--init_from {folder}: {CLASS_NAMES[model_type]} field {e} cannot be represented by moe-dist's model"
+        ) from None
     # A field of the wrong type or out of range; ArithmeticError: transformers' own checks divide by fields
     # (hidden_size % num_attention_heads) before they check them.
     except (TypeError, ValueError, ArithmeticError, StrictDataclassError) as e:
@@ -81,8 +86,9 @@ def _check_weights_fit(init: InitFrom) -> None:
             raise ExportError(f"{name}: the weights hold {held}, but config.json makes {tuple(param.shape)}")
     extra = sorted(set(files.weight_map) - set(model.state_dict()))
     if extra:
-        raise ExportError(f"the weights hold {len(extra)} tensor(s) that config.json's model has no place for "
-                          f"(first: {extra[0]!r})")
+        raise ExportError(
+            f"the weights hold {len(extra)} tensor(s) that config.json's model has no place for (first: {extra[0]!r})"
+        )
 
 
 def read_config_json(folder: Path, prefix: str = "") -> dict:
@@ -93,15 +99,17 @@ def read_config_json(folder: Path, prefix: str = "") -> dict:
     except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
         raise ExportError(f"{prefix}cannot read config.json ({type(e).__name__}: {e})") from None
     if not isinstance(config_json, dict):
-        raise ExportError(f"{prefix}config.json holds a JSON {type(config_json).__name__}, not an object of config "
-                          f"fields")
+        raise ExportError(
+            f"{prefix}config.json holds a JSON {type(config_json).__name__}, not an object of config fields"
+        )
     return config_json
 
 
 def config_from_fields(fields: dict) -> MoEConfig:
     """A `MoEConfig` of `fields`, leaving out what is not a field of ours or only records how it was saved."""
-    return MoEConfig(**{k: v for k, v in fields.items() if k in MoEConfig.__dataclass_fields__
-                        and k not in VOLATILE_FIELDS})
+    return MoEConfig(
+        **{k: v for k, v in fields.items() if k in MoEConfig.__dataclass_fields__ and k not in VOLATILE_FIELDS}
+    )
 
 
 def init_config(init: InitFrom) -> MoEConfig:
@@ -128,8 +136,9 @@ def check_import(init: InitFrom, config: MoEConfig) -> float:
     """Max |logits(stock class) - logits(converted)| on a fixed batch in fp32; refused above TOLERANCE."""
     from transformers import AutoModelForCausalLM
 
-    ids = torch.randint(config.vocab_size, (2, min(16, config.max_position_embeddings)),
-                        generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        config.vocab_size, (2, min(16, config.max_position_embeddings)), generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
         try:
             ours = converted_model(init, config)(input_ids=ids, use_cache=False).logits
@@ -139,6 +148,8 @@ def check_import(init: InitFrom, config: MoEConfig) -> float:
         theirs = stock(input_ids=ids, use_cache=False).logits
     diff = (theirs - ours).abs().max().item()
     if not diff <= TOLERANCE:  # also refuses NaN
-        raise ExportError(f"--init_from {init.folder}: the converted model does not reproduce "
-                          f"{CLASS_NAMES[init.fmt]}: max |logit difference| {diff:.3g} > {TOLERANCE:g} in fp32")
+        raise ExportError(
+            f"--init_from {init.folder}: the converted model does not reproduce "
+            f"{CLASS_NAMES[init.fmt]}: max |logit difference| {diff:.3g} > {TOLERANCE:g} in fp32"
+        )
     return diff

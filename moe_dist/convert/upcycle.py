@@ -61,7 +61,7 @@ class Upcycling:
         return asdict(self)
 
     @classmethod
-    def from_record(cls, record: dict) -> "Upcycling":
+    def from_record(cls, record: dict) -> Upcycling:
         """Read back from run.json; a record from before `granularity` existed was written by coarse upcycling."""
         return cls(**record)
 
@@ -69,8 +69,10 @@ class Upcycling:
         """The layer it makes, in words: "4 experts", or "4 copies split into 2 (8 experts of 1/2 the dense width)"."""
         if self.granularity == 1:
             return f"{self.experts} experts"
-        return (f"{self.experts} copies split into {self.granularity} ({self.total_experts} experts of "
-                f"1/{self.granularity} the dense width)")
+        return (
+            f"{self.experts} copies split into {self.granularity} ({self.total_experts} experts of "
+            f"1/{self.granularity} the dense width)"
+        )
 
 
 def source_record(folder: Path) -> dict:
@@ -93,14 +95,18 @@ def step0_description(config: MoEConfig, upcycling: Upcycling) -> str:
     elif config.norm_topk_prob:
         parts.append("the dense FFN exactly: renormalised gates over identical copies")
     else:
-        parts.append(f"each token's dense FFN output times its gate weight (softmax probabilities of the "
-                     f"{config.num_experts_per_tok} chosen of {config.num_local_experts} experts, not renormalised: "
-                     f"about {config.num_experts_per_tok / config.num_local_experts:.2g} at a fresh router"
-                     f"{', summed over a copy' if upcycling.granularity > 1 else ''}); "
-                     f"--norm_topk_prob true keeps the dense function")
+        parts.append(
+            f"each token's dense FFN output times its gate weight (softmax probabilities of the "
+            f"{config.num_experts_per_tok} chosen of {config.num_local_experts} experts, not renormalised: "
+            f"about {config.num_experts_per_tok / config.num_local_experts:.2g} at a fresh router"
+            f"{', summed over a copy' if upcycling.granularity > 1 else ''}); "
+            f"--norm_topk_prob true keeps the dense function"
+        )
     if upcycling.noise or upcycling.reinit:
-        parts.append(f"copies perturbed as asked (noise std {upcycling.noise:g}, {upcycling.reinit:.0%} of "
-                     f"channels re-initialised)")
+        parts.append(
+            f"copies perturbed as asked (noise std {upcycling.noise:g}, {upcycling.reinit:.0%} of "
+            f"channels re-initialised)"
+        )
     if config.num_shared_experts:
         parts.append(f"plus {config.num_shared_experts} shared expert(s) holding the dense FFN: it is counted twice")
     if config.capacity_factor is not None:
@@ -112,8 +118,13 @@ def moe_fields(dense: dict, upcycling: Upcycling, top_k: int) -> dict:
     """Our config fields for the MoE a dense config becomes with `top_k` copies per token: experts as wide as the
     dense FFN (1/granularity of it when fine-grained, top_k scaled to match), with its biases."""
     G = upcycling.granularity
-    return {**dense, "num_local_experts": upcycling.total_experts, "num_experts_per_tok": top_k * G,
-            "moe_intermediate_size": dense["intermediate_size"] // G, "expert_bias": dense.get("bias", False)}
+    return {
+        **dense,
+        "num_local_experts": upcycling.total_experts,
+        "num_experts_per_tok": top_k * G,
+        "moe_intermediate_size": dense["intermediate_size"] // G,
+        "expert_bias": dense.get("bias", False),
+    }
 
 
 class UpcycleSource:
@@ -160,8 +171,8 @@ class UpcycleSource:
             return tensor
         width, start = self.config.moe_intermediate_size, expert % G * self.config.moe_intermediate_size
         if rest.startswith("down_proj"):  # [D, I]: the channels are columns
-            return tensor[:, start:start + width] * G
-        return tensor[start:start + width]
+            return tensor[:, start : start + width] * G
+        return tensor[start : start + width]
 
     def _copy(self, tensor: torch.Tensor, layer: int, expert: int, rest: str) -> torch.Tensor:
         """Expert `expert`'s copy of a dense FFN tensor, with the asked-for noise and re-initialisation."""

@@ -9,8 +9,8 @@
 Importing this package does not import DeepSpeed: `formats` imports it only to read ZeRO shards.
 """
 
-from .cli import main
 from ..checkpoint.formats import ExportError, load_hf_state_dict
+from .cli import main
 from .native import build_model, export_checkpoint
 from .standard_export import export_standard
 

@@ -19,13 +19,13 @@ import json
 import sys
 from pathlib import Path
 
+from ..checkpoint.formats import ExportError
+from ..convert.standard import STANDARD_FORMATS, blocking_field, fitting_formats
+from ..convert.stock_import import read_config_json
 from ..model.configuration import MoEConfig
 from ..output_guard import OutputRefused
-from ..checkpoint.formats import ExportError
 from .native import DTYPES, check_export_dir, export_checkpoint, read_config
-from ..convert.standard import STANDARD_FORMATS, blocking_field, fitting_formats
 from .standard_export import export_standard
-from ..convert.stock_import import read_config_json
 
 FORMATS = ("native", *STANDARD_FORMATS, "auto")
 
@@ -35,12 +35,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="a checkpoint folder (checkpoints/stepNNNNNNNN) or a run folder")
     parser.add_argument("out_dir")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: <run>/tokenizer when found)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
-                        help="weight dtype of the export (default fp32); from the fp32 masters of a bf16 run")
-    parser.add_argument("--format", choices=FORMATS, default="native",
-                        help="native (moe_dist model code) or a stock transformers class; auto: the class the "
-                             "run started from (--init_from), else the first that represents the model exactly, "
-                             "else native")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="fp32",
+        help="weight dtype of the export (default fp32); from the fp32 masters of a bf16 run",
+    )
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="native",
+        help="native (moe_dist model code) or a stock transformers class; auto: the class the "
+        "run started from (--init_from), else the first that represents the model exactly, "
+        "else native",
+    )
     args = parser.parse_args(argv)
     ckpt = _resolve_checkpoint(Path(args.checkpoint))
     tokenizer = args.tokenizer or next((str(p) for p in (ckpt.parent.parent / "tokenizer",) if p.is_dir()), None)
@@ -89,9 +97,11 @@ def _check_ours(ckpt: Path) -> None:
     config = read_config_json(ckpt, f"{ckpt} is not a moe-dist run or checkpoint: ")
     model_type = config.get("model_type")
     if model_type != MoEConfig.model_type:
-        raise ExportError(f"{ckpt} is not a moe-dist run or checkpoint: its config.json has model_type="
-                          f"{model_type!r}; RUN is a run folder or checkpoints/stepNNNNNNNN of ours (to train from "
-                          f"this folder, pass it to launch/train.py --init_from)")
+        raise ExportError(
+            f"{ckpt} is not a moe-dist run or checkpoint: its config.json has model_type="
+            f"{model_type!r}; RUN is a run folder or checkpoints/stepNNNNNNNN of ours (to train from "
+            f"this folder, pass it to launch/train.py --init_from)"
+        )
     try:
         MoEConfig.from_dict(config)
     except (TypeError, ValueError) as e:

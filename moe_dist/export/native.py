@@ -12,11 +12,10 @@ from pathlib import Path
 
 import torch
 
-from ..output_guard import check_replace, replace_dir
+from ..checkpoint.formats import ExportError, load_hf_state_dict, zero_shards
 from ..model.configuration import MoEConfig
 from ..model.modeling import MoEForCausalLM
-from ..checkpoint.formats import ExportError, load_hf_state_dict, zero_shards
-
+from ..output_guard import check_replace, replace_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 EXPORT = "export"  # the output kind of an export folder (output_guard)
@@ -56,8 +55,9 @@ def build_model(ckpt: Path, dtype: str = "fp32") -> MoEForCausalLM:
         raise ExportError(f"{ckpt}: weights do not match its config.json ({' '.join(first)})") from None
     missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
     if missing or unexpected:
-        raise ExportError(f"{ckpt}: weights do not match its config.json (missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]})")
+        raise ExportError(
+            f"{ckpt}: weights do not match its config.json (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return model.to(DTYPES[dtype]).eval()
 
 
@@ -77,12 +77,14 @@ def _fp32_weights(ckpt: Path, model: MoEForCausalLM) -> dict[str, torch.Tensor]:
     from ..parallel.portable import read_state
 
     shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
-    return read_state(ckpt, engine="deepspeed", ep_size=saved["ep_size"], num_experts=model.config.num_local_experts,
-                      shapes=shapes).weights
+    return read_state(
+        ckpt, engine="deepspeed", ep_size=saved["ep_size"], num_experts=model.config.num_local_experts, shapes=shapes
+    ).weights
 
 
-def export_checkpoint(ckpt: str | Path, out_dir: str | Path, *, tokenizer_dir: str | Path | None = None,
-                      dtype: str = "fp32") -> Path:
+def export_checkpoint(
+    ckpt: str | Path, out_dir: str | Path, *, tokenizer_dir: str | Path | None = None, dtype: str = "fp32"
+) -> Path:
     """Write `out_dir` (config, model.safetensors, model code for trust_remote_code, tokenizer) atomically."""
     ckpt, out_dir = Path(ckpt), Path(out_dir)
     check_export_dir(out_dir)
@@ -92,6 +94,7 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, *, tokenizer_dir: s
         model.save_pretrained(staging, safe_serialization=True)
         if tokenizer_dir is not None:
             from transformers import AutoTokenizer
+
             AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(staging)
 
     write_export_dir(out_dir, write)

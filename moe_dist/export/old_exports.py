@@ -32,11 +32,11 @@ from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 from transformers.dynamic_module_utils import get_relative_import_files
 
-from ..model.modeling import MoEForCausalLM
 from ..convert.sources import INDEX, SafetensorsFiles
-from .card import card_front_matter
 from ..convert.standard_keys import key_pairs, our_tensor_names
 from ..convert.stock_import import NATIVE, config_from_fields, read_config_json, read_init_config
+from ..model.modeling import MoEForCausalLM
+from .card import card_front_matter
 
 # What a file that is not what it claims raises on reading (ExportError is a RuntimeError, as is a config
 # that builds no model).
@@ -60,8 +60,12 @@ def _tokenizer(path: Path) -> bool:
     return True
 
 
-_FILE_CHECKS = {"generation_config.json": _json_object, "tokenizer_config.json": _json_object,
-                "tokenizer.json": _tokenizer, "chat_template.jinja": _text}
+_FILE_CHECKS = {
+    "generation_config.json": _json_object,
+    "tokenizer_config.json": _json_object,
+    "tokenizer.json": _tokenizer,
+    "chat_template.jinja": _text,
+}
 
 
 def unproven(folder: Path) -> list[str]:
@@ -76,8 +80,12 @@ def unproven(folder: Path) -> list[str]:
     weights = _weights(folder, shapes)
     extra = _model_code(folder, config_json) if init.fmt == NATIVE else _card(folder, init.fmt)
     # config.json is an export's only with the weights it describes: every export wrote both.
-    proven = {*weights, *(["config.json"] if weights else []), *extra,
-              *(name for name, check in _FILE_CHECKS.items() if _passes(check, folder / name))}
+    proven = {
+        *weights,
+        *(["config.json"] if weights else []),
+        *extra,
+        *(name for name, check in _FILE_CHECKS.items() if _passes(check, folder / name)),
+    }
     return [n for n in names if n not in proven or (folder / n).is_symlink()]
 
 

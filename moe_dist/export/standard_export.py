@@ -10,7 +10,6 @@ passes is the model card written and the folder swapped in for OUT (`native.writ
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -21,18 +20,19 @@ import torch
 from safetensors.torch import save_file
 from transformers import GenerationConfig
 
-from ..model.modeling import MoEForCausalLM
 from ..checkpoint.formats import ExportError
-from .native import build_model, check_export_dir, write_export_dir
 from ..convert.standard import CLASS_NAMES, MOE_FORMATS, TOLERANCE, standard_config, unrepresentable
 from ..convert.standard_keys import key_pairs
+from ..model.modeling import MoEForCausalLM
 from .card import model_card
+from .native import build_model, check_export_dir, write_export_dir
 
 _STOCK_LOGITS = Path(__file__).with_name("stock_logits.py")
 
 
-def export_standard(ckpt: str | Path, out_dir: str | Path, fmt: str, *, tokenizer_dir: str | Path | None = None,
-                    dtype: str = "fp32") -> float:
+def export_standard(
+    ckpt: str | Path, out_dir: str | Path, fmt: str, *, tokenizer_dir: str | Path | None = None, dtype: str = "fp32"
+) -> float:
     """Write `out_dir` loadable by the stock class of `fmt`; returns the measured max |logit difference|."""
     ckpt, out_dir = Path(ckpt), Path(out_dir)
     check_export_dir(out_dir)
@@ -46,9 +46,13 @@ def export_standard(ckpt: str | Path, out_dir: str | Path, fmt: str, *, tokenize
     tokenizer = None
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    ids = torch.randint(model.config.vocab_size, (2, min(16, model.config.max_position_embeddings)),
-                        generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        model.config.vocab_size,
+        (2, min(16, model.config.max_position_embeddings)),
+        generator=torch.Generator().manual_seed(0),
+    )
     with torch.no_grad():
         ours = _fp32_reference(model)(input_ids=ids, use_cache=False).logits
     diff = float("nan")
@@ -63,8 +67,10 @@ def export_standard(ckpt: str | Path, out_dir: str | Path, fmt: str, *, tokenize
             tokenizer.save_pretrained(staging)
         diff = stock_logits_diff(staging, CLASS_NAMES[fmt], ids, ours)
         if not diff <= TOLERANCE:  # also refuses NaN
-            raise ExportError(f"{CLASS_NAMES[fmt]} does not reproduce the model: max |logit difference| "
-                              f"{diff:.3g} > {TOLERANCE:g} in fp32; export with --format native")
+            raise ExportError(
+                f"{CLASS_NAMES[fmt]} does not reproduce the model: max |logit difference| "
+                f"{diff:.3g} > {TOLERANCE:g} in fp32; export with --format native"
+            )
         (staging / "README.md").write_text(model_card(ckpt, model, fmt, CLASS_NAMES[fmt], diff))
 
     write_export_dir(out_dir, write)
@@ -77,8 +83,10 @@ def disk_state(model: MoEForCausalLM, fmt: str) -> dict[str, torch.Tensor]:
     if fmt in MOE_FORMATS and fmt != "ernie4_5_moe":
         nonzero = [k for k, v in state.items() if k.endswith(".router.score_bias") and bool(v.any())]
         if nonzero:
-            raise ExportError(f"{nonzero[0]} is non-zero (an aux-loss-free selection bias) and cannot be exported "
-                              f"as {fmt}; formats that represent it: ernie4_5_moe, native")
+            raise ExportError(
+                f"{nonzero[0]} is non-zero (an aux-loss-free selection bias) and cannot be exported "
+                f"as {fmt}; formats that represent it: ernie4_5_moe, native"
+            )
     out = {}
     for pair in key_pairs(model.config, fmt):
         tensor = pair.to_disk([state[k] for k in pair.ours])
@@ -102,8 +110,9 @@ def _fp32_reference(model: MoEForCausalLM) -> MoEForCausalLM:
 def _generation_config(model: MoEForCausalLM, tokenizer) -> GenerationConfig:
     # The tokenizer's special tokens win: they are what `generate` must stop on.
     source = tokenizer if tokenizer is not None else model.config
-    return GenerationConfig(bos_token_id=source.bos_token_id, eos_token_id=source.eos_token_id,
-                            pad_token_id=source.pad_token_id)
+    return GenerationConfig(
+        bos_token_id=source.bos_token_id, eos_token_id=source.eos_token_id, pad_token_id=source.pad_token_id
+    )
 
 
 def without_moe_dist(environ: dict) -> dict:
@@ -111,8 +120,11 @@ def without_moe_dist(environ: dict) -> dict:
     only the entries that hold no `moe_dist`. The others stay: on the lent GPU machine transformers itself
     comes from a wheel kit on PYTHONPATH (tools/gpu_run.sh), and the image's own release is older."""
     env = {k: v for k, v in environ.items() if k != "PYTHONPATH"}
-    keep = [str(Path(p).resolve()) for p in environ.get("PYTHONPATH", "").split(os.pathsep)
-            if p and not (Path(p) / "moe_dist" / "__init__.py").exists()]
+    keep = [
+        str(Path(p).resolve())
+        for p in environ.get("PYTHONPATH", "").split(os.pathsep)
+        if p and not (Path(p) / "moe_dist" / "__init__.py").exists()
+    ]
     if keep:
         env["PYTHONPATH"] = os.pathsep.join(keep)
     return env
@@ -128,9 +140,23 @@ def stock_logits_diff(folder: Path, class_name: str, ids: torch.Tensor, ours: to
         env = without_moe_dist(os.environ)
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         # Absolute: the check runs in another folder, where a relative OUT would read as a hub name.
-        proc = subprocess.run([sys.executable, "-s", str(_STOCK_LOGITS), str(Path(folder).resolve()), class_name,
-                               str(ids_path), str(logits_path)], check=False, cwd=tmp, env=env, capture_output=True,
-                              text=True, timeout=900)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-s",
+                str(_STOCK_LOGITS),
+                str(Path(folder).resolve()),
+                class_name,
+                str(ids_path),
+                str(logits_path),
+            ],
+            check=False,
+            cwd=tmp,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise ExportError(f"the stock {class_name} cannot load the export (exit {proc.returncode}): {last}")

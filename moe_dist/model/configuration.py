@@ -39,8 +39,14 @@ _SEED = dict(
     expert_bias=False,
 )
 # CPU-sized twin: same block, 128 wide, 4 layers, 128 tokens of context.
-_TINY = dict(_SEED, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-             intermediate_size=512, max_position_embeddings=128)
+_TINY = dict(
+    _SEED,
+    hidden_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=512,
+    max_position_embeddings=128,
+)
 # RMSNorm, RoPE, GQA and SwiGLU experts, balanced by the aux-loss-free bias
 # (DeepSeek-V3, arXiv:2412.19437 §2.1.2, update rate 1e-3) plus the ST-MoE z-loss
 # (arXiv:2202.08906, coefficient 1e-3).
@@ -69,29 +75,55 @@ PRESETS: dict[str, dict] = {
     "seed-moe-e4": dict(_SEED, num_local_experts=4, num_experts_per_tok=1),
     "seed-moe-e8": dict(_SEED, num_local_experts=8, num_experts_per_tok=1),
     "seed-moe-e16": dict(_SEED, num_local_experts=16, num_experts_per_tok=1),
-    "seed-top2-e16": dict(_SEED, num_local_experts=16, num_experts_per_tok=2,
-                          moe_intermediate_size=1024, norm_topk_prob=True),
+    "seed-top2-e16": dict(
+        _SEED, num_local_experts=16, num_experts_per_tok=2, moe_intermediate_size=1024, norm_topk_prob=True
+    ),
     "modern-moe": dict(_MODERN),
     "tiny-dense": dict(_TINY),
     # Same active parameters as tiny-dense: one expert of the dense FFN's size per token.
     "tiny-moe": dict(_TINY, num_local_experts=8, num_experts_per_tok=1),
-    "tiny-modern": dict(_MODERN, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                        num_key_value_heads=2, intermediate_size=352, moe_intermediate_size=176,
-                        max_position_embeddings=128),
+    "tiny-modern": dict(
+        _MODERN,
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=352,
+        moe_intermediate_size=176,
+        max_position_embeddings=128,
+    ),
     # CPU-sized modern presets exportable by construction (python -m moe_dist.export RUN OUT --format ...).
     # mixtral-tiny: every FFN routed, renormalised softmax top-2, balanced by the aux loss (Mixtral has no
     # selection bias and no shared experts).
-    "mixtral-tiny": dict(_MODERN, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=352, moe_intermediate_size=176,
-                         max_position_embeddings=128, router_aux_loss_coef=0.01, router_bias_update_rate=0.0),
+    "mixtral-tiny": dict(
+        _MODERN,
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=352,
+        moe_intermediate_size=176,
+        max_position_embeddings=128,
+        router_aux_loss_coef=0.01,
+        router_bias_update_rate=0.0,
+    ),
     # ernie-tiny: Ernie 4.5's block: a dense first layer, one shared expert, aux-loss-free bias balancing.
-    "ernie-tiny": dict(_MODERN, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=2, intermediate_size=352, moe_intermediate_size=176,
-                       max_position_embeddings=128, num_shared_experts=1, skip_first_moe=1),
+    "ernie-tiny": dict(
+        _MODERN,
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=352,
+        moe_intermediate_size=176,
+        max_position_embeddings=128,
+        num_shared_experts=1,
+        skip_first_moe=1,
+    ),
 }
 
 
-def _check_types(config: "MoEConfig") -> None:
+def _check_types(config: MoEConfig) -> None:
     """Each field's value is of its annotated type, a float finite and an int an int64: a config.json is anyone's
     text."""
     for name, annotation in MoEConfig.__annotations__.items():
@@ -100,7 +132,7 @@ def _check_types(config: "MoEConfig") -> None:
             raise ValueError(f"MoEConfig.{name}={value!r} is invalid: expected {annotation}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"MoEConfig.{name}={value!r} is invalid: must be finite")
-        if isinstance(value, int) and not -2**63 <= value < 2**63:  # torch and safetensors hold sizes as int64
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:  # torch and safetensors hold sizes as int64
             raise ValueError(f"MoEConfig.{name}={value!r} is invalid: must fit in int64")
 
 
@@ -200,7 +232,7 @@ class MoEConfig(PretrainedConfig):
         return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "MoEConfig":
+    def from_preset(cls, name: str, **overrides) -> MoEConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
         overrides = {cls.attribute_map.get(k, k): v for k, v in overrides.items()}
@@ -213,13 +245,25 @@ class MoEConfig(PretrainedConfig):
         def bad(field: str, valid: str) -> ValueError:
             return ValueError(f"MoEConfig.{field}={getattr(self, field)!r} is invalid: {valid}")
 
-        for field, choices in (("norm_type", NORM_TYPES), ("hidden_act", ACTIVATIONS),
-                               ("position_embedding_type", POSITION_TYPES), ("router_type", ROUTER_TYPES)):
+        for field, choices in (
+            ("norm_type", NORM_TYPES),
+            ("hidden_act", ACTIVATIONS),
+            ("position_embedding_type", POSITION_TYPES),
+            ("router_type", ROUTER_TYPES),
+        ):
             if getattr(self, field) not in choices:
                 raise bad(field, f"expected one of {choices}")
-        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                      "intermediate_size", "max_position_embeddings", "moe_intermediate_size",
-                      "moe_every", "num_experts_per_tok"):
+        for field in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+            "moe_intermediate_size",
+            "moe_every",
+            "num_experts_per_tok",
+        ):
             if getattr(self, field) < 1:
                 raise bad(field, "must be >= 1")
         if self.head_dim < 1:
@@ -230,12 +274,15 @@ class MoEConfig(PretrainedConfig):
             raise bad("clip_qkv", "must be > 0, or None for no clamp")
         rope_type = (self.rope_parameters or {}).get("rope_type", "default")
         if self.position_embedding_type == "rope" and rope_type not in ROPE_TYPES:
-            raise ValueError(f"MoEConfig.rope_parameters['rope_type']={rope_type!r} is invalid: expected one of "
-                             f"{ROPE_TYPES}")
+            raise ValueError(
+                f"MoEConfig.rope_parameters['rope_type']={rope_type!r} is invalid: expected one of {ROPE_TYPES}"
+            )
         if any(not 0 <= i < self.num_hidden_layers for i in self.mlp_only_layers):
             raise bad("mlp_only_layers", f"layer indices must be in [0, num_hidden_layers={self.num_hidden_layers})")
-        if not 1 <= self.num_key_value_heads <= self.num_attention_heads or \
-                self.num_attention_heads % self.num_key_value_heads:
+        if (
+            not 1 <= self.num_key_value_heads <= self.num_attention_heads
+            or self.num_attention_heads % self.num_key_value_heads
+        ):
             raise bad("num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}")
         if self.position_embedding_type == "rope" and self.head_dim % 2:
             raise bad("num_attention_heads", f"RoPE needs an even head_dim, got {self.head_dim}")
@@ -249,8 +296,14 @@ class MoEConfig(PretrainedConfig):
             raise bad("skip_first_moe", f"must be in [0, num_hidden_layers={self.num_hidden_layers})")
         if self.num_shared_experts < 0:
             raise bad("num_shared_experts", "must be >= 0")
-        for field in ("router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate", "norm_eps",
-                      "min_capacity", "initializer_range"):
+        for field in (
+            "router_aux_loss_coef",
+            "router_z_loss_coef",
+            "router_bias_update_rate",
+            "norm_eps",
+            "min_capacity",
+            "initializer_range",
+        ):
             if getattr(self, field) < 0:
                 raise bad(field, "must be >= 0 (a coefficient or rate cannot be negative)")
         if not 0 <= self.router_jitter_noise < 1:

@@ -110,7 +110,11 @@ class Attention(nn.Module):
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
         self.is_causal = True  # read by the sdpa/flash attention kernels
-        D, q, kv = config.hidden_size, config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
+        D, q, kv = (
+            config.hidden_size,
+            config.num_attention_heads * self.head_dim,
+            config.num_key_value_heads * self.head_dim,
+        )
         self.q_proj = nn.Linear(D, q, bias=config.bias)
         self.k_proj = nn.Linear(D, kv, bias=config.bias)
         self.v_proj = nn.Linear(D, kv, bias=config.bias)
@@ -134,8 +138,9 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, k, *position_embeddings)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, L, hd)
-        attend: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
-                                                                 eager_attention_forward)
+        attend: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
         y_BSHd, _ = attend(self, q, k, v, attention_mask, scaling=self.scaling, dropout=0.0)
         return self.o_proj(y_BSHd.reshape(B, S, -1))
 
@@ -148,8 +153,11 @@ class DecoderLayer(GradientCheckpointingLayer):
         self.input_norm = build_norm(config)
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_norm = build_norm(config)
-        self.mlp = (MoEBlock(config, layer_idx) if config.is_moe_layer(layer_idx) else
-                    FeedForward(config.hidden_size, config.intermediate_size, config.hidden_act, config.bias))
+        self.mlp = (
+            MoEBlock(config, layer_idx)
+            if config.is_moe_layer(layer_idx)
+            else FeedForward(config.hidden_size, config.intermediate_size, config.hidden_act, config.bias)
+        )
 
     def forward(self, x_BSD, position_embeddings=None, attention_mask=None, cache=None):
         x_BSD = x_BSD + self.self_attn(self.input_norm(x_BSD), position_embeddings, attention_mask, cache)
@@ -240,8 +248,17 @@ class MoEModel(MoEPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
-                inputs_embeds=None, use_cache=None, past_key_values=None, **kwargs) -> MoEModelOutput:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        use_cache=None,
+        past_key_values=None,
+        **kwargs,
+    ) -> MoEModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x_BSD = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -252,8 +269,10 @@ class MoEModel(MoEPreTrainedModel):
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             if self.embed_positions is not None and past + x_BSD.shape[1] > self.config.max_position_embeddings:
-                raise ValueError(f"{past + x_BSD.shape[1]} tokens exceed the context length "
-                                 f"(max_position_embeddings={self.config.max_position_embeddings})")
+                raise ValueError(
+                    f"{past + x_BSD.shape[1]} tokens exceed the context length "
+                    f"(max_position_embeddings={self.config.max_position_embeddings})"
+                )
             position_ids = torch.arange(past, past + x_BSD.shape[1], device=x_BSD.device).unsqueeze(0)
 
         # The cache goes positionally: its keyword is `past_key_values` before transformers 5.24, `cache` after.
@@ -266,8 +285,9 @@ class MoEModel(MoEPreTrainedModel):
 
         router_loss = x_BSD.new_zeros((), dtype=torch.float32)
         for layer in self.layers:
-            x_BSD, layer_loss = layer(x_BSD, position_embeddings=rope, attention_mask=mask,
-                                      cache=cache if use_cache else None)
+            x_BSD, layer_loss = layer(
+                x_BSD, position_embeddings=rope, attention_mask=mask, cache=cache if use_cache else None
+            )
             router_loss = router_loss + layer_loss
         return MoEModelOutput(last_hidden_state=self.norm(x_BSD), router_loss=router_loss, **{CACHE_FIELD: cache})
 
@@ -287,14 +307,31 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
-                inputs_embeds=None, labels=None, shift_labels=None, use_cache=None, logits_to_keep=0,
-                past_key_values=None, **kwargs) -> MoeCausalLMOutputWithPast:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        shift_labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        past_key_values=None,
+        **kwargs,
+    ) -> MoeCausalLMOutputWithPast:
         """`labels` follow the HF convention (shifted here); `shift_labels` are already aligned
         with the inputs, as the trainer's packed `seq_len + 1` blocks give them. The KV cache comes
         as `cache` (transformers >= 5.24) or `past_key_values` (older callers)."""
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         cache=_one_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=_one_cache(cache, past_key_values),
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )
         logits = self.lm_head(slice_logits_to_keep(out.last_hidden_state, logits_to_keep))
         router_loss = out.router_loss
         if self.training:
@@ -303,12 +340,17 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None or shift_labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
-                                      shift_labels=None if shift_labels is None else shift_labels.contiguous())
+            loss = self.loss_function(
+                logits=logits,
+                labels=labels,
+                vocab_size=self.config.vocab_size,
+                shift_labels=None if shift_labels is None else shift_labels.contiguous(),
+            )
             if self.training:
                 loss = loss + router_loss
-        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=router_loss, logits=logits,
-                                         **{CACHE_FIELD: getattr(out, CACHE_FIELD)})
+        return MoeCausalLMOutputWithPast(
+            loss=loss, aux_loss=router_loss, logits=logits, **{CACHE_FIELD: getattr(out, CACHE_FIELD)}
+        )
 
     # ---- MoE-specific API ---------------------------------------------------------------
 
@@ -340,8 +382,12 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
             router.update_bias(None if loads_LE is None else loads_LE[i], apply)
 
     @torch.no_grad()
-    def load_weights(self, source, named_parameters: Callable[[nn.Module], Iterable] | None = None,
-                     device: str | torch.device = "cpu") -> None:
+    def load_weights(
+        self,
+        source,
+        named_parameters: Callable[[nn.Module], Iterable] | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
         """Materialise a model built on the meta device and fill it from `source`, one tensor at a time.
 
         `source` has `read(name) -> Tensor` and `has(name)`, under our checkpoint names;
@@ -360,8 +406,9 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         for name, param in (named_parameters or nn.Module.named_parameters)(self):
             tensor = source.read(name)
             if tensor.shape != param.shape:
-                raise ValueError(f"{name}: the checkpoint holds shape {tuple(tensor.shape)}, the model "
-                                 f"{tuple(param.shape)}")
+                raise ValueError(
+                    f"{name}: the checkpoint holds shape {tuple(tensor.shape)}, the model {tuple(param.shape)}"
+                )
             param.copy_(tensor)
         for name, module in self.named_modules():
             if isinstance(module, RotaryEmbedding):

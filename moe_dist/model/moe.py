@@ -59,19 +59,20 @@ def grouped_refusal(device_type: str, dtype: torch.dtype, hidden_size: int, inte
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def experts_impl(device: torch.device, dtype: torch.dtype, hidden_size: int, intermediate_size: int) -> str:
-    """"grouped" where `grouped_mm` runs all experts as one kernel per projection, else "loop".
+    """ "grouped" where `grouped_mm` runs all experts as one kernel per projection, else "loop".
 
-    Decided once per (device, dtype, shape) and logged once; the forward only looks it up.
-    CUDA bf16 on sm90/sm100 has a grouped kernel (cuda/GroupedBlas.cpp; not yet checked on a
-    GPU), and only sm90 takes it: on sm100 an upstream report (pytorch issue 172439, not
-    verified here) gives empty groups non-zero weight gradients. Everywhere else grouped_mm is `_grouped_mm_fallback`, a C++ loop of one matmul
-    per expert, which on CUDA first copies `offs` to the host (a sync). On CPU that C++ loop,
-    plus the per-forward weight stack, was slower than the Python loop in every benchmark cell
-    but two, where they were within 1% (docs/bench: one seed-shape layer at E=8 0.66x dense
-    against 0.95x, the 4096-token tiny step at E=16 0.87x against 0.99x). The loop's one
-    `.tolist()` per layer costs a CPU tensor no device wait, so the CPU takes the loop.
+        Decided once per (device, dtype, shape) and logged once; the forward only looks it up.
+        CUDA bf16 on sm90/sm100 has a grouped kernel (cuda/GroupedBlas.cpp; not yet checked on a
+        GPU), and only sm90 takes it: on sm100 an upstream report (pytorch issue 172439, not
+        verified here) gives empty groups non-zero weight gradients. Everywhere else grouped_mm is
+    `_grouped_mm_fallback`, a C++ loop of one matmul
+        per expert, which on CUDA first copies `offs` to the host (a sync). On CPU that C++ loop,
+        plus the per-forward weight stack, was slower than the Python loop in every benchmark cell
+        but two, where they were within 1% (docs/bench: one seed-shape layer at E=8 0.66x dense
+        against 0.95x, the 4096-token tiny step at E=16 0.87x against 0.99x). The loop's one
+        `.tolist()` per layer costs a CPU tensor no device wait, so the CPU takes the loop.
     """
     reason = grouped_refusal(device.type, dtype, hidden_size, intermediate_size)
     if reason is None and device.type == "cpu":
@@ -81,11 +82,20 @@ def experts_impl(device: torch.device, dtype: torch.dtype, hidden_size: int, int
         if dtype != torch.bfloat16 or major not in (9, 10):
             reason = "CUDA has a grouped kernel for bf16 on sm90/sm100 only (elsewhere it syncs and loops)"
         elif major == 10:
-            reason = ("sm100's grouped kernel is reported to give empty experts non-zero weight gradients "
-                      "(pytorch issue 172439); the grouped path runs on sm90 only until a test shows otherwise")
+            reason = (
+                "sm100's grouped kernel is reported to give empty experts non-zero weight gradients "
+                "(pytorch issue 172439); the grouped path runs on sm90 only until a test shows otherwise"
+            )
     impl = "loop" if reason else "grouped"
-    logger.info("MoE experts on %s %s (d %d, ffn %d): %s%s", device, dtype, hidden_size, intermediate_size,
-                impl, f" ({reason})" if reason else "")
+    logger.info(
+        "MoE experts on %s %s (d %d, ffn %d): %s%s",
+        device,
+        dtype,
+        hidden_size,
+        intermediate_size,
+        impl,
+        f" ({reason})" if reason else "",
+    )
     return impl
 
 
@@ -163,8 +173,9 @@ class LocalExperts(nn.ModuleList):
         x_RD = x_TD.index_select(0, token_R)
         dtype = _compute_dtype(x_TD)
         if self._impl(x_TD.device, dtype) == "grouped":
-            y_RD = self._grouped(x_RD.to(dtype), expert_R.index_select(0, order_R), counts_E1,
-                                 routing.capacity is not None)
+            y_RD = self._grouped(
+                x_RD.to(dtype), expert_R.index_select(0, order_R), counts_E1, routing.capacity is not None
+            )
         else:
             y_RD = self._loop(x_RD, counts_E1)
         weight_R = routing.weight_TK.t().reshape(-1).index_select(0, order_R)  # 0 for dropped routes
@@ -217,6 +228,7 @@ class LocalExperts(nn.ModuleList):
 
     def forward_buffer(self, x_ECD: torch.Tensor) -> torch.Tensor:
         """Expert e on row block x_ECD[e] of a padded capacity buffer: one batched matmul per projection."""
+
         def linear(name, h_ECI):
             w_EOI, b_EO = self.stacked(name, h_ECI.dtype)
             if b_EO is None:
@@ -235,10 +247,14 @@ class MoEBlock(nn.Module):
         width, act = config.moe_intermediate_size, config.hidden_act
         self.router = Router(config, layer_idx)
         self.experts = LocalExperts(
-            FeedForward(config.hidden_size, width, act, config.expert_bias) for _ in range(config.num_local_experts))
+            FeedForward(config.hidden_size, width, act, config.expert_bias) for _ in range(config.num_local_experts)
+        )
         # n shared experts of width w are one MLP of width n*w: same function, one matmul.
-        self.shared_mlp = (FeedForward(config.hidden_size, config.num_shared_experts * width, act, config.expert_bias)
-                           if config.num_shared_experts else None)
+        self.shared_mlp = (
+            FeedForward(config.hidden_size, config.num_shared_experts * width, act, config.expert_bias)
+            if config.num_shared_experts
+            else None
+        )
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])

@@ -44,7 +44,6 @@ def count_per_expert(expert_idx: torch.Tensor, num_experts: int, weight: torch.T
     return torch.zeros(num_experts, dtype=torch.long, device=idx.device).scatter_add_(0, idx, ones)
 
 
-
 def load_balancing_loss(*, probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Switch Transformer aux loss (arXiv:2101.03961 eq. 4-6), GShard's top-k form.
 
@@ -66,8 +65,7 @@ def routing_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
     return -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(dim=-1).mean()
 
 
-def expert_capacity(*, num_tokens: int, num_experts: int, top_k: int, capacity_factor: float,
-                    min_capacity: int) -> int:
+def expert_capacity(*, num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> int:
     """Slots per expert: capacity_factor times the fair share of the T*K routes.
 
     Capped at T, since top-k picks distinct experts and an expert never sees a token twice.
@@ -156,8 +154,13 @@ class Router(nn.Module):
         factor = c.capacity_factor if self.training else c.eval_capacity_factor
         if factor is None:
             return None
-        return expert_capacity(num_tokens=num_tokens, num_experts=self.num_experts, top_k=c.num_experts_per_tok,
-                               capacity_factor=factor, min_capacity=c.min_capacity)
+        return expert_capacity(
+            num_tokens=num_tokens,
+            num_experts=self.num_experts,
+            top_k=c.num_experts_per_tok,
+            capacity_factor=factor,
+            min_capacity=c.min_capacity,
+        )
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         # Routing in fp32: bf16 logits flip near-ties and overflow the z-loss. Autocast would

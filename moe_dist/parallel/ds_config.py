@@ -22,15 +22,40 @@ class ConfigError(ValueError):
 
 # Keys DeepSpeed reads that we recognise; anything else at top level is probably a typo.
 _KNOWN_TOP_LEVEL = {
-    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-    "gradient_clipping", "zero_optimization", "bf16", "fp16", "moe", "steps_per_print",
-    "wall_clock_breakdown", "communication_data_type", "prescale_gradients", "zero_allow_untested_optimizer",
-    "activation_checkpointing", "flops_profiler", "comms_logger", "checkpoint", "data_types", "dump_state",
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "zero_optimization",
+    "bf16",
+    "fp16",
+    "moe",
+    "steps_per_print",
+    "wall_clock_breakdown",
+    "communication_data_type",
+    "prescale_gradients",
+    "zero_allow_untested_optimizer",
+    "activation_checkpointing",
+    "flops_profiler",
+    "comms_logger",
+    "checkpoint",
+    "data_types",
+    "dump_state",
 }
 _KNOWN_ZERO = {
-    "stage", "allgather_partitions", "allgather_bucket_size", "overlap_comm", "reduce_scatter",
-    "reduce_bucket_size", "contiguous_gradients", "round_robin_gradients", "offload_optimizer",
-    "offload_param", "sub_group_size", "elastic_checkpoint", "load_from_fp32_weights",
+    "stage",
+    "allgather_partitions",
+    "allgather_bucket_size",
+    "overlap_comm",
+    "reduce_scatter",
+    "reduce_bucket_size",
+    "contiguous_gradients",
+    "round_robin_gradients",
+    "offload_optimizer",
+    "offload_param",
+    "sub_group_size",
+    "elastic_checkpoint",
+    "load_from_fp32_weights",
 }
 
 
@@ -54,15 +79,17 @@ def load_deepspeed_config(path: str, *, world_size: int) -> DeepSpeedSettings:
     where = f"{path}:"
     for owned in ("optimizer", "scheduler"):
         if owned in raw:
-            raise ConfigError(f"{where} remove the '{owned}' block: moe-dist builds AdamW and the warmup+cosine "
-                              f"schedule itself (flags --lr, --warmup_steps, --weight_decay)")
+            raise ConfigError(
+                f"{where} remove the '{owned}' block: moe-dist builds AdamW and the warmup+cosine "
+                f"schedule itself (flags --lr, --warmup_steps, --weight_decay)"
+            )
     unknown = sorted(set(raw) - _KNOWN_TOP_LEVEL)
     if unknown:
         raise ConfigError(f"{where} unknown top-level key(s) {unknown}; known keys: {sorted(_KNOWN_TOP_LEVEL)}")
 
     moe = raw.get("moe")
     if not isinstance(moe, dict) or "ep_size" not in moe:
-        raise ConfigError(f"{where} missing \"moe\": {{\"ep_size\": N}} (N = ranks that share one copy of the experts)")
+        raise ConfigError(f'{where} missing "moe": {{"ep_size": N}} (N = ranks that share one copy of the experts)')
     ep_size = _positive_int(where, "moe.ep_size", moe["ep_size"])
     etp_size = _positive_int(where, "moe.etp_size", moe.get("etp_size", 1))
 
@@ -72,15 +99,19 @@ def load_deepspeed_config(path: str, *, world_size: int) -> DeepSpeedSettings:
         raise ConfigError(f"{where} unknown zero_optimization key(s) {bad_zero}; known keys: {sorted(_KNOWN_ZERO)}")
     stage = zero.get("stage", 0)
     if stage == 3:
-        raise ConfigError(f"{where} zero_optimization.stage=3 is not supported: DeepSpeed refuses ZeRO-3 with "
-                          f"native MoE layers; use stage 0, 1 or 2 (experts are already sharded by ep_size)")
+        raise ConfigError(
+            f"{where} zero_optimization.stage=3 is not supported: DeepSpeed refuses ZeRO-3 with "
+            f"native MoE layers; use stage 0, 1 or 2 (experts are already sharded by ep_size)"
+        )
     if stage not in (0, 1, 2):
         raise ConfigError(f"{where} zero_optimization.stage={stage!r} is invalid: valid stages are 0, 1, 2")
     for offload in ("offload_optimizer", "offload_param"):
         if _offload_enabled(zero.get(offload)):
-            raise ConfigError(f"{where} zero_optimization.{offload} is not supported: offload keeps gradients on "
-                              f"the CPU, and the step's agreement all-reduce would then send a CPU tensor over "
-                              f"NCCL; remove it (or set \"device\": \"none\")")
+            raise ConfigError(
+                f"{where} zero_optimization.{offload} is not supported: offload keeps gradients on "
+                f"the CPU, and the step's agreement all-reduce would then send a CPU tensor over "
+                f'NCCL; remove it (or set "device": "none")'
+            )
 
     bf16, fp16 = (bool(_block(where, raw, name).get("enabled", False)) for name in ("bf16", "fp16"))
     if bf16 and fp16:
@@ -88,8 +119,10 @@ def load_deepspeed_config(path: str, *, world_size: int) -> DeepSpeedSettings:
     micro = _positive_int(where, "train_micro_batch_size_per_gpu", raw.get("train_micro_batch_size_per_gpu"))
     accum = _positive_int(where, "gradient_accumulation_steps", raw.get("gradient_accumulation_steps", 1))
     if "train_batch_size" in raw and raw["train_batch_size"] != micro * accum * world_size:
-        raise ConfigError(f"{where} train_batch_size={raw['train_batch_size']} != micro batch {micro} x "
-                          f"accumulation {accum} x world size {world_size}; drop train_batch_size or fix it")
+        raise ConfigError(
+            f"{where} train_batch_size={raw['train_batch_size']} != micro batch {micro} x "
+            f"accumulation {accum} x world size {world_size}; drop train_batch_size or fix it"
+        )
     clip = raw.get("gradient_clipping", 0.0)
     if not isinstance(clip, (int, float)) or isinstance(clip, bool) or not 0 <= clip < math.inf:  # NaN too
         raise ConfigError(f"{where} gradient_clipping={clip!r} is invalid: a finite number >= 0 (0 = off)")

@@ -28,8 +28,7 @@ from .expert_parallel import apply_expert_parallel
 from .expert_tensor_parallel import apply_expert_tensor_parallel
 from .optim import GuardedAdamW, build_optimizer, param_groups, warmup_cosine
 from .portable import PortableState, apply_plain, apply_zero, slice_state
-from .process_group import (collective_timeout_s, free_port, init_distributed, set_group_timeouts,
-                            shutdown_distributed)
+from .process_group import collective_timeout_s, free_port, init_distributed, set_group_timeouts, shutdown_distributed
 
 log = logging.getLogger("moe_dist")
 
@@ -98,8 +97,9 @@ class TrainEngine(ABC):
         spec = self.spec
         model = self.shard(model, weights)
         self.guard = build_optimizer(self._param_groups(model), lr=spec.lr, betas=spec.betas, eps=spec.adam_eps)
-        self.scheduler = warmup_cosine(self.guard, warmup_steps=spec.warmup_steps, max_steps=spec.max_steps,
-                                       min_lr_ratio=spec.min_lr_ratio)
+        self.scheduler = warmup_cosine(
+            self.guard, warmup_steps=spec.warmup_steps, max_steps=spec.max_steps, min_lr_ratio=spec.min_lr_ratio
+        )
         self._wrap(model)
 
     def shard(self, model: MoEForCausalLM, weights=None) -> MoEForCausalLM:
@@ -222,8 +222,13 @@ class DeepSpeedEngine(TrainEngine):
         if "RANK" not in os.environ:
             # Plain `python launch/train.py --deepspeed ...`: one rank. Without these variables
             # DeepSpeed falls back to MPI discovery and needs mpi4py.
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+            os.environ.update(
+                RANK="0",
+                LOCAL_RANK="0",
+                WORLD_SIZE="1",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())),
+            )
         self.released_shm = init_distributed(collective_timeout_s(spec.dist_timeout_s))
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         accel = get_accelerator()
@@ -267,7 +272,8 @@ class DeepSpeedEngine(TrainEngine):
         config = {**self.spec.ds_config, "zero_allow_untested_optimizer": True}
         # DeepSpeed steps the schedule itself, after each applied optimizer step.
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=self.guard, lr_scheduler=self.scheduler, config=config)
+            model=model, optimizer=self.guard, lr_scheduler=self.scheduler, config=config
+        )
         self.model = self.ds.module
         # Every group exists now: the expert groups and DeepSpeed's own copy of the world group, all
         # made with torch's backend default timeout.
@@ -277,8 +283,10 @@ class DeepSpeedEngine(TrainEngine):
         # checkpoints. Ours reads them; say so once, and leave theirs out.
         self.ds._copy_recovery_script = lambda save_path: None
         if self.is_main and self.spec.ds_config.get("zero_optimization", {}).get("stage", 0) > 0:
-            log.info("checkpoints: convert any of them with `python -m moe_dist.export RUN_OR_CHECKPOINT OUT` "
-                     "(DeepSpeed's zero_to_fp32.py is not written: it drops the expert files)")
+            log.info(
+                "checkpoints: convert any of them with `python -m moe_dist.export RUN_OR_CHECKPOINT OUT` "
+                "(DeepSpeed's zero_to_fp32.py is not written: it drops the expert files)"
+            )
 
     def train_batch(self, micro_batches) -> StepOutput:
         losses, router = [], []
@@ -297,8 +305,9 @@ class DeepSpeedEngine(TrainEngine):
         skipped = self.ds.skipped_steps > skipped_before or self.guard.skipped
         self.update_router_biases(apply=not skipped)
         norm = self.ds.get_global_grad_norm()
-        return StepOutput(torch.stack(losses).mean(), torch.stack(router).mean(),
-                          None if norm is None else float(norm), skipped)
+        return StepOutput(
+            torch.stack(losses).mean(), torch.stack(router).mean(), None if norm is None else float(norm), skipped
+        )
 
     def save(self, staging: Path) -> None:
         self.ds.save_checkpoint(str(staging.parent), tag=staging.name, save_latest=False)
@@ -308,8 +317,11 @@ class DeepSpeedEngine(TrainEngine):
 
     def _slice_record(self) -> dict:
         """How this run slices its experts, as expert_slices.json records it (`formats.read_expert_slices`)."""
-        return {"ep_size": self.spec.ep_size, "etp_size": self.spec.etp_size,
-                "experts_per_ep_rank": self.ds.module.config.num_local_experts // self.spec.ep_size}
+        return {
+            "ep_size": self.spec.ep_size,
+            "etp_size": self.spec.etp_size,
+            "experts_per_ep_rank": self.ds.module.config.num_local_experts // self.spec.ep_size,
+        }
 
     def load(self, path: Path) -> None:
         loaded, _ = self.ds.load_checkpoint(str(path.parent), tag=path.name)

@@ -31,11 +31,15 @@ def validate_expert_parallel(*, num_experts: int, ep_size: int, world_size: int)
     if ep_size < 1:
         raise ExpertParallelError(f"moe.ep_size={ep_size} is invalid: must be >= 1")
     if world_size % ep_size:
-        raise ExpertParallelError(f"moe.ep_size={ep_size} does not divide the world size {world_size}: "
-                                  f"valid ep_size values here are {divisors(world_size)}")
+        raise ExpertParallelError(
+            f"moe.ep_size={ep_size} does not divide the world size {world_size}: "
+            f"valid ep_size values here are {divisors(world_size)}"
+        )
     if num_experts and num_experts % ep_size:
-        raise ExpertParallelError(f"moe.ep_size={ep_size} does not divide num_experts={num_experts}: "
-                                  f"valid ep_size values are {divisors(num_experts)}")
+        raise ExpertParallelError(
+            f"moe.ep_size={ep_size} does not divide num_experts={num_experts}: "
+            f"valid ep_size values are {divisors(num_experts)}"
+        )
 
 
 def divisors(n: int) -> list[int]:
@@ -126,10 +130,11 @@ def _expert_parallel_class():
             if self.expert_group_name not in groups._get_expert_parallel_group_dict():
                 groups._create_expert_and_data_parallel(ep_size)
             first = groups._get_expert_parallel_rank(self.expert_group_name) * self.num_local_experts
-            local = experts[first:first + self.num_local_experts]
+            local = experts[first : first + self.num_local_experts]
             shard = _expert_shard_class()(local, self.expert_group_name)
-            self.deepspeed_moe = MOELayer(_PrecomputedGate(), shard, self.expert_group_name, ep_size,
-                                          self.num_local_experts)
+            self.deepspeed_moe = MOELayer(
+                _PrecomputedGate(), shard, self.expert_group_name, ep_size, self.num_local_experts
+            )
             self.deepspeed_moe._set_ep_group(groups._get_expert_parallel_group(self.expert_group_name))
 
         def forward(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:

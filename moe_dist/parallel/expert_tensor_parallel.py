@@ -37,30 +37,38 @@ from torch import nn
 from ..checkpoint.formats import slice_dim
 from ..model.moe import FeedForward, LocalExperts, MoEBlock
 from ..model.routing import Routing, assign_positions
-from .expert_parallel import ExpertParallelError, divisors, _expert_shard_class, _PrecomputedGate
-
+from .expert_parallel import ExpertParallelError, _expert_shard_class, _PrecomputedGate, divisors
 
 # ---- layout ---------------------------------------------------------------------------------
 
 
-def validate_expert_tensor_parallel(*, num_experts: int, intermediate_size: int, ep_size: int, etp_size: int,
-                                    world_size: int) -> None:
+def validate_expert_tensor_parallel(
+    *, num_experts: int, intermediate_size: int, ep_size: int, etp_size: int, world_size: int
+) -> None:
     """Refuse a DP x EP x ETP layout that cannot work, with one line naming the valid values."""
     P, T = ep_size, etp_size
     if T < 1:
         raise ExpertParallelError(f"moe.etp_size={T} is invalid: must be >= 1")
     if intermediate_size % T:
-        raise ExpertParallelError(f"moe.etp_size={T} does not divide the expert width moe_intermediate_size="
-                                  f"{intermediate_size}: valid etp_size values are {divisors(intermediate_size)}")
+        raise ExpertParallelError(
+            f"moe.etp_size={T} does not divide the expert width moe_intermediate_size="
+            f"{intermediate_size}: valid etp_size values are {divisors(intermediate_size)}"
+        )
     if world_size % (P * T):
         fits = [t for t in divisors(intermediate_size) if world_size % (P * t) == 0]
-        valid = (f"with ep_size={P}, valid etp_size values here are {fits}" if fits else
-                 f"ep_size={P} alone does not fit; valid ep_size values here are {divisors(world_size)}")
-        raise ExpertParallelError(f"moe.ep_size x moe.etp_size = {P} x {T} = {P * T} does not divide the world "
-                                  f"size {world_size}: {valid}")
+        valid = (
+            f"with ep_size={P}, valid etp_size values here are {fits}"
+            if fits
+            else f"ep_size={P} alone does not fit; valid ep_size values here are {divisors(world_size)}"
+        )
+        raise ExpertParallelError(
+            f"moe.ep_size x moe.etp_size = {P} x {T} = {P * T} does not divide the world size {world_size}: {valid}"
+        )
     if num_experts and num_experts % P:
-        raise ExpertParallelError(f"moe.ep_size={P} does not divide num_experts={num_experts}: "
-                                  f"valid ep_size values are {divisors(num_experts)}")
+        raise ExpertParallelError(
+            f"moe.ep_size={P} does not divide num_experts={num_experts}: "
+            f"valid ep_size values are {divisors(num_experts)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -91,12 +99,14 @@ class EtpLayout:
         return [list(range(base + t, base + B, T)) for base in range(0, self.world_size, B) for t in range(T)]
 
     def describe(self) -> str:
-        return (f"DP {self.world_size // self.block} x EP {self.ep_size} x ETP {self.etp_size} "
-                f"on {self.world_size} rank(s)")
+        return (
+            f"DP {self.world_size // self.block} x EP {self.ep_size} x ETP {self.etp_size} on {self.world_size} rank(s)"
+        )
 
 
-def etp_bytes_per_layer(*, tokens_per_rank: int, hidden_size: int, top_k: int, etp_size: int, x_bytes: int,
-                        backward: bool) -> dict[str, int]:
+def etp_bytes_per_layer(
+    *, tokens_per_rank: int, hidden_size: int, top_k: int, etp_size: int, x_bytes: int, backward: bool
+) -> dict[str, int]:
     """Bytes of the ETP collectives' full buffers (all-gather output, reduce-scatter input) for one MoE layer.
 
     Forward: all-gather the tokens [n, D], the gate weights [n, K] fp32 and the expert ids with
@@ -180,8 +190,12 @@ def slice_expert(expert: FeedForward, t: int, T: int) -> FeedForward:
     is added once per token, so only slice 0 keeps it.
     """
     bias = expert.up_proj.bias is not None
-    out = FeedForward(expert.up_proj.in_features, expert.up_proj.out_features // T,
-                      "swiglu" if expert.gate_proj is not None else "gelu", bias)
+    out = FeedForward(
+        expert.up_proj.in_features,
+        expert.up_proj.out_features // T,
+        "swiglu" if expert.gate_proj is not None else "gelu",
+        bias,
+    )
     for name, part in out.named_parameters():
         part.copy_(slice_tensor(expert.get_parameter(name), name, t, T))
     if bias and t > 0:
@@ -227,10 +241,9 @@ def _expert_tensor_parallel_class():
             self.enable_expert_tensor_parallelism = False  # DeepSpeed's Megatron-mpu ETP: not this one
             self.etp_group, self.sent = etp_group, {"all_gather": 0, "reduce_scatter": 0}
             first = p * self.num_local_experts
-            local = LocalExperts(slice_expert(e, t, T) for e in experts[first:first + self.num_local_experts])
+            local = LocalExperts(slice_expert(e, t, T) for e in experts[first : first + self.num_local_experts])
             shard = _expert_shard_class()(local, self.expert_group_name)
-            self.deepspeed_moe = MOELayer(_PrecomputedGate(), shard, self.expert_group_name, P,
-                                          self.num_local_experts)
+            self.deepspeed_moe = MOELayer(_PrecomputedGate(), shard, self.expert_group_name, P, self.num_local_experts)
             if a2a_group is not None:
                 self.deepspeed_moe._set_ep_group(a2a_group)
 
@@ -241,8 +254,9 @@ def _expert_tensor_parallel_class():
 
         def forward(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
             x_all = GatherRows.apply(x_TD, self.etp_group, self.sent)
-            routing_all = _gather_routing(routing, self.etp_group, self.sent, T=self.etp_size,
-                                          positions=self.ep_size > 1)
+            routing_all = _gather_routing(
+                routing, self.etp_group, self.sent, T=self.etp_size, positions=self.ep_size > 1
+            )
             if self.ep_size == 1:  # nothing to exchange: the exact slices, no capacity buffer
                 y_partial = self.deepspeed_moe.experts.deepspeed_experts(x_all, routing_all)
             else:

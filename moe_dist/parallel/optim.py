@@ -24,8 +24,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     expert parameters into groups of their own."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     decay, exempt = named_param_groups({n: p.shape for n, p in params.items()})
-    return [{"name": "decay", "params": [params[n] for n in decay], "weight_decay": weight_decay},
-            {"name": "no_decay", "params": [params[n] for n in exempt], "weight_decay": 0.0}]
+    return [
+        {"name": "decay", "params": [params[n] for n in decay], "weight_decay": weight_decay},
+        {"name": "no_decay", "params": [params[n] for n in exempt], "weight_decay": 0.0},
+    ]
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -45,8 +47,9 @@ class GuardedAdamW(torch.optim.AdamW):
     _grad_norm: torch.Tensor | None = None
     _skipped: bool | None = False  # None: this step's verdict is not reached yet
 
-    def prepare_step(self, *, nonfinite_loss: torch.Tensor | bool = False,
-                     grad_norm: torch.Tensor | None = None) -> None:
+    def prepare_step(
+        self, *, nonfinite_loss: torch.Tensor | bool = False, grad_norm: torch.Tensor | None = None
+    ) -> None:
         """Set the state for the coming `step()` calls, and clear the last step's verdict.
 
         `nonfinite_loss`: whether some loss of this step was NaN/inf (a device tensor is fine:
@@ -99,8 +102,9 @@ def build_optimizer(groups: list[dict], *, lr: float, betas: tuple[float, float]
     return GuardedAdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, *, warmup_steps: int, max_steps: int,
-                  min_lr_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, *, warmup_steps: int, max_steps: int, min_lr_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup to the peak, then cosine decay to `min_lr_ratio` of it at `max_steps`."""
 
     def factor(step: int) -> float:

@@ -44,25 +44,39 @@ class PortableState:
     why_no_moments: str = ""
 
 
-def read_state(ckpt: Path, *, engine: str, ep_size: int, num_experts: int, shapes: dict[str, torch.Size]
-               ) -> PortableState:
+def read_state(
+    ckpt: Path, *, engine: str, ep_size: int, num_experts: int, shapes: dict[str, torch.Size]
+) -> PortableState:
     weights = {k: v.float() for k, v in load_hf_state_dict(ckpt).items()}
     if engine == "accelerate":
         return _read_accelerate(ckpt, weights, shapes)
     shards = zero_shards(ckpt)
     if not shards:
-        return PortableState(weights, None, None, None, "it was saved with ZeRO stage 0, whose optimizer "
-                                                        "state is not sharded by parameter name")
+        return PortableState(
+            weights,
+            None,
+            None,
+            None,
+            "it was saved with ZeRO stage 0, whose optimizer state is not sharded by parameter name",
+        )
     slices = read_expert_slices(ckpt)
     if slices is None:
         return _read_zero_shards(shards, weights, ep_size, max(num_experts, 1) // ep_size, shapes.__getitem__)
     # Expert tensor parallelism: rank j of each block of P*T consecutive ranks names its slices as an
     # EP rank of ep_size P*T with E/P experts would (see `formats`); join them once read.
-    sliced = _read_zero_shards(shards, {}, slices["ep_size"] * slices["etp_size"], slices["experts_per_ep_rank"],
-                               lambda name: _slice_shape(name, shapes, slices))
-    return PortableState({**weights, **merge_expert_slices(sliced.weights, slices)},
-                         merge_expert_slices(sliced.exp_avg, slices), merge_expert_slices(sliced.exp_avg_sq, slices),
-                         sliced.step)
+    sliced = _read_zero_shards(
+        shards,
+        {},
+        slices["ep_size"] * slices["etp_size"],
+        slices["experts_per_ep_rank"],
+        lambda name: _slice_shape(name, shapes, slices),
+    )
+    return PortableState(
+        {**weights, **merge_expert_slices(sliced.weights, slices)},
+        merge_expert_slices(sliced.exp_avg, slices),
+        merge_expert_slices(sliced.exp_avg_sq, slices),
+        sliced.step,
+    )
 
 
 def _slice_shape(name: str, shapes: dict[str, torch.Size], slices: dict) -> torch.Size:
@@ -83,12 +97,17 @@ def _read_accelerate(ckpt: Path, weights: dict, shapes: dict) -> PortableState:
     names = [n for group in named_param_groups(shapes) for n in group]
     state = {names[i]: s for i, s in saved["state"].items()}
     step = int(next(iter(state.values()))["step"]) if state else 0
-    return PortableState(weights, {n: s["exp_avg"].float() for n, s in state.items()},
-                         {n: s["exp_avg_sq"].float() for n, s in state.items()}, step)
+    return PortableState(
+        weights,
+        {n: s["exp_avg"].float() for n, s in state.items()},
+        {n: s["exp_avg_sq"].float() for n, s in state.items()},
+        step,
+    )
 
 
-def _read_zero_shards(shards: list[Path], weights: dict, ep_size: int, local_experts: int,
-                      shape_of: Callable[[str], torch.Size]) -> PortableState:
+def _read_zero_shards(
+    shards: list[Path], weights: dict, ep_size: int, local_experts: int, shape_of: Callable[[str], torch.Size]
+) -> PortableState:
     pieces: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     step = 0
     for rank, shard in enumerate(shards):
@@ -96,8 +115,11 @@ def _read_zero_shards(shards: list[Path], weights: dict, ep_size: int, local_exp
         for g, mapping in enumerate(osd["param_slice_mappings"]):
             state = osd["base_optimizer_state"]["state"][g]
             step = int(state["step"])
-            flat = {"fp32": osd["single_partition_of_fp32_groups"][g], "exp_avg": state["exp_avg"],
-                    "exp_avg_sq": state["exp_avg_sq"]}
+            flat = {
+                "fp32": osd["single_partition_of_fp32_groups"][g],
+                "exp_avg": state["exp_avg"],
+                "exp_avg_sq": state["exp_avg_sq"],
+            }
             for local, frag in mapping.items():
                 # Shards are read in rank order, so a parameter split across partitions
                 # is reassembled by concatenating its fragments.
@@ -105,8 +127,10 @@ def _read_zero_shards(shards: list[Path], weights: dict, ep_size: int, local_exp
                 name = local_to_hf_key(local, rank % ep_size, local_experts)
                 for key, tensor in flat.items():
                     pieces[name][key].append(tensor.narrow(0, frag.start, frag.numel))
-    full = {key: {n: torch.cat(p[key]).view(shape_of(n)) for n, p in pieces.items()} for key in ("fp32", "exp_avg",
-                                                                                                 "exp_avg_sq")}
+    full = {
+        key: {n: torch.cat(p[key]).view(shape_of(n)) for n, p in pieces.items()}
+        for key in ("fp32", "exp_avg", "exp_avg_sq")
+    }
     weights.update(full["fp32"])  # the fp32 masters, exact even when the module ran in bf16
     return PortableState(weights, full["exp_avg"], full["exp_avg_sq"], step)
 
@@ -127,12 +151,17 @@ def slice_state(state: PortableState, names: Iterable[str], slices: dict) -> Por
     def cut(tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
         if tensors is None:
             return None
-        return {name: tensors[name] if split is None else slice_tensor(tensors[split[0]], split[0], split[1],
-                                                                        slices["etp_size"])
-                for name, split in where.items() if (name if split is None else split[0]) in tensors}
+        return {
+            name: tensors[name]
+            if split is None
+            else slice_tensor(tensors[split[0]], split[0], split[1], slices["etp_size"])
+            for name, split in where.items()
+            if (name if split is None else split[0]) in tensors
+        }
 
-    return PortableState(cut(state.weights), cut(state.exp_avg), cut(state.exp_avg_sq), state.step,
-                         state.why_no_moments)
+    return PortableState(
+        cut(state.weights), cut(state.exp_avg), cut(state.exp_avg_sq), state.step, state.why_no_moments
+    )
 
 
 @torch.no_grad()
@@ -143,9 +172,11 @@ def apply_plain(named_params, optimizer, state: PortableState) -> None:
     for name, param in named_params:
         param.copy_(state.weights[name])
         if state.exp_avg is not None and param.requires_grad:
-            optimizer.state[param] = {"step": _step_tensor(state.step, param, fused),
-                                      "exp_avg": state.exp_avg[name].to(param),
-                                      "exp_avg_sq": state.exp_avg_sq[name].to(param)}
+            optimizer.state[param] = {
+                "step": _step_tensor(state.step, param, fused),
+                "exp_avg": state.exp_avg[name].to(param),
+                "exp_avg_sq": state.exp_avg_sq[name].to(param),
+            }
 
 
 def _step_tensor(step: int, param: torch.Tensor, fused: bool) -> torch.Tensor:
@@ -164,8 +195,11 @@ def apply_zero(ds_engine, state: PortableState, named_params) -> None:
         base = zero.optimizer  # Adam states are created lazily at the first step: create them now
         for group in base.param_groups:
             for flat in group["params"]:
-                base.state[flat] = {"step": _step_tensor(state.step, flat, bool(group.get("fused"))),
-                                    "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+                base.state[flat] = {
+                    "step": _step_tensor(state.step, flat, bool(group.get("fused"))),
+                    "exp_avg": torch.zeros_like(flat),
+                    "exp_avg_sq": torch.zeros_like(flat),
+                }
         zero._lazy_init_hp_params_optimizer_state()
     for name, param in named_params:
         param.copy_(state.weights[name])

@@ -32,8 +32,7 @@ class LauncherError(RuntimeError):
     """The deepspeed launcher cannot be found, or cannot be given the GPUs asked for; one line."""
 
 
-def deepspeed_launcher(num_gpus: int, environ: Mapping[str, str] = os.environ
-                       ) -> tuple[list[str], dict[str, str]]:
+def deepspeed_launcher(num_gpus: int, environ: Mapping[str, str] = os.environ) -> tuple[list[str], dict[str, str]]:
     """The `deepspeed` command for `num_gpus` local ranks on the GPUs that `environ` (the launch's
     environment) makes visible, and the variables it needs on top of `environ`.
 
@@ -46,19 +45,22 @@ def deepspeed_launcher(num_gpus: int, environ: Mapping[str, str] = os.environ
     here = Path(sys.executable).parent
     launcher = shutil.which("deepspeed", path=os.pathsep.join([str(here), environ.get("PATH", "")]))
     if launcher is None:
-        raise LauncherError(f"no `deepspeed` launcher beside {sys.executable} or on PATH: "
-                            f"pip install deepspeed in this environment")
+        raise LauncherError(
+            f"no `deepspeed` launcher beside {sys.executable} or on PATH: pip install deepspeed in this environment"
+        )
     visible = [d.strip() for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     if not visible:
         return [launcher, "--num_gpus", str(num_gpus)], {}
     if len(visible) < num_gpus:
-        raise LauncherError(f"CUDA_VISIBLE_DEVICES={','.join(visible)} names {len(visible)} device(s), "
-                            f"{num_gpus} needed")
+        raise LauncherError(
+            f"CUDA_VISIBLE_DEVICES={','.join(visible)} names {len(visible)} device(s), {num_gpus} needed"
+        )
     chosen = visible[:num_gpus]
     if all(d.isdigit() for d in chosen):
         return [launcher, "--include", f"localhost:{','.join(chosen)}"], {}
-    return [launcher, "--include", f"localhost:{','.join(map(str, _nvml_indices(chosen)))}"], \
-        {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    return [launcher, "--include", f"localhost:{','.join(map(str, _nvml_indices(chosen)))}"], {
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID"
+    }
 
 
 def _nvml_indices(uuids: list[str]) -> list[int]:
@@ -69,8 +71,10 @@ def _nvml_indices(uuids: list[str]) -> list[int]:
         pynvml.nvmlInit()
         return [pynvml.nvmlDeviceGetIndex(pynvml.nvmlDeviceGetHandleByUUID(u)) for u in uuids]
     except Exception as e:  # no NVML, a MIG instance, an unknown UUID: all end the same way
-        raise LauncherError(f"CUDA_VISIBLE_DEVICES={','.join(uuids)}: cannot map these to the GPU indices the "
-                            f"deepspeed launcher takes ({type(e).__name__}: {e}); set it to indices instead") from None
+        raise LauncherError(
+            f"CUDA_VISIBLE_DEVICES={','.join(uuids)}: cannot map these to the GPU indices the "
+            f"deepspeed launcher takes ({type(e).__name__}: {e}); set it to indices instead"
+        ) from None
 
 
 # Collectives time out this long after the `--dist_timeout` watchdog would have fired, so the
@@ -103,8 +107,10 @@ def init_distributed(timeout_s: int) -> tuple[Path, ...]:
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
     if get_accelerator().device_name() != "cpu":  # GPU backends: DeepSpeed made no segment
         return ()
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
-            f"{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
+    name = (
+        f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+        f"{os.environ.get('MASTER_PORT')}_{dist.get_rank()}"
+    )
     segment = Path("/dev/shm") / name
     dist.barrier()
     if not segment.exists():  # ranks on several hosts, or a build without the shm all-reduce

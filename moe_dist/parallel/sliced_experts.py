@@ -54,32 +54,44 @@ def check_etp_size(model_dir: Path, etp_size: int, world_size: int) -> None:
         return
     config = AutoConfig.from_pretrained(model_dir)
     if not isinstance(config, MoEConfig):
-        raise SlicedExpertsError(f"--etp_size {etp_size}: {model_dir} is a {config.model_type!r} model; slicing "
-                                 f"reads moe_dist exports (model_type 'moe_dist'), valid value here: 1")
+        raise SlicedExpertsError(
+            f"--etp_size {etp_size}: {model_dir} is a {config.model_type!r} model; slicing "
+            f"reads moe_dist exports (model_type 'moe_dist'), valid value here: 1"
+        )
     if not config.num_local_experts:
-        raise SlicedExpertsError(f"--etp_size {etp_size}: {model_dir} is a dense model (num_local_experts=0), "
-                                 f"it has no experts to slice; valid value: 1")
+        raise SlicedExpertsError(
+            f"--etp_size {etp_size}: {model_dir} is a dense model (num_local_experts=0), "
+            f"it has no experts to slice; valid value: 1"
+        )
     width = config.moe_intermediate_size
     if width % etp_size:
-        raise SlicedExpertsError(f"--etp_size {etp_size} does not divide the expert width moe_intermediate_size="
-                                 f"{width}: valid values are {divisors(width)}")
+        raise SlicedExpertsError(
+            f"--etp_size {etp_size} does not divide the expert width moe_intermediate_size="
+            f"{width}: valid values are {divisors(width)}"
+        )
     if world_size != etp_size:
-        raise SlicedExpertsError(f"--etp_size {etp_size} needs one rank per slice, but this launch has "
-                                 f"WORLD_SIZE={world_size}: valid here is --etp_size 1"
-                                 + (f" or {world_size}" if world_size > 1 and width % world_size == 0 else "")
-                                 + f"; slice over {etp_size} ranks with `deepspeed --num_gpus {etp_size} "
-                                   f"launch/generate.py --etp_size {etp_size} ...`")
+        raise SlicedExpertsError(
+            f"--etp_size {etp_size} needs one rank per slice, but this launch has "
+            f"WORLD_SIZE={world_size}: valid here is --etp_size 1"
+            + (f" or {world_size}" if world_size > 1 and width % world_size == 0 else "")
+            + f"; slice over {etp_size} ranks with `deepspeed --num_gpus {etp_size} "
+            f"launch/generate.py --etp_size {etp_size} ...`"
+        )
     from safetensors import SafetensorError
 
     try:
         files = _weight_files(model_dir)
     except (OSError, ValueError, KeyError, SafetensorError) as e:  # a broken safetensors header or index
-        raise SlicedExpertsError(f"--model_path {model_dir}: cannot read the weights' index ({type(e).__name__}: "
-                                 f"{(str(e).strip().splitlines() or [''])[0]})") from None
+        raise SlicedExpertsError(
+            f"--model_path {model_dir}: cannot read the weights' index ({type(e).__name__}: "
+            f"{(str(e).strip().splitlines() or [''])[0]})"
+        ) from None
     if not files:
-        raise SlicedExpertsError(f"--etp_size {etp_size} reads each rank's slices from safetensors, but "
-                                 f"{model_dir} has neither {SAFETENSORS} nor {SAFETENSORS_INDEX}; valid value "
-                                 f"for this folder: 1 (or re-save it with save_pretrained)")
+        raise SlicedExpertsError(
+            f"--etp_size {etp_size} reads each rank's slices from safetensors, but "
+            f"{model_dir} has neither {SAFETENSORS} nor {SAFETENSORS_INDEX}; valid value "
+            f"for this folder: 1 (or re-save it with save_pretrained)"
+        )
 
 
 # ---- the layer --------------------------------------------------------------------------------
@@ -157,7 +169,7 @@ def read_slice(model_dir: Path, t: int, etp_size: int) -> dict[str, torch.Tensor
                     continue
                 part = f.get_slice(key)
                 n = part.get_shape()[dim] // etp_size
-                state[key] = part[t * n:(t + 1) * n] if dim == 0 else part[:, t * n:(t + 1) * n]
+                state[key] = part[t * n : (t + 1) * n] if dim == 0 else part[:, t * n : (t + 1) * n]
     return state
 
 
@@ -189,6 +201,9 @@ def start_process_group(device: torch.device) -> bool:
         return False
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=TIMEOUT_S),
-                            device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        timeout=timedelta(seconds=TIMEOUT_S),
+        device_id=device if device.type == "cuda" else None,
+    )
     return True

@@ -26,8 +26,11 @@ DEFAULT_PRESET = "tiny-moe"
 # transformers.set_seed seeds numpy, whose seeds are 32-bit.
 _SEEDS = Range(0, 2**32 - 1, why="numpy's seed range: the seed also seeds numpy")
 # Process groups take their timeout as a datetime.timedelta, which holds at most 999,999,999 days.
-_TIMEOUTS = Range(1, int(timedelta.max.total_seconds()) - WATCHDOG_MARGIN_S,
-                  why="process groups take it, plus a margin, as a datetime.timedelta")
+_TIMEOUTS = Range(
+    1,
+    int(timedelta.max.total_seconds()) - WATCHDOG_MARGIN_S,
+    why="process groups take it, plus a margin, as a datetime.timedelta",
+)
 
 
 def _help(text: str, default=None):
@@ -45,35 +48,45 @@ def _override(text: str, *aliases: str):
 class ModelArgs:
     """Which model: a preset, field overrides on it, or the weights of an earlier export."""
 
-    model: str | None = _help(f"preset name (see moe_dist.model.configuration.PRESETS; default {DEFAULT_PRESET}); not "
-                              f"with --init_from, whose config.json is the model")
+    model: str | None = _help(
+        f"preset name (see moe_dist.model.configuration.PRESETS; default {DEFAULT_PRESET}); not "
+        f"with --init_from, whose config.json is the model"
+    )
     num_local_experts: int | None = _override("experts per MoE layer (0 = dense)", "num_experts")
     num_experts_per_tok: int | None = _override("experts per token", "top_k")
     moe_intermediate_size: int | None = _override("expert FFN width (default: the preset's)")
     capacity_factor: float | None = _override("training capacity factor (slots = factor x fair share)")
     dropless: bool = _help("no capacity limit: drop no tokens (default on the accelerate path)", False)
-    router_jitter_noise: float | None = _override("multiplicative router-input noise epsilon, training only",
-                                                  "router_jitter")
+    router_jitter_noise: float | None = _override(
+        "multiplicative router-input noise epsilon, training only", "router_jitter"
+    )
     router_type: str | None = _override("softmax | random")
     moe_every: int | None = _override("every N-th FFN is MoE")
     skip_first_moe: int | None = _override("the first N FFNs stay dense")
     num_shared_experts: int | None = _override("always-on shared experts")
     router_aux_loss_coef: float | None = _override("Switch/GShard load-balancing loss coefficient", "aux_loss_coef")
     router_z_loss_coef: float | None = _override("ST-MoE router z-loss coefficient", "z_loss_coef")
-    router_bias_update_rate: float | None = _override("DeepSeek-V3 aux-loss-free bias step (0 = off)",
-                                                      "bias_update_rate")
+    router_bias_update_rate: float | None = _override(
+        "DeepSeek-V3 aux-loss-free bias step (0 = off)", "bias_update_rate"
+    )
     vocab_size: int | None = _override("model vocabulary (default: the tokenizer's size, rounded up to 64)")
-    init_from: str | None = _help("start from these weights: an hf/ export or run folder of ours, or a folder of a "
-                                  "stock transformers class (gpt2, llama, qwen3, mixtral, qwen3_moe, olmoe, "
-                                  "ernie4_5_moe), converted exactly")
+    init_from: str | None = _help(
+        "start from these weights: an hf/ export or run folder of ours, or a folder of a "
+        "stock transformers class (gpt2, llama, qwen3, mixtral, qwen3_moe, olmoe, "
+        "ernie4_5_moe), converted exactly"
+    )
     norm_topk_prob: bool | None = _override("renormalise the k gate weights to sum to 1 (true/false)")
-    upcycle_experts: int | None = _help("with a dense --init_from: every routed FFN becomes this many copies of "
-                                        "the dense FFN, plus a new router (sparse upcycling)")
+    upcycle_experts: int | None = _help(
+        "with a dense --init_from: every routed FFN becomes this many copies of "
+        "the dense FFN, plus a new router (sparse upcycling)"
+    )
     upcycle_noise: float = _help("multiplicative noise std on each upcycled copy's weights", 0.0)
-    upcycle_reinit: float = _help("Drop-Upcycling: fraction of each copy's intermediate channels re-initialised",
-                                  0.0)
-    upcycle_granularity: int = _help("fine-grained upcycling: split each copy into this many experts of 1/G the "
-                                     "dense width; --top_k counts copies and is scaled by G", 1)
+    upcycle_reinit: float = _help("Drop-Upcycling: fraction of each copy's intermediate channels re-initialised", 0.0)
+    upcycle_granularity: int = _help(
+        "fine-grained upcycling: split each copy into this many experts of 1/G the "
+        "dense width; --top_k counts copies and is scaled by G",
+        1,
+    )
     grad_ckpt: bool = _help("activation checkpointing of every block", False)
 
     @property
@@ -82,13 +95,18 @@ class ModelArgs:
 
     def __post_init__(self):
         if self.model is not None and self.init_from is not None:
-            raise ConfigError(f"--model {self.model} conflicts with --init_from {self.init_from}: the folder's "
-                              f"config.json is the model; drop --model")
+            raise ConfigError(
+                f"--model {self.model} conflicts with --init_from {self.init_from}: the folder's "
+                f"config.json is the model; drop --model"
+            )
 
     def model_overrides(self) -> dict:
         """The `MoEConfig` fields given on the command line (the fields named after one)."""
-        overrides = {f.name: getattr(self, f.name) for f in fields(self)
-                     if f.name in MoEConfig.__dataclass_fields__ and getattr(self, f.name) is not None}
+        overrides = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name in MoEConfig.__dataclass_fields__ and getattr(self, f.name) is not None
+        }
         if self.dropless:
             if self.capacity_factor is not None:
                 raise ConfigError("--dropless and --capacity_factor contradict each other; pass one")
@@ -110,17 +128,28 @@ class RunArgs:
     seed: int = _help("model init and data order", 0)
     max_bad_steps: int = _help("stop after N consecutive steps skipped for a non-finite loss or gradient", 10)
     allow_engine_change: bool = _help("resume a run saved by the other engine (DeepSpeed <-> accelerate)", False)
-    allow_optimizer_reset: bool = _help("when resharding cannot carry the optimizer state, continue with a "
-                                        "fresh one instead of stopping", False)
+    allow_optimizer_reset: bool = _help(
+        "when resharding cannot carry the optimizer state, continue with a fresh one instead of stopping", False
+    )
 
-    RANGES = {"max_steps": Range(1), "eval_every": Range(1), "save_every": Range(1), "log_every": Range(1),
-              "early_stopping_patience": Range(0), "keep_last": Range(1), "seed": _SEEDS, "max_bad_steps": Range(1)}
+    RANGES = {
+        "max_steps": Range(1),
+        "eval_every": Range(1),
+        "save_every": Range(1),
+        "log_every": Range(1),
+        "early_stopping_patience": Range(0),
+        "keep_last": Range(1),
+        "seed": _SEEDS,
+        "max_bad_steps": Range(1),
+    }
 
     def __post_init__(self):
         if not self.output_dir:
             raise ConfigError("--output_dir is required")
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
-            raise ConfigError(f"--output_dir {self.output_dir} is an existing file; pass a folder (new, or a run to resume)")
+            raise ConfigError(
+                f"--output_dir {self.output_dir} is an existing file; pass a folder (new, or a run to resume)"
+            )
         check_ranges(self)
 
     @property
@@ -132,20 +161,30 @@ class RunArgs:
 class EngineArgs:
     """How each step runs: the engine, its batch and precision (all from the JSON with --deepspeed)."""
 
-    deepspeed: str | None = _help("DeepSpeed JSON (its moe.ep_size sets expert parallelism); "
-                                  "without it the run uses accelerate on one device")
+    deepspeed: str | None = _help(
+        "DeepSpeed JSON (its moe.ep_size sets expert parallelism); without it the run uses accelerate on one device"
+    )
     local_rank: int = _help("set by the deepspeed launcher", -1)
-    micro_batch_size: int | None = _help("sequences per device per micro-step (accelerate path; "
-                                         "with --deepspeed it comes from the JSON)")
+    micro_batch_size: int | None = _help(
+        "sequences per device per micro-step (accelerate path; with --deepspeed it comes from the JSON)"
+    )
     grad_accum: int | None = _help("micro-steps per optimizer step (accelerate path)")
     grad_clip: float | None = _help("max gradient norm, 0 = off (accelerate path)")
     precision: str = _help("auto | bf16 | fp32 (accelerate path; auto = bf16 on GPU, fp32 on CPU)", "auto")
     dist_timeout: int = _help("seconds without progress before a stuck rank ends the job", 1800)
-    gpu_mem_gib: float | None = _help("memory of one device in GiB, for the planner's memory estimate (default: the "
-                                      "GPU's own; on CPU, the memory available now, shared by this machine's ranks)")
+    gpu_mem_gib: float | None = _help(
+        "memory of one device in GiB, for the planner's memory estimate (default: the "
+        "GPU's own; on CPU, the memory available now, shared by this machine's ranks)"
+    )
 
-    RANGES = {"local_rank": Range(-1), "micro_batch_size": Range(1), "grad_accum": Range(1), "grad_clip": Range(0),
-              "dist_timeout": _TIMEOUTS, "gpu_mem_gib": Range(0, low_open=True)}
+    RANGES = {
+        "local_rank": Range(-1),
+        "micro_batch_size": Range(1),
+        "grad_accum": Range(1),
+        "grad_clip": Range(0),
+        "dist_timeout": _TIMEOUTS,
+        "gpu_mem_gib": Range(0, low_open=True),
+    }
 
     def __post_init__(self):
         check_ranges(self)
@@ -156,13 +195,17 @@ class EngineArgs:
         # passes its own mixed_precision, so fp16 would be silently dropped.
         launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
         if not self.deepspeed and launched == "fp16":
-            raise ConfigError("ACCELERATE_MIXED_PRECISION=fp16 (accelerate launch --mixed_precision) is not "
-                              "supported: the accelerate path runs --precision auto, bf16 or fp32")
+            raise ConfigError(
+                "ACCELERATE_MIXED_PRECISION=fp16 (accelerate launch --mixed_precision) is not "
+                "supported: the accelerate path runs --precision auto, bf16 or fp32"
+            )
         if self.deepspeed:
             given = [n for n in ("micro_batch_size", "grad_accum", "grad_clip") if getattr(self, n) is not None]
             if given or self.precision != "auto":
-                raise ConfigError(f"--{(given or ['precision'])[0]} conflicts with --deepspeed: set batch, "
-                                  f"accumulation, clipping and precision in the DeepSpeed JSON")
+                raise ConfigError(
+                    f"--{(given or ['precision'])[0]} conflicts with --deepspeed: set batch, "
+                    f"accumulation, clipping and precision in the DeepSpeed JSON"
+                )
 
 
 @dataclass
@@ -179,9 +222,15 @@ class OptimArgs:
 
     # AdamW and the schedule are undefined outside these. lr 0 is allowed: it freezes the weights (evaluation-only
     # runs, early-stopping checks).
-    RANGES = {"lr": Range(0), "min_lr_ratio": Range(0, 1), "warmup_steps": Range(0), "weight_decay": Range(0),
-              "beta1": Range(0, 1, high_open=True), "beta2": Range(0, 1, high_open=True),
-              "adam_eps": Range(0, low_open=True)}
+    RANGES = {
+        "lr": Range(0),
+        "min_lr_ratio": Range(0, 1),
+        "warmup_steps": Range(0),
+        "weight_decay": Range(0),
+        "beta1": Range(0, 1, high_open=True),
+        "beta2": Range(0, 1, high_open=True),
+        "adam_eps": Range(0, low_open=True),
+    }
 
     def __post_init__(self):
         check_ranges(self)

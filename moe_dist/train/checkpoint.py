@@ -145,8 +145,10 @@ def verify(path: Path) -> None:
         if not file.is_file():
             raise CheckpointError(f"checkpoint file {file} is missing")
         if file.stat().st_size != expected["bytes"]:
-            raise CheckpointError(f"checkpoint file {file} is truncated ({file.stat().st_size} bytes, "
-                                  f"the manifest says {expected['bytes']})")
+            raise CheckpointError(
+                f"checkpoint file {file} is truncated ({file.stat().st_size} bytes, "
+                f"the manifest says {expected['bytes']})"
+            )
         if _crc32(file) != expected["crc32"]:
             raise CheckpointError(f"checkpoint file {file} is corrupted (CRC32 differs from the manifest)")
 
@@ -160,8 +162,7 @@ def capture_rng() -> dict:
     kind, key, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
-                  "gauss": gauss},
+        "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -208,8 +209,7 @@ def save_rank_state(staging: Path, rank: int, state: dict) -> None:
 def load_rank_state(path: Path, rank: int) -> dict:
     file = path / "ranks" / f"rank{rank:05d}.pt"
     if not file.is_file():
-        raise CheckpointError(f"checkpoint {path} has no state for rank {rank} ({file}); "
-                              f"it was saved with fewer ranks")
+        raise CheckpointError(f"checkpoint {path} has no state for rank {rank} ({file}); it was saved with fewer ranks")
     try:
         return torch.load(file, weights_only=True)
     except Exception as e:  # a corrupt pickle raises many different types

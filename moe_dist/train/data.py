@@ -1,5 +1,6 @@
 """Text to training batches: load stories (hub or local files), build a tokenizer, pack the
 tokens into fixed-length blocks, and give each rank its resumable share of every global batch."""
+
 from __future__ import annotations
 
 import codecs
@@ -20,8 +21,18 @@ import numpy as np
 import torch
 
 from ..atomic_io import write_atomic, write_dir_atomic
-from .data_prep import (SEPARATOR, DataError, StoryReader, default_num_proc, log_phase, one_thread_tokenizers, pack_file,
-                        progress, token_dtype, tokenize_to_file)
+from .data_prep import (
+    SEPARATOR,
+    DataError,
+    StoryReader,
+    default_num_proc,
+    log_phase,
+    one_thread_tokenizers,
+    pack_file,
+    progress,
+    token_dtype,
+    tokenize_to_file,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -51,27 +62,52 @@ class DataConfig:
     model's own tokenizer, else gpt2; the model's context length) before any data is read.
     """
 
-    dataset: str | None = field(default=None, metadata={"help": (
-        "hub dataset with train/validation splits, e.g. roneneldan/TinyStories "
-        "(default, with no data flag: the TinyStories sample bundled in data/)")})
-    train_file: str | None = field(default=None, metadata={"help": (
-        "local training text (.txt stories split by <|endoftext|> lines, or .jsonl; .gz is read directly)")})
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "hub dataset with train/validation splits, e.g. roneneldan/TinyStories "
+                "(default, with no data flag: the TinyStories sample bundled in data/)"
+            )
+        },
+    )
+    train_file: str | None = field(
+        default=None,
+        metadata={
+            "help": ("local training text (.txt stories split by <|endoftext|> lines, or .jsonl; .gz is read directly)")
+        },
+    )
     valid_file: str | None = field(default=None, metadata={"help": "local validation text, same format"})
-    tokenizer: str | None = field(default=None, metadata={"help": (
-        "tokenizer name or path, or train:N for a byte-level BPE of N tokens "
-        "(default: the --init_from model's own, else gpt2)")})
+    tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "tokenizer name or path, or train:N for a byte-level BPE of N tokens "
+                "(default: the --init_from model's own, else gpt2)"
+            )
+        },
+    )
     # Each stored block holds seq_len + 1 tokens: the inputs and the labels shifted by one.
-    seq_len: int | None = field(default=None, metadata={"help": (
-        "tokens per training sequence (default: the model's context length)")})
-    max_valid_blocks: int | None = field(default=None, metadata={"help": (
-        "evaluate on the first N validation blocks only")})
+    seq_len: int | None = field(
+        default=None, metadata={"help": ("tokens per training sequence (default: the model's context length)")}
+    )
+    max_valid_blocks: int | None = field(
+        default=None, metadata={"help": ("evaluate on the first N validation blocks only")}
+    )
     # Also the datasets library's cache for hub data.
-    cache_dir: str | None = field(default=None, metadata={"help": (
-        "where tokenized data is cached (default: <output_dir>/cache)")})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": ("where tokenized data is cached (default: <output_dir>/cache)")}
+    )
     # Not part of the cache key: the blocks are the same for any value.
-    num_proc: int | None = field(default=None, metadata={"help": (
-        "processes that tokenize, one thread each; 1 also trains a train:N tokenizer on one thread (default: the "
-        "CPUs available to this process; on a multi-rank launch only rank 0 prepares the data)")})
+    num_proc: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "processes that tokenize, one thread each; 1 also trains a train:N tokenizer on one thread "
+                "(default: the CPUs available to this process; on a multi-rank launch only rank 0 prepares the data)"
+            )
+        },
+    )
 
     def __post_init__(self) -> None:
         if (self.train_file is None) != (self.valid_file is None):
@@ -94,8 +130,10 @@ def bundled_sample() -> tuple[str, str]:
     """(train, valid) paths of the bundled TinyStories sample."""
     train, valid = BUNDLED_SAMPLE / "train.txt.gz", BUNDLED_SAMPLE / "valid.txt.gz"
     if not (train.is_file() and valid.is_file()):
-        raise DataError(f"data: the bundled sample is not at {BUNDLED_SAMPLE} (moe_dist installed without its "
-                        f"source tree?); pass --train_file and --valid_file, or --dataset NAME")
+        raise DataError(
+            f"data: the bundled sample is not at {BUNDLED_SAMPLE} (moe_dist installed without its "
+            f"source tree?); pass --train_file and --valid_file, or --dataset NAME"
+        )
     return str(train), str(valid)
 
 
@@ -109,7 +147,7 @@ def describe_source(cfg: DataConfig) -> str:
 
 
 def file_kind(path: str | Path) -> str | None:
-    """"text" or "json" for a supported local file (by suffix, .gz allowed), else None."""
+    """ "text" or "json" for a supported local file (by suffix, .gz allowed), else None."""
     suffixes = [s.lower() for s in Path(path).suffixes[-2:]]
     if suffixes and suffixes[-1] == ".gz":
         suffixes.pop()
@@ -132,6 +170,7 @@ def trained_vocab_size(spec: str) -> int | None:
 
 
 # ---------------------------------------------------------------- loading text
+
 
 def load_text_splits(cfg: DataConfig) -> tuple[StoryReader, StoryReader]:
     """(train, valid) stories, each a `StoryReader`: streamed from disk (or a hub dataset's Arrow table) as
@@ -157,8 +196,10 @@ def _load_hub(cfg: DataConfig, split: str):
     try:
         ds = datasets.load_dataset(cfg.dataset, split=_HUB_SPLITS[split], cache_dir=cfg.cache_dir)
     except Exception as e:  # offline, a wrong name and a missing split all surface as assorted types
-        raise DataError(f"dataset {cfg.dataset!r} (split {_HUB_SPLITS[split]!r}): could not load it from the hub "
-                        f"({type(e).__name__}); no internet? pass --train_file and --valid_file") from e
+        raise DataError(
+            f"dataset {cfg.dataset!r} (split {_HUB_SPLITS[split]!r}): could not load it from the hub "
+            f"({type(e).__name__}); no internet? pass --train_file and --valid_file"
+        ) from e
     if "text" not in ds.column_names:
         raise DataError(f"dataset {cfg.dataset!r}: needs a 'text' column, has {ds.column_names}")
     return ds
@@ -222,8 +263,10 @@ def check_data_file(flag: str, path: str) -> None:
     if counts.nul:
         raise DataError(f"{label} is not text: it holds {counts.nul:,} NUL bytes (a binary file, or UTF-16 text)")
     if counts.bad * 100 > counts.total:
-        raise DataError(f"{label} is not UTF-8 text: {counts.bad:,} of its {counts.total:,} bytes are not valid "
-                        f"UTF-8 (a binary file, or another encoding: convert it with iconv -t UTF-8)")
+        raise DataError(
+            f"{label} is not UTF-8 text: {counts.bad:,} of its {counts.total:,} bytes are not valid "
+            f"UTF-8 (a binary file, or another encoding: convert it with iconv -t UTF-8)"
+        )
     # Every JSON record is parsed and checked (StoryReader raises on a bad one); a text file's first story is enough.
     stories = sum(1 for _ in StoryReader(str(p), label=label)) if file_kind(p) == "json" else _has_text(p)
     if not stories:
@@ -243,8 +286,10 @@ def _source_name(cfg: DataConfig, split: str) -> str:
 
 # ---------------------------------------------------------------- tokenizer
 
-def build_tokenizer(spec: str, train_texts: Iterable[str] | None, save_dir: str | Path | None
-                    ) -> PreTrainedTokenizerFast:
+
+def build_tokenizer(
+    spec: str, train_texts: Iterable[str] | None, save_dir: str | Path | None
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE ("train:N", on train_texts) or load a named one; save it if save_dir."""
     n = trained_vocab_size(spec)
     if n is None:
@@ -266,13 +311,22 @@ def _train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[SEPARATOR], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[SEPARATOR],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     bpe.train_from_iterator(texts, trainer=trainer)
     # Without bos/eos/pad, eos_token_id is None and generate() never stops (DESIGN.md, pitfalls).
     # No space clean-up on decode, so decode(encode(text)) == text.
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=SEPARATOR, eos_token=SEPARATOR,
-                                   pad_token=SEPARATOR, clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=SEPARATOR,
+        eos_token=SEPARATOR,
+        pad_token=SEPARATOR,
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerFast:
@@ -285,8 +339,11 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerFast:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     except (OSError, ValueError) as e:
-        hint = ("the folder holds no readable tokenizer" if Path(name_or_path).is_dir() else
-                "not a local folder, and the hub could not provide it (no internet?); pass a local path or train:N")
+        hint = (
+            "the folder holds no readable tokenizer"
+            if Path(name_or_path).is_dir()
+            else "not a local folder, and the hub could not provide it (no internet?); pass a local path or train:N"
+        )
         raise DataError(f"tokenizer: cannot load {str(name_or_path)!r} ({type(e).__name__}): {hint}") from e
     if tokenizer.eos_token_id is None:
         raise DataError(f"tokenizer: {str(name_or_path)!r} has no eos_token; packing puts one after every story")
@@ -297,9 +354,17 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerFast:
 
 # ---------------------------------------------------------------- packing and caching
 
-def pack_blocks(texts: Iterable[str], tokenizer: PreTrainedTokenizerFast, seq_len: int,
-                cache_path: str | Path | None = None, *, num_proc: int = 1, label: str = "", show: bool = False
-                ) -> np.ndarray:
+
+def pack_blocks(
+    texts: Iterable[str],
+    tokenizer: PreTrainedTokenizerFast,
+    seq_len: int,
+    cache_path: str | Path | None = None,
+    *,
+    num_proc: int = 1,
+    label: str = "",
+    show: bool = False,
+) -> np.ndarray:
     """Tokenize every story, end each with eos, concatenate, and cut into blocks (the tail is dropped).
 
     Returns shape [num_blocks, seq_len + 1]. The tokens stream through a file on disk (`data_prep`),
@@ -313,12 +378,20 @@ def pack_blocks(texts: Iterable[str], tokenizer: PreTrainedTokenizerFast, seq_le
     with tempfile.TemporaryDirectory(dir=Path(cache_path).parent if cache_path else None) as tmp:
         raw, npy = Path(tmp) / "tokens.bin", Path(cache_path) if cache_path else Path(tmp) / "blocks.npy"
         done = tokenize_to_file(texts, tokenizer, raw, num_proc=num_proc, dtype=dtype, label=label, show=show)
-        log_phase(f"tokenize {label}".strip(), done["seconds"], stories=done["stories"], tokens=done["tokens"],
-                  num_proc=num_proc)
+        log_phase(
+            f"tokenize {label}".strip(),
+            done["seconds"],
+            stories=done["stories"],
+            tokens=done["tokens"],
+            num_proc=num_proc,
+        )
         start = time.perf_counter()
         blocks = pack_file(raw, npy, seq_len, dtype)
-        log_phase(f"pack {label}".strip() + f" into {blocks:,} blocks of {seq_len + 1}", time.perf_counter() - start,
-                  tokens=blocks * (seq_len + 1))
+        log_phase(
+            f"pack {label}".strip() + f" into {blocks:,} blocks of {seq_len + 1}",
+            time.perf_counter() - start,
+            tokens=blocks * (seq_len + 1),
+        )
         return np.load(npy, mmap_mode="r") if cache_path else np.load(npy)
 
 
@@ -332,8 +405,7 @@ def cache_fingerprint(source: str, tokenizer: PreTrainedTokenizerFast, seq_len: 
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _cache_paths(cfg: DataConfig, split: str, tokenizer: PreTrainedTokenizerFast, cache_dir: Path
-                 ) -> tuple[Path, Path]:
+def _cache_paths(cfg: DataConfig, split: str, tokenizer: PreTrainedTokenizerFast, cache_dir: Path) -> tuple[Path, Path]:
     path = cfg.train_file if split == "train" else cfg.valid_file
     source = path if path is not None else f"hub:{cfg.dataset}:{_HUB_SPLITS[split]}"
     key = cache_fingerprint(source, tokenizer, cfg.seq_len)
@@ -341,6 +413,7 @@ def _cache_paths(cfg: DataConfig, split: str, tokenizer: PreTrainedTokenizerFast
 
 
 # ---------------------------------------------------------------- prepare (all ranks)
+
 
 @dataclass
 class PreparedData:
@@ -350,8 +423,9 @@ class PreparedData:
     stats: dict[str, int]
 
 
-def prepare_data(cfg: DataConfig, run_dir: str | Path, *, is_main: bool, barrier: Callable[[], None],
-                 min_valid_blocks: int = 1) -> PreparedData:
+def prepare_data(
+    cfg: DataConfig, run_dir: str | Path, *, is_main: bool, barrier: Callable[[], None], min_valid_blocks: int = 1
+) -> PreparedData:
     """The main process builds the tokenizer (run_dir/tokenizer) and the token caches; then, after
     barrier(), every process loads them from disk. A resumed run reuses run_dir/tokenizer."""
     run_dir = Path(run_dir)
@@ -367,12 +441,17 @@ def prepare_data(cfg: DataConfig, run_dir: str | Path, *, is_main: bool, barrier
     blocks["valid"] = blocks["valid"][: cfg.max_valid_blocks]
     for split, needed in (("train", 1), ("valid", min_valid_blocks)):
         if len(blocks[split]) < needed:
-            raise DataError(f"{_source_name(cfg, split)}: makes {len(blocks[split])} blocks of seq_len + 1 = "
-                            f"{cfg.seq_len + 1} tokens, need >= {needed}; use more text or a smaller seq_len")
+            raise DataError(
+                f"{_source_name(cfg, split)}: makes {len(blocks[split])} blocks of seq_len + 1 = "
+                f"{cfg.seq_len + 1} tokens, need >= {needed}; use more text or a smaller seq_len"
+            )
     stats = {"bad_bytes": meta["train"]["bad_bytes"] + meta["valid"]["bad_bytes"]}
     for split in ("train", "valid"):
-        stats |= {f"n_{split}_stories": meta[split]["stories"], f"n_{split}_blocks": len(blocks[split]),
-                  f"n_{split}_tokens": int(blocks[split].size)}
+        stats |= {
+            f"n_{split}_stories": meta[split]["stories"],
+            f"n_{split}_blocks": len(blocks[split]),
+            f"n_{split}_tokens": int(blocks[split].size),
+        }
     return PreparedData(blocks["train"], blocks["valid"], tokenizer, stats)
 
 
@@ -396,8 +475,11 @@ def _build_on_main(cfg: DataConfig, run_dir: Path, cache_dir: Path) -> None:
             with threads, progress(reader, f"read train for {cfg.tokenizer}", True) as stories:
                 build_tokenizer(cfg.tokenizer, stories, tok_dir)
             log_phase(f"read train ({reader.stories:,} stories) for the tokenizer", reader.seconds)
-            log_phase(f"train the {cfg.tokenizer} tokenizer (reading included)", time.perf_counter() - start,
-                      stories=reader.stories)
+            log_phase(
+                f"train the {cfg.tokenizer} tokenizer (reading included)",
+                time.perf_counter() - start,
+                stories=reader.stories,
+            )
     # Fingerprint the tokenizer as every rank will load it, so all ranks agree on the cache names.
     tokenizer = load_tokenizer(tok_dir)
     for split in ("train", "valid"):
@@ -408,10 +490,11 @@ def _build_on_main(cfg: DataConfig, run_dir: Path, cache_dir: Path) -> None:
         npy.parent.mkdir(parents=True, exist_ok=True)
         pack_blocks(texts, tokenizer, cfg.seq_len, npy, num_proc=num_proc, label=split, show=True)
         meta = json.dumps({"stories": texts.stories, "bad_bytes": bad}).encode()
-        write_atomic(meta_path, lambda f: f.write(meta))
+        write_atomic(meta_path, lambda f, data=meta: f.write(data))
 
 
 # ---------------------------------------------------------------- batches
+
 
 class BlockSampler:
     """Deterministic, rank-sharded, resumable training batches of block indices.
@@ -423,17 +506,20 @@ class BlockSampler:
     global steps consumed, so resuming in a new process continues exactly where it stopped.
     """
 
-    def __init__(self, num_blocks: int, *, micro_batch_size: int, grad_accum: int, rank: int,
-                 world_size: int, seed: int) -> None:
+    def __init__(
+        self, num_blocks: int, *, micro_batch_size: int, grad_accum: int, rank: int, world_size: int, seed: int
+    ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank: must be in [0, {world_size}), got {rank}")
         self.num_blocks, self.seed, self.rank = num_blocks, seed, rank
         self.shape = (grad_accum, world_size, micro_batch_size)  # one global batch
         self.global_batch = micro_batch_size * grad_accum * world_size
         if num_blocks < self.global_batch:
-            raise DataError(f"train set: {num_blocks} blocks < one global batch of {self.global_batch} "
-                            f"(micro_batch_size {micro_batch_size} x grad_accum {grad_accum} x world_size "
-                            f"{world_size}); use a smaller batch or seq_len, or more data")
+            raise DataError(
+                f"train set: {num_blocks} blocks < one global batch of {self.global_batch} "
+                f"(micro_batch_size {micro_batch_size} x grad_accum {grad_accum} x world_size "
+                f"{world_size}); use a smaller batch or seq_len, or more data"
+            )
         self.steps_per_epoch = num_blocks // self.global_batch
         self.step = 0
         self._epoch, self._perm = -1, np.empty(0, np.int64)
@@ -448,19 +534,20 @@ class BlockSampler:
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.num_blocks, generator=generator).numpy()
-        batch = self._perm[i * self.global_batch:(i + 1) * self.global_batch].reshape(self.shape)
+        batch = self._perm[i * self.global_batch : (i + 1) * self.global_batch].reshape(self.shape)
         self.step += 1
         return list(batch[:, self.rank])
 
     def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "seed": self.seed, "num_blocks": self.num_blocks,
-                "global_batch": self.global_batch}
+        return {"step": self.step, "seed": self.seed, "num_blocks": self.num_blocks, "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         for key in ("seed", "num_blocks", "global_batch"):
             if state[key] != getattr(self, key):
-                raise DataError(f"data position: checkpoint has {key}={state[key]}, this run has "
-                                f"{getattr(self, key)}; resume with the same data, seed and batch sizes")
+                raise DataError(
+                    f"data position: checkpoint has {key}={state[key]}, this run has "
+                    f"{getattr(self, key)}; resume with the same data, seed and batch sizes"
+                )
         self.step = state["step"]
 
 
@@ -470,8 +557,9 @@ def batch_tensors(blocks: np.ndarray, idx: np.ndarray) -> tuple[torch.Tensor, to
     return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
 
-def validation_shard(num_blocks: int, *, rank: int, world_size: int, micro_batch_size: int
-                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+def validation_shard(
+    num_blocks: int, *, rank: int, world_size: int, micro_batch_size: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """This rank's fixed validation micro-batches, as (block indices, real-row mask) pairs, unshuffled.
 
     Every block is in exactly one rank's shard, so the set evaluated is the same at any world

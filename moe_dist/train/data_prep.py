@@ -29,7 +29,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ SEPARATOR = "<|endoftext|>"
 
 class DataError(ValueError):
     """Bad data input. The message is one line naming the field or path and what is valid."""
+
 
 CHUNK_STORIES = 2000  # stories per task sent to a worker: large enough to amortise the IPC, small for memory
 _READ_BYTES = 1 << 22
@@ -71,8 +72,7 @@ class StoryReader:
 
     def __iter__(self) -> Iterator[str]:
         self.stories, self.bytes_read, self.seconds = 0, 0, 0.0
-        pieces = self._hub() if self.path is None else (
-            self._text() if _kind(self.path) == "text" else self._json())
+        pieces = self._hub() if self.path is None else (self._text() if _kind(self.path) == "text" else self._json())
         while True:
             start = time.perf_counter()  # reading = fetching, decoding and splitting, not what the caller does
             piece = next(pieces, None)
@@ -102,7 +102,7 @@ class StoryReader:
                 carry = text
                 continue
             yield text[:cut]
-            carry = text[cut + len(SEPARATOR):]
+            carry = text[cut + len(SEPARATOR) :]
         yield carry + decoder.decode(b"", final=True)
 
     def _json(self) -> Iterator[str]:
@@ -211,6 +211,7 @@ def tokenize_to_file(reader, tokenizer, raw_path: Path, *, num_proc: int, dtype,
     """Append every story's ids (+ eos) to `raw_path` in story order; returns counts and timings."""
     backend, eos = tokenizer.backend_tokenizer, tokenizer.eos_token_id
     start, tokens = time.perf_counter(), 0
+
     def write(ids: np.ndarray) -> None:
         nonlocal tokens
         ids.astype(dtype).tofile(out)
@@ -228,8 +229,10 @@ def tokenize_to_file(reader, tokenizer, raw_path: Path, *, num_proc: int, dtype,
             # processes are the parallelism. At most 2 x num_proc chunks are in flight, written back in
             # submission order: memory stays bounded (Pool.imap would read the whole input ahead) and the file
             # is the same for any num_proc.
-            with one_thread_tokenizers(), multiprocessing.get_context("fork").Pool(
-                    num_proc, _init_worker, (backend.to_str(), eos)) as pool:
+            with (
+                one_thread_tokenizers(),
+                multiprocessing.get_context("fork").Pool(num_proc, _init_worker, (backend.to_str(), eos)) as pool,
+            ):
                 pending: deque = deque()
                 for chunk in chunked(stories):
                     pending.append(pool.apply_async(_encode, (chunk,)))
@@ -237,8 +240,12 @@ def tokenize_to_file(reader, tokenizer, raw_path: Path, *, num_proc: int, dtype,
                         write(pending.popleft().get())
                 while pending:
                     write(pending.popleft().get())
-    return {"stories": getattr(reader, "stories", None), "tokens": tokens, "seconds": time.perf_counter() - start,
-            "read_seconds": getattr(reader, "seconds", 0.0)}
+    return {
+        "stories": getattr(reader, "stories", None),
+        "tokens": tokens,
+        "seconds": time.perf_counter() - start,
+        "read_seconds": getattr(reader, "seconds", 0.0),
+    }
 
 
 class progress:
@@ -250,8 +257,15 @@ class progress:
 
         self.reader = reader
         total = getattr(reader, "total_bytes", None)
-        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not show or total is None,
-                        mininterval=5, file=sys.stderr)
+        self.bar = tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc=desc,
+            disable=not show or total is None,
+            mininterval=5,
+            file=sys.stderr,
+        )
 
     def __enter__(self) -> Iterator[str]:
         if self.bar.disable:
@@ -261,6 +275,7 @@ class progress:
             for story in self.reader:
                 yield story
                 self.bar.update(self.reader.bytes_read - self.bar.n)
+
         return stories()
 
     def __exit__(self, *exc) -> None:
@@ -277,11 +292,17 @@ def pack_file(raw_path: Path, npy_path: Path, seq_len: int, dtype) -> int:
     num_blocks = len(tokens) // width
 
     def write(f) -> None:
-        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                                 "fortran_order": False, "shape": (num_blocks, width)})
+        np.lib.format.write_array_header_1_0(
+            f,
+            {
+                "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                "fortran_order": False,
+                "shape": (num_blocks, width),
+            },
+        )
         for first in range(0, num_blocks, _PACK_ROWS):
             last = min(num_blocks, first + _PACK_ROWS)
-            f.write(np.ascontiguousarray(tokens[first * width:last * width]).tobytes())
+            f.write(np.ascontiguousarray(tokens[first * width : last * width]).tobytes())
 
     write_atomic(npy_path, write)
     return num_blocks
@@ -291,8 +312,9 @@ def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size < 2**16 else np.int32
 
 
-def log_phase(name: str, seconds: float, *, stories: int | None = None, tokens: int | None = None,
-              num_proc: int | None = None) -> None:
+def log_phase(
+    name: str, seconds: float, *, stories: int | None = None, tokens: int | None = None, num_proc: int | None = None
+) -> None:
     rates = []
     if stories is not None:
         rates.append(f"{stories:,} stories, {stories / max(seconds, 1e-9):,.0f} stories/s")

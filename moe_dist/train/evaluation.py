@@ -21,9 +21,16 @@ from .metrics import RoutingAccumulator
 
 
 @torch.no_grad()
-def evaluate(model, blocks: np.ndarray, shards: list[tuple[np.ndarray, np.ndarray]], *, device: torch.device,
-             all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-             autocast=contextlib.nullcontext, progress: Callable[[], None] = lambda: None) -> dict:
+def evaluate(
+    model,
+    blocks: np.ndarray,
+    shards: list[tuple[np.ndarray, np.ndarray]],
+    *,
+    device: torch.device,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    autocast=contextlib.nullcontext,
+    progress: Callable[[], None] = lambda: None,
+) -> dict:
     """Returns loss, ppl, top1_acc, top3_acc and `routing` (stats averaged over the pass, this rank).
 
     `shards` is this rank's (block indices, real-row mask) list from `validation_shard`. Exact
@@ -45,10 +52,14 @@ def evaluate(model, blocks: np.ndarray, shards: list[tuple[np.ndarray, np.ndarra
                 logits_BSV = model(input_ids=input_ids, use_cache=False).logits.float()
                 nll_BS = F.cross_entropy(logits_BSV.flatten(0, 1), labels.flatten(), reduction="none")
                 top3_BSK = logits_BSV.topk(3, dim=-1).indices
-                per_row = torch.stack([nll_BS.view_as(labels).double().sum(1),
-                                       torch.full_like(weight_B, labels.shape[1]),
-                                       (top3_BSK[..., 0] == labels).sum(1).double(),
-                                       (top3_BSK == labels[..., None]).any(-1).sum(1).double()])
+                per_row = torch.stack(
+                    [
+                        nll_BS.view_as(labels).double().sum(1),
+                        torch.full_like(weight_B, labels.shape[1]),
+                        (top3_BSK[..., 0] == labels).sum(1).double(),
+                        (top3_BSK == labels[..., None]).any(-1).sum(1).double(),
+                    ]
+                )
                 sums += per_row @ weight_B
                 # Routing stats include the padded rows (they pass through the routers too): a
                 # few repeated blocks in the last batches only, so the averages stay representative.
@@ -58,5 +69,10 @@ def evaluate(model, blocks: np.ndarray, shards: list[tuple[np.ndarray, np.ndarra
         model.train(was_training)
     all_reduce(sums)
     loss = (sums[0] / sums[1]).item()
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "top1_acc": (sums[2] / sums[1]).item(),
-            "top3_acc": (sums[3] / sums[1]).item(), "routing": routing.average()}
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 50.0)),
+        "top1_acc": (sums[2] / sums[1]).item(),
+        "top3_acc": (sums[3] / sums[1]).item(),
+        "routing": routing.average(),
+    }

@@ -85,5 +85,11 @@ def _poison_an_expert(event: Event) -> None:
     next(block.experts.parameters()).fill_(float("nan"))
 
 
-_ACTIONS = {"exit": _exit, "kill": _kill, "raise": _raise, "hang": _hang, "nan_batch": _poison_next_forward,
-            "nan_expert": _poison_an_expert}
+_ACTIONS = {
+    "exit": _exit,
+    "kill": _kill,
+    "raise": _raise,
+    "hang": _hang,
+    "nan_batch": _poison_next_forward,
+    "nan_expert": _poison_an_expert,
+}

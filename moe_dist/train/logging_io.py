@@ -19,11 +19,25 @@ import torch
 from ..atomic_io import write_atomic
 
 REQUIRED_SUMMARY_KEYS = (
-    "final_val_ppl", "best_val_ppl", "max_tok_s", "peak_mem_mb", "steps", "params_total", "params_active",
-    "ep_size", "world_size", "model",
+    "final_val_ppl",
+    "best_val_ppl",
+    "max_tok_s",
+    "peak_mem_mb",
+    "steps",
+    "params_total",
+    "params_active",
+    "ep_size",
+    "world_size",
+    "model",
     # routing settings under their config.json names, so report tables can group runs by them
-    "num_local_experts", "num_experts_per_tok", "capacity_factor", "router_jitter_noise", "router_aux_loss_coef",
-    "router_z_loss_coef", "router_bias_update_rate", "router_type",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "capacity_factor",
+    "router_jitter_noise",
+    "router_aux_loss_coef",
+    "router_z_loss_coef",
+    "router_bias_update_rate",
+    "router_type",
 )
 
 
@@ -84,6 +98,7 @@ class MetricsWriter:
         # Created on first use so that truncate_after can still set the purge step.
         if self._tb is None:
             from torch.utils.tensorboard import SummaryWriter
+
             self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self._purge_step)
         return self._tb
 
@@ -104,8 +119,9 @@ class MetricsWriter:
         if self.enabled:
             self._writer().add_histogram(tag, values, step)
 
-    def utilization_heatmap(self, step: int, util_LE: np.ndarray, layers: list[int] | None = None,
-                            tag: str = "routing/utilization") -> None:
+    def utilization_heatmap(
+        self, step: int, util_LE: np.ndarray, layers: list[int] | None = None, tag: str = "routing/utilization"
+    ) -> None:
         """Layers × experts share of routes, to tensorboard and `heatmaps/step_{step:07d}.png`."""
         if not self.enabled or util_LE.size == 0:  # a dense model has nothing to draw
             return

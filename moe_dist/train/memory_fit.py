@@ -19,26 +19,51 @@ from ..model.configuration import MoEConfig
 from ..parallel.ds_config import ConfigError
 
 
-def check_fits(config: MoEConfig, *, zero_stage: int, ds_config: dict | None, ep_size: int, etp_size: int,
-               world_size: int, precision: str, micro_batch: int, seq_len: int, grad_ckpt: bool,
-               gpu_mem_gib: float | None) -> None:
+def check_fits(
+    config: MoEConfig,
+    *,
+    zero_stage: int,
+    ds_config: dict | None,
+    ep_size: int,
+    etp_size: int,
+    world_size: int,
+    precision: str,
+    micro_batch: int,
+    seq_len: int,
+    grad_ckpt: bool,
+    gpu_mem_gib: float | None,
+) -> None:
     """Refuse with one line naming the estimate and the memory when one rank's estimate cannot fit."""
     cuda = torch.cuda.is_available()
     # The per-expert loop keeps no stacked weights; the grouped path (CUDA) does: estimate the larger there.
-    estimate = memory_bytes(config, zero_stage=zero_stage, ep_size=ep_size, etp_size=etp_size, world_size=world_size,
-                            precision=precision, micro_batch=micro_batch, seq_len=seq_len, grad_ckpt=grad_ckpt,
-                            reduce_bucket=reduce_bucket_elements(ds_config) if ds_config else 0,
-                            experts_impl="grouped" if cuda else "loop")
+    estimate = memory_bytes(
+        config,
+        zero_stage=zero_stage,
+        ep_size=ep_size,
+        etp_size=etp_size,
+        world_size=world_size,
+        precision=precision,
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        grad_ckpt=grad_ckpt,
+        reduce_bucket=reduce_bucket_elements(ds_config) if ds_config else 0,
+        experts_impl="grouped" if cuda else "loop",
+    )
     ranks, capacity, where = _memory(cuda, gpu_mem_gib, world_size)
     if estimate["total"] * ranks <= capacity:
         return
-    parts = ", ".join(f"{name} {estimate[name] / GiB:.1f}" for name in
-                      ("weights", "gradients", "optimizer", "activations", "buffers") if estimate[name] >= GiB / 20)
+    parts = ", ".join(
+        f"{name} {estimate[name] / GiB:.1f}"
+        for name in ("weights", "gradients", "optimizer", "activations", "buffers")
+        if estimate[name] >= GiB / 20
+    )
     times = f" x {ranks} ranks on this machine" if ranks > 1 else ""
-    raise ConfigError(f"the model does not fit in memory: the estimate is {estimate['total'] / GiB:.1f} GiB per rank "
-                      f"({parts} GiB; moe_dist.analysis.costs.memory_bytes){times}, more than {where}; use fewer or "
-                      f"smaller experts, a smaller batch or --seq_len, more ranks (expert parallelism shards the "
-                      f"experts), or --gpu_mem_gib to plan for another device")
+    raise ConfigError(
+        f"the model does not fit in memory: the estimate is {estimate['total'] / GiB:.1f} GiB per rank "
+        f"({parts} GiB; moe_dist.analysis.costs.memory_bytes){times}, more than {where}; use fewer or "
+        f"smaller experts, a smaller batch or --seq_len, more ranks (expert parallelism shards the "
+        f"experts), or --gpu_mem_gib to plan for another device"
+    )
 
 
 def _memory(cuda: bool, gpu_mem_gib: float | None, world_size: int) -> tuple[int, float, str]:

@@ -18,7 +18,7 @@ import sys
 import time
 import zlib
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import psutil
@@ -55,8 +55,7 @@ def coefficient_of_variation(x: torch.Tensor) -> float:
 
 def _to_host(stats_by_layer: StatsByLayer) -> dict[int, dict[str, torch.Tensor]]:
     """Copy every stat to the CPU as float64 with a single device→host transfer (one sync)."""
-    items = [(layer, name, t.detach()) for layer, stats in sorted(stats_by_layer.items())
-             for name, t in stats.items()]
+    items = [(layer, name, t.detach()) for layer, stats in sorted(stats_by_layer.items()) for name, t in stats.items()]
     if not items:
         return {}
     device = items[0][2].device
@@ -121,8 +120,10 @@ class RoutingAccumulator:
 
     def average(self) -> StatsByLayer:
         keep = self._SUMMED + self._LAST
-        return {layer: {name: t if name in keep else t / self._forwards[layer] for name, t in sums.items()}
-                for layer, sums in self._sums.items()}
+        return {
+            layer: {name: t if name in keep else t / self._forwards[layer] for name, t in sums.items()}
+            for layer, sums in self._sums.items()
+        }
 
     def reset(self) -> None:
         self._sums.clear()
@@ -171,27 +172,34 @@ class CollapseMonitor:
         for e, share in enumerate(share_E.tolist()):
             streak[e] = streak[e] + 1 if share < self.min_share else 0
             if streak[e] == self.patience:
-                out.append(f"layer {layer} expert {e} collapsed: {share:.1%} of its fair share "
-                           f"for {self.patience} evals (step {step})")
+                out.append(
+                    f"layer {layer} expert {e} collapsed: {share:.1%} of its fair share "
+                    f"for {self.patience} evals (step {step})"
+                )
         return out
 
     def _check_z(self, step: int, layer: int, z: float) -> list[str]:
         hist = self._z.setdefault(layer, [])
         hist.append(z)
-        del hist[:-self.z_rise_evals]
+        del hist[: -self.z_rise_evals]
         rising = len(hist) == self.z_rise_evals and all(b > a for a, b in zip(hist, hist[1:]))
         fire = rising and layer not in self._z_rising
         (self._z_rising.add if rising else self._z_rising.discard)(layer)
         if not fire:
             return []
-        return [f"layer {layer} z-loss rose for {self.z_rise_evals} evals in a row: "
-                f"{hist[0]:.4g} -> {hist[-1]:.4g} (step {step})"]
+        return [
+            f"layer {layer} z-loss rose for {self.z_rise_evals} evals in a row: "
+            f"{hist[0]:.4g} -> {hist[-1]:.4g} (step {step})"
+        ]
 
     def state_dict(self) -> dict:
         """Plain lists and string keys, so it survives JSON as well as torch.save."""
-        return {"streak": {str(k): list(v) for k, v in self._streak.items()},
-                "z": {str(k): list(v) for k, v in self._z.items()},
-                "z_rising": sorted(self._z_rising), "warnings": list(self.warnings)}
+        return {
+            "streak": {str(k): list(v) for k, v in self._streak.items()},
+            "z": {str(k): list(v) for k, v in self._z.items()},
+            "z_rising": sorted(self._z_rising),
+            "warnings": list(self.warnings),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self._streak = {int(k): list(v) for k, v in state["streak"].items()}
@@ -245,13 +253,14 @@ def _nvml_used_mb(index: int) -> float | None:
     if handle is None:
         return None
     import pynvml
+
     try:
         return pynvml.nvmlDeviceGetMemoryInfo(handle).used / MB
     except pynvml.NVMLError:
         return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _nvml_handle(index: int):
     """NVML handle of CUDA device `index`, found by UUID, or None where NVML is unavailable.
 
@@ -352,8 +361,9 @@ def pairwise_cosine(vectors_EK: torch.Tensor) -> tuple[float, float]:
 _EXPERT_WEIGHT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight$")
 
 
-def expert_similarity(named_parameters, gather_objects: Callable[[object], list], *, width: int,
-                      sample: int = 16384) -> dict[str, float]:
+def expert_similarity(
+    named_parameters, gather_objects: Callable[[object], list], *, width: int, sample: int = 16384
+) -> dict[str, float]:
     """`routing/layer{L}/expert_cos_mean` and `expert_cos_max`: how alike a layer's experts are (upcycled
     copies start at 1.0 and should drift apart; Komatsuzaki et al. 2022 watch the same).
 
@@ -372,7 +382,9 @@ def expert_similarity(named_parameters, gather_objects: Callable[[object], list]
             return {}  # a slice of an expert (ETP)
         gen = torch.Generator().manual_seed(zlib.crc32(m[3].encode()))
         idx = torch.randperm(param.numel(), generator=gen)[: sample // 3]
-        mine.setdefault(int(m[1]), {}).setdefault(int(m[2]), []).append((m[3], param.detach().flatten()[idx].float().cpu()))
+        mine.setdefault(int(m[1]), {}).setdefault(int(m[2]), []).append(
+            (m[3], param.detach().flatten()[idx].float().cpu())
+        )
     merged: dict[int, dict[int, torch.Tensor]] = {}
     for rank_part in gather_objects(mine):
         for layer, experts in rank_part.items():

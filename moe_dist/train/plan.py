@@ -20,8 +20,15 @@ from pathlib import Path
 
 import torch
 
-from ..convert.stock_import import (NATIVE, VOLATILE_FIELDS, InitFrom, check_import, config_from_fields, init_config,
-                                   read_init_config)
+from ..convert.stock_import import (
+    NATIVE,
+    VOLATILE_FIELDS,
+    InitFrom,
+    check_import,
+    config_from_fields,
+    init_config,
+    read_init_config,
+)
 from ..convert.upcycle import Upcycling, moe_fields
 from ..model.configuration import MAX_EXPERTS, MoEConfig
 from ..output_guard import check as check_outputs
@@ -37,12 +44,29 @@ from .ranges import Range
 
 RUN_RECORD = "run.json"
 # Every top-level name a run writes into --output_dir; a run may add them beside other files, never over them.
-RUN_OUTPUTS = (RUN_RECORD, "summary.json", "metrics.jsonl", "tb", "heatmaps", "checkpoints", "hf", "tokenizer",
-               "cache", "heartbeats", ".ranks")
+RUN_OUTPUTS = (
+    RUN_RECORD,
+    "summary.json",
+    "metrics.jsonl",
+    "tb",
+    "heatmaps",
+    "checkpoints",
+    "hf",
+    "tokenizer",
+    "cache",
+    "heartbeats",
+    ".ranks",
+)
 TRAIN = "train"  # the output kind of a run folder (output_guard)
 # Shape fields that --init_from cannot change: the loaded weights would not fit.
-_SHAPE_FIELDS = ("num_local_experts", "moe_intermediate_size", "moe_every", "skip_first_moe", "num_shared_experts",
-                 "vocab_size")
+_SHAPE_FIELDS = (
+    "num_local_experts",
+    "moe_intermediate_size",
+    "moe_every",
+    "skip_first_moe",
+    "num_shared_experts",
+    "vocab_size",
+)
 # Filled in from the tokenizer once the data is ready, so not comparable before that.
 _FROM_TOKENIZER = {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"}
 
@@ -70,8 +94,9 @@ class RunPlan:
         return self.init.folder if self.init else None
 
 
-def plan_run(model: ModelArgs, data: DataConfig, run: RunArgs, engine: EngineArgs | None = None,
-             optim: OptimArgs | None = None) -> RunPlan:
+def plan_run(
+    model: ModelArgs, data: DataConfig, run: RunArgs, engine: EngineArgs | None = None, optim: OptimArgs | None = None
+) -> RunPlan:
     """The checked plan of a run, from the command line's dataclasses (see `args.parse_args`)."""
     engine, optim = engine or EngineArgs(), optim or OptimArgs()
     world = launcher_world_size()
@@ -88,16 +113,26 @@ def plan_run(model: ModelArgs, data: DataConfig, run: RunArgs, engine: EngineArg
     given_tokenizer = data.tokenizer
     data = _settle_data(data, config, init.folder if init else None)
     vocab_fixed = "vocab_size" in overrides or init is not None
-    vocab = _planned_vocab(data.tokenizer, config, vocab_fixed, given=given_tokenizer is not None,
-                           weights=init.folder if init else None)
+    vocab = _planned_vocab(
+        data.tokenizer, config, vocab_fixed, given=given_tokenizer is not None, weights=init.folder if init else None
+    )
 
     # A started-from model is named by its folder and format; --model names the preset otherwise.
     source = None if init is None else (init.folder.parent if init.folder.name == "hf" else init.folder)  # a run's hf/
     preset = model.preset if init is None else f"{source.name} ({init.fmt}{', upcycled' if upcycling else ''})"
-    plan = RunPlan(engine="deepspeed" if ds else "accelerate", world_size=world, preset=preset,
-                   model_config=config, vocab_from_tokenizer=not vocab_fixed, init=init, upcycling=upcycling,
-                   grad_ckpt=model.grad_ckpt, data=data, spec=_engine_spec(engine, optim, ds, ep_size, run.max_steps),
-                   run=run)
+    plan = RunPlan(
+        engine="deepspeed" if ds else "accelerate",
+        world_size=world,
+        preset=preset,
+        model_config=config,
+        vocab_from_tokenizer=not vocab_fixed,
+        init=init,
+        upcycling=upcycling,
+        grad_ckpt=model.grad_ckpt,
+        data=data,
+        spec=_engine_spec(engine, optim, ds, ep_size, run.max_steps),
+        run=run,
+    )
     _check_memory(plan, vocab, ds.zero_stage if ds else 0, engine.gpu_mem_gib)
     check_run_folder(plan)
     check_run_outputs(plan.run_dir)
@@ -109,10 +144,19 @@ def plan_run(model: ModelArgs, data: DataConfig, run: RunArgs, engine: EngineArg
 
 def _check_memory(plan: RunPlan, vocab: int, zero_stage: int, gpu_mem_gib: float | None) -> None:
     spec = plan.spec
-    check_fits(config_from_fields({**plan.model_config.to_dict(), "vocab_size": vocab}), zero_stage=zero_stage,
-               ds_config=spec.ds_config, ep_size=spec.ep_size, etp_size=spec.etp_size, world_size=plan.world_size,
-               precision=spec.precision, micro_batch=spec.micro_batch_size, seq_len=plan.data.seq_len,
-               grad_ckpt=plan.grad_ckpt, gpu_mem_gib=gpu_mem_gib)
+    check_fits(
+        config_from_fields({**plan.model_config.to_dict(), "vocab_size": vocab}),
+        zero_stage=zero_stage,
+        ds_config=spec.ds_config,
+        ep_size=spec.ep_size,
+        etp_size=spec.etp_size,
+        world_size=plan.world_size,
+        precision=spec.precision,
+        micro_batch=spec.micro_batch_size,
+        seq_len=plan.data.seq_len,
+        grad_ckpt=plan.grad_ckpt,
+        gpu_mem_gib=gpu_mem_gib,
+    )
 
 
 def _check_data_files(data: DataConfig) -> None:
@@ -131,11 +175,18 @@ def _planned_vocab(tokenizer: str, config: MoEConfig, fixed: bool, *, given: boo
     tokens = trained or len(load_tokenizer(tokenizer))
     if fixed and tokens > config.vocab_size:
         who = f"--tokenizer {tokenizer}" if given else f"the tokenizer of --init_from ({tokenizer})"
-        where, fix = ((f" (config.json of --init_from {weights})",
-                       f"pass a --tokenizer of at most {config.vocab_size} tokens (the weights fix the vocabulary)")
-                      if weights else ("", "use a smaller tokenizer or a larger --vocab_size"))
-        raise ConfigError(f"{who} {'makes' if trained else 'has'} {tokens} tokens but the model's vocab_size is "
-                          f"{config.vocab_size}{where}; token ids would index past the embedding: {fix}")
+        where, fix = (
+            (
+                f" (config.json of --init_from {weights})",
+                f"pass a --tokenizer of at most {config.vocab_size} tokens (the weights fix the vocabulary)",
+            )
+            if weights
+            else ("", "use a smaller tokenizer or a larger --vocab_size")
+        )
+        raise ConfigError(
+            f"{who} {'makes' if trained else 'has'} {tokens} tokens but the model's vocab_size is "
+            f"{config.vocab_size}{where}; token ids would index past the embedding: {fix}"
+        )
     return config.vocab_size if fixed else padded_vocab(tokens)
 
 
@@ -157,8 +208,10 @@ def _check_stock_import(plan: RunPlan) -> None:
     if (plan.run_dir / "checkpoints" / "latest").is_file():
         return
     diff = check_import(init, init_config(init))
-    print(f"--init_from {init.folder}: {init.fmt} converted exactly (max |logit difference| {diff:.2e} in fp32)",
-          flush=True)
+    print(
+        f"--init_from {init.folder}: {init.fmt} converted exactly (max |logit difference| {diff:.2e} in fp32)",
+        flush=True,
+    )
 
 
 def check_run_outputs(run_dir: Path) -> None:
@@ -171,10 +224,17 @@ def _validate_layout(config: MoEConfig, ep_size: int, etp_size: int, world: int)
         validate_expert_parallel(num_experts=config.num_local_experts, ep_size=ep_size, world_size=world)
         return
     if not config.is_moe:
-        raise ConfigError(f"moe.etp_size={etp_size} slices experts, but this model has none (num_local_experts=0): "
-                          f"valid etp_size for a dense model is 1")
-    validate_expert_tensor_parallel(num_experts=config.num_local_experts, ep_size=ep_size, etp_size=etp_size,
-                                    intermediate_size=config.moe_intermediate_size, world_size=world)
+        raise ConfigError(
+            f"moe.etp_size={etp_size} slices experts, but this model has none (num_local_experts=0): "
+            f"valid etp_size for a dense model is 1"
+        )
+    validate_expert_tensor_parallel(
+        num_experts=config.num_local_experts,
+        ep_size=ep_size,
+        etp_size=etp_size,
+        intermediate_size=config.moe_intermediate_size,
+        world_size=world,
+    )
 
 
 def finalize(plan: RunPlan, tokenizer) -> MoEConfig:
@@ -186,10 +246,19 @@ def finalize(plan: RunPlan, tokenizer) -> MoEConfig:
     config, n = plan.model_config, len(tokenizer)
     vocab = padded_vocab(n) if plan.vocab_from_tokenizer else config.vocab_size
     if n > vocab:
-        raise ConfigError(f"the tokenizer has {n} tokens but the model's vocab_size is {vocab}; "
-                          f"token ids would index past the embedding")
-    return MoEConfig.from_dict({**config.to_dict(), "vocab_size": vocab, "bos_token_id": tokenizer.bos_token_id,
-                                "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id})
+        raise ConfigError(
+            f"the tokenizer has {n} tokens but the model's vocab_size is {vocab}; "
+            f"token ids would index past the embedding"
+        )
+    return MoEConfig.from_dict(
+        {
+            **config.to_dict(),
+            "vocab_size": vocab,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+    )
 
 
 def _model_config(preset: str, init: InitFrom | None, overrides: dict, upcycling: Upcycling | None) -> MoEConfig:
@@ -199,8 +268,10 @@ def _model_config(preset: str, init: InitFrom | None, overrides: dict, upcycling
     placement = {"moe_every", "skip_first_moe", "num_shared_experts"} if upcycling else set()
     changed = sorted(k for k in overrides if k in _SHAPE_FIELDS and k not in placement)
     if changed:
-        raise ConfigError(f"--init_from {init.folder}: cannot change the model's shape ({changed}); "
-                          f"routing settings such as --capacity_factor may change")
+        raise ConfigError(
+            f"--init_from {init.folder}: cannot change the model's shape ({changed}); "
+            f"routing settings such as --capacity_factor may change"
+        )
     if not upcycling:
         return config_from_fields({**init.fields, **overrides})
     # --top_k counts copies: a fine-grained layer routes to all the slices of each (moe_fields scales it).
@@ -218,8 +289,10 @@ def _upcycling(model: ModelArgs, init: InitFrom | None, overrides: dict, *, seed
     if init is None:
         raise ConfigError("--upcycle_experts needs --init_from DENSE: the dense model whose FFNs become the experts")
     if init.fields.get("num_local_experts", 0):
-        raise ConfigError(f"--init_from {init.folder} already has experts (num_local_experts="
-                          f"{init.fields['num_local_experts']}): --upcycle_experts copies a dense model's FFNs")
+        raise ConfigError(
+            f"--init_from {init.folder} already has experts (num_local_experts="
+            f"{init.fields['num_local_experts']}): --upcycle_experts copies a dense model's FFNs"
+        )
     Range(2, MAX_EXPERTS, why="expert ids are int32 in the expert-parallel dispatch").check("upcycle_experts", E)
     if "num_local_experts" in overrides:
         raise ConfigError("--num_experts and --upcycle_experts both set the expert count: pass --upcycle_experts")
@@ -227,18 +300,24 @@ def _upcycling(model: ModelArgs, init: InitFrom | None, overrides: dict, *, seed
     if not 1 <= top_k <= E:
         raise ConfigError(f"--top_k={top_k} is invalid with --upcycle_experts {E}: must be in [1, {E}]")
     if not 0 <= model.upcycle_noise <= 1:  # also refuses NaN and inf
-        raise ConfigError(f"--upcycle_noise={model.upcycle_noise} is invalid: must be in [0, 1] (the std is relative "
-                          f"to each weight: at 1 the noise is already as large as the dense weights it perturbs)")
+        raise ConfigError(
+            f"--upcycle_noise={model.upcycle_noise} is invalid: must be in [0, 1] (the std is relative "
+            f"to each weight: at 1 the noise is already as large as the dense weights it perturbs)"
+        )
     if not 0 <= model.upcycle_reinit < 1:
         raise ConfigError(f"--upcycle_reinit={model.upcycle_reinit} is invalid: must be in [0, 1)")
     G, width = model.upcycle_granularity, init.fields["intermediate_size"]
     if G < 1 or width % G:
-        raise ConfigError(f"--upcycle_granularity={G} is invalid: must be >= 1 and divide the dense FFN width "
-                          f"(intermediate_size={width}) into equal slices")
+        raise ConfigError(
+            f"--upcycle_granularity={G} is invalid: must be >= 1 and divide the dense FFN width "
+            f"(intermediate_size={width}) into equal slices"
+        )
     shared = overrides.get("num_shared_experts", 0)
     if shared % G:
-        raise ConfigError(f"--num_shared_experts={shared} is invalid with --upcycle_granularity {G}: must be a "
-                          f"multiple of {G}, so that the shared experts hold whole copies of the dense FFN")
+        raise ConfigError(
+            f"--num_shared_experts={shared} is invalid with --upcycle_granularity {G}: must be a "
+            f"multiple of {G}, so that the shared experts hold whole copies of the dense FFN"
+        )
     return Upcycling(experts=E, noise=model.upcycle_noise, reinit=model.upcycle_reinit, seed=seed, granularity=G)
 
 
@@ -259,11 +338,12 @@ def _settle_data(data: DataConfig, config: MoEConfig, init_from: Path | None) ->
     """`data` with its tokenizer, sequence length and tokenizing processes decided."""
     seq_len = data.seq_len or config.max_position_embeddings
     if seq_len > config.max_position_embeddings:
-        raise ConfigError(f"--seq_len={seq_len} exceeds the model's context "
-                          f"(max_position_embeddings={config.max_position_embeddings})")
+        raise ConfigError(
+            f"--seq_len={seq_len} exceeds the model's context "
+            f"(max_position_embeddings={config.max_position_embeddings})"
+        )
     # A model continues with the tokenizer it was trained with, unless told otherwise.
-    tokenizer = data.tokenizer or (str(init_from) if init_from and (init_from / "tokenizer.json").is_file()
-                                   else "gpt2")
+    tokenizer = data.tokenizer or (str(init_from) if init_from and (init_from / "tokenizer.json").is_file() else "gpt2")
     return dataclasses.replace(data, tokenizer=tokenizer, seq_len=seq_len, num_proc=_num_proc(data.num_proc))
 
 
@@ -274,13 +354,17 @@ def _num_proc(asked: int | None) -> int | None:
     if asked is None or asked <= cpus:
         return asked
     if os.environ.get("RANK", "0") == "0":
-        print(f"warning: --num_proc {asked} is more than the {cpus} CPUs this process may use; using {cpus}",
-              file=sys.stderr, flush=True)
+        print(
+            f"warning: --num_proc {asked} is more than the {cpus} CPUs this process may use; using {cpus}",
+            file=sys.stderr,
+            flush=True,
+        )
     return cpus
 
 
-def _engine_spec(engine: EngineArgs, optim: OptimArgs, ds: DeepSpeedSettings | None, ep_size: int,
-                 max_steps: int) -> EngineSpec:
+def _engine_spec(
+    engine: EngineArgs, optim: OptimArgs, ds: DeepSpeedSettings | None, ep_size: int, max_steps: int
+) -> EngineSpec:
     if ds is not None:
         micro, accum, clip, precision = ds.micro_batch_size, ds.grad_accum, ds.grad_clip, ds.precision
     else:
@@ -289,11 +373,23 @@ def _engine_spec(engine: EngineArgs, optim: OptimArgs, ds: DeepSpeedSettings | N
         precision = engine.precision
         if precision == "auto":
             precision = "bf16" if torch.cuda.is_available() else "fp32"
-    return EngineSpec(micro_batch_size=micro, grad_accum=accum, grad_clip=clip, precision=precision,
-                      ep_size=ep_size, lr=optim.lr, betas=(optim.beta1, optim.beta2), adam_eps=optim.adam_eps,
-                      weight_decay=optim.weight_decay, warmup_steps=optim.warmup_steps, max_steps=max_steps,
-                      min_lr_ratio=optim.min_lr_ratio, dist_timeout_s=engine.dist_timeout,
-                      ds_config=ds.raw if ds else None, etp_size=ds.etp_size if ds else 1)
+    return EngineSpec(
+        micro_batch_size=micro,
+        grad_accum=accum,
+        grad_clip=clip,
+        precision=precision,
+        ep_size=ep_size,
+        lr=optim.lr,
+        betas=(optim.beta1, optim.beta2),
+        adam_eps=optim.adam_eps,
+        weight_decay=optim.weight_decay,
+        warmup_steps=optim.warmup_steps,
+        max_steps=max_steps,
+        min_lr_ratio=optim.min_lr_ratio,
+        dist_timeout_s=engine.dist_timeout,
+        ds_config=ds.raw if ds else None,
+        etp_size=ds.etp_size if ds else 1,
+    )
 
 
 # ---- the run folder's identity -------------------------------------------------------------
@@ -313,7 +409,9 @@ def run_record(plan: RunPlan, config: MoEConfig) -> dict:
 
 def _comparable(config: MoEConfig) -> dict:
     # Through JSON, so a fresh config compares equal to one read back from run.json.
-    return json.loads(json.dumps({k: v for k, v in config.to_dict().items() if k not in VOLATILE_FIELDS}, sort_keys=True))
+    return json.loads(
+        json.dumps({k: v for k, v in config.to_dict().items() if k not in VOLATILE_FIELDS}, sort_keys=True)
+    )
 
 
 def check_run_folder(plan: RunPlan, config: MoEConfig | None = None) -> None:
@@ -328,15 +426,19 @@ def check_run_folder(plan: RunPlan, config: MoEConfig | None = None) -> None:
     fresh = f"use a new --output_dir, or delete {plan.run_dir} to start over"
     upcycled = Upcycling.from_record(saved["upcycle"]) if saved.get("upcycle") else None
     if upcycled != plan.upcycling:
-        raise ConfigError(f"{plan.run_dir} holds a run upcycled with {upcycled and upcycled.record()}; this command "
-                          f"asks {plan.upcycling and plan.upcycling.record()}. Resume with the same --upcycle_* "
-                          f"flags, or {fresh}")
+        raise ConfigError(
+            f"{plan.run_dir} holds a run upcycled with {upcycled and upcycled.record()}; this command "
+            f"asks {plan.upcycling and plan.upcycling.record()}. Resume with the same --upcycle_* "
+            f"flags, or {fresh}"
+        )
     if saved["engine"] != plan.engine and not plan.run.allow_engine_change:
         how = "add --deepspeed" if saved["engine"] == "deepspeed" else "drop --deepspeed"
-        raise ConfigError(f"{plan.run_dir} holds a {saved['engine']} run; this command uses {plan.engine}. "
-                          f"To resume it as it was, {how}; to continue it on {plan.engine} (weights, Adam "
-                          f"moments and data position carried over), add --allow_engine_change; or start a "
-                          f"new run with --init_from {plan.run_dir / 'hf'}")
+        raise ConfigError(
+            f"{plan.run_dir} holds a {saved['engine']} run; this command uses {plan.engine}. "
+            f"To resume it as it was, {how}; to continue it on {plan.engine} (weights, Adam "
+            f"moments and data position carried over), add --allow_engine_change; or start a "
+            f"new run with --init_from {plan.run_dir / 'hf'}"
+        )
     # Through MoEConfig, so a record written before a field existed compares with that field's default.
     old, new = _comparable(config_from_fields(saved["model_config"])), _comparable(config or plan.model_config)
     if config is None:
@@ -346,4 +448,3 @@ def check_run_folder(plan: RunPlan, config: MoEConfig | None = None) -> None:
     if diff:
         changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
         raise ConfigError(f"{plan.run_dir} holds a run of a different model ({changes}); {fresh}")
-

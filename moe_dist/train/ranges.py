@@ -35,11 +35,16 @@ class Range:
             return
         shown = value if is_int else f"{value:g}"
         if is_int:  # ints: name the side that was crossed
-            rule = (f"{'>' if self.low_open else '>='} {self.low}" if not above else
-                    f"{'<' if self.high_open else '<='} {high}")
+            rule = (
+                f"{'>' if self.low_open else '>='} {self.low}"
+                if not above
+                else f"{'<' if self.high_open else '<='} {high}"
+            )
         else:
-            rule = (f"in {'(' if self.low_open else '['}{self.low:g}, {high:g}"
-                    f"{')' if self.high_open or high == math.inf else ']'}")
+            rule = (
+                f"in {'(' if self.low_open else '['}{self.low:g}, {high:g}"
+                f"{')' if self.high_open or high == math.inf else ']'}"
+            )
         reason = f" ({self.why})" if self.why and not below else ""
         raise ConfigError(f"--{flag}={shown} is invalid: must be {rule}{reason}")
 

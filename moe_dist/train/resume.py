@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.formats import read_expert_slices
 from ..model.configuration import MoEConfig
 from ..model.modeling import MoEForCausalLM
-from ..checkpoint.formats import read_expert_slices
 from ..parallel.engines import TrainEngine
 from ..parallel.portable import read_state
 from .checkpoint import CheckpointError, CheckpointStore, load_rank_state, restore_rng, step_of
@@ -41,13 +41,15 @@ def find_checkpoint(engine: TrainEngine, store: CheckpointStore) -> Path | None:
         choice = step_of(good[0]) if good else (-2 if store.complete() else -1)
     choice = engine.broadcast_int(choice)
     if choice == -2:
-        raise CheckpointError(f"no intact checkpoint in {store.root} (see the warnings above); "
-                              f"move it away to start fresh")
+        raise CheckpointError(
+            f"no intact checkpoint in {store.root} (see the warnings above); move it away to start fresh"
+        )
     return None if choice == -1 else store.root / f"step{choice:08d}"
 
 
-def load_checkpoint(path: Path, engine: TrainEngine, *, ep_size: int, config: MoEConfig,
-                    allow_optimizer_reset: bool) -> tuple[TrainerState, ReportTotals]:
+def load_checkpoint(
+    path: Path, engine: TrainEngine, *, ep_size: int, config: MoEConfig, allow_optimizer_reset: bool
+) -> tuple[TrainerState, ReportTotals]:
     """Restore the engine (and this rank's RNG) from `path`; returns the loop's state and report totals."""
     state, totals = read_trainer_state(path)
     saved_etp = (read_expert_slices(path) or {}).get("etp_size", 1)
@@ -55,31 +57,58 @@ def load_checkpoint(path: Path, engine: TrainEngine, *, ep_size: int, config: Mo
         engine.load(path)
         restore_rng(load_rank_state(path, engine.rank)["rng"])
     else:
-        _reshard(path, state, engine, ep_size=ep_size, saved_etp=saved_etp, config=config,
-                 allow_optimizer_reset=allow_optimizer_reset)
+        _reshard(
+            path,
+            state,
+            engine,
+            ep_size=ep_size,
+            saved_etp=saved_etp,
+            config=config,
+            allow_optimizer_reset=allow_optimizer_reset,
+        )
     return state, totals
 
 
-def _reshard(path: Path, saved: TrainerState, engine: TrainEngine, *, ep_size: int, saved_etp: int,
-             config: MoEConfig, allow_optimizer_reset: bool) -> None:
+def _reshard(
+    path: Path,
+    saved: TrainerState,
+    engine: TrainEngine,
+    *,
+    ep_size: int,
+    saved_etp: int,
+    config: MoEConfig,
+    allow_optimizer_reset: bool,
+) -> None:
     """Load a checkpoint written by another engine, EP size, ETP size or world size, through the portable state."""
     with torch.device("meta"):
         shapes = {n: p.shape for n, p in MoEForCausalLM(config).named_parameters() if p.requires_grad}
-    state = read_state(path, engine=saved.engine, ep_size=saved.ep_size, num_experts=config.num_local_experts,
-                       shapes=shapes)
+    state = read_state(
+        path, engine=saved.engine, ep_size=saved.ep_size, num_experts=config.num_local_experts, shapes=shapes
+    )
     if state.exp_avg is None and not allow_optimizer_reset:
-        raise CheckpointError(f"cannot carry the optimizer state of {path} over to this layout "
-                              f"({state.why_no_moments}); add --allow_optimizer_reset to continue with exact "
-                              f"weights and a fresh optimizer")
+        raise CheckpointError(
+            f"cannot carry the optimizer state of {path} over to this layout "
+            f"({state.why_no_moments}); add --allow_optimizer_reset to continue with exact "
+            f"weights and a fresh optimizer"
+        )
     engine.load_portable(state)
     engine.restore_schedule(saved.scheduler_steps)
     if saved.world_size > engine.rank:  # this rank existed before: keep its random streams
         restore_rng(load_rank_state(path, engine.rank)["rng"])
     kind, _, world = layout(engine, ep_size)
-    log.info("resharded %s from %s EP=%d%s on %d rank(s) to %s EP=%d%s on %d rank(s); optimizer %s",
-             path.name, saved.engine, saved.ep_size, _etp(saved_etp), saved.world_size, kind, ep_size,
-             _etp(engine.spec.etp_size), world,
-             "state carried over" if state.exp_avg is not None else "reset (--allow_optimizer_reset)")
+    log.info(
+        "resharded %s from %s EP=%d%s on %d rank(s) to %s EP=%d%s on %d rank(s); optimizer %s",
+        path.name,
+        saved.engine,
+        saved.ep_size,
+        _etp(saved_etp),
+        saved.world_size,
+        kind,
+        ep_size,
+        _etp(engine.spec.etp_size),
+        world,
+        "state carried over" if state.exp_avg is not None else "reset (--allow_optimizer_reset)",
+    )
 
 
 def _etp(etp_size: int) -> str:

@@ -51,8 +51,10 @@ def check_run_folder_shared(run_dir: Path, engine) -> None:
         # launcher's report; seen in CI) instead of exiting 2.
         engine.close()
     if missing and engine.is_main:
-        raise UnsharedRunFolder(f"--output_dir {run_dir} is not shared by every rank: rank 0 cannot see ranks "
-                                f"{unseen}; put it on storage every node sees")
+        raise UnsharedRunFolder(
+            f"--output_dir {run_dir} is not shared by every rank: rank 0 cannot see ranks "
+            f"{unseen}; put it on storage every node sees"
+        )
     if missing:
         # One line for the job, from rank 0; the others leave quietly with the same status, after
         # a moment so the launcher does not kill rank 0 before it has printed (as cli.main does).

@@ -21,10 +21,10 @@ import torch
 import transformers
 
 from ..atomic_io import write_atomic
-from ..export import export_checkpoint
 from ..checkpoint.formats import hf_named_parameters
 from ..convert.stock_import import weight_source
 from ..convert.upcycle import source_record, step0_description
+from ..export import export_checkpoint
 from ..model.configuration import MoEConfig
 from ..model.modeling import MoEForCausalLM
 from ..output_guard import record as record_outputs
@@ -85,15 +85,20 @@ def run(plan: RunPlan, hooks: Iterable[Hook] = ()) -> dict | None:
         export_checkpoint(final, plan.run_dir / "hf", tokenizer_dir=plan.run_dir / "tokenizer")
     summary = None  # rank 0's; the others wait for it in engine.close()
     if engine.is_main:
-        summary = loop.report.finish(loop.state, params_total=params_total, params_active=params_active,
-                                     routing_warnings=loop.collapse.warnings)
+        summary = loop.report.finish(
+            loop.state, params_total=params_total, params_active=params_active, routing_warnings=loop.collapse.warnings
+        )
     engine.close()
     return summary
 
 
 def _configure_logging(is_main: bool) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO if is_main else logging.WARNING, force=True)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        level=logging.INFO if is_main else logging.WARNING,
+        force=True,
+    )
     transformers.logging.set_verbosity_error()
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font-cache notes are not ours to show
 
@@ -151,11 +156,20 @@ class _Loop:
     def __init__(self, plan: RunPlan, engine: TrainEngine, data: PreparedData, config: MoEConfig, hooks: Hooks):
         self.plan, self.engine, self.data, self.config, self.hooks = plan, engine, data, config, hooks
         self.run, spec = plan.run, plan.spec
-        self.sampler = BlockSampler(len(data.train_blocks), micro_batch_size=spec.micro_batch_size,
-                                    grad_accum=spec.grad_accum, rank=engine.rank, world_size=engine.world_size,
-                                    seed=self.run.seed)
-        self.valid_shards = validation_shard(len(data.valid_blocks), rank=engine.rank, world_size=engine.world_size,
-                                             micro_batch_size=spec.micro_batch_size)
+        self.sampler = BlockSampler(
+            len(data.train_blocks),
+            micro_batch_size=spec.micro_batch_size,
+            grad_accum=spec.grad_accum,
+            rank=engine.rank,
+            world_size=engine.world_size,
+            seed=self.run.seed,
+        )
+        self.valid_shards = validation_shard(
+            len(data.valid_blocks),
+            rank=engine.rank,
+            world_size=engine.world_size,
+            micro_batch_size=spec.micro_batch_size,
+        )
         tokens_per_step = self.sampler.global_batch * plan.data.seq_len
         self.store = CheckpointStore(plan.run_dir / "checkpoints", is_main=engine.is_main, barrier=engine.barrier)
         self.report = RunReport(plan, engine, config, tokens_per_step=tokens_per_step)
@@ -171,8 +185,12 @@ class _Loop:
         if path is None:
             return
         self.state, self.report.totals = load_checkpoint(
-            path, self.engine, ep_size=self.plan.spec.ep_size, config=self.config,
-            allow_optimizer_reset=self.run.allow_optimizer_reset)
+            path,
+            self.engine,
+            ep_size=self.plan.spec.ep_size,
+            config=self.config,
+            allow_optimizer_reset=self.run.allow_optimizer_reset,
+        )
         self.sampler.load_state_dict(self.state.sampler)
         self.collapse.load_state_dict(self.state.collapse)
         self.report.writer.truncate_after(self.state.step)
@@ -181,8 +199,13 @@ class _Loop:
 
     def train(self) -> None:
         run, state = self.run, self.state
-        log.info("training %s for %d steps on %d rank(s), %d tokens per step", self.plan.preset, run.max_steps,
-                 self.engine.world_size, self.report.tokens_per_step)
+        log.info(
+            "training %s for %d steps on %d rank(s), %d tokens per step",
+            self.plan.preset,
+            run.max_steps,
+            self.engine.world_size,
+            self.report.tokens_per_step,
+        )
         if self.plan.upcycling is not None and state.step == 0:
             self._log_upcycled_start()
         while state.step < run.max_steps:
@@ -207,8 +230,9 @@ class _Loop:
                 self.save(best=improved)
             self.hooks.fire("after_step", state.step)
             if stop:
-                log.info("early stopping at step %d: no improvement for %d evals", state.step,
-                         run.early_stopping_patience)
+                log.info(
+                    "early stopping at step %d: no improvement for %d evals", state.step, run.early_stopping_patience
+                )
                 break
             self.report.pause_done()
 
@@ -220,32 +244,50 @@ class _Loop:
         totals.skipped_steps += 1
         state.bad_in_a_row += 1
         if self.engine.is_main:
-            log.warning("step %d skipped on every rank: non-finite loss or gradients (%d in a row, %d in total)",
-                        state.step, state.bad_in_a_row, totals.skipped_steps)
+            log.warning(
+                "step %d skipped on every rank: non-finite loss or gradients (%d in a row, %d in total)",
+                state.step,
+                state.bad_in_a_row,
+                totals.skipped_steps,
+            )
         if state.bad_in_a_row >= self.run.max_bad_steps:
             last = self.last_saved_path or "none yet"
-            raise TrainingHalted(f"{state.bad_in_a_row} consecutive non-finite steps up to step {state.step} "
-                                 f"(--max_bad_steps {self.run.max_bad_steps}); stopping. Last good checkpoint: {last}")
+            raise TrainingHalted(
+                f"{state.bad_in_a_row} consecutive non-finite steps up to step {state.step} "
+                f"(--max_bad_steps {self.run.max_bad_steps}); stopping. Last good checkpoint: {last}"
+            )
 
     def _evaluate(self) -> tuple[bool, bool]:
         engine, state = self.engine, self.state
-        result = evaluate(engine.model, self.data.valid_blocks, self.valid_shards, device=engine.device,
-                          all_reduce=engine.all_reduce, autocast=engine.eval_context,
-                          progress=lambda: self.watchdog.beat(state.step, "eval"))
+        result = evaluate(
+            engine.model,
+            self.data.valid_blocks,
+            self.valid_shards,
+            device=engine.device,
+            all_reduce=engine.all_reduce,
+            autocast=engine.eval_context,
+            progress=lambda: self.watchdog.beat(state.step, "eval"),
+        )
         routing = result.pop("routing")
-        similarity = expert_similarity(hf_named_parameters(engine.model), engine.all_gather_objects,
-                                       width=self.config.moe_intermediate_size) if self.config.is_moe else {}
+        similarity = (
+            expert_similarity(
+                hf_named_parameters(engine.model), engine.all_gather_objects, width=self.config.moe_intermediate_size
+            )
+            if self.config.is_moe
+            else {}
+        )
         improved = result["loss"] < state.best_val_loss
         if improved:
             state.best_val_loss, state.best_step = result["loss"], state.step
             state.evals_without_improvement = 0
         else:
             state.evals_without_improvement += 1
-        for warning in (self.collapse.update(state.step, routing) if routing else []):
+        for warning in self.collapse.update(state.step, routing) if routing else []:
             if engine.is_main:  # rank 0's, as metrics.jsonl and summary.json record them: one line each
                 log.warning(warning)
-        self.report.log_eval(state.step, result, routing, best_val_loss=state.best_val_loss, improved=improved,
-                             similarity=similarity)
+        self.report.log_eval(
+            state.step, result, routing, best_val_loss=state.best_val_loss, improved=improved, similarity=similarity
+        )
         patience = self.run.early_stopping_patience
         return improved, bool(patience) and state.evals_without_improvement >= patience
 
@@ -253,17 +295,31 @@ class _Loop:
         """What the upcycled model computes before its first step, and how far its validation loss is from the
         dense model's (as the dense run's summary.json recorded it, on its own validation set)."""
         engine = self.engine
-        result = evaluate(engine.model, self.data.valid_blocks, self.valid_shards, device=engine.device,
-                          all_reduce=engine.all_reduce, autocast=engine.eval_context)
+        result = evaluate(
+            engine.model,
+            self.data.valid_blocks,
+            self.valid_shards,
+            device=engine.device,
+            all_reduce=engine.all_reduce,
+            autocast=engine.eval_context,
+        )
         if not engine.is_main:
             return
         dense = source_record(self.plan.init_from)
-        compared = (f"; the dense run's final val loss {dense['final_val_loss']:.4f} (its summary.json): "
-                    f"{result['loss'] - dense['final_val_loss']:+.4f}" if dense.get("final_val_loss") is not None
-                    else "; the dense source records no val loss to compare with")
-        log.info("upcycled to %s: step 0 computes %s; val loss %.4f (ppl %.2f)%s",
-                 self.plan.upcycling.describe(), step0_description(self.config, self.plan.upcycling), result["loss"],
-                 result["ppl"], compared)
+        compared = (
+            f"; the dense run's final val loss {dense['final_val_loss']:.4f} (its summary.json): "
+            f"{result['loss'] - dense['final_val_loss']:+.4f}"
+            if dense.get("final_val_loss") is not None
+            else "; the dense source records no val loss to compare with"
+        )
+        log.info(
+            "upcycled to %s: step 0 computes %s; val loss %.4f (ppl %.2f)%s",
+            self.plan.upcycling.describe(),
+            step0_description(self.config, self.plan.upcycling),
+            result["loss"],
+            result["ppl"],
+            compared,
+        )
 
     def save(self, *, best: bool) -> Path:
         engine, state = self.engine, self.state
@@ -286,8 +342,13 @@ class _Loop:
         self.last_saved, self.last_saved_path = state.step, path
         if engine.is_main:
             size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-            log.info("saved %s (%.1f MB) in %.2f s%s", path.name, size / 2**20, time.perf_counter() - started,
-                     " | best" if best else "")
+            log.info(
+                "saved %s (%.1f MB) in %.2f s%s",
+                path.name,
+                size / 2**20,
+                time.perf_counter() - started,
+                " | best" if best else "",
+            )
         return path
 
     def final_checkpoint(self) -> Path | None:

@@ -58,8 +58,12 @@ class Watchdog:
 
     def _give_up(self, quiet: float) -> None:
         self._write()  # this rank's last beat, for the line below and for the other ranks
-        print(f"error: rank {self.rank} made no progress for {quiet:.0f} s (--dist_timeout {self.timeout_s:.0f}) "
-              f"at step {self.step} ({self.phase}); {self._stalest()}; ending the job", file=sys.stderr, flush=True)
+        print(
+            f"error: rank {self.rank} made no progress for {quiet:.0f} s (--dist_timeout {self.timeout_s:.0f}) "
+            f"at step {self.step} ({self.phase}); {self._stalest()}; ending the job",
+            file=sys.stderr,
+            flush=True,
+        )
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         os._exit(EXIT_STUCK)
 
@@ -75,4 +79,5 @@ class Watchdog:
             return "no rank has reported yet"
         # The rank furthest behind is the culprit; peers blocked in a collective with it got further.
         step, stamp, rank, phase = min((step, stamp, rank, phase) for stamp, rank, step, phase in beats)
-        return f"the rank furthest behind is rank {rank}, last seen at step {step} ({phase}) {time.time() - stamp:.0f} s ago"
+        ago = time.time() - stamp
+        return f"the rank furthest behind is rank {rank}, last seen at step {step} ({phase}) {ago:.0f} s ago"

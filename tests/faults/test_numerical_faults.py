@@ -22,8 +22,11 @@ def test_a_nan_batch_on_one_rank_is_skipped_by_both_and_training_goes_on(tmp_pat
     (tmp_path / "zero1.json").write_text(json.dumps(zero1))
     args = [a if a != CPU_EP2 else str(tmp_path / "zero1.json") for a in EP2_ARGS]
     run = tmp_path / "run"
-    proc = deepspeed(TRAIN, [*args, "--max_steps", "8", "--output_dir", str(run)],
-                     env={"MOE_DIST_FAULT": "nan_batch@before_step:3:1"})
+    proc = deepspeed(
+        TRAIN,
+        [*args, "--max_steps", "8", "--output_dir", str(run)],
+        env={"MOE_DIST_FAULT": "nan_batch@before_step:3:1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 3 skipped on every rank: non-finite loss or gradients (1 in a row, 1 in total)" in proc.stderr
     train = metrics(run)
@@ -37,11 +40,17 @@ def test_a_nan_batch_on_one_rank_is_skipped_by_both_and_training_goes_on(tmp_pat
 @pytest.mark.multirank
 def test_a_nan_expert_weight_stops_the_run_after_max_bad_steps(tmp_path):
     run = tmp_path / "run"
-    proc = deepspeed(TRAIN, [*EP2_ARGS, "--save_every", "2", "--max_bad_steps", "3", "--output_dir", str(run)],
-                     env={"MOE_DIST_FAULT": "nan_expert@before_step:5:1"})
+    proc = deepspeed(
+        TRAIN,
+        [*EP2_ARGS, "--save_every", "2", "--max_bad_steps", "3", "--output_dir", str(run)],
+        env={"MOE_DIST_FAULT": "nan_expert@before_step:5:1"},
+    )
     assert proc.returncode == 3
-    message = re.search(r"error: 3 consecutive non-finite steps up to step 7 \(--max_bad_steps 3\); stopping\. "
-                        r"Last good checkpoint: (\S+)", proc.stderr)
+    message = re.search(
+        r"error: 3 consecutive non-finite steps up to step 7 \(--max_bad_steps 3\); stopping\. "
+        r"Last good checkpoint: (\S+)",
+        proc.stderr,
+    )
     assert message and message.group(1).endswith("step00000004")
     # No checkpoint was written during the bad streak, and the last one has finite weights.
     store = CheckpointStore(run / "checkpoints", is_main=True, barrier=lambda: None)

@@ -47,17 +47,25 @@ def test_an_exception_on_rank_1_ends_the_job_and_names_rank_and_step(tmp_path):
 def test_a_stuck_rank_ends_the_job_after_dist_timeout_and_is_named(tmp_path):
     timeout = 10
     run = tmp_path / "run"
-    proc = deepspeed(TRAIN, [*ARGS, "--dist_timeout", str(timeout), "--output_dir", str(run)],
-                     env={"MOE_DIST_FAULT": "hang@before_step:6:1"}, timeout=240)
+    proc = deepspeed(
+        TRAIN,
+        [*ARGS, "--dist_timeout", str(timeout), "--output_dir", str(run)],
+        env={"MOE_DIST_FAULT": "hang@before_step:6:1"},
+        timeout=240,
+    )
     ended = time.time()
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     # Either watchdog may fire first: the stuck rank's own (its last beat was step 5) or its
     # peer's, blocked in the step-6 all-to-all. The one that fires ends the job; both name rank 1.
-    assert re.search(rf"rank [01] made no progress for \d+ s \(--dist_timeout {timeout}\) at step [56]", out), out[-3000:]
+    assert re.search(rf"rank [01] made no progress for \d+ s \(--dist_timeout {timeout}\) at step [56]", out), out[
+        -3000:
+    ]
     assert "the rank furthest behind is rank 1, last seen at step 5" in out
     stuck_to_exit = ended - log_time(r"step 5/24", out)
     print(f"\nrank 1 stuck at step 6 -> job exit: {stuck_to_exit:.1f} s with --dist_timeout {timeout}")
     assert timeout <= stuck_to_exit < timeout + 30
     assert leftover_shm(proc) == []
-    assert CheckpointStore(run / "checkpoints", is_main=True, barrier=lambda: None).candidates()[0].name == "step00000004"
+    assert (
+        CheckpointStore(run / "checkpoints", is_main=True, barrier=lambda: None).candidates()[0].name == "step00000004"
+    )

@@ -16,22 +16,23 @@ import torch
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
 from moe_dist import MoEConfig, MoEForCausalLM
-from moe_dist.parallel.process_group import init_distributed, shutdown_distributed
 from moe_dist.parallel.expert_parallel import apply_expert_parallel
+from moe_dist.parallel.process_group import init_distributed, shutdown_distributed
 
 SETTINGS = {"top1-dropless": (1, None), "top2-capacity1.0": (2, 1.0)}
 
 
 def compare(top_k: int, capacity_factor: float | None) -> dict:
     rank = torch.distributed.get_rank()
-    config = MoEConfig.from_preset("tiny-moe", vocab_size=512, num_experts_per_tok=top_k,
-                                   capacity_factor=capacity_factor, router_z_loss_coef=1e-3)
+    config = MoEConfig.from_preset(
+        "tiny-moe", vocab_size=512, num_experts_per_tok=top_k, capacity_factor=capacity_factor, router_z_loss_coef=1e-3
+    )
     torch.manual_seed(0)
     reference = MoEForCausalLM(config).train()
     torch.manual_seed(0)
     model = MoEForCausalLM(config).train()
     data = torch.randint(0, 512, (4, 33), generator=torch.Generator().manual_seed(1))
-    halves = [data[i * 2:(i + 1) * 2] for i in range(2)]
+    halves = [data[i * 2 : (i + 1) * 2] for i in range(2)]
 
     ref_loss = sum(reference(input_ids=h[:, :-1], shift_labels=h[:, 1:]).loss for h in halves) / 2
     ref_loss.backward()
@@ -55,8 +56,11 @@ def compare(top_k: int, capacity_factor: float | None) -> dict:
     for name, param in model.named_parameters():
         local = re.search(r"deepspeed_experts\.(\d+)\.", name)
         if local:  # this rank's expert i is global expert rank * 4 + i
-            name = re.sub(r"experts\.deepspeed_moe\.experts\.deepspeed_experts\.\d+\.",
-                          f"experts.{rank * 4 + int(local.group(1))}.", name)
+            name = re.sub(
+                r"experts\.deepspeed_moe\.experts\.deepspeed_experts\.\d+\.",
+                f"experts.{rank * 4 + int(local.group(1))}.",
+                name,
+            )
         worst = max(worst, (param.grad - ref_params[name].grad).abs().max().item())
         checked += 1
     result = torch.tensor([worst, abs(mean_loss.item() - ref_loss.item()), checked])

@@ -30,9 +30,15 @@ _SLICED = re.compile(r"experts\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)
 
 def compare(preset: dict, top_k: int, capacity_factor, ep: int, etp: int) -> dict:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    config = MoEConfig.from_preset(preset["preset"], vocab_size=512, num_experts_per_tok=top_k,
-                                   capacity_factor=capacity_factor, router_z_loss_coef=1e-3,
-                                   router_aux_loss_coef=0.01, **{k: v for k, v in preset.items() if k != "preset"})
+    config = MoEConfig.from_preset(
+        preset["preset"],
+        vocab_size=512,
+        num_experts_per_tok=top_k,
+        capacity_factor=capacity_factor,
+        router_z_loss_coef=1e-3,
+        router_aux_loss_coef=0.01,
+        **{k: v for k, v in preset.items() if k != "preset"},
+    )
     torch.manual_seed(0)
     reference = MoEForCausalLM(config).train()
     torch.manual_seed(0)
@@ -45,8 +51,11 @@ def compare(preset: dict, top_k: int, capacity_factor, ep: int, etp: int) -> dic
     layout = apply_expert_tensor_parallel(model, ep_size=ep, etp_size=etp, timeout_s=600)
     _, p, t = layout.position(rank)
     groups = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()), "name": "all"})
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(groups, lr=1e-3),
-                                      config={"train_micro_batch_size_per_gpu": MICRO, "zero_optimization": {"stage": 0}})
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=torch.optim.AdamW(groups, lr=1e-3),
+        config={"train_micro_batch_size_per_gpu": MICRO, "zero_optimization": {"stage": 0}},
+    )
     loss = engine(input_ids=micro[rank][:, :-1], shift_labels=micro[rank][:, 1:]).loss
     engine.backward(loss)
     mean_loss = loss.detach().clone()
@@ -59,7 +68,7 @@ def compare(preset: dict, top_k: int, capacity_factor, ep: int, etp: int) -> dic
         m = _SLICED.search(name)
         if m:
             expert, proj, kind = p * local + int(m.group(1)), m.group(2), m.group(3)
-            key = f"{name[:m.start()]}experts.{expert}.{proj}.{kind}"
+            key = f"{name[: m.start()]}experts.{expert}.{proj}.{kind}"
             ref_grad = slice_tensor(ref_params[key].grad, key, t, etp)
         else:
             ref_grad = ref_params[name].grad
@@ -67,18 +76,27 @@ def compare(preset: dict, top_k: int, capacity_factor, ep: int, etp: int) -> dic
         checked += 1
     result = torch.tensor([worst, abs(mean_loss.item() - ref_loss.item()), checked])
     torch.distributed.all_reduce(result, op=torch.distributed.ReduceOp.MAX)
-    analytic = etp_bytes_per_layer(tokens_per_rank=MICRO * SEQ, hidden_size=config.hidden_size, top_k=top_k,
-                                   etp_size=etp, x_bytes=4, backward=True)
+    analytic = etp_bytes_per_layer(
+        tokens_per_rank=MICRO * SEQ, hidden_size=config.hidden_size, top_k=top_k, etp_size=etp, x_bytes=4, backward=True
+    )
     sent = [dict(m.sent) for m in model.modules() if hasattr(m, "etp_group")]
-    return {"max_grad_diff": result[0].item(), "loss_diff": result[1].item(), "params_checked": int(result[2]),
-            "bytes_measured": sent, "bytes_analytic": analytic}
+    return {
+        "max_grad_diff": result[0].item(),
+        "loss_diff": result[1].item(),
+        "params_checked": int(result[2]),
+        "bytes_measured": sent,
+        "bytes_analytic": analytic,
+    }
 
 
 if __name__ == "__main__":
     out_path, ep, etp = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     init_distributed(timeout_s=600)
-    results = {f"{name}/{routing}": compare(preset, *ROUTINGS[routing], int(ep), int(etp))
-               for name, preset in PRESETS.items() for routing in ROUTINGS}
+    results = {
+        f"{name}/{routing}": compare(preset, *ROUTINGS[routing], int(ep), int(etp))
+        for name, preset in PRESETS.items()
+        for routing in ROUTINGS
+    }
     if torch.distributed.get_rank() == 0:
         json.dump(results, open(out_path, "w"))
     shutdown_distributed()

@@ -65,15 +65,23 @@ def recorded_update(self, apply: bool) -> None:
     _update(self, apply)
     if not first_weights:
         first_weights.extend(router_weights())
-    steps.append({"apply": apply, "all_reduces": shapes[before:], "local_loads": local_loads,
-                  "bias": [router.score_bias.tolist() for router in self.model.routers()],
-                  "guard_calls": guard["calls"], "guard_all_reduces": guard["all_reduces"]})
+    steps.append(
+        {
+            "apply": apply,
+            "all_reduces": shapes[before:],
+            "local_loads": local_loads,
+            "bias": [router.score_bias.tolist() for router in self.model.routers()],
+            "guard_calls": guard["calls"],
+            "guard_all_reduces": guard["all_reduces"],
+        }
+    )
     guard.update(calls=0, all_reduces=[])
 
 
 def record_dtypes(router, inputs, routing) -> None:
-    router_dtypes.update({f"input:{inputs[0].dtype}", f"weight:{routing.weight_TK.dtype}",
-                          f"loss:{routing.loss.dtype}"})
+    router_dtypes.update(
+        {f"input:{inputs[0].dtype}", f"weight:{routing.weight_TK.dtype}", f"loss:{routing.loss.dtype}"}
+    )
 
 
 def router_weights() -> list:
@@ -89,7 +97,16 @@ if __name__ == "__main__":
     GuardedAdamW.step = counted_guard_step
     code = main(train_args)
     rank = int(os.environ.get("RANK", 0))
-    (out_dir / f"rank{rank}.json").write_text(json.dumps({
-        "exit": code, "all_reduces": shapes, "steps": steps, "router_dtypes": sorted(router_dtypes),
-        "first_router_weights": first_weights, "router_weights": router_weights()}))
+    (out_dir / f"rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "exit": code,
+                "all_reduces": shapes,
+                "steps": steps,
+                "router_dtypes": sorted(router_dtypes),
+                "first_router_weights": first_weights,
+                "router_weights": router_weights(),
+            }
+        )
+    )
     sys.exit(code)

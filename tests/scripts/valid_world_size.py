@@ -13,8 +13,8 @@ import sys
 import torch
 
 from moe_dist import MoEConfig, MoEForCausalLM
-from moe_dist.parallel.process_group import init_distributed, shutdown_distributed
 from moe_dist.parallel.expert_parallel import apply_expert_parallel
+from moe_dist.parallel.process_group import init_distributed, shutdown_distributed
 from moe_dist.train.data import validation_shard
 from moe_dist.train.evaluation import evaluate
 
@@ -58,15 +58,22 @@ def main(out_path: str) -> None:
     if torch.distributed.get_rank() == 0:
         for n, micro in CASES:
             blocks = data[:n].numpy()
-            world1 = evaluate(reference, blocks, validation_shard(n, rank=0, world_size=1, micro_batch_size=micro),
-                              device=torch.device("cpu"))["loss"]
+            world1 = evaluate(
+                reference,
+                blocks,
+                validation_shard(n, rank=0, world_size=1, micro_batch_size=micro),
+                device=torch.device("cpu"),
+            )["loss"]
             whole = mean_loss(reference, data[:n])
             # What dropping the tail that fills no whole world-2 batch would report instead.
             kept = n // (2 * micro) * 2 * micro
             dropped = mean_loss(reference, data[:kept]) if kept else None
             for ep_size in (1, 2):
-                results[f"ep{ep_size}-{n}blocks-micro{micro}"] |= {"world1": world1, "whole_set": whole,
-                                                                  "tail_dropped": dropped}
+                results[f"ep{ep_size}-{n}blocks-micro{micro}"] |= {
+                    "world1": world1,
+                    "whole_set": whole,
+                    "tail_dropped": dropped,
+                }
         json.dump(results, open(out_path, "w"), indent=1)
     shutdown_distributed()
 
