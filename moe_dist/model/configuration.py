@@ -216,7 +216,7 @@ class MoEConfig(PretrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         self.mlp_only_layers = sorted(self.mlp_only_layers or [])
         super().__post_init__(**kwargs)  # moves rope_theta into rope_parameters (RotaryEmbeddingConfigMixin)
-        self._validate()
+        _validate(self)
 
     @property
     def is_moe(self) -> bool:
@@ -241,73 +241,100 @@ class MoEConfig(PretrainedConfig):
             raise ValueError(f"unknown MoEConfig field(s) {unknown} for preset {name!r}")
         return cls(**{**PRESETS[name], **overrides})
 
-    def _validate(self) -> None:
-        def bad(field: str, valid: str) -> ValueError:
-            return ValueError(f"MoEConfig.{field}={getattr(self, field)!r} is invalid: {valid}")
 
-        for field, choices in (
-            ("norm_type", NORM_TYPES),
-            ("hidden_act", ACTIVATIONS),
-            ("position_embedding_type", POSITION_TYPES),
-            ("router_type", ROUTER_TYPES),
-        ):
-            if getattr(self, field) not in choices:
-                raise bad(field, f"expected one of {choices}")
-        for field in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "max_position_embeddings",
-            "moe_intermediate_size",
-            "moe_every",
-            "num_experts_per_tok",
-        ):
-            if getattr(self, field) < 1:
-                raise bad(field, "must be >= 1")
-        if self.head_dim < 1:
-            raise bad("head_dim", "must be >= 1")
-        if self.qk_norm not in QK_NORMS:
-            raise bad("qk_norm", f"expected one of {QK_NORMS}")
-        if self.clip_qkv is not None and self.clip_qkv <= 0:
-            raise bad("clip_qkv", "must be > 0, or None for no clamp")
-        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
-        if self.position_embedding_type == "rope" and rope_type not in ROPE_TYPES:
-            raise ValueError(
-                f"MoEConfig.rope_parameters['rope_type']={rope_type!r} is invalid: expected one of {ROPE_TYPES}"
-            )
-        if any(not 0 <= i < self.num_hidden_layers for i in self.mlp_only_layers):
-            raise bad("mlp_only_layers", f"layer indices must be in [0, num_hidden_layers={self.num_hidden_layers})")
-        if (
-            not 1 <= self.num_key_value_heads <= self.num_attention_heads
-            or self.num_attention_heads % self.num_key_value_heads
-        ):
-            raise bad("num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}")
-        if self.position_embedding_type == "rope" and self.head_dim % 2:
-            raise bad("num_attention_heads", f"RoPE needs an even head_dim, got {self.head_dim}")
-        if self.num_local_experts == 1 or self.num_local_experts < 0:
-            raise bad("num_local_experts", "use 0 for a dense model or >= 2 experts")
-        if self.num_local_experts > MAX_EXPERTS:
-            raise bad("num_local_experts", f"must be <= {MAX_EXPERTS} (expert ids are int32 in the dispatch)")
-        if self.is_moe and self.num_experts_per_tok > self.num_local_experts:
-            raise bad("num_experts_per_tok", f"top_k must be in [1, num_local_experts={self.num_local_experts}]")
-        if not 0 <= self.skip_first_moe < self.num_hidden_layers:
-            raise bad("skip_first_moe", f"must be in [0, num_hidden_layers={self.num_hidden_layers})")
-        if self.num_shared_experts < 0:
-            raise bad("num_shared_experts", "must be >= 0")
-        for field in (
-            "router_aux_loss_coef",
-            "router_z_loss_coef",
-            "router_bias_update_rate",
-            "norm_eps",
-            "min_capacity",
-            "initializer_range",
-        ):
-            if getattr(self, field) < 0:
-                raise bad(field, "must be >= 0 (a coefficient or rate cannot be negative)")
-        if not 0 <= self.router_jitter_noise < 1:
-            raise bad("router_jitter_noise", "must be in [0, 1)")
-        for field in ("capacity_factor", "eval_capacity_factor"):
-            if getattr(self, field) is not None and getattr(self, field) <= 0:
-                raise bad(field, "must be > 0, or None for dropless routing")
+def _validate(config: MoEConfig) -> None:
+    """Each field within its range and consistent with the others; the first broken rule raises."""
+    _check_choices(config)
+    _check_sizes(config)
+    _check_attention(config)
+    _check_layers_and_experts(config)
+    _check_coefficients(config)
+
+
+def _invalid(config: MoEConfig, field: str, valid: str) -> ValueError:
+    return ValueError(f"MoEConfig.{field}={getattr(config, field)!r} is invalid: {valid}")
+
+
+def _check_choices(config: MoEConfig) -> None:
+    for field, choices in (
+        ("norm_type", NORM_TYPES),
+        ("hidden_act", ACTIVATIONS),
+        ("position_embedding_type", POSITION_TYPES),
+        ("router_type", ROUTER_TYPES),
+    ):
+        if getattr(config, field) not in choices:
+            raise _invalid(config, field, f"expected one of {choices}")
+
+
+def _check_sizes(config: MoEConfig) -> None:
+    for field in (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+        "moe_intermediate_size",
+        "moe_every",
+        "num_experts_per_tok",
+        "head_dim",
+    ):
+        if getattr(config, field) < 1:
+            raise _invalid(config, field, "must be >= 1")
+
+
+def _check_attention(config: MoEConfig) -> None:
+    """The query/key options, the position encoding and the grouping of the heads."""
+    if config.qk_norm not in QK_NORMS:
+        raise _invalid(config, "qk_norm", f"expected one of {QK_NORMS}")
+    if config.clip_qkv is not None and config.clip_qkv <= 0:
+        raise _invalid(config, "clip_qkv", "must be > 0, or None for no clamp")
+    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+    if config.position_embedding_type == "rope" and rope_type not in ROPE_TYPES:
+        raise ValueError(
+            f"MoEConfig.rope_parameters['rope_type']={rope_type!r} is invalid: expected one of {ROPE_TYPES}"
+        )
+    if (
+        not 1 <= config.num_key_value_heads <= config.num_attention_heads
+        or config.num_attention_heads % config.num_key_value_heads
+    ):
+        raise _invalid(config, "num_key_value_heads", f"must divide num_attention_heads={config.num_attention_heads}")
+    if config.position_embedding_type == "rope" and config.head_dim % 2:
+        raise _invalid(config, "num_attention_heads", f"RoPE needs an even head_dim, got {config.head_dim}")
+
+
+def _check_layers_and_experts(config: MoEConfig) -> None:
+    """Which layers are MoE, and how many experts each has and picks."""
+    layers = config.num_hidden_layers
+    if any(not 0 <= i < layers for i in config.mlp_only_layers):
+        raise _invalid(config, "mlp_only_layers", f"layer indices must be in [0, num_hidden_layers={layers})")
+    if config.num_local_experts == 1 or config.num_local_experts < 0:
+        raise _invalid(config, "num_local_experts", "use 0 for a dense model or >= 2 experts")
+    if config.num_local_experts > MAX_EXPERTS:
+        raise _invalid(config, "num_local_experts", f"must be <= {MAX_EXPERTS} (expert ids are int32 in the dispatch)")
+    if config.is_moe and config.num_experts_per_tok > config.num_local_experts:
+        experts = config.num_local_experts
+        raise _invalid(config, "num_experts_per_tok", f"top_k must be in [1, num_local_experts={experts}]")
+    if not 0 <= config.skip_first_moe < layers:
+        raise _invalid(config, "skip_first_moe", f"must be in [0, num_hidden_layers={layers})")
+    if config.num_shared_experts < 0:
+        raise _invalid(config, "num_shared_experts", "must be >= 0")
+
+
+def _check_coefficients(config: MoEConfig) -> None:
+    """The numbers that scale or bound something (loss coefficients, rates, epsilons, noise, capacities)."""
+    for field in (
+        "router_aux_loss_coef",
+        "router_z_loss_coef",
+        "router_bias_update_rate",
+        "norm_eps",
+        "min_capacity",
+        "initializer_range",
+    ):
+        if getattr(config, field) < 0:
+            raise _invalid(config, field, "must be >= 0 (a coefficient or rate cannot be negative)")
+    if not 0 <= config.router_jitter_noise < 1:
+        raise _invalid(config, "router_jitter_noise", "must be in [0, 1)")
+    for field in ("capacity_factor", "eval_capacity_factor"):
+        if getattr(config, field) is not None and getattr(config, field) <= 0:
+            raise _invalid(config, field, "must be > 0, or None for dropless routing")
