@@ -139,3 +139,20 @@ def test_a_checkpoint_without_safetensors_or_a_new_shape_is_refused(folders, tmp
     )
     assert "cannot change the model's shape (['num_local_experts'])" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_released_gpt2_layout_imports(folders, tmp_path):
+    """The `gpt2` folder people download was saved from the base model: no `transformer.` prefix, the causal
+    masks `h.N.attn.bias` stored as tensors, and no `lm_head` (tied)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = edited(folders, tmp_path, "gpt2")
+    tensors = {k.removeprefix("transformer."): v for k, v in load_file(folder / "model.safetensors").items()}
+    config = json.loads((folder / "config.json").read_text())
+    n = config["n_positions"]
+    for i in range(config["n_layer"]):
+        tensors[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
+    assert "wte.weight" in tensors and not any(k.startswith(("transformer.", "lm_head")) for k in tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    init = read_init_config(folder)
+    assert check_import(init, MoEConfig(**init.fields)) <= 1e-4

@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..checkpoint.formats import ExportError
 from ..model.configuration import MoEConfig
-from .standard_keys import Pair, key_pairs
+from .standard_keys import Pair, disk_names, key_pairs
 
 INDEX = "model.safetensors.index.json"
 
@@ -124,6 +124,7 @@ class StockSource:
 
     def __init__(self, folder: Path, fmt: str, config: MoEConfig):
         self.files = SafetensorsFiles(folder)
+        self.fmt = fmt
         self.pairs: dict[str, tuple[Pair, int]] = {
             name: (pair, i) for pair in key_pairs(config, fmt) for i, name in enumerate(pair.ours)
         }
@@ -135,4 +136,7 @@ class StockSource:
         # A fused disk tensor (GPT-2's c_attn) is read once per part it holds: three small reads at import
         # time, not worth a cache that would keep the tensors alive.
         pair, i = self.pairs[name]
-        return pair.to_ours(self.files.read(pair.disk))[i]
+        # Extra tensors (GPT-2's `h.N.attn.bias` causal masks, buffers the stock class rebuilds) are never asked for.
+        names = disk_names(pair.disk, self.fmt)
+        disk = next((n for n in names if n in self.files), pair.disk)  # a missing one is named as the LM saves it
+        return pair.to_ours(self.files.read(disk))[i]

@@ -37,6 +37,18 @@ class Pair:
     to_ours: Callable[[torch.Tensor], list[torch.Tensor]] = _single
 
 
+# The prefix of the base model inside each class's LM (`base_model_prefix`). A folder saved from the base model
+# alone, as the released `gpt2` is (`wte.weight`, `h.0.attn.c_attn.weight`), holds its tensors without it, and
+# every stock class's loader accepts both layouts.
+BASE_PREFIX = {"gpt2": "transformer."}
+
+
+def disk_names(disk: str, fmt: str) -> tuple[str, ...]:
+    """The names a disk tensor may be stored under: as the LM saves it, then without the base model's prefix."""
+    prefix = BASE_PREFIX.get(fmt, "model.")
+    return (disk, disk[len(prefix) :]) if disk.startswith(prefix) else (disk,)
+
+
 def our_tensor_names(config: MoEConfig) -> list[str]:
     """Every tensor our model saves for `config`: parameters (a tied head counted once, as the embedding) and
     persistent buffers (the routers' selection bias)."""
