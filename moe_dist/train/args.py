@@ -9,6 +9,8 @@ aliases of those fields, so the overrides are the fields themselves, with no nam
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
@@ -159,14 +161,14 @@ class RunArgs:
 
 @dataclass
 class EngineArgs:
-    """How each step runs: the engine, its batch and precision (all from the JSON with --deepspeed)."""
+    """How each step runs: the engine, its batch and precision (with --deepspeed the JSON's; a flag only repeats it)."""
 
     deepspeed: str | None = _help(
         "DeepSpeed JSON (its moe.ep_size sets expert parallelism); without it the run uses accelerate on one device"
     )
     local_rank: int = _help("set by the deepspeed launcher", -1)
     micro_batch_size: int | None = _help(
-        "sequences per device per micro-step (accelerate path; with --deepspeed it comes from the JSON)"
+        "sequences per device per micro-step (with --deepspeed: the JSON's train_micro_batch_size_per_gpu)"
     )
     grad_accum: int | None = _help("micro-steps per optimizer step (accelerate path)")
     grad_clip: float | None = _help("max gradient norm, 0 = off (accelerate path)")
@@ -199,13 +201,6 @@ class EngineArgs:
                 "ACCELERATE_MIXED_PRECISION=fp16 (accelerate launch --mixed_precision) is not "
                 "supported: the accelerate path runs --precision auto, bf16 or fp32"
             )
-        if self.deepspeed:
-            given = [n for n in ("micro_batch_size", "grad_accum", "grad_clip") if getattr(self, n) is not None]
-            if given or self.precision != "auto":
-                raise ConfigError(
-                    f"--{(given or ['precision'])[0]} conflicts with --deepspeed: set batch, "
-                    f"accumulation, clipping and precision in the DeepSpeed JSON"
-                )
 
 
 @dataclass
@@ -251,7 +246,40 @@ class _Parser(HfArgumentParser):
         return namespace, rest
 
 
+_PARTS = (ModelArgs, DataConfig, RunArgs, EngineArgs, OptimArgs)
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArgs, DataConfig, RunArgs, EngineArgs, OptimArgs]:
-    """The command line as the five dataclasses `plan_run` takes, in that order."""
-    parser = _Parser((ModelArgs, DataConfig, RunArgs, EngineArgs, OptimArgs))
-    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    """The command line as the five dataclasses `plan_run` takes, in that order; each knows which of its fields
+    the command line gave (`given_fields`)."""
+    parts = _Parser(_PARTS).parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    given = _given_dests(argv)
+    for part in parts:
+        setattr(part, _GIVEN, frozenset(f.name for f in fields(part) if f.name in given))
+    return parts
+
+
+_GIVEN = "_given_fields"
+
+
+def _given_dests(argv: list[str] | None) -> set[str]:
+    # A flag typed at its default value is still the user's word; comparing values cannot tell, so the
+    # command line is parsed once more with every default suppressed: what remains was typed.
+    parser = _Parser(_PARTS)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    namespace, _ = parser.parse_known_args(argv)
+    return set(vars(namespace))
+
+
+def given_fields(part) -> frozenset[str]:
+    """The fields of one of `parse_args`'s dataclasses that the command line gave; for one built in code, the
+    fields that differ from their default."""
+    given = getattr(part, _GIVEN, None)
+    if given is not None:
+        return given
+    return frozenset(f.name for f in fields(part) if getattr(part, f.name) != _default(f))
+
+
+def _default(f):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

@@ -21,6 +21,7 @@ from ..parallel.process_group import release_distributed
 from .args import parse_args
 from .checkpoint import CheckpointError
 from .data import DataError
+from .settings import table
 
 # Errors we raise on purpose with a one-line message. While planning, a bare ValueError is
 # an invalid MoEConfig field; once training runs, a ValueError is a bug and keeps its traceback.
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             time.sleep(2)
         return 2
+    if rank == 0:  # before data preparation, so a wrong setting shows before the slow part
+        print(table(plan.settings), flush=True)
     try:
         run(plan)
     except RUN_ERRORS as e:

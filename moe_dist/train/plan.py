@@ -41,6 +41,7 @@ from .data import DataConfig, check_data_file, load_tokenizer, trained_vocab_siz
 from .data_prep import default_num_proc
 from .memory_fit import check_fits
 from .ranges import Range
+from .settings import Setting, check_engine_flags, resolve, settings_record
 
 RUN_RECORD = "run.json"
 # Every top-level name a run writes into --output_dir; a run may add them beside other files, never over them.
@@ -84,6 +85,7 @@ class RunPlan:
     data: DataConfig  # tokenizer and seq_len settled
     spec: EngineSpec
     run: RunArgs  # the loop's schedule and the run folder
+    settings: tuple[Setting, ...] = ()  # every setting with its source (`settings.resolve`)
 
     @property
     def run_dir(self) -> Path:
@@ -101,6 +103,8 @@ def plan_run(
     engine, optim = engine or EngineArgs(), optim or OptimArgs()
     world = launcher_world_size()
     ds = load_deepspeed_config(engine.deepspeed, world_size=world) if engine.deepspeed else None
+    if ds is not None:
+        check_engine_flags(engine, ds)
     overrides = model.model_overrides()
     if ds is None and "capacity_factor" not in overrides:
         overrides["capacity_factor"] = None  # one device needs no capacity: route dropless
@@ -110,12 +114,15 @@ def plan_run(
 
     ep_size = ds.ep_size if ds else 1
     _validate_layout(config, ep_size, ds.etp_size if ds else 1, world)
-    given_tokenizer = data.tokenizer
+    data_given, given_tokenizer = data, data.tokenizer
     data = _settle_data(data, config, init.folder if init else None)
     vocab_fixed = "vocab_size" in overrides or init is not None
     vocab = _planned_vocab(
         data.tokenizer, config, vocab_fixed, given=given_tokenizer is not None, weights=init.folder if init else None
     )
+    # Settled once, with the vocabulary as planned: the memory estimate, the settings table and the resume check
+    # all read this config; `finalize` only fills in what the prepared tokenizer knows.
+    config = config_from_fields({**config.to_dict(), "vocab_size": vocab})
 
     # A started-from model is named by its folder and format; --model names the preset otherwise.
     source = None if init is None else (init.folder.parent if init.folder.name == "hf" else init.folder)  # a run's hf/
@@ -133,7 +140,8 @@ def plan_run(
         spec=_engine_spec(engine, optim, ds, ep_size, run.max_steps),
         run=run,
     )
-    _check_memory(plan, vocab, ds.zero_stage if ds else 0, engine.gpu_mem_gib)
+    plan.settings = resolve(plan, model, data_given, engine, optim)
+    _check_memory(plan, ds.zero_stage if ds else 0, engine.gpu_mem_gib)
     check_run_folder(plan)
     check_run_outputs(plan.run_dir)
     # The slow checks last: every data file read to its end, then a stock import's logits.
@@ -142,10 +150,10 @@ def plan_run(
     return plan
 
 
-def _check_memory(plan: RunPlan, vocab: int, zero_stage: int, gpu_mem_gib: float | None) -> None:
+def _check_memory(plan: RunPlan, zero_stage: int, gpu_mem_gib: float | None) -> None:
     spec = plan.spec
     check_fits(
-        config_from_fields({**plan.model_config.to_dict(), "vocab_size": vocab}),
+        plan.model_config,
         zero_stage=zero_stage,
         ds_config=spec.ds_config,
         ep_size=spec.ep_size,
@@ -399,6 +407,7 @@ def run_record(plan: RunPlan, config: MoEConfig) -> dict:
     # EP size and world size may change between launches (the checkpoint is resharded); the
     # engine may only with --allow_engine_change; the model never.
     record = {"engine": plan.engine, "preset": plan.preset, "model_config": _comparable(config)}
+    record["settings"] = settings_record(plan.settings, config)  # shown, never compared on resume
     if plan.init is not None:  # what the model started from: the exporter's `--format auto` tries its class first
         record["init_from"] = {"path": str(plan.init.folder.resolve()), "format": plan.init.fmt}
         if plan.upcycling is not None:
