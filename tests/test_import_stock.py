@@ -82,6 +82,38 @@ def test_the_training_loss_of_the_imported_moe_is_the_stock_loss(folders, fmt):
     )
 
 
+# The released coefficients: Mixtral-8x7B, Qwen3-30B-A3B, OLMoE-1B-7B; ERNIE 4.5's is transformers' default.
+RELEASED_AUX_COEF = {"mixtral": 0.02, "qwen3_moe": 0.001, "olmoe": 0.01, "ernie4_5_moe": 0.001}
+
+
+@pytest.mark.parametrize("output_router_logits", [False, True])
+@pytest.mark.parametrize("fmt", MOE_FORMATS)
+def test_the_training_loss_is_the_stock_loss_with_the_released_router_loss(
+    folders, tmp_path, fmt, output_router_logits
+):
+    """Released configs say output_router_logits: false (no balancing loss); true adds the stock formula, pooled
+    over the layers, at the coefficient. Ours follows the folder; --router_aux_loss per_layer keeps our own."""
+    folder = edited(
+        folders, tmp_path, fmt, router_aux_loss_coef=RELEASED_AUX_COEF[fmt], output_router_logits=output_router_logits
+    )
+    _, config, ours, stock = load(folder)
+    assert config.router_aux_loss == ("stock" if output_router_logits else "none")
+    ids = batch(config.vocab_size)
+    ours.train()
+    stock.train()
+    theirs = stock(input_ids=ids, labels=ids)
+    assert (theirs.aux_loss is not None) == output_router_logits
+    assert (ours(input_ids=ids, labels=ids).aux_loss > 0) == output_router_logits
+    torch.testing.assert_close(ours(input_ids=ids, labels=ids).loss, theirs.loss, rtol=0, atol=1e-5)
+    # --router_aux_loss per_layer: ours, each layer's Switch loss summed
+    per_layer = converted_model(
+        read_init_config(folder), MoEConfig(**{**config.to_dict(), "router_aux_loss": "per_layer"})
+    )
+    aux = per_layer.train()(input_ids=ids, labels=ids).aux_loss
+    layers = sum(stats["aux_loss"] for stats in per_layer.routing_stats().values())
+    torch.testing.assert_close(aux, RELEASED_AUX_COEF[fmt] * layers)
+
+
 def edited(folders, tmp_path, fmt: str, **changes):
     """A copy of the `fmt` folder with config.json fields changed."""
     folder = tmp_path / f"{fmt}-edited"
@@ -156,3 +188,21 @@ def test_the_released_gpt2_layout_imports(folders, tmp_path):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     init = read_init_config(folder)
     assert check_import(init, MoEConfig(**init.fields)) <= 1e-4
+
+
+def test_a_run_recorded_before_the_router_loss_form_resumes_with_the_per_layer_loss(folders, tmp_path):
+    from moe_dist.train.args import parse_args
+    from moe_dist.train.plan import RUN_RECORD, check_run_folder, plan_run, run_record
+
+    folder = edited(folders, tmp_path, "mixtral", router_aux_loss_coef=0.02)
+    args = [*DATA_ARGS, "--init_from", str(folder), "--output_dir", str(tmp_path / "run")]
+    plan = plan_run(*parse_args(args))
+    assert plan.model_config.router_aux_loss == "none"  # a fresh import: the stock class's semantics
+    record = run_record(plan, plan.model_config)
+    assert record["model_config"]["router_aux_loss"] == "none"
+    del record["model_config"]["router_aux_loss"]  # as run.json was written before the field
+    plan.run_dir.mkdir()
+    (plan.run_dir / RUN_RECORD).write_text(json.dumps(record))
+    resumed = plan_run(*parse_args(args))
+    assert resumed.model_config.router_aux_loss == "per_layer"
+    check_run_folder(resumed, resumed.model_config)

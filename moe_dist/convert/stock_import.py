@@ -54,6 +54,8 @@ def read_init_config(folder: Path) -> InitFrom:
             init = InitFrom(folder, NATIVE, MoEConfig.from_dict(config_json).to_dict())
         else:
             fields = to_ours(stock_config(config_json))
+            if fields.get("num_local_experts"):
+                fields["router_aux_loss"] = _stock_router_loss(config_json)
             config_from_fields(fields)  # our model's own checks, while the folder can still be named
             init = InitFrom(folder, model_type, fields)
     except Unrepresentable as e:
@@ -71,6 +73,12 @@ def read_init_config(folder: Path) -> InitFrom:
     except ExportError as e:
         raise ExportError(f"--init_from {folder}: {e}") from None
     return init
+
+
+def _stock_router_loss(config_json: dict) -> str:
+    """The stock MoE classes add `router_aux_loss_coef * load_balancing_loss_func(...)` to the training loss
+    only when `output_router_logits` is true (it is false in the released Mixtral and Qwen3-MoE configs)."""
+    return "stock" if config_json.get("output_router_logits") is True else "none"
 
 
 def _check_weights_fit(init: InitFrom) -> None:

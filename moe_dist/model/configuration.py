@@ -16,6 +16,11 @@ NORM_TYPES = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "swiglu")
 POSITION_TYPES = ("learned", "rope")
 ROUTER_TYPES = ("softmax", "random")
+# The load-balancing loss's form: "per_layer" each MoE layer's Switch loss (routes counted once, f sums to 1),
+# summed over layers; "stock" transformers' `load_balancing_loss_func`, which the stock MoE classes train with
+# when `output_router_logits` is true (counts and probabilities pooled over all MoE layers, all k choices
+# counted); "none" no load-balancing loss, as those classes train when it is false (the coefficient is kept).
+ROUTER_AUX_LOSSES = ("per_layer", "stock", "none")
 QK_NORMS = (None, "head", "projection")
 # RoPE types whose frequencies transformers computes once (modeling_rope_utils.ROPE_INIT_FUNCTIONS); "dynamic"
 # and "longrope" change them with the sequence length, which this model does not do.
@@ -203,6 +208,7 @@ class MoEConfig(PretrainedConfig):
     min_capacity: int = 4
     router_jitter_noise: float = 0.0  # multiplicative input noise, training only
     router_aux_loss_coef: float = 0.01  # Switch/GShard load balancing
+    router_aux_loss: str = "per_layer"  # its form, one of ROUTER_AUX_LOSSES (configs before it: per_layer)
     router_z_loss_coef: float = 0.0  # ST-MoE
     router_bias_update_rate: float = 0.0  # DeepSeek-V3 aux-loss-free bias; 0 = off
 
@@ -261,6 +267,7 @@ def _check_choices(config: MoEConfig) -> None:
         ("hidden_act", ACTIVATIONS),
         ("position_embedding_type", POSITION_TYPES),
         ("router_type", ROUTER_TYPES),
+        ("router_aux_loss", ROUTER_AUX_LOSSES),
     ):
         if getattr(config, field) not in choices:
             raise _invalid(config, field, f"expected one of {choices}")

@@ -27,7 +27,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to
 
 from .configuration import MoEConfig
 from .moe import FeedForward, MoEBlock
-from .routing import Router
+from .routing import Router, total_router_loss
 
 # transformers 5.24 renamed the KV cache from `past_key_values` to `cache` (in `generate`, the model
 # inputs and the outputs), keeping the old name as a deprecated alias. Models must take either
@@ -288,7 +288,9 @@ class MoEModel(MoEPreTrainedModel):
             x_BSD, layer_loss = layer(
                 x_BSD, position_embeddings=rope, attention_mask=mask, cache=cache if use_cache else None
             )
-            router_loss = router_loss + layer_loss
+            router_loss = router_loss + layer_loss  # the stock form's vectors add up as its formula pools them
+        c = self.config
+        router_loss = total_router_loss(router_loss, num_experts=c.num_local_experts, aux_coef=c.router_aux_loss_coef)
         return MoEModelOutput(last_hidden_state=self.norm(x_BSD), router_loss=router_loss, **{CACHE_FIELD: cache})
 
 

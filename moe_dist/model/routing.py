@@ -26,7 +26,9 @@ class Routing:
     position_TK: torch.Tensor  # int64 slot of the route in its expert's buffer
     keep_TK: torch.Tensor  # bool; False where capacity dropped the route
     capacity: int | None  # slots per expert; None = dropless
-    loss: torch.Tensor  # weighted aux + z loss, to be added to the LM loss
+    # Weighted aux + z loss, to be added to the LM loss; with the "stock" aux loss the vector of
+    # `stock_balance_terms` instead, which the model sums over layers and hands to `total_router_loss`.
+    loss: torch.Tensor
     num_experts: int
 
 
@@ -53,6 +55,30 @@ def load_balancing_loss(*, probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor, 
     counts_E = count_per_expert(expert_idx_TK, num_experts).to(probs_TE.dtype)
     f_E = counts_E / expert_idx_TK.numel()
     return num_experts * torch.sum(f_E * probs_TE.mean(dim=0))
+
+
+def stock_balance_terms(*, weighted_z: torch.Tensor, probs_TE: torch.Tensor, top_k: int) -> torch.Tensor:
+    """One layer's share of transformers' `load_balancing_loss_func`, as a vector [z, counts_E, prob_sums_E, rows].
+
+    The stock loss pools every MoE layer before it multiplies (f_e = all layers' top-k choices of e over all
+    layers' rows, so f sums to k; P_e likewise): it does not split into per-layer losses, so the layers hand
+    their sums up and the model adds them. The top-k is of the plain probabilities, without a selection bias,
+    as the stock function recomputes it from the router logits.
+    """
+    num_experts = probs_TE.shape[-1]
+    counts_E = count_per_expert(probs_TE.topk(top_k, dim=-1).indices, num_experts).to(probs_TE.dtype)
+    rows = probs_TE.new_full((1,), probs_TE.shape[0])
+    return torch.cat([weighted_z.reshape(1), counts_E, probs_TE.sum(dim=0), rows])
+
+
+def total_router_loss(summed: torch.Tensor, *, num_experts: int, aux_coef: float) -> torch.Tensor:
+    """The router loss of a forward from the sum over its layers of `Routing.loss`: a scalar as it is, the
+    vectors of `stock_balance_terms` as z + coef * E * sum_e f_e * P_e (transformers' formula)."""
+    if summed.dim() == 0:
+        return summed
+    E = num_experts
+    counts_E, prob_sums_E, rows = summed[1 : E + 1], summed[E + 1 : 2 * E + 1], summed[2 * E + 1]
+    return summed[0] + aux_coef * E * torch.sum((counts_E / rows) * (prob_sums_E / rows))
 
 
 def router_z_loss(*, logits_TE: torch.Tensor) -> torch.Tensor:
@@ -189,7 +215,7 @@ class Router(nn.Module):
                 weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
             aux = load_balancing_loss(probs_TE=probs_TE, expert_idx_TK=expert_idx_TK, num_experts=self.num_experts)
             z = router_z_loss(logits_TE=logits_TE)
-            loss = c.router_aux_loss_coef * aux + c.router_z_loss_coef * z
+            loss = self._loss(probs_TE, aux, z)
 
         capacity = self.capacity(x_TD.shape[0])
         position_TK = assign_positions(expert_idx_TK, self.num_experts)
@@ -197,6 +223,15 @@ class Router(nn.Module):
         weight_TK = weight_TK * keep_TK
         self._record(probs_TE, expert_idx_TK, keep_TK, aux, z)
         return Routing(expert_idx_TK, weight_TK, position_TK, keep_TK, capacity, loss, self.num_experts)
+
+    def _loss(self, probs_TE, aux, z) -> torch.Tensor:
+        c = self.config
+        if c.router_aux_loss == "stock":
+            return stock_balance_terms(
+                weighted_z=c.router_z_loss_coef * z, probs_TE=probs_TE, top_k=c.num_experts_per_tok
+            )
+        aux_coef = c.router_aux_loss_coef if c.router_aux_loss == "per_layer" else 0.0
+        return aux_coef * aux + c.router_z_loss_coef * z
 
     @torch.no_grad()
     def _record(self, probs_TE, expert_idx_TK, keep_TK, aux, z) -> None:

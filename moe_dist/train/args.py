@@ -67,6 +67,11 @@ class ModelArgs:
     skip_first_moe: int | None = _override("the first N FFNs stay dense")
     num_shared_experts: int | None = _override("always-on shared experts")
     router_aux_loss_coef: float | None = _override("Switch/GShard load-balancing loss coefficient", "aux_loss_coef")
+    router_aux_loss: str | None = _override(
+        "the load-balancing loss's form: per_layer (ours: each MoE layer's, summed; the presets'), stock "
+        "(transformers' load_balancing_loss_func, pooled over the layers; --init_from of an MoE whose "
+        "output_router_logits is true) or none (--init_from when it is false)"
+    )
     router_z_loss_coef: float | None = _override("ST-MoE router z-loss coefficient", "z_loss_coef")
     router_bias_update_rate: float | None = _override(
         "DeepSeek-V3 aux-loss-free bias step (0 = off)", "bias_update_rate"

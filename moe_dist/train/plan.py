@@ -109,6 +109,7 @@ def plan_run(
     if ds is None and "capacity_factor" not in overrides:
         overrides["capacity_factor"] = None  # one device needs no capacity: route dropless
     init = read_init_config(_resolve_init_from(model.init_from)) if model.init_from else None
+    _keep_recorded_router_loss(run.run_dir, overrides)
     upcycling = _upcycling(model, init, overrides, seed=run.seed)
     config = _model_config(model.preset, init, overrides, upcycling)
 
@@ -267,6 +268,20 @@ def finalize(plan: RunPlan, tokenizer) -> MoEConfig:
             "pad_token_id": tokenizer.pad_token_id,
         }
     )
+
+
+def _keep_recorded_router_loss(run_dir: Path, overrides: dict) -> None:
+    """A run recorded before `router_aux_loss` existed trained with the per-layer loss (an --init_from MoE
+    included): it resumes with it, unless the command line names one (which the resume check then compares)."""
+    path = run_dir / RUN_RECORD
+    if "router_aux_loss" in overrides or not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text())["model_config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # check_run_folder names what is wrong with it
+    if isinstance(recorded, dict) and "router_aux_loss" not in recorded:
+        overrides["router_aux_loss"] = "per_layer"
 
 
 def _model_config(preset: str, init: InitFrom | None, overrides: dict, upcycling: Upcycling | None) -> MoEConfig:
