@@ -206,3 +206,76 @@ def test_a_run_recorded_before_the_router_loss_form_resumes_with_the_per_layer_l
     resumed = plan_run(*parse_args(args))
     assert resumed.model_config.router_aux_loss == "per_layer"
     check_run_folder(resumed, resumed.model_config)
+
+
+def merges_only(folders, tmp_path):
+    """The llama folder with its tokenizer as a BPE vocabulary and merges (vocab.json, merges.txt) only."""
+    from transformers import AutoTokenizer
+
+    folder = edited(folders, tmp_path, "llama")
+    original = AutoTokenizer.from_pretrained(folder)
+    (folder / "tokenizer.json").unlink()
+    original.backend_tokenizer.model.save(str(folder))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "GPT2Tokenizer"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder, original
+
+
+def test_a_folder_whose_tokenizer_is_a_vocabulary_and_merges_trains_with_it(folders, tmp_path):
+    from transformers import AutoTokenizer
+
+    from moe_dist.train.args import parse_args
+    from moe_dist.train.plan import plan_run
+
+    folder, original = merges_only(folders, tmp_path)
+    assert {"vocab.json", "merges.txt"} <= {p.name for p in folder.iterdir()} and not (
+        folder / "tokenizer.json"
+    ).exists()
+    plan = plan_run(*parse_args([*DATA_ARGS[:4], "--init_from", str(folder), "--output_dir", str(tmp_path / "run")]))
+    assert plan.data.tokenizer == str(folder)
+    text = "Once upon a time there was a little dog."
+    assert AutoTokenizer.from_pretrained(plan.data.tokenizer)(text)["input_ids"] == original(text)["input_ids"]
+
+
+def sentencepiece_only(folders, tmp_path):
+    """The llama folder with a sentencepiece `tokenizer.model` (a small unigram model, written with protobuf) and
+    no tokenizer.json, as Llama 2-era folders ship."""
+    from transformers.utils import sentencepiece_model_pb2_new as spm
+
+    folder = edited(folders, tmp_path, "llama")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    model = spm.ModelProto()
+    model.trainer_spec.model_type, model.trainer_spec.unk_id, model.trainer_spec.pad_id = 1, 0, -1
+    model.trainer_spec.bos_id, model.trainer_spec.eos_id = 1, 2
+    model.normalizer_spec.name, model.normalizer_spec.add_dummy_prefix = "identity", True
+    letters = [(c, -5.0, 1) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,!?\u2581"]
+    for piece, score, kind in [("<unk>", 0.0, 2), ("<s>", 0.0, 3), ("</s>", 0.0, 3), *letters, ("\u2581the", -2.0, 1)]:
+        entry = model.pieces.add()
+        entry.piece, entry.score, entry.type = piece, score, kind
+    (folder / "tokenizer.model").write_bytes(model.SerializeToString())
+    tokenizer_config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return folder
+
+
+def test_a_sentencepiece_only_folder_trains_with_its_tokenizer_or_says_why_not(folders, tmp_path, capsys):
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    from moe_dist.train.args import parse_args
+    from moe_dist.train.plan import plan_run
+
+    folder = sentencepiece_only(folders, tmp_path)
+    args = [*DATA_ARGS[:4], "--init_from", str(folder), "--output_dir", str(tmp_path / "run")]
+    if importlib.util.find_spec("sentencepiece") is None:
+        assert train_main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "sentencepiece package" in err[0], err
+        assert not (tmp_path / "run").exists()
+    else:
+        plan = plan_run(*parse_args(args))
+        assert plan.data.tokenizer == str(folder)
+        assert len(AutoTokenizer.from_pretrained(plan.data.tokenizer)) < 100  # the folder's, not GPT-2's 50,257

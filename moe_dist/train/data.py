@@ -329,6 +329,11 @@ def _train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast
     )
 
 
+# The files a saved tokenizer is read from by AutoTokenizer: tokenizers' JSON, a sentencepiece model, a BPE
+# vocabulary with its merges, or a config naming the class.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "tokenizer_config.json")
+
+
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerFast:
     """A saved or hub tokenizer, with pad = eos when it has no pad token (GPT-2 has none); "gpt2" is the copy
     bundled in data/gpt2, so the default needs no hub."""
@@ -339,17 +344,32 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerFast:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     except (OSError, ValueError) as e:
-        hint = (
-            "the folder holds no readable tokenizer"
-            if Path(name_or_path).is_dir()
-            else "not a local folder, and the hub could not provide it (no internet?); pass a local path or train:N"
-        )
+        hint = _unreadable_tokenizer_hint(Path(name_or_path))
         raise DataError(f"tokenizer: cannot load {str(name_or_path)!r} ({type(e).__name__}): {hint}") from e
+    if getattr(tokenizer, "backend_tokenizer", None) is None:  # the packing workers run its `tokenizers` form
+        raise DataError(
+            f"tokenizer: {str(name_or_path)!r} loads as {type(tokenizer).__name__}, a Python tokenizer without a "
+            f"`tokenizers` form; save it with a tokenizer.json (a fast tokenizer) or pass --tokenizer"
+        )
     if tokenizer.eos_token_id is None:
         raise DataError(f"tokenizer: {str(name_or_path)!r} has no eos_token; packing puts one after every story")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _unreadable_tokenizer_hint(path: Path) -> str:
+    if not path.is_dir():
+        return "not a local folder, and the hub could not provide it (no internet?); pass a local path or train:N"
+    if (path / "tokenizer.model").is_file() and not (path / "tokenizer.json").is_file():
+        import importlib.util
+
+        if importlib.util.find_spec("sentencepiece") is None:  # transformers converts tokenizer.model only with it
+            return (
+                "its tokenizer is a sentencepiece tokenizer.model, which transformers reads only with the "
+                "sentencepiece package (pip install sentencepiece); or save it with a tokenizer.json"
+            )
+    return "the folder holds no readable tokenizer"
 
 
 # ---------------------------------------------------------------- packing and caching

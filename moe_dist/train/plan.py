@@ -37,7 +37,7 @@ from ..parallel.engines import EngineSpec
 from ..parallel.expert_parallel import validate_expert_parallel
 from ..parallel.expert_tensor_parallel import validate_expert_tensor_parallel
 from .args import EngineArgs, ModelArgs, OptimArgs, RunArgs
-from .data import DataConfig, check_data_file, load_tokenizer, trained_vocab_size
+from .data import TOKENIZER_FILES, DataConfig, check_data_file, load_tokenizer, trained_vocab_size
 from .data_prep import default_num_proc
 from .memory_fit import check_fits
 from .ranges import Range
@@ -365,8 +365,10 @@ def _settle_data(data: DataConfig, config: MoEConfig, init_from: Path | None) ->
             f"--seq_len={seq_len} exceeds the model's context "
             f"(max_position_embeddings={config.max_position_embeddings})"
         )
-    # A model continues with the tokenizer it was trained with, unless told otherwise.
-    tokenizer = data.tokenizer or (str(init_from) if init_from and (init_from / "tokenizer.json").is_file() else "gpt2")
+    # A model continues with the tokenizer it was trained with, unless told otherwise: the folder's, in any form
+    # AutoTokenizer reads (one that cannot be loaded is refused by `load_tokenizer` with one line, not replaced).
+    has_own = init_from is not None and any((init_from / f).is_file() for f in TOKENIZER_FILES)
+    tokenizer = data.tokenizer or (str(init_from) if has_own else "gpt2")
     return dataclasses.replace(data, tokenizer=tokenizer, seq_len=seq_len, num_proc=_num_proc(data.num_proc))
 
 
