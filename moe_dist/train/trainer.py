@@ -14,7 +14,7 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -153,8 +153,11 @@ def _checkpoint_writer(engine: TrainEngine):
 
 
 class _Loop:
+    """The schedule: step, log, evaluate when due, save when due, stop when told; `_Validation` evaluates and
+    `_Checkpoints` saves and resumes."""
+
     def __init__(self, plan: RunPlan, engine: TrainEngine, data: PreparedData, config: MoEConfig, hooks: Hooks):
-        self.plan, self.engine, self.data, self.config, self.hooks = plan, engine, data, config, hooks
+        self.plan, self.engine, self.data, self.hooks = plan, engine, data, hooks
         self.run, spec = plan.run, plan.spec
         self.sampler = BlockSampler(
             len(data.train_blocks),
@@ -164,38 +167,20 @@ class _Loop:
             world_size=engine.world_size,
             seed=self.run.seed,
         )
-        self.valid_shards = validation_shard(
-            len(data.valid_blocks),
-            rank=engine.rank,
-            world_size=engine.world_size,
-            micro_batch_size=spec.micro_batch_size,
-        )
         tokens_per_step = self.sampler.global_batch * plan.data.seq_len
-        self.store = CheckpointStore(plan.run_dir / "checkpoints", is_main=engine.is_main, barrier=engine.barrier)
         self.report = RunReport(plan, engine, config, tokens_per_step=tokens_per_step)
         self.collapse = CollapseMonitor(max(config.num_local_experts, 1))
         self.watchdog = Watchdog(spec.dist_timeout_s, plan.run_dir / "heartbeats", engine.rank)
+        self.validation = _Validation(plan, engine, data, config, self.report, self.collapse, self.watchdog)
+        self.checkpoints = _Checkpoints(
+            plan, engine, config, hooks, self.watchdog, self.sampler, self.collapse, self.report
+        )
         self.state = TrainerState()
         self.current_step = 0
-        self.last_saved, self.last_saved_path = -1, None
 
     def resume(self) -> None:
         """Continue from the newest intact checkpoint, if there is one."""
-        path = find_checkpoint(self.engine, self.store)
-        if path is None:
-            return
-        self.state, self.report.totals = load_checkpoint(
-            path,
-            self.engine,
-            ep_size=self.plan.spec.ep_size,
-            config=self.config,
-            allow_optimizer_reset=self.run.allow_optimizer_reset,
-        )
-        self.sampler.load_state_dict(self.state.sampler)
-        self.collapse.load_state_dict(self.state.collapse)
-        self.report.writer.truncate_after(self.state.step)
-        self.last_saved, self.last_saved_path = self.state.step, path
-        log.info("resumed from %s (step %d)", path, self.state.step)
+        self.state = self.checkpoints.resume() or self.state
 
     def train(self) -> None:
         run, state = self.run, self.state
@@ -207,7 +192,7 @@ class _Loop:
             self.report.tokens_per_step,
         )
         if self.plan.upcycling is not None and state.step == 0:
-            self._log_upcycled_start()
+            self.validation.log_upcycled_start()
         while state.step < run.max_steps:
             self.current_step = state.step + 1
             self.hooks.fire("before_step", self.current_step)
@@ -223,11 +208,11 @@ class _Loop:
                 self.report.log_train(state.step, out)
             improved, stop = False, False
             if state.step % run.eval_every == 0 or state.step == run.max_steps:
-                improved, stop = self._evaluate()
+                improved, stop = self.validation.evaluate(state)
             # Never save in a non-finite streak: the weights may be what went wrong, and the
             # last checkpoint must stay the last good one.
             if (improved or stop or state.step % run.save_every == 0) and not state.bad_in_a_row:
-                self.save(best=improved)
+                self.checkpoints.save(state, best=improved)
             self.hooks.fire("after_step", state.step)
             if stop:
                 log.info(
@@ -251,23 +236,55 @@ class _Loop:
                 totals.skipped_steps,
             )
         if state.bad_in_a_row >= self.run.max_bad_steps:
-            last = self.last_saved_path or "none yet"
+            last = self.checkpoints.last_saved_path or "none yet"
             raise TrainingHalted(
                 f"{state.bad_in_a_row} consecutive non-finite steps up to step {state.step} "
                 f"(--max_bad_steps {self.run.max_bad_steps}); stopping. Last good checkpoint: {last}"
             )
 
-    def _evaluate(self) -> tuple[bool, bool]:
-        engine, state = self.engine, self.state
-        result = evaluate(
+    def final_checkpoint(self) -> Path | None:
+        return self.checkpoints.final(self.state)
+
+
+class _Validation:
+    """Evaluation on this rank's validation shard: the numbers and routing health it reports, the best loss so
+    far, and whether early stopping's patience has run out."""
+
+    def __init__(
+        self,
+        plan: RunPlan,
+        engine: TrainEngine,
+        data: PreparedData,
+        config: MoEConfig,
+        report: RunReport,
+        collapse: CollapseMonitor,
+        watchdog: Watchdog,
+    ):
+        self.plan, self.engine, self.data, self.config = plan, engine, data, config
+        self.report, self.collapse, self.watchdog = report, collapse, watchdog
+        self.shards = validation_shard(
+            len(data.valid_blocks),
+            rank=engine.rank,
+            world_size=engine.world_size,
+            micro_batch_size=plan.spec.micro_batch_size,
+        )
+
+    def _measure(self, progress: Callable[[], None] = lambda: None) -> dict:
+        engine = self.engine
+        return evaluate(
             engine.model,
             self.data.valid_blocks,
-            self.valid_shards,
+            self.shards,
             device=engine.device,
             all_reduce=engine.all_reduce,
             autocast=engine.eval_context,
-            progress=lambda: self.watchdog.beat(state.step, "eval"),
+            progress=progress,
         )
+
+    def evaluate(self, state: TrainerState) -> tuple[bool, bool]:
+        """(improved on the best, out of patience), the best and the patience count kept in `state`."""
+        engine = self.engine
+        result = self._measure(progress=lambda: self.watchdog.beat(state.step, "eval"))
         routing = result.pop("routing")
         similarity = (
             expert_similarity(
@@ -288,22 +305,14 @@ class _Loop:
         self.report.log_eval(
             state.step, result, routing, best_val_loss=state.best_val_loss, improved=improved, similarity=similarity
         )
-        patience = self.run.early_stopping_patience
+        patience = self.plan.run.early_stopping_patience
         return improved, bool(patience) and state.evals_without_improvement >= patience
 
-    def _log_upcycled_start(self) -> None:
+    def log_upcycled_start(self) -> None:
         """What the upcycled model computes before its first step, and how far its validation loss is from the
         dense model's (as the dense run's summary.json recorded it, on its own validation set)."""
-        engine = self.engine
-        result = evaluate(
-            engine.model,
-            self.data.valid_blocks,
-            self.valid_shards,
-            device=engine.device,
-            all_reduce=engine.all_reduce,
-            autocast=engine.eval_context,
-        )
-        if not engine.is_main:
+        result = self._measure()
+        if not self.engine.is_main:
             return
         dense = source_record(self.plan.init_from)
         compared = (
@@ -321,8 +330,49 @@ class _Loop:
             compared,
         )
 
-    def save(self, *, best: bool) -> Path:
-        engine, state = self.engine, self.state
+
+class _Checkpoints:
+    """What a checkpoint holds beside the engine's own state (the sampler's position, the collapse monitor, the
+    report's totals, the config), written through the store and read back on resume."""
+
+    def __init__(
+        self,
+        plan: RunPlan,
+        engine: TrainEngine,
+        config: MoEConfig,
+        hooks: Hooks,
+        watchdog: Watchdog,
+        sampler: BlockSampler,
+        collapse: CollapseMonitor,
+        report: RunReport,
+    ):
+        self.plan, self.engine, self.config, self.hooks, self.watchdog = plan, engine, config, hooks, watchdog
+        self.sampler, self.collapse, self.report = sampler, collapse, report
+        self.store = CheckpointStore(plan.run_dir / "checkpoints", is_main=engine.is_main, barrier=engine.barrier)
+        self.last_saved, self.last_saved_path = -1, None
+
+    def resume(self) -> TrainerState | None:
+        """The state of the newest intact checkpoint, with the engine and the loop's parts restored from it; None
+        before the first save."""
+        path = find_checkpoint(self.engine, self.store)
+        if path is None:
+            return None
+        state, self.report.totals = load_checkpoint(
+            path,
+            self.engine,
+            ep_size=self.plan.spec.ep_size,
+            config=self.config,
+            allow_optimizer_reset=self.plan.run.allow_optimizer_reset,
+        )
+        self.sampler.load_state_dict(state.sampler)
+        self.collapse.load_state_dict(state.collapse)
+        self.report.writer.truncate_after(state.step)
+        self.last_saved, self.last_saved_path = state.step, path
+        log.info("resumed from %s (step %d)", path, state.step)
+        return state
+
+    def save(self, state: TrainerState, *, best: bool) -> Path:
+        engine = self.engine
         self.watchdog.beat(state.step, "save")
         started = time.perf_counter()
         staging = self.store.begin(state.step)
@@ -338,7 +388,7 @@ class _Loop:
             self.config.to_json_file(staging / "config.json")
         self.store.seal(staging)
         self.hooks.fire("before_commit", state.step)
-        path = self.store.publish(staging, best=best, keep_last=self.run.keep_last)
+        path = self.store.publish(staging, best=best, keep_last=self.plan.run.keep_last)
         self.last_saved, self.last_saved_path = state.step, path
         if engine.is_main:
             size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -351,9 +401,9 @@ class _Loop:
             )
         return path
 
-    def final_checkpoint(self) -> Path | None:
+    def final(self, state: TrainerState) -> Path | None:
         """The checkpoint to export: the last one, saved now unless it is current or the run ended in a
         non-finite streak (which keeps its last good one)."""
-        if self.state.bad_in_a_row or self.last_saved == self.state.step:
+        if state.bad_in_a_row or self.last_saved == state.step:
             return self.last_saved_path
-        return self.save(best=False)
+        return self.save(state, best=False)
