@@ -14,8 +14,8 @@ from moe_dist.train.plan import plan_run
 SHORT = ["--model", "tiny-moe", *DATA_ARGS, "--log_every", "1", "--warmup_steps", "1", "--max_steps", "2"]
 
 
-def sources(tmp_path, *args) -> dict:
-    plan = plan_run(*parse_args([*DATA_ARGS, *args, "--output_dir", str(tmp_path / "run")]))
+def sources(tmp_path, *args, output="run") -> dict:
+    plan = plan_run(*parse_args([*DATA_ARGS, *args, "--output_dir", str(tmp_path / output)]))
     names = [s.name for s in plan.settings]
     assert len(names) == len(set(names))  # run.json keys them by name
     return {s.name: (s.value, s.source) for s in plan.settings}
@@ -72,7 +72,7 @@ def test_the_real_script_refuses_a_contradiction_with_one_line_and_exit_2(tmp_pa
     assert not run_dir.exists()
 
 
-def test_the_log_and_run_json_hold_the_table_and_an_old_run_json_still_resumes(tmp_path):
+def test_the_log_and_run_json_hold_the_table_an_old_run_json_resumes_and_its_export_starts_the_next(tmp_path):
     run_dir = tmp_path / "run"
     first = check(python(TRAIN, [*SHORT, "--output_dir", str(run_dir)]))
     table = first.stdout[first.stdout.index("settings (group, name, value, source):") :]
@@ -87,3 +87,9 @@ def test_the_log_and_run_json_hold_the_table_and_an_old_run_json_still_resumes(t
     resumed = check(python(TRAIN, [*SHORT[:-1], "3", "--output_dir", str(run_dir)]))
     assert "resumed from" in resumed.stdout + resumed.stderr
     assert json.loads((run_dir / "run.json").read_text())["settings"]["max_steps"]["value"] == 3
+
+    # The run's export as the next run's start: the folder's config.json is the model, a routing flag wins over it.
+    got = sources(tmp_path, "--init_from", str(run_dir), "--capacity_factor", "2.0", output="next")
+    assert got["init_from"] == (str(run_dir / "hf"), "flag") and "preset" not in got
+    assert got["hidden_size"][1] == "init_from config" and got["vocab_size"] == (512, "init_from config")
+    assert got["capacity_factor"] == (2.0, "flag")

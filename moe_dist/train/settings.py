@@ -29,6 +29,7 @@ FLAG, JSON, INIT, PRESET, DEFAULT, ENV, TOKENIZER = (
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # Environment variables that steer a run, shown when set.
 _ENV = ("MOE_DIST_FAULT", "ACCELERATE_MIXED_PRECISION")
+_UPCYCLE_FLAGS = ("upcycle_experts", "upcycle_noise", "upcycle_reinit", "upcycle_granularity")
 
 
 @dataclass(frozen=True)
@@ -42,31 +43,30 @@ class Setting:
 # ---- conflicts: a flag against the DeepSpeed JSON -------------------------------------------------------
 
 
-def _json_engine_keys(ds: DeepSpeedSettings) -> dict:
-    """Each engine flag the JSON also sets: (flag name, the JSON's key, its value there, whether the file gives it)."""
-    raw = ds.raw
-    precision_given = any(_block_enabled(raw, k) is not None for k in ("bf16", "fp16"))
-    return {
-        "micro_batch_size": ("train_micro_batch_size_per_gpu", ds.micro_batch_size, True),
-        "grad_accum": ("gradient_accumulation_steps", ds.grad_accum, "gradient_accumulation_steps" in raw),
-        "grad_clip": ("gradient_clipping", ds.grad_clip, "gradient_clipping" in raw),
-        "precision": ("precision (bf16/fp16.enabled)", ds.precision, precision_given),
-    }
+# The engine flags the DeepSpeed JSON also sets, and its keys for each.
+_JSON_KEYS = {
+    "micro_batch_size": ("train_micro_batch_size_per_gpu",),
+    "grad_accum": ("gradient_accumulation_steps",),
+    "grad_clip": ("gradient_clipping",),
+    "precision": ("bf16", "fp16"),
+}
 
 
-def _block_enabled(raw: dict, name: str):
-    return raw.get(name, {}).get("enabled")
+def _json_source(raw: dict, name: str) -> str:
+    """Where the engine's value of flag `name` came from under --deepspeed: the file, or DeepSpeed's default."""
+    return JSON if any(k in raw for k in _JSON_KEYS[name]) else DEFAULT
 
 
 def check_engine_flags(engine: EngineArgs, ds: DeepSpeedSettings) -> None:
     """Under --deepspeed the JSON sets batch, accumulation, clipping and precision; a flag may repeat it, not
     contradict it (the JSON goes to DeepSpeed unchanged, so a differing flag would be silently ignored)."""
     given = given_fields(engine)
-    for name, (key, value, in_file) in _json_engine_keys(ds).items():
-        flag = getattr(engine, name)
+    for name, keys in _JSON_KEYS.items():
+        flag, value = getattr(engine, name), getattr(ds, name)
         if name not in given or flag is None or flag == value or (name == "precision" and flag == "auto"):
             continue
-        where = f"in {ds.path}" if in_file else f"(DeepSpeed's default; {ds.path} does not set it)"
+        key = "precision (bf16/fp16.enabled)" if name == "precision" else keys[0]
+        where = f"in {ds.path}" if _json_source(ds.raw, name) == JSON else f"(DeepSpeed's default; not in {ds.path})"
         raise ConfigError(
             f"{name}: --{name} {flag} (flag) contradicts {key} {value} {where}; give one (with --deepspeed, "
             f"set batch, accumulation, clipping and precision in the DeepSpeed JSON)"
@@ -110,10 +110,8 @@ def _model_settings(plan, model: ModelArgs) -> list[Setting]:
         else:
             source = base_source if name in base else DEFAULT
         rows.append(Setting("model", name, getattr(config, name), source))
-    for name in ("grad_ckpt", *(("upcycle_experts", "upcycle_noise", "upcycle_reinit", "upcycle_granularity"))):
-        if plan.upcycling is not None or not name.startswith("upcycle"):
-            rows.append(Setting("model", name, getattr(model, name), FLAG if name in typed else DEFAULT))
-    return rows
+    flags = ("grad_ckpt", *(_UPCYCLE_FLAGS if plan.upcycling is not None else ()))
+    return rows + [Setting("model", n, getattr(model, n), FLAG if n in typed else DEFAULT) for n in flags]
 
 
 def _data_settings(plan, data: DataConfig) -> list[Setting]:
@@ -137,44 +135,24 @@ def _engine_settings(plan, engine: EngineArgs) -> list[Setting]:
         Setting("engine", "world_size", plan.world_size, ENV if "WORLD_SIZE" in os.environ else DEFAULT),
     ]
     if ds is not None:
-        path = engine.deepspeed
-        rows.append(Setting("engine", "deepspeed", path, FLAG))
-        moe = ds["moe"]
+        zero = ds.get("zero_optimization", {})
         rows += [
+            Setting("engine", "deepspeed", engine.deepspeed, FLAG),
             Setting("engine", "ep_size", spec.ep_size, JSON),
-            Setting("engine", "etp_size", spec.etp_size, JSON if "etp_size" in moe else DEFAULT),
-            Setting("engine", "zero_stage", ds.get("zero_optimization", {}).get("stage", 0), _json(ds, "stage")),
+            Setting("engine", "etp_size", spec.etp_size, JSON if "etp_size" in ds["moe"] else DEFAULT),
+            Setting("engine", "zero_stage", zero.get("stage", 0), JSON if "stage" in zero else DEFAULT),
         ]
-    values = {
-        "micro_batch_size": spec.micro_batch_size,
-        "grad_accum": spec.grad_accum,
-        "grad_clip": spec.grad_clip,
-        "precision": spec.precision,
-    }
-    for name, value in values.items():
-        rows.append(Setting("engine", name, value, _engine_source(name, typed, ds)))
+    for name in _JSON_KEYS:
+        if ds is None:
+            source = FLAG if name in typed else DEFAULT
+        else:  # a typed flag here repeats the JSON's value: check_engine_flags refused any other
+            source = f"{FLAG} = {JSON}" if name in typed else _json_source(ds, name)
+        rows.append(Setting("engine", name, getattr(spec, name), source))
     rows += [
         Setting("engine", n, getattr(engine, n), FLAG if n in typed else DEFAULT)
         for n in ("dist_timeout", "gpu_mem_gib")
     ]
     return rows
-
-
-def _json(ds: dict, key: str) -> str:
-    return JSON if key in ds.get("zero_optimization", {}) else DEFAULT
-
-
-def _engine_source(name: str, typed: frozenset[str], ds: dict | None) -> str:
-    if ds is None:
-        return FLAG if name in typed else DEFAULT
-    keys = {
-        "micro_batch_size": ("train_micro_batch_size_per_gpu",),
-        "grad_accum": ("gradient_accumulation_steps",),
-        "grad_clip": ("gradient_clipping",),
-        "precision": ("bf16", "fp16"),
-    }[name]
-    source = JSON if any(k in ds for k in keys) else DEFAULT
-    return f"{FLAG} = {source}" if name in typed else source  # a flag that repeats the JSON (check_engine_flags)
 
 
 def _env_settings(plan) -> list[Setting]:
