@@ -245,3 +245,39 @@ def test_the_console_script_takes_the_format_flag():
     script = Path(sys.executable).parent / "moe-dist-export"
     proc = subprocess.run([str(script), "--help"], check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "{native,gpt2,llama,qwen3,mixtral,qwen3_moe,olmoe,ernie4_5_moe,auto}" in proc.stdout
+
+
+def test_a_max_shard_size_below_the_model_writes_shards_that_both_classes_load(tmp_path, tokenizer, capsys):
+    from moe_dist.convert.stock_import import check_import, init_config, read_init_config
+    from moe_dist.output_guard import fingerprints
+
+    run = make_run(tmp_path, tokenizer, "mixtral-tiny")
+    out, native = tmp_path / "out", tmp_path / "native"
+    assert main([str(run), str(out), "--format", "mixtral", "--max_shard_size", "100KB"]) == 0
+    assert main([str(run), str(native), "--max_shard_size", "0.1MB"]) == 0
+    capsys.readouterr()
+    ours = build_model(run / "checkpoints" / "step00000001")
+    ids = fixed_batch(ours.config.vocab_size)
+    with torch.no_grad():
+        our_logits = ours(input_ids=ids, use_cache=False).logits
+    for folder in (out, native):
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        shards = sorted(set(index["weight_map"].values()))
+        assert len(shards) > 2 and not (folder / "model.safetensors").exists()
+        assert set(shards) <= set(fingerprints(folder))  # each shard is recorded as ours, by size and sha256
+    (stock,) = stock_outputs([out], ids, tmp_path, generate=False)
+    assert (stock["logits"] - our_logits).abs().max().item() <= 1e-4
+    init = read_init_config(out)  # our class reads the sharded stock folder as it reads a hub one
+    assert check_import(init, init_config(init)) <= 1e-4
+    with torch.no_grad():
+        loaded = MoEForCausalLM.from_pretrained(native).eval()(input_ids=ids, use_cache=False).logits
+    assert (loaded - our_logits).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("size", ["50XB", "0", "-5GB", "GB", "infGB"])
+def test_a_bad_max_shard_size_is_one_line_before_any_work(tmp_path, tokenizer, capsys, size):
+    run = make_run(tmp_path, tokenizer, "mixtral-tiny")
+    assert main([str(run), str(tmp_path / "out"), "--format", "mixtral", f"--max_shard_size={size}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --max_shard_size {size!r} is not a size such as 50GB, 500MB or 1000000 (bytes)"
+    assert not (tmp_path / "out").exists()

@@ -1,7 +1,8 @@
-"""Checkpoint -> Hugging Face folder: config, one consolidated model.safetensors, tokenizer.
+"""Checkpoint -> Hugging Face folder: config, weights (sharded like save_pretrained's), tokenizer.
 
     python -m moe_dist.export CHECKPOINT_OR_RUN OUT_DIR [--tokenizer DIR] [--dtype fp32|bf16]
                               [--format native|gpt2|llama|qwen3|mixtral|qwen3_moe|olmoe|ernie4_5_moe|auto]
+                              [--max_shard_size 50GB]
     (console script: moe-dist-export)
 
 A run folder means its latest checkpoint. `native` (the default) needs `import moe_dist` or
@@ -9,7 +10,7 @@ trust_remote_code to load; the standard formats load with the stock transformers
 for exactness before the folder appears. OUT_DIR must be new, empty, or an earlier export of ours, which is
 replaced whole and atomically; a folder holding anything else is refused. Exit status 2: OUT_DIR is refused,
 or the checkpoint cannot be exported in that format (the message names the file, or the field and the formats
-that can represent it), and nothing is written.
+that can represent it), or --max_shard_size is not a size, and nothing is written.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ..convert.standard import STANDARD_FORMATS, blocking_field, fitting_formats
 from ..convert.stock_import import read_config_json
 from ..model.configuration import MoEConfig
 from ..output_guard import OutputRefused
-from .native import DTYPES, check_export_dir, export_checkpoint, read_config
+from .native import DTYPES, MAX_SHARD_SIZE, check_export_dir, export_checkpoint, read_config, shard_size
 from .standard_export import export_standard
 
 FORMATS = ("native", *STANDARD_FORMATS, "auto")
@@ -49,10 +50,17 @@ def main(argv: list[str] | None = None) -> int:
         "run started from (--init_from), else the first that represents the model exactly, "
         "else native",
     )
+    parser.add_argument(
+        "--max_shard_size",
+        default=MAX_SHARD_SIZE,
+        help=f"largest weights file (default {MAX_SHARD_SIZE}, as save_pretrained); a bigger model is written as "
+        "model-0000i-of-0000n.safetensors with model.safetensors.index.json. KB, MB, GB, TB, or bytes",
+    )
     args = parser.parse_args(argv)
     ckpt = _resolve_checkpoint(Path(args.checkpoint))
     tokenizer = args.tokenizer or next((str(p) for p in (ckpt.parent.parent / "tokenizer",) if p.is_dir()), None)
     try:
+        args.max_shard_size = shard_size(args.max_shard_size)
         check_export_dir(args.out_dir)  # before any work: OUT_DIR is new, empty, or our own earlier export
         _check_ours(ckpt)
         formats = _auto_formats(ckpt) if args.format == "auto" else [args.format]
@@ -69,10 +77,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _export(ckpt: Path, args: argparse.Namespace, fmt: str, tokenizer: str | None) -> int:
     if fmt == "native":
-        out = export_checkpoint(ckpt, args.out_dir, tokenizer_dir=tokenizer, dtype=args.dtype)
+        out = export_checkpoint(
+            ckpt, args.out_dir, tokenizer_dir=tokenizer, dtype=args.dtype, max_shard_size=args.max_shard_size
+        )
         print(f"exported {ckpt} -> {out}")
     else:
-        diff = export_standard(ckpt, args.out_dir, fmt, tokenizer_dir=tokenizer, dtype=args.dtype)
+        diff = export_standard(
+            ckpt, args.out_dir, fmt, tokenizer_dir=tokenizer, dtype=args.dtype, max_shard_size=args.max_shard_size
+        )
         print(f"exported {ckpt} -> {args.out_dir} as {fmt} (max |logit difference| {diff:.2e} in fp32)")
     return 0
 

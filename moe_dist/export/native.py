@@ -1,5 +1,6 @@
-"""Checkpoint -> native Hugging Face folder: config, one consolidated model.safetensors, the model
-code for `trust_remote_code`, tokenizer.
+"""Checkpoint -> native Hugging Face folder: config, the weights (`model.safetensors`, or shards of at most
+`--max_shard_size` with `model.safetensors.index.json`, as `save_pretrained` writes them), the model code for
+`trust_remote_code`, tokenizer.
 
 Reads either engine's checkpoint at any EP size (see `formats`): experts saved by every EP rank
 come together under their global ids, so the export is the EP=1 model.
@@ -8,9 +9,14 @@ come together under their global ids, so the export is the EP=1 model.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from huggingface_hub.serialization._base import parse_size_to_int
+from safetensors.torch import save_file
+from transformers.utils import GENERATION_CONFIG_NAME
 
 from ..checkpoint.formats import ExportError, load_hf_state_dict, zero_shards
 from ..model.configuration import MoEConfig
@@ -19,6 +25,31 @@ from ..output_guard import check_replace, replace_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 EXPORT = "export"  # the output kind of an export folder (output_guard)
+MAX_SHARD_SIZE = "50GB"  # save_pretrained's default: a folder that loads like any hub folder
+INDEX = "model.safetensors.index.json"
+
+
+def shard_size(text: str) -> int:
+    """`--max_shard_size` in bytes: a number with KB, MB, GB or TB as `save_pretrained` takes it, or bytes."""
+    try:
+        size = int(text) if text.strip().isdigit() else parse_size_to_int(text)
+    except (ValueError, OverflowError):  # OverflowError: "infGB"
+        size = 0
+    if size <= 0:
+        raise ExportError(f"--max_shard_size {text!r} is not a size such as 50GB, 500MB or 1000000 (bytes)")
+    return size
+
+
+def save_sharded(tensors: dict[str, torch.Tensor], folder: Path, max_shard_size: int) -> None:
+    """`tensors` as `save_pretrained` lays them out: one `model.safetensors` when they fit in `max_shard_size`,
+    else `model-0000i-of-0000n.safetensors` and the index naming each tensor's file. A shard is written and
+    dropped before the next is gathered, so the writer holds no second copy of the model."""
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: tensors[n].contiguous() for n in names}, folder / filename, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def check_export_dir(out_dir: str | Path) -> None:
@@ -83,19 +114,27 @@ def _fp32_weights(ckpt: Path, model: MoEForCausalLM) -> dict[str, torch.Tensor]:
 
 
 def export_checkpoint(
-    ckpt: str | Path, out_dir: str | Path, *, tokenizer_dir: str | Path | None = None, dtype: str = "fp32"
+    ckpt: str | Path,
+    out_dir: str | Path,
+    *,
+    tokenizer_dir: str | Path | None = None,
+    dtype: str = "fp32",
+    max_shard_size: int | str = MAX_SHARD_SIZE,
 ) -> Path:
-    """Write `out_dir` (config, model.safetensors, model code for trust_remote_code, tokenizer) atomically."""
+    """Write `out_dir` (config, weights, model code for trust_remote_code, tokenizer) atomically."""
     ckpt, out_dir = Path(ckpt), Path(out_dir)
     check_export_dir(out_dir)
     model = build_model(ckpt, dtype)  # before touching out_dir: a bad checkpoint leaves the old export
 
     def write(staging: Path) -> None:
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
         if tokenizer_dir is not None:
             from transformers import AutoTokenizer
 
             AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(staging)
+            settings = Path(tokenizer_dir) / GENERATION_CONFIG_NAME
+            if settings.is_file():  # the started-from folder's, kept beside the run's tokenizer (its stop ids)
+                shutil.copyfile(settings, staging / GENERATION_CONFIG_NAME)
 
     write_export_dir(out_dir, write)
     return out_dir

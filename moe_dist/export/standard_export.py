@@ -3,9 +3,10 @@
 Order, so that a refusal leaves nothing behind: read the checkpoint, refuse a config the class cannot
 represent (`standard.unrepresentable`), map the weights to the class's on-disk names and layouts
 (`standard_keys.key_pairs`, the table `--init_from` reads the other way), then write into a staging folder
-beside OUT: config, weights, tokenizer, generation_config.json, and the fp32 logits check in a fresh
-interpreter (`stock_logits.py`, which also refuses a missing or unexpected weight). Only when the check
-passes is the model card written and the folder swapped in for OUT (`native.write_export_dir`).
+beside OUT: config, weights (sharded as `save_pretrained` shards them, `native.save_sharded`), tokenizer,
+generation_config.json, and the fp32 logits check in a fresh interpreter (`stock_logits.py`, which also
+refuses a missing or unexpected weight). Only when the check passes is the model card written and the folder
+swapped in for OUT (`native.write_export_dir`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from transformers import GenerationConfig
 
 from ..checkpoint.formats import ExportError
@@ -25,13 +25,19 @@ from ..convert.standard import CLASS_NAMES, MOE_FORMATS, TOLERANCE, standard_con
 from ..convert.standard_keys import key_pairs
 from ..model.modeling import MoEForCausalLM
 from .card import model_card
-from .native import build_model, check_export_dir, write_export_dir
+from .native import MAX_SHARD_SIZE, build_model, check_export_dir, save_sharded, shard_size, write_export_dir
 
 _STOCK_LOGITS = Path(__file__).with_name("stock_logits.py")
 
 
 def export_standard(
-    ckpt: str | Path, out_dir: str | Path, fmt: str, *, tokenizer_dir: str | Path | None = None, dtype: str = "fp32"
+    ckpt: str | Path,
+    out_dir: str | Path,
+    fmt: str,
+    *,
+    tokenizer_dir: str | Path | None = None,
+    dtype: str = "fp32",
+    max_shard_size: int | str = MAX_SHARD_SIZE,
 ) -> float:
     """Write `out_dir` loadable by the stock class of `fmt`; returns the measured max |logit difference|."""
     ckpt, out_dir = Path(ckpt), Path(out_dir)
@@ -61,8 +67,8 @@ def export_standard(
         nonlocal diff
         staging.mkdir(parents=True)
         config.save_pretrained(staging)
-        _generation_config(model, tokenizer).save_pretrained(staging)
-        save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
+        _generation_config(model, tokenizer, tokenizer_dir).save_pretrained(staging)
+        save_sharded(tensors, staging, shard_size(str(max_shard_size)))
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         diff = stock_logits_diff(staging, CLASS_NAMES[fmt], ids, ours)
@@ -107,8 +113,11 @@ def _fp32_reference(model: MoEForCausalLM) -> MoEForCausalLM:
     return reference.eval()
 
 
-def _generation_config(model: MoEForCausalLM, tokenizer) -> GenerationConfig:
-    # The tokenizer's special tokens win: they are what `generate` must stop on.
+def _generation_config(model: MoEForCausalLM, tokenizer, tokenizer_dir) -> GenerationConfig:
+    # The started-from folder's settings (stop-id lists, sampling defaults), kept beside the run's tokenizer.
+    if tokenizer_dir is not None and (Path(tokenizer_dir) / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(tokenizer_dir)
+    # Else the tokenizer's special tokens win: they are what `generate` must stop on.
     source = tokenizer if tokenizer is not None else model.config
     return GenerationConfig(
         bos_token_id=source.bos_token_id, eos_token_id=source.eos_token_id, pad_token_id=source.pad_token_id
