@@ -5,7 +5,7 @@ import json
 import re
 
 import pytest
-from launcher import CPU_EP2, DATA_ARGS, TRAIN, check, python
+from launcher import CPU_EP2, DATA_ARGS, TRAIN, check, deepspeed, python
 
 from moe_dist.parallel.ds_config import ConfigError
 from moe_dist.train.args import parse_args
@@ -60,15 +60,25 @@ def test_a_flag_that_contradicts_the_json_is_refused_naming_both(tmp_path, monke
         sources(tmp_path, "--deepspeed", CPU_EP2, *flag)
 
 
+CONTRADICTION = (
+    f"error: micro_batch_size: --micro_batch_size 4 (flag) contradicts train_micro_batch_size_per_gpu 8 in "
+    f"{CPU_EP2}; give one (with --deepspeed, set batch, accumulation, clipping and precision in the DeepSpeed JSON)"
+)
+
+
 def test_the_real_script_refuses_a_contradiction_with_one_line_and_exit_2(tmp_path):
     run_dir = tmp_path / "run"
     proc = python(TRAIN, [*SHORT, "--deepspeed", CPU_EP2, "--micro_batch_size", "4", "--output_dir", str(run_dir)])
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert lines[0] == (
-        f"error: micro_batch_size: --micro_batch_size 4 (flag) contradicts train_micro_batch_size_per_gpu 8 in "
-        f"{CPU_EP2}; give one (with --deepspeed, set batch, accumulation, clipping and precision in the DeepSpeed JSON)"
-    )
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [CONTRADICTION], proc.stderr
+    assert not run_dir.exists()
+
+
+@pytest.mark.multirank
+def test_the_deepspeed_launcher_refuses_a_contradiction_with_one_line_and_exit_2(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = deepspeed(TRAIN, [*SHORT, "--deepspeed", CPU_EP2, "--micro_batch_size", "4", "--output_dir", str(run_dir)])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert proc.returncode == 2 and errors == [CONTRADICTION] and "Traceback" not in proc.stdout + proc.stderr
     assert not run_dir.exists()
 
 
