@@ -344,8 +344,12 @@ def fitting_formats(config: MoEConfig, first: str | None = None) -> list[str]:
 
 def standard_config(config: MoEConfig, fmt: str):
     """The standard class's config for our `config` (already checked by `unrepresentable`)."""
-    c = config
-    ids = dict(
+    return _AS_STOCK[fmt](config)
+
+
+def _shared(c: MoEConfig) -> dict:
+    """The fields every class names as we do."""
+    return dict(
         bos_token_id=c.bos_token_id,
         eos_token_id=c.eos_token_id,
         pad_token_id=c.pad_token_id,
@@ -354,22 +358,28 @@ def standard_config(config: MoEConfig, fmt: str):
         use_cache=True,
         initializer_range=c.initializer_range,
     )
-    if fmt == "gpt2":
-        # tanh-GELU is GPT-2's `gelu_new`; dropout off: the export is for inference.
-        return GPT2Config(
-            n_positions=c.max_position_embeddings,
-            n_embd=c.hidden_size,
-            n_layer=c.num_hidden_layers,
-            n_head=c.num_attention_heads,
-            n_inner=c.intermediate_size,
-            activation_function="gelu_new",
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            layer_norm_epsilon=c.norm_eps,
-            **ids,
-        )
-    common = dict(
+
+
+def _as_gpt2(c: MoEConfig) -> GPT2Config:
+    # tanh-GELU is GPT-2's `gelu_new`; dropout off: the export is for inference.
+    return GPT2Config(
+        n_positions=c.max_position_embeddings,
+        n_embd=c.hidden_size,
+        n_layer=c.num_hidden_layers,
+        n_head=c.num_attention_heads,
+        n_inner=c.intermediate_size,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        layer_norm_epsilon=c.norm_eps,
+        **_shared(c),
+    )
+
+
+def _modern_block(c: MoEConfig) -> dict:
+    """The fields of the RMSNorm/RoPE/SwiGLU classes' block, the same in all of them."""
+    return dict(
         hidden_size=c.hidden_size,
         num_hidden_layers=c.num_hidden_layers,
         hidden_act="silu",
@@ -378,50 +388,72 @@ def standard_config(config: MoEConfig, fmt: str):
         max_position_embeddings=c.max_position_embeddings,
         rms_norm_eps=c.norm_eps,
         rope_parameters=dict(c.rope_parameters),
-        **ids,
+        **_shared(c),
     )
-    head_dim = dict(head_dim=c.head_dim)
-    experts = dict(num_experts_per_tok=c.num_experts_per_tok, router_aux_loss_coef=c.router_aux_loss_coef)
-    if fmt == "llama":
-        return LlamaConfig(
-            intermediate_size=c.intermediate_size, attention_bias=c.bias, mlp_bias=c.bias, **head_dim, **common
-        )
-    if fmt == "qwen3":
-        return Qwen3Config(intermediate_size=c.intermediate_size, use_sliding_window=False, **head_dim, **common)
-    if fmt == "mixtral":
-        return MixtralConfig(
-            intermediate_size=c.moe_intermediate_size,
-            num_local_experts=c.num_local_experts,
-            router_jitter_noise=c.router_jitter_noise,
-            sliding_window=None,
-            **experts,
-            **head_dim,
-            **common,
-        )
-    if fmt == "qwen3_moe":
-        dense = [i for i in range(c.num_hidden_layers) if not c.is_moe_layer(i)]
-        return Qwen3MoeConfig(
-            intermediate_size=c.intermediate_size,
-            moe_intermediate_size=c.moe_intermediate_size,
-            num_experts=c.num_local_experts,
-            norm_topk_prob=c.norm_topk_prob,
-            decoder_sparse_step=1,
-            mlp_only_layers=dense,
-            use_sliding_window=False,
-            **experts,
-            **head_dim,
-            **common,
-        )
-    if fmt == "olmoe":
-        return OlmoeConfig(
-            intermediate_size=c.moe_intermediate_size,
-            num_experts=c.num_local_experts,
-            norm_topk_prob=c.norm_topk_prob,
-            clip_qkv=c.clip_qkv,
-            attention_bias=c.bias,
-            **experts,
-            **common,
-        )
+
+
+def _routing(c: MoEConfig) -> dict:
+    """The router fields Mixtral, Qwen3-MoE and OLMoE name as we do (Ernie names top-k `moe_k`)."""
+    return dict(num_experts_per_tok=c.num_experts_per_tok, router_aux_loss_coef=c.router_aux_loss_coef)
+
+
+def _as_llama(c: MoEConfig) -> LlamaConfig:
+    return LlamaConfig(
+        intermediate_size=c.intermediate_size,
+        attention_bias=c.bias,
+        mlp_bias=c.bias,
+        head_dim=c.head_dim,
+        **_modern_block(c),
+    )
+
+
+def _as_qwen3(c: MoEConfig) -> Qwen3Config:
+    return Qwen3Config(
+        intermediate_size=c.intermediate_size, use_sliding_window=False, head_dim=c.head_dim, **_modern_block(c)
+    )
+
+
+def _as_mixtral(c: MoEConfig) -> MixtralConfig:
+    return MixtralConfig(
+        intermediate_size=c.moe_intermediate_size,
+        num_local_experts=c.num_local_experts,
+        router_jitter_noise=c.router_jitter_noise,
+        sliding_window=None,
+        head_dim=c.head_dim,
+        **_routing(c),
+        **_modern_block(c),
+    )
+
+
+def _as_qwen3_moe(c: MoEConfig) -> Qwen3MoeConfig:
+    dense = [i for i in range(c.num_hidden_layers) if not c.is_moe_layer(i)]
+    return Qwen3MoeConfig(
+        intermediate_size=c.intermediate_size,
+        moe_intermediate_size=c.moe_intermediate_size,
+        num_experts=c.num_local_experts,
+        norm_topk_prob=c.norm_topk_prob,
+        decoder_sparse_step=1,
+        mlp_only_layers=dense,
+        use_sliding_window=False,
+        head_dim=c.head_dim,
+        **_routing(c),
+        **_modern_block(c),
+    )
+
+
+def _as_olmoe(c: MoEConfig) -> OlmoeConfig:
+    return OlmoeConfig(
+        intermediate_size=c.moe_intermediate_size,
+        num_experts=c.num_local_experts,
+        norm_topk_prob=c.norm_topk_prob,
+        clip_qkv=c.clip_qkv,
+        attention_bias=c.bias,
+        **_routing(c),
+        **_modern_block(c),
+    )
+
+
+def _as_ernie(c: MoEConfig) -> Ernie4_5_MoeConfig:
     # moe_norm_min 0: the clamp never binds, so the gates are divided by their plain sum, as ours are.
     return Ernie4_5_MoeConfig(
         intermediate_size=c.intermediate_size,
@@ -435,5 +467,16 @@ def standard_config(config: MoEConfig, fmt: str):
         moe_layer_interval=c.moe_every,
         moe_norm_min=0.0,
         router_aux_loss_coef=c.router_aux_loss_coef,
-        **common,
+        **_modern_block(c),
     )
+
+
+_AS_STOCK = {
+    "gpt2": _as_gpt2,
+    "llama": _as_llama,
+    "qwen3": _as_qwen3,
+    "mixtral": _as_mixtral,
+    "qwen3_moe": _as_qwen3_moe,
+    "olmoe": _as_olmoe,
+    "ernie4_5_moe": _as_ernie,
+}
