@@ -181,6 +181,8 @@ def load_tokenizer_for_generation(model_dir: Path):
     except DataError as e:
         raise GenerationError(str(e)) from None
     tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:  # batching needs one; masked out, so any id does, and none is saved
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 

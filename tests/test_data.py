@@ -209,13 +209,17 @@ def test_saved_tokenizer_reloads_with_same_encoding(tmp_path, fixture_texts):
     assert not list(tmp_path.glob("tok.tmp-*"))
 
 
-def test_loaded_tokenizer_without_pad_gets_pad_equal_to_eos(tmp_path, tokenizer):
+def test_loaded_tokenizer_without_pad_stays_without_and_generation_pads_with_eos(tmp_path, tokenizer):
     from transformers import PreTrainedTokenizerFast
+
+    from moe_dist.generation import load_tokenizer_for_generation
 
     PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token=SEPARATOR).save_pretrained(
         tmp_path / "tok"
     )
-    loaded = load_tokenizer(tmp_path / "tok")
+    # A pad saved with the run would reach its exports, where the stock class makes that row its padding_idx.
+    assert load_tokenizer(tmp_path / "tok").pad_token is None
+    loaded = load_tokenizer_for_generation(tmp_path / "tok")  # a batch of prompts needs one; it is masked out
     assert loaded.pad_token_id == loaded.eos_token_id is not None
 
 

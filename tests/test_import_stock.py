@@ -279,3 +279,38 @@ def test_a_sentencepiece_only_folder_trains_with_its_tokenizer_or_says_why_not(f
         plan = plan_run(*parse_args(args))
         assert plan.data.tokenizer == str(folder)
         assert len(AutoTokenizer.from_pretrained(plan.data.tokenizer)) < 100  # the folder's, not GPT-2's 50,257
+
+
+def instruct_folder(folders, tmp_path):
+    """The llama folder as a Llama-3-Instruct one: three stop ids in config.json and generation_config.json,
+    sampling defaults, and a tokenizer without a pad token."""
+    folder = edited(folders, tmp_path, "llama", pad_token_id=None)
+    config = json.loads((folder / "config.json").read_text())
+    stops = [config["eos_token_id"], 3, 4]
+    config["eos_token_id"] = stops
+    (folder / "config.json").write_text(json.dumps(config))
+    settings = dict(bos_token_id=config["bos_token_id"], eos_token_id=stops, do_sample=True, temperature=0.6, top_p=0.9)
+    (folder / "generation_config.json").write_text(json.dumps(settings))
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("pad_token", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return folder, settings
+
+
+def test_generation_settings_come_back_from_the_export_and_no_pad_is_invented(folders, tmp_path):
+    from transformers import AutoTokenizer
+
+    from moe_dist.export.cli import main as export_main
+
+    folder, settings = instruct_folder(folders, tmp_path)
+    assert AutoTokenizer.from_pretrained(folder).pad_token is None
+    run = tmp_path / "run"
+    steps = ["--max_steps", "2", "--eval_every", "2", "--seq_len", "32", "--micro_batch_size", "2"]
+    assert train_main([*DATA_ARGS[:4], *steps, "--init_from", str(folder), "--output_dir", str(run)]) == 0
+    out = tmp_path / "llama-export"
+    assert export_main([str(run), str(out), "--format", "llama"]) == 0
+    for exported in (run / "hf", out):  # ours (native) and the stock class's
+        generation = json.loads((exported / "generation_config.json").read_text())
+        assert {k: generation.get(k) for k in settings} == settings and generation.get("pad_token_id") is None
+        assert AutoTokenizer.from_pretrained(exported).pad_token is None
+        assert json.loads((exported / "config.json").read_text()).get("pad_token_id") is None

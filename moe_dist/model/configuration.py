@@ -190,7 +190,7 @@ class MoEConfig(PretrainedConfig):
     tie_word_embeddings: bool = False
     use_cache: bool = True
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None  # a list: stop on any of them (Llama 3 instruct models)
     pad_token_id: int | None = None
 
     num_local_experts: int = 0  # experts per MoE layer; 0 = dense model

@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import json
 import logging
+import shutil
 import tempfile
 import time
 import zlib
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from transformers.utils import GENERATION_CONFIG_NAME as GENERATION_CONFIG
 
 from ..atomic_io import write_atomic, write_dir_atomic
 from .data_prep import (
@@ -300,8 +302,17 @@ def build_tokenizer(
         tokenizer = _train_bpe(train_texts, n)
     if save_dir is not None:
         # A resumed run trusts an existing save_dir, so it must never exist half-written.
-        write_dir_atomic(save_dir, lambda tmp: tokenizer.save_pretrained(str(tmp)))
+        write_dir_atomic(save_dir, lambda tmp: _save_tokenizer(tokenizer, spec, Path(tmp)))
     return tokenizer
+
+
+def _save_tokenizer(tokenizer, spec: str, folder: Path) -> None:
+    """The tokenizer, and the generation settings of the folder it came from: their stop ids and sampling
+    defaults belong to its tokens, and the exporters write them back from here (`generation_config.json`)."""
+    tokenizer.save_pretrained(str(folder))
+    settings = Path(spec) / GENERATION_CONFIG
+    if settings.is_file():
+        shutil.copyfile(settings, folder / GENERATION_CONFIG)
 
 
 def _train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -335,8 +346,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.j
 
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerFast:
-    """A saved or hub tokenizer, with pad = eos when it has no pad token (GPT-2 has none); "gpt2" is the copy
-    bundled in data/gpt2, so the default needs no hub."""
+    """A saved or hub tokenizer as it is: no pad token is invented (one saved with the run would reach its exports,
+    whose stock class then makes that row its `padding_idx`); "gpt2" is the copy bundled in data/gpt2, so the
+    default needs no hub."""
     from transformers import AutoTokenizer
 
     if str(name_or_path) == "gpt2" and BUNDLED_GPT2.is_dir():
@@ -353,8 +365,6 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerFast:
         )
     if tokenizer.eos_token_id is None:
         raise DataError(f"tokenizer: {str(name_or_path)!r} has no eos_token; packing puts one after every story")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 

@@ -259,15 +259,11 @@ def finalize(plan: RunPlan, tokenizer) -> MoEConfig:
             f"the tokenizer has {n} tokens but the model's vocab_size is {vocab}; "
             f"token ids would index past the embedding"
         )
-    return MoEConfig.from_dict(
-        {
-            **config.to_dict(),
-            "vocab_size": vocab,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        }
-    )
+    ids = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    # With the folder's own tokenizer, its config.json says what the model stops on (a list, for an instruct model).
+    if plan.init is not None and plan.data.tokenizer == str(plan.init.folder):
+        ids.update({k: v for k in ids if (v := plan.init.fields.get(k)) is not None})
+    return MoEConfig.from_dict({**config.to_dict(), "vocab_size": vocab, **ids})
 
 
 def _keep_recorded_router_loss(run_dir: Path, overrides: dict) -> None:
