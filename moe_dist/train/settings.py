@@ -29,6 +29,7 @@ FLAG, JSON, INIT, PRESET, DEFAULT, ENV, TOKENIZER = (
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # Environment variables that steer a run, shown when set.
 _ENV = ("MOE_DIST_FAULT", "ACCELERATE_MIXED_PRECISION")
+_WIDEST = 24  # the table's widest column, in characters
 _UPCYCLE_FLAGS = ("upcycle_experts", "upcycle_noise", "upcycle_reinit", "upcycle_granularity")
 
 
@@ -168,7 +169,8 @@ def _env_settings(plan) -> list[Setting]:
 def table(settings: tuple[Setting, ...]) -> str:
     """One aligned line per setting, grouped, for the log."""
     shown = [(s.group, s.name, _shown(s.value), s.source) for s in settings]
-    widths = [max(len(row[i]) for row in shown) for i in range(3)]
+    # A long value (a path, a dict) runs past its column rather than widening every line.
+    widths = [min(max(len(row[i]) for row in shown), _WIDEST) for i in range(3)]
     lines = [f"  {g:<{widths[0]}}  {n:<{widths[1]}}  {v:<{widths[2]}}  {src}" for g, n, v, src in shown]
     return "\n".join(["settings (group, name, value, source):", *lines])
 
