@@ -255,7 +255,16 @@ def reduce_bucket_elements(ds_config: dict) -> int:
 def _state_bytes(
     config: MoEConfig, *, a: int, precision: str, zero_stage: int, world_size: int, ep_size: int, etp_size: int
 ) -> dict[str, float]:
-    """Weights, gradients and AdamW state of one rank (see `memory_bytes`)."""
+    """Weights, gradients and AdamW state of one rank.
+
+    - weights: dense parameters are replicated; each rank holds E/ep_size experts per layer,
+      each as a 1/etp_size slice under expert tensor parallelism. Held in
+      `precision` (bf16/fp16 weights are 2 bytes, fp32 4).
+    - gradients: same dtype as the weights; ZeRO-2 shards them (dense over `world_size`
+      ranks, experts over the world/(ep_size x etp_size) ranks of their expert-data-parallel group).
+    - optimizer: AdamW, see `_optimizer_bytes_per_param`; ZeRO-1 and 2 shard it like the
+      gradients. ZeRO-3 does not exist for native MoE (DeepSpeed refuses it).
+    """
     params = parameter_counts(config)
     block = ep_size * etp_size  # ranks that hold one copy of every expert between them
     dense, expert = params["dense"], params["expert"] / block  # per rank
@@ -280,7 +289,14 @@ def _activation_bytes(
     flash_attention: bool,
     experts_impl: str,
 ) -> float:
-    """Activations of one micro-batch on one rank, head and stacked expert weights included (see `memory_bytes`)."""
+    """Activations of one micro-batch on one rank.
+
+    `micro_batch * seq_len` tokens through every layer, per `_activation_bytes_per_token`, plus the head: final
+    norm and lm_head inputs, the logits in `precision` and the fp32 log-probabilities of the loss; plus each MoE
+    layer's stacked expert weights (`_stacked_expert_bytes`; none for `experts_impl="loop"` at EP = ETP = 1, the
+    default "grouped" being the single-GPU bf16 path). With `grad_ckpt` every block keeps only its input, plus one
+    block's activations while it is recomputed (Korthikanti et al. 2022 §4.2, full recomputation).
+    """
     layers = range(config.num_hidden_layers)
     per_layer = [
         _activation_bytes_per_token(
@@ -295,6 +311,16 @@ def _activation_bytes(
         for i in layers
     ]
     return micro_batch * seq_len * (body + head) + (max(stacked) if grad_ckpt else sum(stacked))
+
+
+def _check_settings(*, precision: str, zero_stage: int, world_size: int, ep_size: int, etp_size: int) -> None:
+    """Refuse what DeepSpeed cannot run, rather than predict memory for it."""
+    if precision not in _BYTES:
+        raise ValueError(f"precision={precision!r} is invalid: expected one of {sorted(_BYTES)}")
+    if zero_stage not in (0, 1, 2):
+        raise ValueError(f"zero_stage={zero_stage!r} is invalid: 0, 1 or 2 (native MoE refuses ZeRO-3)")
+    if world_size % (ep_size * etp_size):
+        raise ValueError(f"ep_size={ep_size} x etp_size={etp_size} must divide world_size={world_size}")
 
 
 def memory_bytes(
@@ -315,20 +341,8 @@ def memory_bytes(
     """Predicted per-rank training memory (bytes) of one DeepSpeed rank, itemised.
 
     Assumptions:
-    - weights: dense parameters are replicated; each rank holds E/ep_size experts per layer,
-      each as a 1/etp_size slice under expert tensor parallelism. Held in
-      `precision` (bf16/fp16 weights are 2 bytes, fp32 4).
-    - gradients: same dtype as the weights; ZeRO-2 shards them (dense over `world_size`
-      ranks, experts over the world/(ep_size x etp_size) ranks of their expert-data-parallel group).
-    - optimizer: AdamW, see `_optimizer_bytes_per_param`; ZeRO-1 and 2 shard it like the
-      gradients. ZeRO-3 does not exist for native MoE (DeepSpeed refuses it).
-    - activations: `micro_batch * seq_len` tokens through every layer, per
-      `_activation_bytes_per_token`, plus the head: final norm and lm_head inputs, the logits
-      in `precision` and the fp32 log-probabilities of the loss; plus each MoE layer's stacked
-      expert weights (`_stacked_expert_bytes`; none for `experts_impl="loop"` at EP = ETP = 1,
-      the default "grouped" being the single-GPU bf16 path). With `grad_ckpt` every block
-      keeps only its input, plus one block's activations while it is recomputed
-      (Korthikanti et al. 2022 §4.2, full recomputation).
+    - weights, gradients, optimizer: see `_state_bytes`.
+    - activations: see `_activation_bytes`.
     - buffers: DeepSpeed's contiguous gradient bucket, `reduce_bucket` elements in `precision`
       (`reduce_bucket_elements` reads it from a DeepSpeed JSON; 0 leaves it out).
     - total: the sum, as if every part were alive at once (activations are in fact freed
@@ -340,12 +354,9 @@ def memory_bytes(
     presets (tests/test_profile_memory.py, measured with saved-tensor hooks on CPU), and the
     total within 10% of the CPU allocator's peak in a DeepSpeed EP x ETP run (the same file).
     """
-    if precision not in _BYTES:
-        raise ValueError(f"precision={precision!r} is invalid: expected one of {sorted(_BYTES)}")
-    if zero_stage not in (0, 1, 2):
-        raise ValueError(f"zero_stage={zero_stage!r} is invalid: 0, 1 or 2 (native MoE refuses ZeRO-3)")
-    if world_size % (ep_size * etp_size):
-        raise ValueError(f"ep_size={ep_size} x etp_size={etp_size} must divide world_size={world_size}")
+    _check_settings(
+        precision=precision, zero_stage=zero_stage, world_size=world_size, ep_size=ep_size, etp_size=etp_size
+    )
     a = _BYTES[precision]
     out = _state_bytes(
         config,
