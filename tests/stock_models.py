@@ -97,9 +97,12 @@ def tokenizer_for_tests(folder: Path):
     return build_tokenizer("train:512", stories, folder)
 
 
-def save_stock(fmt: str, folder: Path, tokenizer, *, experts: int = 4, seed: int = 0) -> Path:
-    """`folder` holding a random `fmt` model (the tokenizer's vocabulary) and the tokenizer."""
+def save_stock(fmt: str, folder: Path, tokenizer, *, experts: int = 4, seed: int = 0, **changes) -> Path:
+    """`folder` holding a random `fmt` model (the tokenizer's vocabulary, config fields `changes`) and the tokenizer.
+    An LM-head bias is saved zero, as our exporter writes it."""
     config = configs(len(tokenizer), experts)[fmt]
+    for key, value in changes.items():
+        setattr(config, key, value)
     config.bos_token_id, config.eos_token_id, config.pad_token_id = (
         tokenizer.bos_token_id,
         tokenizer.eos_token_id,
@@ -114,6 +117,8 @@ def save_stock(fmt: str, folder: Path, tokenizer, *, experts: int = 4, seed: int
                 base = 1.0 if name.endswith("norm.weight") or ".ln_" in name else 0.0
                 scale = 0.3 if "e_score_correction_bias" in name else 0.1
                 tensor.copy_(base + scale * torch.randn_like(tensor))
+            if name == "lm_head.bias":
+                tensor.zero_()
     model.save_pretrained(folder)
     tokenizer.chat_template = CHAT_TEMPLATE  # an instruction model's: it must reach the run and its export
     tokenizer.save_pretrained(folder)

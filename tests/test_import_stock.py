@@ -16,7 +16,7 @@ from launcher import DATA_ARGS
 from stock_models import save_stock, tokenizer_for_tests
 
 from moe_dist import MoEConfig
-from moe_dist.convert.standard import MOE_FORMATS, STANDARD_FORMATS
+from moe_dist.convert.standard import MOE_FORMATS, STANDARD_FORMATS, standard_config
 from moe_dist.convert.stock_import import check_import, converted_model, read_init_config
 from moe_dist.train.cli import main as train_main
 
@@ -98,6 +98,7 @@ def test_the_training_loss_is_the_stock_loss_with_the_released_router_loss(
     )
     _, config, ours, stock = load(folder)
     assert config.router_aux_loss == ("stock" if output_router_logits else "none")
+    assert standard_config(config, fmt).output_router_logits == output_router_logits  # and back, on export
     ids = batch(config.vocab_size)
     ours.train()
     stock.train()
@@ -313,4 +314,43 @@ def test_generation_settings_come_back_from_the_export_and_no_pad_is_invented(fo
         generation = json.loads((exported / "generation_config.json").read_text())
         assert {k: generation.get(k) for k in settings} == settings and generation.get("pad_token_id") is None
         assert AutoTokenizer.from_pretrained(exported).pad_token is None
-        assert json.loads((exported / "config.json").read_text()).get("pad_token_id") is None
+        config = json.loads((exported / "config.json").read_text())
+        assert config["eos_token_id"] == settings["eos_token_id"] and config.get("pad_token_id") is None
+
+
+def with_tensors(folder, extra: dict):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    save_file({**tensors, **extra}, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_what_does_not_change_the_function_is_accepted(folders, tmp_path):
+    """A Mixtral window as long as the context (full attention); multi-token-prediction layers, config and
+    `mtp*` tensors, which the stock class ignores on load; our own biased ERNIE export (no shared experts)."""
+    mtp = {
+        "model.mtp_block.0.mlp.up_proj.weight": torch.randn(8, 64),
+        "model.mtp_linear_proj.0.weight": torch.randn(64, 128),
+    }
+    cases = [
+        edited(folders, tmp_path, "mixtral", sliding_window=64),  # = max_position_embeddings
+        with_tensors(edited(folders, tmp_path / "e", "ernie4_5_moe", num_nextn_predict_layers=1), mtp),
+        with_tensors(edited(folders, tmp_path / "q", "qwen3_moe", num_nextn_predict_layers=1), mtp),
+    ]
+    biased = tmp_path / "ernie-biased"
+    tokenizer = tokenizer_for_tests(tmp_path / "tok")
+    save_stock("ernie4_5_moe", biased, tokenizer, use_bias=True, moe_num_shared_experts=0)
+    for folder in [*cases, biased]:
+        init = read_init_config(folder)
+        assert check_import(init, MoEConfig(**init.fields)) <= 1e-4, folder
+    assert read_init_config(biased).fields["bias"]
+
+
+def test_olmoe_with_its_own_head_dim_is_refused_with_one_line(folders, tmp_path, capsys):
+    folder = edited(folders, tmp_path, "olmoe", head_dim=32)
+    out = tmp_path / "run"
+    assert train_main([*DATA_ARGS, "--init_from", str(folder), "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "OlmoeForCausalLM field head_dim=32" in err[0], err
+    assert not out.exists()

@@ -93,18 +93,11 @@ def to_ours(stock) -> dict:
     rope = dict(stock.rope_parameters or {})
     if rope.get("rope_type", "default") not in ROPE_TYPES:
         raise Unrepresentable("rope_parameters.rope_type", rope.get("rope_type"), f"supported: {', '.join(ROPE_TYPES)}")
-    if fmt == "mixtral" and stock.sliding_window is not None:
+    # A window at least as long as the context never hides a key: full attention.
+    if fmt == "mixtral" and stock.sliding_window is not None and stock.sliding_window < stock.max_position_embeddings:
         raise Unrepresentable("sliding_window", stock.sliding_window, "sliding-window attention")
     if getattr(stock, "use_sliding_window", False):  # Qwen3's: its sliding_window is unused without it
         raise Unrepresentable("use_sliding_window", True, "sliding-window attention")
-    ids = {
-        k: v if isinstance(v, int) else None
-        for k, v in (
-            ("bos_token_id", stock.bos_token_id),
-            ("eos_token_id", stock.eos_token_id),
-            ("pad_token_id", stock.pad_token_id),
-        )
-    }
     ours = dict(
         vocab_size=stock.vocab_size,
         hidden_size=stock.hidden_size,
@@ -122,7 +115,7 @@ def to_ours(stock) -> dict:
         tie_word_embeddings=bool(stock.tie_word_embeddings),
         initializer_range=stock.initializer_range,
         bias=False,
-        **ids,
+        **_token_ids(stock),
     )
     ours.update(_FAMILY[fmt](stock))
     return ours
@@ -138,10 +131,6 @@ def _gpt2_to_ours(s) -> dict:
     for field, ok, why in checks:
         if not ok:
             raise Unrepresentable(field, getattr(s, field), why)
-    ids = {
-        k: getattr(s, k) if isinstance(getattr(s, k), int) else None
-        for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-    }
     return dict(
         vocab_size=s.vocab_size,
         hidden_size=s.n_embd,
@@ -156,8 +145,21 @@ def _gpt2_to_ours(s) -> dict:
         bias=True,
         tie_word_embeddings=bool(s.tie_word_embeddings),
         initializer_range=s.initializer_range,
-        **ids,
+        **_token_ids(s),
     )
+
+
+def _token_ids(s) -> dict:
+    """bos, eos and pad ids, None where unset or malformed; eos may be a list (an instruct model stops on any)."""
+
+    def is_id(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    ids = {k: v if is_id(v := getattr(s, k)) else None for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    eos = s.eos_token_id
+    if isinstance(eos, list) and eos and all(is_id(v) for v in eos):
+        ids["eos_token_id"] = list(eos)
+    return ids
 
 
 def _llama(s) -> dict:
@@ -209,6 +211,10 @@ def _qwen3_moe(s) -> dict:
 
 
 def _olmoe(s) -> dict:
+    head_dim = getattr(s, "head_dim", None)
+    if head_dim is not None and head_dim * s.num_attention_heads != s.hidden_size:
+        # OLMoE's q/k norms are hidden_size wide whatever head_dim says: the stock class itself cannot run it.
+        raise Unrepresentable("head_dim", head_dim, "OLMoE needs head_dim * num_attention_heads = hidden_size")
     return dict(
         intermediate_size=s.intermediate_size,
         qk_norm="projection",
@@ -219,10 +225,11 @@ def _olmoe(s) -> dict:
 
 
 def _ernie(s) -> dict:
-    if s.use_bias:  # the exporter writes it (zeros) for a model without shared experts; a trained one is not ours
-        raise Unrepresentable("use_bias", True, "an LM-head bias and biased shared experts")
-    if getattr(s, "num_nextn_predict_layers", None):
-        raise Unrepresentable("num_nextn_predict_layers", s.num_nextn_predict_layers, "multi-token prediction")
+    # use_bias also gives the shared experts biases (ours have none) and the LM head one (which the logits
+    # check holds to zero, as our exporter writes it). The multi-token-prediction layers
+    # (num_nextn_predict_layers, `mtp*` tensors) are ignored, as the stock class ignores them on load.
+    if s.use_bias and s.moe_num_shared_experts:
+        raise Unrepresentable("use_bias", True, "biased shared experts")
     if s.moe_layer_end_index not in (-1, s.num_hidden_layers - 1) and s.moe_layer_end_index < s.num_hidden_layers:
         raise Unrepresentable("moe_layer_end_index", s.moe_layer_end_index, "dense layers after the MoE ones")
     if s.moe_norm_min > 1e-6:
@@ -234,6 +241,7 @@ def _ernie(s) -> dict:
         raise Unrepresentable("moe_layer_start_index", start, "no routed layer")
     return dict(
         intermediate_size=s.intermediate_size,
+        bias=bool(s.use_bias),
         skip_first_moe=first,
         moe_every=every,
         num_shared_experts=s.moe_num_shared_experts,
@@ -394,7 +402,12 @@ def _modern_block(c: MoEConfig) -> dict:
 
 def _routing(c: MoEConfig) -> dict:
     """The router fields Mixtral, Qwen3-MoE and OLMoE name as we do (Ernie names top-k `moe_k`)."""
-    return dict(num_experts_per_tok=c.num_experts_per_tok, router_aux_loss_coef=c.router_aux_loss_coef)
+    return dict(num_experts_per_tok=c.num_experts_per_tok, **_router_loss(c))
+
+
+def _router_loss(c: MoEConfig) -> dict:
+    # The stock classes add the pooled loss when output_router_logits is true, none when false (`router_aux_loss`).
+    return dict(router_aux_loss_coef=c.router_aux_loss_coef, output_router_logits=c.router_aux_loss == "stock")
 
 
 def _as_llama(c: MoEConfig) -> LlamaConfig:
@@ -466,7 +479,7 @@ def _as_ernie(c: MoEConfig) -> Ernie4_5_MoeConfig:
         moe_layer_end_index=c.num_hidden_layers - 1,
         moe_layer_interval=c.moe_every,
         moe_norm_min=0.0,
-        router_aux_loss_coef=c.router_aux_loss_coef,
+        **_router_loss(c),
         **_modern_block(c),
     )
 
