@@ -4,7 +4,9 @@
 stock classes of `standard.STANDARD_FORMATS`, and our `MoEConfig` fields for it. Anything else, or a field
 our model cannot reproduce, is an `ExportError` whose message is one line naming the field and its value,
 raised before any model is built. `check_import` then compares the stock class and the converted model on a
-fixed batch in fp32, the exporter's check run the other way: above `TOLERANCE` the import is refused.
+fixed batch in fp32, the exporter's check run the other way: above `TOLERANCE` the import is refused. Each model
+runs its own forward with one decoder layer read at a time (`stock_stream`), so the check's memory is the
+embeddings, the head and a layer, whatever the depth.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ from pathlib import Path
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
+from torch import nn
 
 from ..checkpoint.formats import ExportError
 from ..model.configuration import MoEConfig
 from ..model.modeling import MoEForCausalLM
+from ..model.routing import Router
 from .sources import NativeSource, SafetensorsFiles, StockSource, check_safetensors, has_safetensors
 from .standard import CLASS_NAMES, STANDARD_FORMATS, TOLERANCE, Unrepresentable, stock_config, to_ours
+from .stock_stream import NotStreamable, stock_logits, stream_logits
 from .upcycle import UpcycleSource, Upcycling
 
 NATIVE = "native"
@@ -141,19 +146,21 @@ def converted_model(init: InitFrom, config: MoEConfig) -> MoEForCausalLM:
 
 
 def check_import(init: InitFrom, config: MoEConfig) -> float:
-    """Max |logits(stock class) - logits(converted)| on a fixed batch in fp32; refused above TOLERANCE."""
-    from transformers import AutoModelForCausalLM
+    """Max |logits(stock class) - logits(converted)| on a fixed batch in fp32; refused above TOLERANCE.
 
+    Both forwards run with one decoder layer in memory at a time (`stock_stream`): the check holds the
+    embeddings, head and one layer, not the two whole models."""
     ids = torch.randint(
         config.vocab_size, (2, min(16, config.max_position_embeddings)), generator=torch.Generator().manual_seed(0)
     )
-    with torch.no_grad():
-        try:
-            ours = converted_model(init, config)(input_ids=ids, use_cache=False).logits
-        except ValueError as e:  # a tensor whose shape is not the one config.json gives it
-            raise ExportError(f"--init_from {init.folder}: {e}") from None
-        stock = AutoModelForCausalLM.from_pretrained(init.folder, dtype=torch.float32).eval()
-        theirs = stock(input_ids=ids, use_cache=False).logits
+    try:
+        ours = _streamed_logits(init, config, ids)
+    except ValueError as e:  # a tensor whose shape is not the one config.json gives it
+        raise ExportError(f"--init_from {init.folder}: {e}") from None
+    try:
+        theirs = stock_logits(init.folder, ids, CLASS_NAMES[init.fmt])
+    except NotStreamable as e:
+        raise ExportError(f"--init_from {init.folder}: {e}") from None
     diff = (theirs - ours).abs().max().item()
     if not diff <= TOLERANCE:  # also refuses NaN
         raise ExportError(
@@ -161,3 +168,32 @@ def check_import(init: InitFrom, config: MoEConfig) -> float:
             f"{CLASS_NAMES[init.fmt]}: max |logit difference| {diff:.3g} > {TOLERANCE:g} in fp32"
         )
     return diff
+
+
+def _streamed_logits(init: InitFrom, config: MoEConfig, ids: torch.Tensor) -> torch.Tensor:
+    """Our converted model's fp32 logits on `ids`, its decoder layers read one at a time from `init`'s folder."""
+    with torch.device("meta"):
+        model = MoEForCausalLM(config).float()
+    source = weight_source(init, config)
+    layers = model.model.layers
+    model.model.layers = nn.ModuleList()  # the rest (embeddings, norm, head, RoPE) as the training load fills it
+    model.load_weights(source)
+    model.model.layers = layers
+
+    def load(i: int, layer: nn.Module) -> None:
+        prefix = f"model.layers.{i}"
+        layer.to_empty(device="cpu")
+        for name, param in layer.named_parameters(prefix=prefix):
+            tensor = source.read(name)
+            if tensor.shape != param.shape:
+                raise ValueError(
+                    f"{name}: the checkpoint holds shape {tuple(tensor.shape)}, the model {tuple(param.shape)}"
+                )
+            param.copy_(tensor)
+        for name, router in layer.named_modules(prefix=prefix):
+            if isinstance(router, Router):  # the selection bias, zero when the stock class has none
+                router.load_sum.zero_()
+                bias = f"{name}.score_bias"
+                router.score_bias.copy_(source.read(bias) if source.has(bias) else torch.zeros_like(router.score_bias))
+
+    return stream_logits(model.eval(), layers, load, ids)
