@@ -39,9 +39,18 @@ def configs(vocab: int, experts: int = 4) -> dict[str, transformers.PretrainedCo
     t = transformers
     moe = dict(num_experts_per_tok=2, router_aux_loss_coef=0.0)
     return {
-        # Tied embeddings, as the released GPT-2 checkpoints are.
+        # Tied embeddings, as the released GPT-2 checkpoints are. Dropout off (released: 0.1, which
+        # tests/test_import_stock.py sets): the trained losses compared across layouts are then deterministic.
         "gpt2": t.GPT2Config(
-            vocab_size=vocab, n_embd=64, n_layer=3, n_head=4, n_positions=64, tie_word_embeddings=True
+            vocab_size=vocab,
+            n_embd=64,
+            n_layer=3,
+            n_head=4,
+            n_positions=64,
+            tie_word_embeddings=True,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
         ),
         # Llama 3.2-style: llama3 rope scaling and a tied head.
         "llama": t.LlamaConfig(

@@ -354,3 +354,28 @@ def test_olmoe_with_its_own_head_dim_is_refused_with_one_line(folders, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "OlmoeForCausalLM field head_dim=32" in err[0], err
     assert not out.exists()
+
+
+def test_dropout_is_carried_and_can_be_turned_off(folders, tmp_path):
+    from moe_dist.train.args import parse_args
+    from moe_dist.train.plan import plan_run
+
+    released = dict(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)  # GPT-2's
+    for folder, expected in (
+        (edited(folders, tmp_path, "gpt2", **released), (0.1, 0.1, 0.1)),
+        (edited(folders, tmp_path, "llama", attention_dropout=0.1), (0.1, 0.0, 0.0)),
+    ):
+        init = read_init_config(folder)
+        config = MoEConfig(**init.fields)
+        assert (config.attention_dropout, config.resid_dropout, config.embd_dropout) == expected
+        fmt = init.fmt
+        stock = standard_config(config, fmt)
+        back = (stock.attn_pdrop, stock.resid_pdrop, stock.embd_pdrop) if fmt == "gpt2" else stock.attention_dropout
+        assert back == (expected if fmt == "gpt2" else 0.1)  # and back, on export
+        model, ids = converted_model(init, config), batch(config.vocab_size)
+        with torch.no_grad():
+            assert not torch.equal(model.train()(input_ids=ids).logits, model(input_ids=ids).logits)  # training drops
+            assert torch.equal(model.eval()(input_ids=ids).logits, model(input_ids=ids).logits)
+        args = [*DATA_ARGS, "--init_from", str(folder), "--dropout", "off", "--output_dir", str(tmp_path / "run")]
+        off = plan_run(*parse_args(args)).model_config
+        assert off.attention_dropout == off.resid_dropout == off.embd_dropout == 0.0

@@ -115,6 +115,7 @@ def to_ours(stock) -> dict:
         tie_word_embeddings=bool(stock.tie_word_embeddings),
         initializer_range=stock.initializer_range,
         bias=False,
+        attention_dropout=0.0 if fmt == "ernie4_5_moe" else float(stock.attention_dropout),  # Ernie has none
         **_token_ids(stock),
     )
     ours.update(_FAMILY[fmt](stock))
@@ -145,6 +146,9 @@ def _gpt2_to_ours(s) -> dict:
         bias=True,
         tie_word_embeddings=bool(s.tie_word_embeddings),
         initializer_range=s.initializer_range,
+        attention_dropout=s.attn_pdrop,
+        resid_dropout=s.resid_pdrop,
+        embd_dropout=s.embd_pdrop,
         **_token_ids(s),
     )
 
@@ -369,7 +373,7 @@ def _shared(c: MoEConfig) -> dict:
 
 
 def _as_gpt2(c: MoEConfig) -> GPT2Config:
-    # tanh-GELU is GPT-2's `gelu_new`; dropout off: the export is for inference.
+    # tanh-GELU is GPT-2's `gelu_new`; the dropout is the model's (training only, as the stock class applies it).
     return GPT2Config(
         n_positions=c.max_position_embeddings,
         n_embd=c.hidden_size,
@@ -377,9 +381,9 @@ def _as_gpt2(c: MoEConfig) -> GPT2Config:
         n_head=c.num_attention_heads,
         n_inner=c.intermediate_size,
         activation_function="gelu_new",
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
+        resid_pdrop=c.resid_dropout,
+        embd_pdrop=c.embd_dropout,
+        attn_pdrop=c.attention_dropout,
         layer_norm_epsilon=c.norm_eps,
         **_shared(c),
     )
@@ -396,6 +400,7 @@ def _modern_block(c: MoEConfig) -> dict:
         max_position_embeddings=c.max_position_embeddings,
         rms_norm_eps=c.norm_eps,
         rope_parameters=dict(c.rope_parameters),
+        attention_dropout=c.attention_dropout,  # Ernie's attention has none: there it is only a record
         **_shared(c),
     )
 

@@ -186,6 +186,11 @@ class MoEConfig(PretrainedConfig):
     qk_norm: str | None = None
     clip_qkv: float | None = None  # clamp q, k and v to [-clip_qkv, clip_qkv] after the norm (OLMoE)
     bias: bool = True  # biases in attention, LayerNorm and the dense FFN (GPT-2)
+    # Dropout, training only: on the attention probabilities (every class's attention_dropout, GPT-2's
+    # attn_pdrop), on each block's attention and FFN outputs (GPT-2's resid_pdrop), on the embeddings (embd_pdrop).
+    attention_dropout: float = 0.0
+    resid_dropout: float = 0.0
+    embd_dropout: float = 0.0
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
     use_cache: bool = True
@@ -340,8 +345,9 @@ def _check_coefficients(config: MoEConfig) -> None:
     ):
         if getattr(config, field) < 0:
             raise _invalid(config, field, "must be >= 0 (a coefficient or rate cannot be negative)")
-    if not 0 <= config.router_jitter_noise < 1:
-        raise _invalid(config, "router_jitter_noise", "must be in [0, 1)")
+    for field in ("router_jitter_noise", "attention_dropout", "resid_dropout", "embd_dropout"):
+        if not 0 <= getattr(config, field) < 1:
+            raise _invalid(config, field, "must be in [0, 1)")
     for field in ("capacity_factor", "eval_capacity_factor"):
         if getattr(config, field) is not None and getattr(config, field) <= 0:
             raise _invalid(config, field, "must be > 0, or None for dropless routing")

@@ -141,7 +141,8 @@ class Attention(nn.Module):
         attend: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        y_BSHd, _ = attend(self, q, k, v, attention_mask, scaling=self.scaling, dropout=0.0)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        y_BSHd, _ = attend(self, q, k, v, attention_mask, scaling=self.scaling, dropout=dropout)
         return self.o_proj(y_BSHd.reshape(B, S, -1))
 
 
@@ -158,12 +159,14 @@ class DecoderLayer(GradientCheckpointingLayer):
             if config.is_moe_layer(layer_idx)
             else FeedForward(config.hidden_size, config.intermediate_size, config.hidden_act, config.bias)
         )
+        self.resid_dropout = nn.Dropout(config.resid_dropout)
 
     def forward(self, x_BSD, position_embeddings=None, attention_mask=None, cache=None):
-        x_BSD = x_BSD + self.self_attn(self.input_norm(x_BSD), position_embeddings, attention_mask, cache)
+        attn_BSD = self.self_attn(self.input_norm(x_BSD), position_embeddings, attention_mask, cache)
+        x_BSD = x_BSD + self.resid_dropout(attn_BSD)
         out = self.mlp(self.post_attention_norm(x_BSD))
         ffn_BSD, router_loss = out if isinstance(out, tuple) else (out, x_BSD.new_zeros(()))
-        return x_BSD + ffn_BSD, router_loss
+        return x_BSD + self.resid_dropout(ffn_BSD), router_loss
 
 
 class MoEPreTrainedModel(PreTrainedModel):
@@ -237,6 +240,7 @@ class MoEModel(MoEPreTrainedModel):
         learned = config.position_embedding_type == "learned"
         self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size) if learned else None
         self.rotary_emb = None if learned else RotaryEmbedding(config)
+        self.embd_dropout = nn.Dropout(config.embd_dropout)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = build_norm(config)
         self.gradient_checkpointing = False
@@ -282,6 +286,7 @@ class MoEModel(MoEPreTrainedModel):
             x_BSD = x_BSD + self.embed_positions(position_ids.clamp_min(0))  # left padding has negative ids
         else:
             rope = self.rotary_emb(position_ids, x_BSD.dtype)
+        x_BSD = self.embd_dropout(x_BSD)
 
         router_loss = x_BSD.new_zeros((), dtype=torch.float32)
         for layer in self.layers:

@@ -95,6 +95,10 @@ class ModelArgs:
         1,
     )
     grad_ckpt: bool = _help("activation checkpointing of every block", False)
+    dropout: str | None = _help(
+        "off: no dropout (attention, residual, embedding), whatever the preset or --init_from's config "
+        "sets (GPT-2 releases train with 0.1); default: theirs"
+    )
 
     @property
     def preset(self) -> str:
@@ -114,6 +118,10 @@ class ModelArgs:
             for f in fields(self)
             if f.name in MoEConfig.__dataclass_fields__ and getattr(self, f.name) is not None
         }
+        if self.dropout not in (None, "off"):
+            raise ConfigError(f"--dropout {self.dropout!r} is invalid: the one value is off (default: the model's own)")
+        if self.dropout == "off":
+            overrides.update(attention_dropout=0.0, resid_dropout=0.0, embd_dropout=0.0)
         if self.dropless:
             if self.capacity_factor is not None:
                 raise ConfigError("--dropless and --capacity_factor contradict each other; pass one")
