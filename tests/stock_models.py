@@ -23,6 +23,7 @@ SHAPE = dict(
     max_position_embeddings=64,
     rms_norm_eps=1e-6,
 )
+GPT2_SHAPE = dict(n_embd=64, n_layer=3, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -41,17 +42,7 @@ def configs(vocab: int, experts: int = 4) -> dict[str, transformers.PretrainedCo
     return {
         # Tied embeddings, as the released GPT-2 checkpoints are. Dropout off (released: 0.1, which
         # tests/test_import_stock.py sets): the trained losses compared across layouts are then deterministic.
-        "gpt2": t.GPT2Config(
-            vocab_size=vocab,
-            n_embd=64,
-            n_layer=3,
-            n_head=4,
-            n_positions=64,
-            tie_word_embeddings=True,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        ),
+        "gpt2": t.GPT2Config(vocab_size=vocab, tie_word_embeddings=True, **GPT2_SHAPE),
         # Llama 3.2-style: llama3 rope scaling and a tied head.
         "llama": t.LlamaConfig(
             vocab_size=vocab,
