@@ -88,3 +88,31 @@ def test_a_stock_tensor_the_folder_lacks_is_one_line(folders, tmp_path):
         check_import(init, init_config(init))
     message = str(e.value)
     assert len(message.splitlines()) == 1 and "model.layers.1.post_attention_layernorm.weight" in message
+
+
+@pytest.mark.parametrize(
+    "change, said",
+    [("extra", "has no place for the folder's tensor 'model.layers.0.extra.weight'"), ("missing", "holds no tensor")],
+)
+def test_the_exporters_stock_check_streams_without_moe_dist_and_refuses_a_folder_off_its_class(
+    folders, tmp_path, change, said
+):
+    from moe_dist.export.standard_export import stock_logits_diff
+
+    whole = transformers.AutoModelForCausalLM.from_pretrained(folders["mixtral"], dtype=torch.float32).eval()
+    batch = ids(whole.config.vocab_size)
+    with torch.no_grad():
+        expected = whole(input_ids=batch, use_cache=False).logits
+    assert stock_logits_diff(folders["mixtral"], "MixtralForCausalLM", batch, expected) == 0.0
+    folder = tmp_path / "mixtral"
+    folder.mkdir()
+    (folder / "config.json").write_text((folders["mixtral"] / "config.json").read_text())
+    weights = load_file(folders["mixtral"] / "model.safetensors")
+    if change == "extra":
+        weights["model.layers.0.extra.weight"] = torch.zeros(2)
+    else:
+        del weights["model.layers.2.input_layernorm.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ExportError) as e:
+        stock_logits_diff(folder, "MixtralForCausalLM", batch, expected)
+    assert said in str(e.value) and len(str(e.value).splitlines()) == 1

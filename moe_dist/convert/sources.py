@@ -97,6 +97,11 @@ class SafetensorsFiles:
         """The tensor's shape from its file's header, without reading it."""
         return tuple(self._file(key).get_slice(key).get_shape())
 
+    def close(self) -> None:
+        """Unmap the files read so far (reopened when read again): each page of a mapped file that was read
+        counts in the process's RSS while it stays mapped, so a reader of one layer at a time closes between."""
+        self._open.clear()
+
     def _file(self, key: str):
         if key not in self.weight_map:
             raise ExportError(f"{self.folder}: the checkpoint has no tensor {key!r}")

@@ -179,6 +179,7 @@ def _streamed_logits(init: InitFrom, config: MoEConfig, ids: torch.Tensor) -> to
     model.model.layers = nn.ModuleList()  # the rest (embeddings, norm, head, RoPE) as the training load fills it
     model.load_weights(source)
     model.model.layers = layers
+    source.files.close()
 
     def load(i: int, layer: nn.Module) -> None:
         prefix = f"model.layers.{i}"
@@ -195,5 +196,6 @@ def _streamed_logits(init: InitFrom, config: MoEConfig, ids: torch.Tensor) -> to
                 router.load_sum.zero_()
                 bias = f"{name}.score_bias"
                 router.score_bias.copy_(source.read(bias) if source.has(bias) else torch.zeros_like(router.score_bias))
+        source.files.close()
 
     return stream_logits(model.eval(), layers, load, ids)
