@@ -1,16 +1,22 @@
-"""Memory and time of `--init_from` a stock MoE checkpoint, per rank, as E and the EP size grow.
+"""Memory and time of `--init_from` a stock MoE checkpoint and of its export, per process, as E, the depth and
+the EP size grow.
 
-For each expert count E (`--experts`) the tool saves a random `Qwen3MoeForCausalLM` folder in bf16 (the
-shape set by `--hidden_size`, `--layers`, `--moe_width`), then:
-- measures the exactness check (`convert.stock_import.check_import`: the stock class and the converted model,
-  both in fp32, in one process, as rank 0 runs it when a run starts) in a fresh process;
+For each expert count E (`--experts`) and depth (`--layers`, one or more) the tool saves a random
+`Qwen3MoeForCausalLM` folder in bf16 (the shape set by `--hidden_size`, `--moe_width`), then:
+- measures the exactness check (`convert.stock_import.check_import`: the stock class and the converted model in
+  fp32, each run one decoder layer at a time, as rank 0 runs it when a run starts) in a fresh process;
+- with `--export`, writes the converted model as our checkpoint (accelerate layout, fp32) and measures
+  `python -m moe_dist.export CKPT OUT --format qwen3_moe` in a fresh process: its own peak RSS and that of the
+  stock-class check it starts (a child: getrusage of its children);
 - for each EP size P (`--ep`), launches P CPU ranks through the `deepspeed` launcher (`--worker`); each rank
   builds the model on the meta device and fills it as the trainer does (`DeepSpeedEngine.shard`: experts
   sharded first, then each rank reads the replicated tensors and its own E/P experts from the safetensors).
 Every process records its peak RSS (getrusage) before and after, and the load's wall time. Results:
-`import.json` and `report.md` in `--out`, with the checkpoint's fp32 size for scale.
+`import.json` and `report.md` in `--out`, with the checkpoint's fp32 size for scale and each peak as a multiple
+of it.
 
     python tools/profile_import.py --experts 16 64 128 --ep 1 2 4 --out docs/import
+    python tools/profile_import.py --experts 32 --layers 4 8 16 --ep --export --out docs/import/depth
 """
 
 from __future__ import annotations
@@ -34,17 +40,22 @@ MB = 2**20
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's peak RSS since its exec (VmHWM). Not getrusage: its ru_maxrss keeps the RSS the process
+    had before exec, which after subprocess's vfork is the parent's peak (the tool's, which saved the model)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: an upper bound
 
 
-def save_stock(folder: Path, args, experts: int) -> int:
+def save_stock(folder: Path, args, experts: int, layers: int) -> int:
     """A random Qwen3-MoE folder in bf16; returns its parameter count."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     config = Qwen3MoeConfig(
         vocab_size=args.vocab_size,
         hidden_size=args.hidden_size,
-        num_hidden_layers=args.layers,
+        num_hidden_layers=layers,
         num_attention_heads=8,
         num_key_value_heads=2,
         head_dim=args.hidden_size // 8,
@@ -73,6 +84,59 @@ def check_worker(folder: str) -> dict:
     before, t0 = peak_rss_mb(), time.perf_counter()
     diff = check_import(init, MoEConfig(**init.fields))
     return {"diff": diff, "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(), "rss_before_mb": before}
+
+
+def save_ours(stock: Path, ckpt: Path) -> None:
+    """The converted model as our checkpoint (config + accelerate/model.safetensors, fp32): what the exporter reads."""
+    from safetensors.torch import save_file
+
+    from moe_dist import MoEConfig
+    from moe_dist.checkpoint.formats import ACCELERATE_WEIGHTS
+    from moe_dist.convert.stock_import import converted_model, read_init_config
+
+    init = read_init_config(stock)
+    model = converted_model(init, MoEConfig(**init.fields))
+    (ckpt / ACCELERATE_WEIGHTS).parent.mkdir(parents=True)
+    model.config.save_pretrained(ckpt)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, ckpt / ACCELERATE_WEIGHTS)
+
+
+def export_worker(ckpt: str) -> dict:
+    """`python -m moe_dist.export` in this process, as a user runs it (its stock check is a child process,
+    measured on its own by `stock_check_worker`)."""
+    from moe_dist.export.cli import main as export_main
+
+    out = Path(ckpt).parent / "export"
+    before, t0 = peak_rss_mb(), time.perf_counter()
+    code = export_main([ckpt, str(out), "--format", "qwen3_moe"])
+    return {
+        "exit": code,
+        "seconds": time.perf_counter() - t0,
+        "rss_before_mb": before,
+        "peak_rss_mb": peak_rss_mb(),
+        "files": sorted(p.name for p in out.iterdir()),
+    }
+
+
+def stock_check_worker(folder: str) -> dict:
+    """The export's stock-class check again on the exported folder, in this fresh process: what
+    export/stock_logits.py runs in its child (convert/stock_stream.py loaded by path, strict), on a batch of the
+    exporter's shape. This process has imported moe_dist for the tool, so the script's own guard against that
+    is left out."""
+    import importlib.util
+
+    import moe_dist.convert
+
+    script = Path(moe_dist.convert.__file__).with_name("stock_stream.py")
+    spec = importlib.util.spec_from_file_location("stock_stream_script", script)
+    stream = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stream)
+    before, t0 = peak_rss_mb(), time.perf_counter()
+    stream.stock_logits(folder, torch.zeros(2, 16, dtype=torch.long), "Qwen3MoeForCausalLM", strict=True)
+    return {"seconds": time.perf_counter() - t0, "rss_before_mb": before, "peak_rss_mb": peak_rss_mb()}
 
 
 def load_worker(folder: str, ep_size: int) -> dict | None:
@@ -123,7 +187,7 @@ def launch(args, *worker: str, ranks: int = 1) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-        if worker[0] == "--check":
+        if worker[0] in ("--check", "--export_ckpt", "--stock_check"):
             cmd = [sys.executable, __file__, *worker, "--result", str(result)]
         else:
             launcher, extra = deepspeed_launcher(ranks, {**env, "CUDA_VISIBLE_DEVICES": ""})
@@ -143,31 +207,55 @@ def report(result: dict) -> str:
         "",
         f"Machine: {result['machine']}",
         "",
-        "Per-rank peak RSS after the load (whole process: ~0.4-0.6 GB is Python, torch, DeepSpeed and "
-        "transformers, `rss_before`), and the exactness check's process, which holds the stock class and the "
-        "converted model in fp32.",
+        "Peak RSS of each process (whole process: ~0.4-0.7 GB is Python, torch, DeepSpeed and transformers, "
+        "`before`), in MB and as a multiple of the model's fp32 size (x). The check runs the stock class and the "
+        "converted model one decoder layer at a time; the export is `python -m moe_dist.export --format "
+        "qwen3_moe` of the fp32 checkpoint, and its stock-class check is the child process it starts.",
         "",
-        "| experts | params | fp32 size (MB) | check: peak RSS (MB), s | EP | per-rank peak RSS (MB) | "
-        "before load (MB) | params held per rank | load s (max) |",
-        "|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| experts | layers | params | fp32 size (MB) | check: peak RSS (MB, x), s | export: peak RSS (MB, x), s | "
+        "export's stock check (MB, x) |",
+        "|---:|---:|---:|---:|---|---|---|",
     ]
     for row in result["rows"]:
-        check = row["check"]
-        for load in row["loads"]:
-            ranks = load["ranks"]
-            lines.append(
-                f"| {row['experts']} | {row['params'] / 1e6:.0f}M | {row['params'] * 4 / MB:,.0f} | "
-                f"{check['peak_rss_mb']:,.0f}, {check['seconds']:.1f} | {load['ep_size']} | "
-                f"{max(r['peak_rss_mb'] for r in ranks):,.0f} | {max(r['rss_before_mb'] for r in ranks):,.0f} | "
-                f"{max(r['params_held'] for r in ranks) / 1e6:.0f}M | {max(r['seconds'] for r in ranks):.1f} |"
-            )
+        fp32 = row["params"] * 4 / MB
+        check, export = row["check"], row.get("export")
+        cells = [f"{check['peak_rss_mb']:,.0f} ({check['peak_rss_mb'] / fp32:.2f}x), {check['seconds']:.1f}"]
+        if export is not None:
+            cells += [
+                f"{export['peak_rss_mb']:,.0f} ({export['peak_rss_mb'] / fp32:.2f}x), {export['seconds']:.1f}",
+                f"{export['stock_check']['peak_rss_mb']:,.0f} ({export['stock_check']['peak_rss_mb'] / fp32:.2f}x)",
+            ]
+        else:
+            cells += ["-", "-"]
+        lines.append(
+            f"| {row['experts']} | {row['layers']} | {row['params'] / 1e6:.0f}M | {fp32:,.0f} | {' | '.join(cells)} |"
+        )
+    loads = [(row, load) for row in result["rows"] for load in row["loads"]]
+    if loads:
+        lines += [
+            "",
+            "Per-rank load, as the trainer shards it:",
+            "",
+            "| experts | layers | EP | per-rank peak RSS (MB) | before load (MB) | params held per rank | "
+            "load s (max) |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+    for row, load in loads:
+        ranks = load["ranks"]
+        lines.append(
+            f"| {row['experts']} | {row['layers']} | {load['ep_size']} | {max(r['peak_rss_mb'] for r in ranks):,.0f} | "
+            f"{max(r['rss_before_mb'] for r in ranks):,.0f} | {max(r['params_held'] for r in ranks) / 1e6:.0f}M | "
+            f"{max(r['seconds'] for r in ranks):.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.check or args.load:
-        out = check_worker(args.check) if args.check else load_worker(args.load, args.ep_size)
+    workers = {"check": check_worker, "export_ckpt": export_worker, "stock_check": stock_check_worker}
+    chosen = [(name, getattr(args, name)) for name in workers if getattr(args, name)]
+    if chosen or args.load:
+        out = workers[chosen[0][0]](chosen[0][1]) if chosen else load_worker(args.load, args.ep_size)
         if out is not None:
             Path(args.result).write_text(json.dumps(out))
         return 0
@@ -178,25 +266,12 @@ def main(argv=None) -> int:
         what="--out",
         legacy=lambda d: is_our_json(d / "import.json", ("command", "rows")),
     )
-    shape = (
-        f"Qwen3-MoE, d {args.hidden_size}, {args.layers} layers, experts of width {args.moe_width}, top-8, "
-        f"vocab {args.vocab_size}"
-    )
+    shape = f"Qwen3-MoE, d {args.hidden_size}, experts of width {args.moe_width}, top-8, vocab {args.vocab_size}"
     rows = []
     for experts in args.experts:
-        with tempfile.TemporaryDirectory() as tmp:
-            params = save_stock(Path(tmp) / "stock", args, experts)
-            print(f"E={experts}: {params / 1e6:.0f}M parameters", flush=True)
-            check = launch(args, "--check", str(Path(tmp) / "stock"))
-            loads = [
-                launch(args, "--load", str(Path(tmp) / "stock"), "--ep_size", str(p), ranks=p)
-                for p in args.ep
-                if experts % p == 0
-            ]
-            rows.append({"experts": experts, "params": params, "check": check, "loads": loads})
-            print(
-                report({"shape": shape, "command": "", "machine": "", "rows": rows[-1:]}).splitlines()[-1], flush=True
-            )
+        for layers in args.layers:
+            rows.append(measure(args, experts, layers))
+            print(report({"shape": shape, "command": "", "machine": "", "rows": rows[-1:]}), flush=True)
     result = {"command": command_line("python"), "machine": machine(torch.device("cpu")), "shape": shape, "rows": rows}
     write_json(out / "import.json", result)
     (out / "report.md").write_text(report(result))
@@ -204,17 +279,37 @@ def main(argv=None) -> int:
     return 0
 
 
+def measure(args, experts: int, layers: int) -> dict:
+    """One (E, depth): the check, the export (with --export) and the EP loads, each in fresh processes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        stock = Path(tmp) / "stock"
+        params = save_stock(stock, args, experts, layers)
+        print(f"E={experts}, {layers} layers: {params / 1e6:.0f}M parameters", flush=True)
+        row = {"experts": experts, "layers": layers, "params": params, "check": launch(args, "--check", str(stock))}
+        if args.export:
+            save_ours(stock, Path(tmp) / "ckpt")
+            row["export"] = launch(args, "--export_ckpt", str(Path(tmp) / "ckpt"))
+            row["export"]["stock_check"] = launch(args, "--stock_check", str(Path(tmp) / "export"))
+        row["loads"] = [
+            launch(args, "--load", str(stock), "--ep_size", str(p), ranks=p) for p in args.ep if experts % p == 0
+        ]
+    return row
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--experts", type=int, nargs="+", default=[16, 64])
-    p.add_argument("--ep", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--ep", type=int, nargs="*", default=[1, 2, 4], help="EP sizes of the per-rank load (none: skip)")
     p.add_argument("--hidden_size", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--layers", type=int, nargs="+", default=[8], help="depths to measure")
+    p.add_argument("--export", action="store_true", help="also measure the export of the converted checkpoint")
     p.add_argument("--moe_width", type=int, default=512)
     p.add_argument("--vocab_size", type=int, default=4096)
     p.add_argument("--out", default="docs/import")
     p.add_argument("--check", help=argparse.SUPPRESS)
     p.add_argument("--load", help=argparse.SUPPRESS)
+    p.add_argument("--export_ckpt", help=argparse.SUPPRESS)
+    p.add_argument("--stock_check", help=argparse.SUPPRESS)
     p.add_argument("--ep_size", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
