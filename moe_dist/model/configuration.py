@@ -74,6 +74,17 @@ _MODERN = dict(
     router_bias_update_rate=1e-3,
     router_z_loss_coef=1e-3,
 )
+# The modern block at CPU size: the base of the tiny modern presets below.
+_TINY_MODERN = dict(
+    _MODERN,
+    hidden_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=352,
+    moe_intermediate_size=176,
+    max_position_embeddings=128,
+)
 
 PRESETS: dict[str, dict] = {
     "seed-baseline": dict(_SEED),
@@ -87,41 +98,18 @@ PRESETS: dict[str, dict] = {
     "tiny-dense": dict(_TINY),
     # Same active parameters as tiny-dense: one expert of the dense FFN's size per token.
     "tiny-moe": dict(_TINY, num_local_experts=8, num_experts_per_tok=1),
-    "tiny-modern": dict(
-        _MODERN,
-        hidden_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=352,
-        moe_intermediate_size=176,
-        max_position_embeddings=128,
-    ),
+    "tiny-modern": dict(_TINY_MODERN),
     # CPU-sized modern presets exportable by construction (python -m moe_dist.export RUN OUT --format ...).
     # mixtral-tiny: every FFN routed, renormalised softmax top-2, balanced by the aux loss (Mixtral has no
     # selection bias and no shared experts).
     "mixtral-tiny": dict(
-        _MODERN,
-        hidden_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=352,
-        moe_intermediate_size=176,
-        max_position_embeddings=128,
+        _TINY_MODERN,
         router_aux_loss_coef=0.01,
         router_bias_update_rate=0.0,
     ),
     # ernie-tiny: Ernie 4.5's block: a dense first layer, one shared expert, aux-loss-free bias balancing.
     "ernie-tiny": dict(
-        _MODERN,
-        hidden_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=352,
-        moe_intermediate_size=176,
-        max_position_embeddings=128,
+        _TINY_MODERN,
         num_shared_experts=1,
         skip_first_moe=1,
     ),
