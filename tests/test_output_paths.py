@@ -1,11 +1,11 @@
-"""No command removes or replaces a file or folder it did not write (issues 23 and 28).
+"""No command removes or replaces a file or folder it did not write.
 
 Each command that writes a folder (or a JSON file) is pointed at (a) a missing folder, (b) an empty one,
 (c) its own previous output, (d) a folder holding an unrelated file, (e) a folder where an unrelated file
 has a name the command writes. (a)-(c) work; (d) works without touching the file or ends with one line
 and exit 2; (e) ends with one line and exit 2. Every unrelated file keeps its bytes and its mtime.
 
-An export replaces a folder only when it can prove every file in it is its own (issue 28): listed by the
+An export replaces a folder only when it can prove every file in it is its own: listed by the
 folder's record with an unchanged size and sha256, or, with no record, a file of an untouched export from
 before records, checked file for file (moe_dist/export/old_exports.py). A folder that cannot be written
 ends with one line and exit 2 as well. Each refusal prints how long it took.

@@ -1,4 +1,4 @@
-"""Sparse upcycling (issue 21): a dense model's FFNs become E experts, and the step-0 model is what the flags say.
+"""Sparse upcycling: a dense model's FFNs become E experts, and the step-0 model is what the flags say.
 
 With renormalised top-k gates the upcycled model computes the dense function (fp32, 1e-5) for k = 1 and 2;
 noise and Drop-Upcycling's re-initialisation change exactly what they are asked to; bad input is one line

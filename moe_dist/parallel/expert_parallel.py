@@ -73,7 +73,7 @@ class _PrecomputedGate(nn.Module):
             # size; take the largest per-expert count in the group, as DeepSpeed does.
             largest = counts_E.max().reshape(1)
             dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=self.ep_group)
-            # The layer's one host sync under EP (issue 13): the buffer size is a shape, and
+            # The layer's one host sync under EP (a cost the speed benchmarks count): the buffer size is a shape, and
             # every rank must agree on it before the all-to-all. Capacity routing needs none.
             capacity = max(int(largest), 1)
         keep_KT = routing.keep_TK.t()

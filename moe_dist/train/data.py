@@ -329,7 +329,7 @@ def _train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     bpe.train_from_iterator(texts, trainer=trainer)
-    # Without bos/eos/pad, eos_token_id is None and generate() never stops (DESIGN.md, pitfalls).
+    # Without bos/eos/pad, eos_token_id is None and generate() never stops (docs/design.md, other library pitfalls).
     # No space clean-up on decode, so decode(encode(text)) == text.
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe,
@@ -532,7 +532,7 @@ class BlockSampler:
     Each optimizer step takes the next global batch (micro_batch_size * grad_accum * world_size
     blocks) of a per-epoch permutation; the epoch tail that cannot fill a global batch is dropped,
     so every rank gets exactly micro_batch_size blocks per micro-step: expert-parallel all-to-all
-    needs equal token counts across ranks (DESIGN.md §3). The position is just the number of
+    needs equal token counts across ranks (docs/design.md, DeepSpeed traps). The position is just the number of
     global steps consumed, so resuming in a new process continues exactly where it stopped.
     """
 
