@@ -477,7 +477,9 @@ def build(args):
         ModelArgs(
             model=args.model, capacity_factor=args.capacity_factor, dropless=args.dropless, vocab_size=args.vocab_size
         ),
-        DataConfig(seq_len=args.seq_len),
+        # Token ids are drawn at random below the vocabulary, so no tokenizer is read: name one of exactly that
+        # size, or the planner weighs the default GPT-2 one (50,257 tokens) against a smaller --vocab_size.
+        DataConfig(seq_len=args.seq_len, tokenizer=f"train:{args.vocab_size}" if args.vocab_size else "gpt2"),
         RunArgs(output_dir=args.out, seed=args.seed, max_steps=args.warmup_steps + args.steps),
         EngineArgs(deepspeed=args.deepspeed),
     )
