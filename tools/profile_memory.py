@@ -253,7 +253,8 @@ def worker(args) -> None:
 
     plan = plan_run(
         ModelArgs(model=args.preset, vocab_size=args.vocab_size, grad_ckpt=args.grad_ckpt),
-        DataConfig(seq_len=args.seq_len),
+        # Random token ids, no tokenizer read: name one of exactly --vocab_size tokens (as profile_alltoall).
+        DataConfig(seq_len=args.seq_len, tokenizer=f"train:{args.vocab_size}" if args.vocab_size else "gpt2"),
         RunArgs(output_dir=str(Path(args.worker) / "run"), seed=args.seed, max_steps=args.max_steps + args.timed_steps),
         EngineArgs(deepspeed=args.measure[0]),
     )
