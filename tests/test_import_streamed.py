@@ -103,7 +103,9 @@ def test_the_exporters_stock_check_streams_without_moe_dist_and_refuses_a_folder
     batch = ids(whole.config.vocab_size)
     with torch.no_grad():
         expected = whole(input_ids=batch, use_cache=False).logits
-    assert stock_logits_diff(folders["mixtral"], "MixtralForCausalLM", batch, expected) == 0.0
+    # The same class on the same weights, in another interpreter: its matmuls may split their sums over threads
+    # differently (7e-7 seen in CI), so the bound is a float32 rounding one, far under the exporter's TOLERANCE.
+    assert stock_logits_diff(folders["mixtral"], "MixtralForCausalLM", batch, expected) <= 1e-5
     folder = tmp_path / "mixtral"
     folder.mkdir()
     (folder / "config.json").write_text((folders["mixtral"] / "config.json").read_text())
