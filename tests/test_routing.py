@@ -283,9 +283,9 @@ def test_router_stays_fp32_under_bf16_autocast(monkeypatch):
 
     seen_logits, z_loss = [], routing.router_z_loss
 
-    def recording_z_loss(*, logits_TE):
+    def recording_z_loss(*, logits_TE, real_T=None):
         seen_logits.append(logits_TE)
-        return z_loss(logits_TE=logits_TE)
+        return z_loss(logits_TE=logits_TE, real_T=real_T)
 
     monkeypatch.setattr(routing, "router_z_loss", recording_z_loss)
     router = make_block(

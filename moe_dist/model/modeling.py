@@ -36,6 +36,9 @@ from .routing import Router, total_router_loss
 CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
+IGNORE_INDEX = -100  # labels the loss leaves out (transformers' ignore_index): prompts and padding
+
+
 def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
     if cache is not None and past_key_values is not None:
         raise ValueError("pass the KV cache once, as `cache` (or the older name `past_key_values`)")
@@ -123,7 +126,7 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(norm_width[0], eps=config.norm_eps) if norm_width else None
         self.k_norm = nn.RMSNorm(norm_width[1], eps=config.norm_eps) if norm_width else None
 
-    def forward(self, x_BSD, position_embeddings, attention_mask, cache: Cache | None):
+    def forward(self, x_BSD, position_embeddings, attention_mask, cache: Cache | None, position_ids=None):
         B, S, _ = x_BSD.shape
         q, k, v = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)  # (B, S, H*hd), (B, S, Hkv*hd) x 2
         if self.config.qk_norm == "projection":
@@ -142,7 +145,11 @@ class Attention(nn.Module):
             self.config._attn_implementation, eager_attention_forward
         )
         dropout = self.config.attention_dropout if self.training else 0.0
-        y_BSHd, _ = attend(self, q, k, v, attention_mask, scaling=self.scaling, dropout=dropout)
+        # position_ids: FlashAttention finds packed sequences from where they restart (its varlen path); sdpa and
+        # eager take them from the block-diagonal mask instead.
+        y_BSHd, _ = attend(
+            self, q, k, v, attention_mask, scaling=self.scaling, dropout=dropout, position_ids=position_ids
+        )
         return self.o_proj(y_BSHd.reshape(B, S, -1))
 
 
@@ -161,10 +168,13 @@ class DecoderLayer(GradientCheckpointingLayer):
         )
         self.resid_dropout = nn.Dropout(config.resid_dropout)
 
-    def forward(self, x_BSD, position_embeddings=None, attention_mask=None, cache=None):
-        attn_BSD = self.self_attn(self.input_norm(x_BSD), position_embeddings, attention_mask, cache)
+    def forward(
+        self, x_BSD, position_embeddings=None, attention_mask=None, cache=None, position_ids=None, real_BS=None
+    ):
+        attn_BSD = self.self_attn(self.input_norm(x_BSD), position_embeddings, attention_mask, cache, position_ids)
         x_BSD = x_BSD + self.resid_dropout(attn_BSD)
-        out = self.mlp(self.post_attention_norm(x_BSD))
+        h_BSD = self.post_attention_norm(x_BSD)
+        out = self.mlp(h_BSD) if isinstance(self.mlp, FeedForward) else self.mlp(h_BSD, real_BS)
         ffn_BSD, router_loss = out if isinstance(out, tuple) else (out, x_BSD.new_zeros(()))
         return x_BSD + self.resid_dropout(ffn_BSD), router_loss
 
@@ -261,8 +271,12 @@ class MoEModel(MoEPreTrainedModel):
         inputs_embeds=None,
         use_cache=None,
         past_key_values=None,
+        real_tokens=None,
         **kwargs,
     ) -> MoEModelOutput:
+        """Packed sequences: `position_ids` restarting at 0 where each one starts, no `attention_mask` and no
+        cache; transformers' `create_causal_mask` then keeps attention inside each sequence. `real_tokens`
+        (bool, B x S) leaves the padding out of the routing losses and statistics."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x_BSD = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -291,7 +305,12 @@ class MoEModel(MoEPreTrainedModel):
         router_loss = x_BSD.new_zeros((), dtype=torch.float32)
         for layer in self.layers:
             x_BSD, layer_loss = layer(
-                x_BSD, position_embeddings=rope, attention_mask=mask, cache=cache if use_cache else None
+                x_BSD,
+                position_embeddings=rope,
+                attention_mask=mask,
+                cache=cache if use_cache else None,
+                position_ids=position_ids,
+                real_BS=real_tokens,
             )
             router_loss = router_loss + layer_loss  # the stock form's vectors add up as its formula pools them
         c = self.config
@@ -326,11 +345,15 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         use_cache=None,
         logits_to_keep=0,
         past_key_values=None,
+        real_tokens=None,
+        num_items_in_batch=None,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
         """`labels` follow the HF convention (shifted here); `shift_labels` are already aligned
         with the inputs, as the trainer's packed `seq_len + 1` blocks give them. The KV cache comes
-        as `cache` (transformers >= 5.24) or `past_key_values` (older callers)."""
+        as `cache` (transformers >= 5.24) or `past_key_values` (older callers). With `num_items_in_batch`
+        the loss is the sum over the labelled tokens divided by it (transformers' convention), so that a
+        caller can normalise over a whole optimizer step; `real_tokens`: see `MoEModel.forward`."""
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -338,6 +361,7 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
             cache=_one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            real_tokens=real_tokens,
         )
         logits = self.lm_head(slice_logits_to_keep(out.last_hidden_state, logits_to_keep))
         router_loss = out.router_loss
@@ -352,6 +376,7 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
                 labels=labels,
                 vocab_size=self.config.vocab_size,
                 shift_labels=None if shift_labels is None else shift_labels.contiguous(),
+                num_items_in_batch=num_items_in_batch,
             )
             if self.training:
                 loss = loss + router_loss

@@ -256,9 +256,10 @@ class MoEBlock(nn.Module):
             else None
         )
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x_BSD: torch.Tensor, real_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`real_BS`: which tokens the routing losses and statistics count (None: all; see routing.py)."""
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
-        routing = self.router(x_TD)
+        routing = self.router(x_TD, None if real_BS is None else real_BS.reshape(-1))
         y_TD = self.experts(x_TD, routing)
         if self.shared_mlp is not None:
             y_TD = y_TD + self.shared_mlp(x_TD)

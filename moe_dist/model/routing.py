@@ -5,6 +5,10 @@ the per-layer statistics of the last forward. The expert-parallel layer consumes
 `Routing` that the single-device path does, so both drop exactly the same tokens.
 
 Shape suffixes: T tokens, D model width, E experts, K experts per token (top-k).
+
+`real_T` (None, or a bool per token) marks the tokens that count: packed conversations pad the end of a
+row, and padding must not move the balancing losses, the aux-loss-free bias or the statistics. None
+means every token is real, and then each function computes exactly what it did before the mask existed.
 """
 
 from __future__ import annotations
@@ -35,6 +39,18 @@ class Routing:
 # ---- pure functions -------------------------------------------------------------------
 
 
+def mean_over(x_T: torch.Tensor, real_T: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the real tokens (all of them when `real_T` is None)."""
+    if real_T is None:
+        return x_T.mean()
+    return (x_T * real_T).sum() / real_T.sum().clamp_min(1)
+
+
+def real_routes(expert_idx_TK: torch.Tensor, real_T: torch.Tensor | None) -> torch.Tensor | None:
+    """`real_T` per route (T, K), for `count_per_expert`'s weight."""
+    return None if real_T is None else real_T[:, None].expand_as(expert_idx_TK)
+
+
 def count_per_expert(expert_idx: torch.Tensor, num_experts: int, weight: torch.Tensor | None = None) -> torch.Tensor:
     """How many routes (optionally: kept routes) each expert got, as int64.
 
@@ -46,18 +62,25 @@ def count_per_expert(expert_idx: torch.Tensor, num_experts: int, weight: torch.T
     return torch.zeros(num_experts, dtype=torch.long, device=idx.device).scatter_add_(0, idx, ones)
 
 
-def load_balancing_loss(*, probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+def load_balancing_loss(
+    *, probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor, num_experts: int, real_T: torch.Tensor | None = None
+) -> torch.Tensor:
     """Switch Transformer aux loss (arXiv:2101.03961 eq. 4-6), GShard's top-k form.
 
     E * sum_e f_e * P_e, with f_e the fraction of routes sent to expert e (before capacity
     drops) and P_e its mean router probability. It is 1 for perfectly uniform routing.
     """
-    counts_E = count_per_expert(expert_idx_TK, num_experts).to(probs_TE.dtype)
-    f_E = counts_E / expert_idx_TK.numel()
-    return num_experts * torch.sum(f_E * probs_TE.mean(dim=0))
+    counts_E = count_per_expert(expert_idx_TK, num_experts, real_routes(expert_idx_TK, real_T)).to(probs_TE.dtype)
+    if real_T is None:
+        return num_experts * torch.sum(counts_E / expert_idx_TK.numel() * probs_TE.mean(dim=0))
+    tokens = real_T.sum().clamp_min(1)
+    P_E = (probs_TE * real_T[:, None]).sum(dim=0) / tokens
+    return num_experts * torch.sum(counts_E / (tokens * expert_idx_TK.shape[1]) * P_E)
 
 
-def stock_balance_terms(*, weighted_z: torch.Tensor, probs_TE: torch.Tensor, top_k: int) -> torch.Tensor:
+def stock_balance_terms(
+    *, weighted_z: torch.Tensor, probs_TE: torch.Tensor, top_k: int, real_T: torch.Tensor | None = None
+) -> torch.Tensor:
     """One layer's share of transformers' `load_balancing_loss_func`, as a vector [z, counts_E, prob_sums_E, rows].
 
     The stock loss pools every MoE layer before it multiplies (f_e = all layers' top-k choices of e over all
@@ -66,9 +89,12 @@ def stock_balance_terms(*, weighted_z: torch.Tensor, probs_TE: torch.Tensor, top
     as the stock function recomputes it from the router logits.
     """
     num_experts = probs_TE.shape[-1]
-    counts_E = count_per_expert(probs_TE.topk(top_k, dim=-1).indices, num_experts).to(probs_TE.dtype)
-    rows = probs_TE.new_full((1,), probs_TE.shape[0])
-    return torch.cat([weighted_z.reshape(1), counts_E, probs_TE.sum(dim=0), rows])
+    choices_TK = probs_TE.topk(top_k, dim=-1).indices
+    counts_E = count_per_expert(choices_TK, num_experts, real_routes(choices_TK, real_T)).to(probs_TE.dtype)
+    if real_T is None:
+        return torch.cat([weighted_z.reshape(1), counts_E, probs_TE.sum(dim=0), probs_TE.new_full((1,), len(probs_TE))])
+    sums_E = (probs_TE * real_T[:, None]).sum(dim=0)
+    return torch.cat([weighted_z.reshape(1), counts_E, sums_E, real_T.sum().reshape(1).to(probs_TE.dtype)])
 
 
 def total_router_loss(summed: torch.Tensor, *, num_experts: int, aux_coef: float) -> torch.Tensor:
@@ -81,14 +107,14 @@ def total_router_loss(summed: torch.Tensor, *, num_experts: int, aux_coef: float
     return summed[0] + aux_coef * E * torch.sum((counts_E / rows) * (prob_sums_E / rows))
 
 
-def router_z_loss(*, logits_TE: torch.Tensor) -> torch.Tensor:
+def router_z_loss(*, logits_TE: torch.Tensor, real_T: torch.Tensor | None = None) -> torch.Tensor:
     """ST-MoE z-loss (arXiv:2202.08906 eq. 5): mean squared log-partition, keeps logits small."""
-    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+    return mean_over(torch.logsumexp(logits_TE, dim=-1).square(), real_T)
 
 
-def routing_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
+def routing_entropy(probs_TE: torch.Tensor, real_T: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over tokens of -sum_e p log p: log E for uniform routing, 0 for one-hot."""
-    return -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(dim=-1).mean()
+    return mean_over(-(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(dim=-1), real_T)
 
 
 def expert_capacity(*, num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> int:
@@ -188,13 +214,13 @@ class Router(nn.Module):
             min_capacity=c.min_capacity,
         )
 
-    def forward(self, x_TD: torch.Tensor) -> Routing:
+    def forward(self, x_TD: torch.Tensor, real_T: torch.Tensor | None = None) -> Routing:
         # Routing in fp32: bf16 logits flip near-ties and overflow the z-loss. Autocast would
         # recast F.linear to bf16 despite the .float() calls, so it is switched off here.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            return self._route(x_TD.float())
+            return self._route(x_TD.float(), real_T)
 
-    def _route(self, x_TD: torch.Tensor) -> Routing:
+    def _route(self, x_TD: torch.Tensor, real_T: torch.Tensor | None) -> Routing:
         c = self.config
         jitter = c.router_jitter_noise
         if self.training and jitter > 0:
@@ -213,34 +239,38 @@ class Router(nn.Module):
             weight_TK = probs_TE.gather(1, expert_idx_TK)
             if c.norm_topk_prob:
                 weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
-            aux = load_balancing_loss(probs_TE=probs_TE, expert_idx_TK=expert_idx_TK, num_experts=self.num_experts)
-            z = router_z_loss(logits_TE=logits_TE)
-            loss = self._loss(probs_TE, aux, z)
+            aux = load_balancing_loss(
+                probs_TE=probs_TE, expert_idx_TK=expert_idx_TK, num_experts=self.num_experts, real_T=real_T
+            )
+            z = router_z_loss(logits_TE=logits_TE, real_T=real_T)
+            loss = self._loss(probs_TE, aux, z, real_T)
 
         capacity = self.capacity(x_TD.shape[0])
         position_TK = assign_positions(expert_idx_TK, self.num_experts)
         keep_TK = position_TK < capacity if capacity is not None else torch.ones_like(expert_idx_TK, dtype=torch.bool)
         weight_TK = weight_TK * keep_TK
-        self._record(probs_TE, expert_idx_TK, keep_TK, aux, z)
+        self._record(probs_TE, expert_idx_TK, keep_TK, aux, z, real_T)
         return Routing(expert_idx_TK, weight_TK, position_TK, keep_TK, capacity, loss, self.num_experts)
 
-    def _loss(self, probs_TE, aux, z) -> torch.Tensor:
+    def _loss(self, probs_TE, aux, z, real_T) -> torch.Tensor:
         c = self.config
         if c.router_aux_loss == "stock":
             return stock_balance_terms(
-                weighted_z=c.router_z_loss_coef * z, probs_TE=probs_TE, top_k=c.num_experts_per_tok
+                weighted_z=c.router_z_loss_coef * z, probs_TE=probs_TE, top_k=c.num_experts_per_tok, real_T=real_T
             )
         aux_coef = c.router_aux_loss_coef if c.router_aux_loss == "per_layer" else 0.0
         return aux_coef * aux + c.router_z_loss_coef * z
 
     @torch.no_grad()
-    def _record(self, probs_TE, expert_idx_TK, keep_TK, aux, z) -> None:
+    def _record(self, probs_TE, expert_idx_TK, keep_TK, aux, z, real_T) -> None:
         """Keep this forward's statistics as tensors; reading them (a host sync) is the logger's call."""
+        real_TK = real_routes(expert_idx_TK, real_T)
+        kept_TK = keep_TK if real_TK is None else keep_TK & real_TK
         self.stats = {
-            "selected_per_expert": count_per_expert(expert_idx_TK, self.num_experts),
-            "tokens_per_expert": count_per_expert(expert_idx_TK, self.num_experts, weight=keep_TK),
-            "drop_fraction": 1.0 - keep_TK.float().mean(),
-            "entropy": routing_entropy(probs_TE),
+            "selected_per_expert": count_per_expert(expert_idx_TK, self.num_experts, weight=real_TK),
+            "tokens_per_expert": count_per_expert(expert_idx_TK, self.num_experts, weight=kept_TK),
+            "drop_fraction": 1.0 - mean_over(keep_TK.float(), None if real_TK is None else real_TK.float()),
+            "entropy": routing_entropy(probs_TE, real_T),
             "aux_loss": aux.detach(),
             "z_loss": z.detach(),
             "score_bias": self.score_bias.clone(),

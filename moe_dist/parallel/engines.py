@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint.formats import EXPERT_SLICES, hf_named_parameters
-from ..model.modeling import MoEForCausalLM
+from ..model.modeling import IGNORE_INDEX, MoEForCausalLM
 from .expert_parallel import apply_expert_parallel
 from .expert_tensor_parallel import apply_expert_tensor_parallel
 from .optim import GuardedAdamW, build_optimizer, param_groups, warmup_cosine
@@ -125,6 +125,34 @@ class TrainEngine(ABC):
         Ends with `update_router_biases`. A step with a non-finite loss or gradient on any
         rank is skipped on every rank, and the schedule does not advance.
         """
+
+    def forward_kwargs(self, micro_batches) -> list[dict]:
+        """The model's keyword arguments for each micro-batch of one step, on the device.
+
+        Plain blocks come as (input_ids, labels); every block holds seq_len labelled tokens, so each
+        micro-batch's mean loss averages to the step's mean. Packed conversations come as (input_ids, labels,
+        position_ids, real): rows hold different numbers of supervised tokens, so the loss is the sum over a
+        micro-batch divided by the step's count over every micro-batch and rank (one all-reduce), times
+        world_size * grad_accum, the factor by which the engines average gradients. The step's gradient is
+        then the mean over all its supervised tokens, however the batch is split over ranks and accumulation
+        (the normalisation of verl PR #3994).
+        """
+        out = [
+            {"input_ids": self.to_device(batch[0]), "shift_labels": self.to_device(batch[1])} for batch in micro_batches
+        ]
+        if all(len(batch) == 2 for batch in micro_batches):
+            return out
+        supervised = sum((kw["shift_labels"] != IGNORE_INDEX).sum() for kw in out).double()
+        supervised = self.all_reduce(supervised.reshape(1))[0]
+        per_unit = supervised.clamp_min(1) / (self.world_size * len(micro_batches))
+        for kw, (_, _, positions, real) in zip(out, micro_batches):
+            kw.update(
+                position_ids=self.to_device(positions),
+                real_tokens=self.to_device(real),
+                num_items_in_batch=per_unit,
+                use_cache=False,  # transformers keeps packed sequences apart only without a cache
+            )
+        return out
 
     @abstractmethod
     def save(self, staging: Path) -> None:
@@ -291,8 +319,8 @@ class DeepSpeedEngine(TrainEngine):
     def train_batch(self, micro_batches) -> StepOutput:
         losses, router = [], []
         skipped_before = self.ds.skipped_steps
-        for input_ids, labels in micro_batches:
-            out = self.ds(input_ids=self.to_device(input_ids), shift_labels=self.to_device(labels))
+        for kwargs in self.forward_kwargs(micro_batches):
+            out = self.ds(**kwargs)
             self.ds.backward(out.loss)
             losses.append(out.loss.detach().float())
             router.append(out.aux_loss.detach().float())
@@ -371,9 +399,9 @@ class AccelerateEngine(TrainEngine):
 
     def train_batch(self, micro_batches) -> StepOutput:
         losses, router, norm = [], [], None
-        for input_ids, labels in micro_batches:
+        for kwargs in self.forward_kwargs(micro_batches):
             with self.acc.accumulate(self.wrapped):
-                out = self.wrapped(input_ids=self.to_device(input_ids), shift_labels=self.to_device(labels))
+                out = self.wrapped(**kwargs)
                 self.acc.backward(out.loss)
                 losses.append(out.loss.detach().float())
                 router.append(out.aux_loss.detach().float())
