@@ -187,10 +187,12 @@ class Router(nn.Module):
     def is_random(self) -> bool:
         return self.config.router_type == "random"
 
+    freeze_bias = False  # the trainer's --freeze_router_bias: the bias stays as loaded
+
     @property
     def updates_bias(self) -> bool:
-        """Whether this router balances by the aux-loss-free selection bias (rate > 0)."""
-        return self.config.router_bias_update_rate > 0
+        """Whether this router balances by the aux-loss-free selection bias (rate > 0, not frozen)."""
+        return self.config.router_bias_update_rate > 0 and not self.freeze_bias
 
     def _apply(self, fn, recurse=True):
         # The balancing bias moves in 1e-3 steps that bf16 would round away: keep it fp32

@@ -126,34 +126,6 @@ class TrainEngine(ABC):
         rank is skipped on every rank, and the schedule does not advance.
         """
 
-    def forward_kwargs(self, micro_batches) -> list[dict]:
-        """The model's keyword arguments for each micro-batch of one step, on the device.
-
-        Plain blocks come as (input_ids, labels); every block holds seq_len labelled tokens, so each
-        micro-batch's mean loss averages to the step's mean. Packed conversations come as (input_ids, labels,
-        position_ids, real): rows hold different numbers of supervised tokens, so the loss is the sum over a
-        micro-batch divided by the step's count over every micro-batch and rank (one all-reduce), times
-        world_size * grad_accum, the factor by which the engines average gradients. The step's gradient is
-        then the mean over all its supervised tokens, however the batch is split over ranks and accumulation
-        (the normalisation of verl PR #3994).
-        """
-        out = [
-            {"input_ids": self.to_device(batch[0]), "shift_labels": self.to_device(batch[1])} for batch in micro_batches
-        ]
-        if all(len(batch) == 2 for batch in micro_batches):
-            return out
-        supervised = sum((kw["shift_labels"] != IGNORE_INDEX).sum() for kw in out).double()
-        supervised = self.all_reduce(supervised.reshape(1))[0]
-        per_unit = supervised.clamp_min(1) / (self.world_size * len(micro_batches))
-        for kw, (_, _, positions, real) in zip(out, micro_batches):
-            kw.update(
-                position_ids=self.to_device(positions),
-                real_tokens=self.to_device(real),
-                num_items_in_batch=per_unit,
-                use_cache=False,  # transformers keeps packed sequences apart only without a cache
-            )
-        return out
-
     @abstractmethod
     def save(self, staging: Path) -> None:
         """Write this engine's native checkpoint (weights, optimizer, schedule) into `staging`."""
@@ -240,6 +212,35 @@ class TrainEngine(ABC):
         shutdown_distributed()
 
 
+def forward_kwargs(engine: TrainEngine, micro_batches) -> list[dict]:
+    """The model's keyword arguments for each micro-batch of one step, on the device.
+
+    Plain blocks come as (input_ids, labels); every block holds seq_len labelled tokens, so each
+    micro-batch's mean loss averages to the step's mean. Packed conversations come as (input_ids, labels,
+    position_ids, real): rows hold different numbers of supervised tokens, so the loss is the sum over a
+    micro-batch divided by the step's count over every micro-batch and rank (one all-reduce), times
+    world_size * grad_accum, the factor by which the engines average gradients. The step's gradient is
+    then the mean over all its supervised tokens, however the batch is split over ranks and accumulation
+    (the normalisation of verl PR #3994).
+    """
+    out = [
+        {"input_ids": engine.to_device(batch[0]), "shift_labels": engine.to_device(batch[1])} for batch in micro_batches
+    ]
+    if all(len(batch) == 2 for batch in micro_batches):
+        return out
+    supervised = sum((kw["shift_labels"] != IGNORE_INDEX).sum() for kw in out).double()
+    supervised = engine.all_reduce(supervised.reshape(1))[0]
+    per_unit = supervised.clamp_min(1) / (engine.world_size * len(micro_batches))
+    for kw, (_, _, positions, real) in zip(out, micro_batches):
+        kw.update(
+            position_ids=engine.to_device(positions),
+            real_tokens=engine.to_device(real),
+            num_items_in_batch=per_unit,
+            use_cache=False,  # transformers keeps packed sequences apart only without a cache
+        )
+    return out
+
+
 class DeepSpeedEngine(TrainEngine):
     kind = "deepspeed"
 
@@ -319,7 +320,7 @@ class DeepSpeedEngine(TrainEngine):
     def train_batch(self, micro_batches) -> StepOutput:
         losses, router = [], []
         skipped_before = self.ds.skipped_steps
-        for kwargs in self.forward_kwargs(micro_batches):
+        for kwargs in forward_kwargs(self, micro_batches):
             out = self.ds(**kwargs)
             self.ds.backward(out.loss)
             losses.append(out.loss.detach().float())
@@ -399,7 +400,7 @@ class AccelerateEngine(TrainEngine):
 
     def train_batch(self, micro_batches) -> StepOutput:
         losses, router, norm = [], [], None
-        for kwargs in self.forward_kwargs(micro_batches):
+        for kwargs in forward_kwargs(self, micro_batches):
             with self.acc.accumulate(self.wrapped):
                 out = self.wrapped(**kwargs)
                 self.acc.backward(out.loss)

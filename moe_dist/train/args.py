@@ -95,6 +95,15 @@ class ModelArgs:
         1,
     )
     grad_ckpt: bool = _help("activation checkpointing of every block", False)
+    freeze_router: bool = _help(
+        "keep every router's weights as they start (no gradient, no optimizer state): fine-tuning on narrow data "
+        "then cannot move or collapse the routing",
+        False,
+    )
+    freeze_router_bias: bool = _help(
+        "keep the aux-loss-free selection bias as it starts (no bias update), the router's weights still train",
+        False,
+    )
     dropout: str | None = _help(
         "off: no dropout (attention, residual, embedding), whatever the preset or --init_from's config "
         "sets (GPT-2 releases train with 0.1); default: theirs"

@@ -23,6 +23,7 @@ import torch
 from transformers.utils import GENERATION_CONFIG_NAME as GENERATION_CONFIG
 
 from ..atomic_io import write_atomic, write_dir_atomic
+from .conversations import chat_template, is_conversation_file, load_examples, read_conversations
 from .data_prep import (
     SEPARATOR,
     DataError,
@@ -35,6 +36,7 @@ from .data_prep import (
     token_dtype,
     tokenize_to_file,
 )
+from .packing import pack_conversations, packed_tensors
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -80,6 +82,19 @@ class DataConfig:
         },
     )
     valid_file: str | None = field(default=None, metadata={"help": "local validation text, same format"})
+    chat_template: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Jinja chat template file for conversation data (default: the tokenizer's own); saved with the "
+                "run's tokenizer, so exports and generate --chat use it"
+            )
+        },
+    )
+    truncate_conversations: bool = field(
+        default=False,
+        metadata={"help": "cut a conversation longer than seq_len + 1 tokens (default: refuse it); counts logged"},
+    )
     tokenizer: str | None = field(
         default=None,
         metadata={
@@ -126,6 +141,29 @@ class DataConfig:
             trained_vocab_size(self.tokenizer)
         if self.num_proc is not None and self.num_proc < 1:
             raise DataError(f"num_proc: must be >= 1, got {self.num_proc!r}")
+        self._check_conversations()
+
+    def _check_conversations(self) -> None:
+        kinds = {
+            f: is_conversation_file(p) for f, p in (("train_file", self.train_file), ("valid_file", self.valid_file))
+        }
+        if len(set(kinds.values())) > 1:
+            which = next(f for f, is_chat in kinds.items() if is_chat)
+            raise DataError(
+                f"train_file/valid_file: {which} holds conversations and the other plain text; give both in one form"
+            )
+        if self.conversations and self.tokenizer is not None and trained_vocab_size(self.tokenizer):
+            raise DataError(
+                f"tokenizer {self.tokenizer!r}: a train:N tokenizer learns from plain text and has no chat "
+                f"template; with conversations pass the model's tokenizer (the --init_from folder's by default)"
+            )
+        if self.chat_template is not None and not self.conversations:
+            raise DataError(f"chat_template {self.chat_template}: the data is plain text, which no template renders")
+
+    @property
+    def conversations(self) -> bool:
+        """JSONL records of `messages` or prompt/completion: the fine-tuning path (see `conversations.py`)."""
+        return self.train_file is not None and is_conversation_file(self.train_file)
 
 
 def bundled_sample() -> tuple[str, str]:
@@ -269,6 +307,9 @@ def check_data_file(flag: str, path: str) -> None:
             f"{label} is not UTF-8 text: {counts.bad:,} of its {counts.total:,} bytes are not valid "
             f"UTF-8 (a binary file, or another encoding: convert it with iconv -t UTF-8)"
         )
+    if is_conversation_file(p):
+        read_conversations(p, flag.lstrip("-"))  # every record parsed and checked, a bad one named by its line
+        return
     # Every JSON record is parsed and checked (StoryReader raises on a bad one); a text file's first story is enough.
     stories = sum(1 for _ in StoryReader(str(p), label=label)) if file_kind(p) == "json" else _has_text(p)
     if not stories:
@@ -480,7 +521,7 @@ def prepare_data(
         stats |= {
             f"n_{split}_stories": meta[split]["stories"],
             f"n_{split}_blocks": len(blocks[split]),
-            f"n_{split}_tokens": int(blocks[split].size),
+            f"n_{split}_tokens": int(blocks[split][:, 0].size if blocks[split].ndim == 3 else blocks[split].size),
         }
     return PreparedData(blocks["train"], blocks["valid"], tokenizer, stats)
 
@@ -495,6 +536,8 @@ def _build_on_main(cfg: DataConfig, run_dir: Path, cache_dir: Path) -> None:
 
     num_proc = cfg.num_proc or default_num_proc()
     tok_dir = run_dir / "tokenizer"
+    if not tok_dir.is_dir() and cfg.conversations:
+        _save_chat_tokenizer(cfg, tok_dir)
     if not tok_dir.is_dir():
         start = time.perf_counter()
         reader = split_texts("train")[0] if trained_vocab_size(cfg.tokenizer) else None
@@ -516,11 +559,37 @@ def _build_on_main(cfg: DataConfig, run_dir: Path, cache_dir: Path) -> None:
         npy, meta_path = _cache_paths(cfg, split, tokenizer, cache_dir)
         if npy.exists() and meta_path.exists():
             continue
-        texts, bad = split_texts(split)
         npy.parent.mkdir(parents=True, exist_ok=True)
-        pack_blocks(texts, tokenizer, cfg.seq_len, npy, num_proc=num_proc, label=split, show=True)
-        meta = json.dumps({"stories": texts.stories, "bad_bytes": bad}).encode()
-        write_atomic(meta_path, lambda f, data=meta: f.write(data))
+        if cfg.conversations:
+            meta = _pack_conversation_split(cfg, split, tokenizer, npy)
+        else:
+            texts, bad = split_texts(split)
+            pack_blocks(texts, tokenizer, cfg.seq_len, npy, num_proc=num_proc, label=split, show=True)
+            meta = {"stories": texts.stories, "bad_bytes": bad}
+        encoded = json.dumps(meta).encode()
+        write_atomic(meta_path, lambda f, data=encoded: f.write(data))
+
+
+def _save_chat_tokenizer(cfg: DataConfig, tok_dir: Path) -> None:
+    """The run's tokenizer with the chat template its conversations are rendered with (--chat_template's, else
+    its own), so every rank, the exports and `generate.py --chat` render them the same way."""
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    tokenizer.chat_template = chat_template(tokenizer, cfg.chat_template)
+    write_dir_atomic(tok_dir, lambda tmp: _save_tokenizer(tokenizer, cfg.tokenizer, Path(tmp)))
+
+
+def _pack_conversation_split(cfg: DataConfig, split: str, tokenizer, npy: Path) -> dict:
+    """One split's conversations rendered, masked and packed into rows [R, 4, seq_len] (`packing.py`) at `npy`."""
+    path = cfg.train_file if split == "train" else cfg.valid_file
+    start = time.perf_counter()
+    examples = load_examples(path, f"{split}_file", tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    rows, counts = pack_conversations(
+        examples, cfg.seq_len, truncate=cfg.truncate_conversations, label=f"{split}_file {path}", pad_id=pad
+    )
+    write_atomic(npy, lambda f: np.save(f, rows))
+    log_phase(f"render and pack {split} conversations", time.perf_counter() - start, tokens=int(rows[:, 0].size))
+    return {"stories": counts["conversations"], "bad_bytes": 0, "packing": counts}
 
 
 # ---------------------------------------------------------------- batches
@@ -581,8 +650,11 @@ class BlockSampler:
         self.step = state["step"]
 
 
-def batch_tensors(blocks: np.ndarray, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, labels), int64, shape [len(idx), seq_len]; labels are already shifted by one."""
+def batch_tensors(blocks: np.ndarray, idx: np.ndarray) -> tuple[torch.Tensor, ...]:
+    """(input_ids, labels), int64, shape [len(idx), seq_len]; labels are already shifted by one. Packed
+    conversation rows ([R, 4, seq_len]) give (input_ids, labels, position_ids, real) (`packing.packed_tensors`)."""
+    if blocks.ndim == 3:
+        return packed_tensors(blocks, idx)
     batch = torch.from_numpy(np.asarray(blocks[idx], dtype=np.int64))
     return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 

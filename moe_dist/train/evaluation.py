@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..model.modeling import IGNORE_INDEX
 from .data import batch_tensors
 from .metrics import RoutingAccumulator
 
@@ -45,19 +46,21 @@ def evaluate(
     try:
         with autocast():
             for idx, real in shards:
-                input_ids, labels = batch_tensors(blocks, idx)
-                input_ids, labels = input_ids.to(device), labels.to(device)
+                input_ids, labels, *packed = (t.to(device) for t in batch_tensors(blocks, idx))
                 weight_B = torch.from_numpy(np.asarray(real, dtype=np.float64)).to(device)
+                # Packed conversations: positions and the real-token mask, as in training (`forward_kwargs`).
+                kwargs = dict(zip(("position_ids", "real_tokens"), packed))
                 # Our own per-row loss, not out.loss (a mean over the whole batch, padding included).
-                logits_BSV = model(input_ids=input_ids, use_cache=False).logits.float()
+                logits_BSV = model(input_ids=input_ids, use_cache=False, **kwargs).logits.float()
                 nll_BS = F.cross_entropy(logits_BSV.flatten(0, 1), labels.flatten(), reduction="none")
                 top3_BSK = logits_BSV.topk(3, dim=-1).indices
+                counted_BS = labels != IGNORE_INDEX  # every label of a text block; the supervised ones of a row
                 per_row = torch.stack(
                     [
                         nll_BS.view_as(labels).double().sum(1),
-                        torch.full_like(weight_B, labels.shape[1]),
-                        (top3_BSK[..., 0] == labels).sum(1).double(),
-                        (top3_BSK == labels[..., None]).any(-1).sum(1).double(),
+                        counted_BS.sum(1).double(),
+                        ((top3_BSK[..., 0] == labels) & counted_BS).sum(1).double(),
+                        ((top3_BSK == labels[..., None]).any(-1) & counted_BS).sum(1).double(),
                     ]
                 )
                 sums += per_row @ weight_B

@@ -37,6 +37,7 @@ from ..parallel.engines import EngineSpec
 from ..parallel.expert_parallel import validate_expert_parallel
 from ..parallel.expert_tensor_parallel import validate_expert_tensor_parallel
 from .args import EngineArgs, ModelArgs, OptimArgs, RunArgs
+from .conversations import chat_template
 from .data import TOKENIZER_FILES, DataConfig, check_data_file, load_tokenizer, trained_vocab_size
 from .data_prep import default_num_proc
 from .memory_fit import check_fits
@@ -86,6 +87,8 @@ class RunPlan:
     spec: EngineSpec
     run: RunArgs  # the loop's schedule and the run folder
     settings: tuple[Setting, ...] = ()  # every setting with its source (`settings.resolve`)
+    freeze_router: bool = False  # routers' weights stay as they start
+    freeze_router_bias: bool = False  # the aux-loss-free selection bias stays as it starts
 
     @property
     def run_dir(self) -> Path:
@@ -137,6 +140,8 @@ def plan_run(
         init=init,
         upcycling=upcycling,
         grad_ckpt=model.grad_ckpt,
+        freeze_router=model.freeze_router,
+        freeze_router_bias=model.freeze_router_bias,
         data=data,
         spec=_engine_spec(engine, optim, ds, ep_size, run.max_steps),
         run=run,
@@ -172,6 +177,8 @@ def _check_data_files(data: DataConfig) -> None:
     for flag, path in (("--train_file", data.train_file), ("--valid_file", data.valid_file)):
         if path is not None:
             check_data_file(flag, path)
+    if data.conversations:  # a template to render them with: --chat_template's, else the tokenizer's own
+        chat_template(load_tokenizer(data.tokenizer), data.chat_template)
 
 
 def _planned_vocab(tokenizer: str, config: MoEConfig, fixed: bool, *, given: bool, weights: Path | None) -> int:

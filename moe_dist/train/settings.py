@@ -111,7 +111,12 @@ def _model_settings(plan, model: ModelArgs) -> list[Setting]:
         else:
             source = base_source if name in base else DEFAULT
         rows.append(Setting("model", name, getattr(config, name), source))
-    flags = ("grad_ckpt", *(_UPCYCLE_FLAGS if plan.upcycling is not None else ()))
+    flags = (
+        "grad_ckpt",
+        "freeze_router",
+        "freeze_router_bias",
+        *(_UPCYCLE_FLAGS if plan.upcycling is not None else ()),
+    )
     return rows + [Setting("model", n, getattr(model, n), FLAG if n in typed else DEFAULT) for n in flags]
 
 

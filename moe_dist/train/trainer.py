@@ -143,6 +143,10 @@ def _build_model(plan: RunPlan, config: MoEConfig):
         model = MoEForCausalLM(config)
     if plan.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for router in model.routers():
+        # Before the engine builds its optimizer, which then holds no state for a frozen router.
+        router.weight.requires_grad_(router.weight.requires_grad and not plan.freeze_router)
+        router.freeze_bias = plan.freeze_router_bias
     return model, weights
 
 
