@@ -162,7 +162,7 @@ def _conversation(rng: random.Random, style: str) -> list[dict]:
     """Random words and turn counts, an optional system turn, sometimes a user turn left unanswered."""
     messages = [{"role": "system", "content": _text(rng)}] if rng.random() < 0.4 else []
     for _ in range(rng.randint(1, 4)):
-        reply = _text(rng)
+        reply = "" if rng.random() < 0.05 else _text(rng)
         if style == "qwen3" and rng.random() < 0.5:
             reply = f"<think>\n{_text(rng)}\n</think>\n\n{reply}"
         messages += [{"role": "user", "content": _text(rng)}, {"role": "assistant", "content": reply}]

@@ -13,17 +13,17 @@ The mask (`supervised`) is True on the tokens of each assistant turn's *body*: w
 turn after its role header (its reasoning block as the template writes it, e.g. Qwen3's `<think>…</think>`, then
 the content), through the turn's end-of-turn marker. No `{% generation %}` tags are needed; the rule is:
 
-1. the end-of-turn marker is learnt once per template from a probe conversation `[user, assistant]`: the first
-   whitespace-delimited word the template writes after the assistant's content, cut after its first
-   added/special token (`<|im_end|>`, `<|eot_id|>`, `</s>`); a tokenizer that lacks the template's marker
-   tokens (ChatML on GPT-2) keeps the whole word, so it is learnt as plain text;
+1. the end-of-turn marker comes from a probe conversation `[user, assistant]`: the first whitespace-delimited
+   word the template writes after the assistant's content, cut after its first added/special token
+   (`<|im_end|>`, `<|eot_id|>`, `</s>`); a tokenizer that lacks the template's marker tokens (ChatML on GPT-2)
+   keeps the whole word, so the marker is learnt as plain text;
 2. turn i's body starts where the rendering of `messages[:i]` with the generation prompt ends, when that
-   rendering is a prefix of the whole text (the header is then exactly the generation prompt); otherwise
-   (a template whose generation prompt differs from its history turns) at the turn's visible content,
-   searched from where the two renderings part;
-3. it ends after the first marker that follows the turn's visible content (the content after any
-   `</think>`, stripped: reasoning templates move or drop that block, and some trim the content), with
-   only whitespace between them;
+   rendering is a prefix of the whole text (the header is then exactly the generation prompt); otherwise (the
+   first turn, or a generation prompt unlike the history's headers, e.g. one that opens a `<think>` block) at
+   the turn's visible content;
+3. it ends after the first marker past that start (and past where the two renderings part), and the text
+   before that marker, whitespace aside, must end with the turn's visible content: the content after any
+   `</think>`, stripped (reasoning templates move or drop that block, and some trim the content);
 4. a token is supervised when its characters overlap a body: transformers' own rule for
    `return_assistant_tokens_mask`, so on a template with generation tags both masks agree.
 
@@ -196,32 +196,21 @@ def _visible(content: str) -> str:
     return content.split("</think>")[-1].strip()
 
 
-def _header_end(tokenizer, template: str, messages: list[dict], i: int, text: str, after: int) -> int | None:
-    """Where the generation prompt leaves assistant turn i in `text` (rule 2), or None when it does not fit."""
-    if i == 0:
-        return None
-    header = _render_text(tokenizer, template, messages[:i], generation_prompt=True)
-    return len(header) if text.startswith(header) and len(header) >= after else None
-
-
 def _turn_span(tokenizer, template: str, messages: list[dict], i: int, text: str, after: int, marker: str):
     """[start, end) of assistant turn i's body in `text`, beginning at or after `after` (rules 2 and 3)."""
-    start = _header_end(tokenizer, template, messages, i, text, after)
-    if start is None:
-        header = _render_text(tokenizer, template, messages[:i], generation_prompt=True) if i else ""
-        search_from = max(after, len(os.path.commonprefix([header, text])))
-    else:
-        search_from = start
+    header = _render_text(tokenizer, template, messages[:i], generation_prompt=True) if i else ""
+    fits = i > 0 and text.startswith(header) and len(header) >= after
+    search_from = len(header) if fits else max(after, len(os.path.commonprefix([header, text])))
     visible = _visible(messages[i]["content"])
     at = text.find(marker, search_from)
     # The content may itself appear earlier (in the reasoning, or a user turn): it must end right before the marker.
-    before = text[:at].rstrip()
-    if at < 0 or not before.endswith(visible) or len(before) - len(visible) < search_from:
+    body = text[search_from:at].rstrip() if at >= 0 else ""
+    if at < 0 or not body.endswith(visible):
         raise DataError(
             f"message {i + 1} (assistant): the template's rendering does not end its content with the end-of-turn "
             f"marker {marker!r} (does the content hold that marker, or does the template rewrite the content?)"
         )
-    return (len(before) - len(visible) if start is None else start), at + len(marker)
+    return search_from + (0 if fits else len(body) - len(visible)), at + len(marker)
 
 
 def _assistant_spans(tokenizer, template: str, messages: list[dict], text: str) -> list[tuple[int, int]]:
