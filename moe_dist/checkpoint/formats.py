@@ -94,17 +94,19 @@ def load_hf_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     dense = sorted(ckpt.glob(DS_DENSE))
     if not dense:
         raise ExportError(f"{ckpt} is not a moe-dist checkpoint: no {ACCELERATE_WEIGHTS} and no {DS_DENSE}")
-    state = dict(_load(dense[0])["module"])
+    state = dict(load_checkpoint_file(dense[0])["module"])
     for expert_file in sorted(ckpt.glob(DS_EXPERTS)):
-        state.update(_load(expert_file))
+        state.update(load_checkpoint_file(expert_file))
     state = {ds_to_hf_key(k): v for k, v in state.items()}
     slices = read_expert_slices(ckpt)
     return merge_expert_slices(state, slices) if slices else state
 
 
-def _load(path: Path) -> dict:
+def load_checkpoint_file(path: Path, *, mmap: bool = False) -> dict:
+    """One `.pt` file of a DeepSpeed checkpoint; `mmap`: its tensors stay on disk until read (the exporter
+    copies out one layer at a time)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated or corrupted files raise many different types
         raise ExportError(f"cannot read checkpoint file {path} ({type(e).__name__}: {e})") from None
 
@@ -123,15 +125,16 @@ def zero_shards(ckpt: Path) -> list[Path]:
     return sorted(shards, key=lambda p: int(_SHARD_RANK.search(p.name).group(1)))
 
 
-def load_zero_shard(shard: Path) -> dict:
-    """One rank's `optimizer_state_dict`: flat fp32 partitions, Adam moments, `param_slice_mappings`."""
+def load_zero_shard(shard: Path, *, mmap: bool = False) -> dict:
+    """One rank's `optimizer_state_dict`: flat fp32 partitions, Adam moments, `param_slice_mappings`; `mmap`:
+    its tensors stay on disk until read."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
     # The three DeepSpeed classes a shard pickles; weights_only refuses anything not allowlisted.
     with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
-        return torch.load(shard, map_location="cpu", weights_only=True)["optimizer_state_dict"]
+        return torch.load(shard, map_location="cpu", weights_only=True, mmap=mmap)["optimizer_state_dict"]
 
 
 # ---- expert tensor parallelism: experts saved as slices -------------------------------------------

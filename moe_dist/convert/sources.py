@@ -123,6 +123,9 @@ class NativeSource:
     def read(self, name: str) -> torch.Tensor:
         return self.files.read(name)
 
+    def close(self) -> None:
+        self.files.close()
+
 
 class StockSource:
     """A stock class's folder (`fmt`), read through the key table for our `config`."""
@@ -145,3 +148,6 @@ class StockSource:
         names = disk_names(pair.disk, self.fmt)
         disk = next((n for n in names if n in self.files), pair.disk)  # a missing one is named as the LM saves it
         return pair.to_ours(self.files.read(disk))[i]
+
+    def close(self) -> None:
+        self.files.close()

@@ -154,7 +154,7 @@ def check_import(init: InitFrom, config: MoEConfig) -> float:
         config.vocab_size, (2, min(16, config.max_position_embeddings)), generator=torch.Generator().manual_seed(0)
     )
     try:
-        ours = _streamed_logits(init, config, ids)
+        ours = streamed_logits(config, weight_source(init, config), ids)
     except ValueError as e:  # a tensor whose shape is not the one config.json gives it
         raise ExportError(f"--init_from {init.folder}: {e}") from None
     try:
@@ -170,16 +170,16 @@ def check_import(init: InitFrom, config: MoEConfig) -> float:
     return diff
 
 
-def _streamed_logits(init: InitFrom, config: MoEConfig, ids: torch.Tensor) -> torch.Tensor:
-    """Our converted model's fp32 logits on `ids`, its decoder layers read one at a time from `init`'s folder."""
+def streamed_logits(config: MoEConfig, source, ids: torch.Tensor) -> torch.Tensor:
+    """Our model's fp32 logits on `ids`, its decoder layers read one at a time from `source` (`read`, `has`, and
+    `close`, which lets go of what was read: between layers, the files' mapped pages or the layer it holds)."""
     with torch.device("meta"):
         model = MoEForCausalLM(config).float()
-    source = weight_source(init, config)
     layers = model.model.layers
     model.model.layers = nn.ModuleList()  # the rest (embeddings, norm, head, RoPE) as the training load fills it
     model.load_weights(source)
     model.model.layers = layers
-    source.files.close()
+    source.close()
 
     def load(i: int, layer: nn.Module) -> None:
         prefix = f"model.layers.{i}"
@@ -196,6 +196,6 @@ def _streamed_logits(init: InitFrom, config: MoEConfig, ids: torch.Tensor) -> to
                 router.load_sum.zero_()
                 bias = f"{name}.score_bias"
                 router.score_bias.copy_(source.read(bias) if source.has(bias) else torch.zeros_like(router.score_bias))
-        source.files.close()
+        source.close()
 
     return stream_logits(model.eval(), layers, load, ids)

@@ -2,6 +2,8 @@
 
     formats.py   the files each engine writes and their key maps; `load_hf_state_dict`
     native.py    checkpoint -> native HF folder (`export_checkpoint`, `build_model`)
+    reader.py    a checkpoint's weights one decoder layer at a time (what both exports stream)
+    shard_writer.py  safetensors shards written a tensor at a time
     standard.py  our config and weights -> GPT-2 / Mixtral / Ernie 4.5 MoE, or the field a class cannot represent
     standard_export.py  checkpoint -> stock-class HF folder, checked by `stock_logits.py` in a fresh interpreter
     cli.py       `python -m moe_dist.export` / `moe-dist-export` (`--format native|gpt2|mixtral|ernie4_5_moe|auto`)
