@@ -148,6 +148,11 @@ class RunArgs:
     save_every: int = _help("checkpoint every N steps (and at the end)", 500)
     log_every: int = _help("progress line every N steps", 10)
     early_stopping_patience: int = _help("stop after N evals without a new best (0 = off)", 0)
+    routing_drift_alert: float = _help(
+        "warn when a layer's routing drift (share of the probe's tokens whose experts changed since step 0) passes "
+        "this",
+        0.5,
+    )
     keep_last: int = _help("committed checkpoints to keep, besides the best", 2)
     seed: int = _help("model init and data order", 0)
     max_bad_steps: int = _help("stop after N consecutive steps skipped for a non-finite loss or gradient", 10)
@@ -162,6 +167,7 @@ class RunArgs:
         "save_every": Range(1),
         "log_every": Range(1),
         "early_stopping_patience": Range(0),
+        "routing_drift_alert": Range(0.0, 1.0),
         "keep_last": Range(1),
         "seed": _SEEDS,
         "max_bad_steps": Range(1),

@@ -32,6 +32,7 @@ from ..parallel.engines import TrainEngine, make_engine
 from ..parallel.expert_tensor_parallel import EtpLayout
 from .checkpoint import CheckpointStore, capture_rng, save_rank_state
 from .data import BlockSampler, PreparedData, batch_tensors, describe_source, prepare_data, validation_shard
+from .eval_samples import chat_prompts, greedy_replies
 from .evaluation import evaluate
 from .faults import hooks_from_env
 from .hooks import Hook, Hooks
@@ -39,6 +40,7 @@ from .metrics import CollapseMonitor, expert_similarity
 from .plan import RUN_OUTPUTS, RUN_RECORD, TRAIN, RunPlan, check_run_folder, finalize, run_record
 from .report import RunReport
 from .resume import find_checkpoint, layout, load_checkpoint
+from .routing_drift import RoutingDrift
 from .shared_folder import check_run_folder_shared
 from .state import TrainerState, write_trainer_state
 from .watchdog import Watchdog
@@ -197,6 +199,8 @@ class _Loop:
         )
         if self.plan.upcycling is not None and state.step == 0:
             self.validation.log_upcycled_start()
+        if self.validation.drift is not None:
+            self.validation.drift.start(self.engine.model, self.data.valid_blocks, self.engine, fresh=state.step == 0)
         while state.step < run.max_steps:
             self.current_step = state.step + 1
             self.hooks.fire("before_step", self.current_step)
@@ -272,6 +276,8 @@ class _Validation:
             world_size=engine.world_size,
             micro_batch_size=plan.spec.micro_batch_size,
         )
+        self.drift = RoutingDrift(plan.run_dir, plan.run.routing_drift_alert) if config.is_moe else None
+        self.prompts = chat_prompts(plan.data.valid_file, data.tokenizer) if plan.data.conversations else []
 
     def _measure(self, progress: Callable[[], None] = lambda: None) -> dict:
         engine = self.engine
@@ -303,14 +309,35 @@ class _Validation:
             state.evals_without_improvement = 0
         else:
             state.evals_without_improvement += 1
-        for warning in self.collapse.update(state.step, routing) if routing else []:
+        drift = self.drift.measure(engine.model) if self.drift is not None else {}
+        self._log_samples()
+        drifted = self.drift.warnings(state.step, drift) if drift else []
+        self.collapse.warnings += drifted  # summary.json's routing_warnings holds every routing alert
+        for warning in (self.collapse.update(state.step, routing) if routing else []) + drifted:
             if engine.is_main:  # rank 0's, as metrics.jsonl and summary.json record them: one line each
                 log.warning(warning)
         self.report.log_eval(
-            state.step, result, routing, best_val_loss=state.best_val_loss, improved=improved, similarity=similarity
+            state.step,
+            result,
+            routing,
+            best_val_loss=state.best_val_loss,
+            improved=improved,
+            similarity={**similarity, **drift},
         )
         patience = self.plan.run.early_stopping_patience
         return improved, bool(patience) and state.evals_without_improvement >= patience
+
+    def _log_samples(self) -> None:
+        """Greedy replies to the first validation prompts (conversation runs), on every rank; rank 0 logs them."""
+        if not self.prompts:
+            return
+        tokenizer, engine = self.data.tokenizer, self.engine
+        eos = self.config.eos_token_id  # the model's stop ids (a list in Llama 3 instruct) and the tokenizer's
+        stop = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+        replies = greedy_replies(engine.model, self.prompts, tokenizer, engine.device, engine.eval_context, stop)
+        if engine.is_main:
+            for prompt, reply in zip(self.prompts, replies):
+                log.info("sample | %s -> %r", tokenizer.decode(prompt[-48:]).replace("\n", " "), reply)
 
     def log_upcycled_start(self) -> None:
         """What the upcycled model computes before its first step, and how far its validation loss is from the
