@@ -148,10 +148,17 @@ def read_expert_slices(ckpt: Path) -> dict | None:
 
 def slice_dim(key: str) -> int | None:
     """The dim ETP slices an expert tensor along: W2 by input rows, W1/W3 and their biases by output
-    columns; None for the down bias, which slice 0 holds whole."""
-    if key.endswith("down_proj.bias"):
-        return None
-    return 1 if key.endswith("down_proj.weight") else 0
+    columns; None for the down bias, which slice 0 holds whole.
+
+    A LoRA factor (`model/lora.py`) follows its projection's cut: B [out, r] is cut by rows where W is
+    (W1/W3), A [r, in] by columns where W is (W2); the other factor is whole on every slice."""
+    proj, _, leaf = key.rpartition(".")
+    weight_dim = 1 if proj.endswith("down_proj") else 0
+    if leaf == "lora_A":
+        return 1 if weight_dim == 1 else None
+    if leaf == "lora_B":
+        return 0 if weight_dim == 0 else None
+    return None if leaf == "bias" and weight_dim == 1 else weight_dim
 
 
 def split_slice_key(key: str, slices: dict) -> tuple[str, int] | None:

@@ -199,9 +199,12 @@ class LocalExperts(nn.ModuleList):
         E = len(self)
         offs_E = counts_E1[:E].cumsum(0).to(torch.int32)
 
+        def matmul(h_RI, w_EOI):
+            return GroupedMatmul.apply(h_RI, w_EOI, offs_E)
+
         def linear(name, h_RI):
             w_EOI, b_EO = self.stacked(name, h_RI.dtype)
-            y_RO = GroupedMatmul.apply(h_RI, w_EOI, offs_E)
+            y_RO = self.adapted(name, h_RI, matmul(h_RI, w_EOI), matmul)
             if b_EO is None:
                 return y_RO
             # Bias per row, gathered by expert id (the sentinel E of dropped routes gets a zero row),
@@ -229,13 +232,25 @@ class LocalExperts(nn.ModuleList):
     def forward_buffer(self, x_ECD: torch.Tensor) -> torch.Tensor:
         """Expert e on row block x_ECD[e] of a padded capacity buffer: one batched matmul per projection."""
 
+        def matmul(h_ECI, w_EOI):
+            return torch.bmm(h_ECI, w_EOI.transpose(1, 2))
+
         def linear(name, h_ECI):
             w_EOI, b_EO = self.stacked(name, h_ECI.dtype)
             if b_EO is None:
-                return torch.bmm(h_ECI, w_EOI.transpose(1, 2))
-            return torch.baddbmm(b_EO.to(h_ECI.dtype).unsqueeze(1), h_ECI, w_EOI.transpose(1, 2))
+                y_ECO = matmul(h_ECI, w_EOI)
+            else:
+                y_ECO = torch.baddbmm(b_EO.to(h_ECI.dtype).unsqueeze(1), h_ECI, w_EOI.transpose(1, 2))
+            return self.adapted(name, h_ECI, y_ECO, matmul)
 
         return self._ffn(x_ECD, linear)
+
+    def adapted(self, name: str, h: torch.Tensor, y: torch.Tensor, matmul) -> torch.Tensor:
+        """`y` plus projection `name`'s adapter term where the experts have one (LoRA, `model/lora.py`), run by
+        `matmul`, the stacked path's own per-expert product. The loop path needs none: each expert's
+        projection adds its own."""
+        delta = getattr(getattr(self[0], name), "stacked_delta", None)
+        return y if delta is None else y + delta([getattr(expert, name) for expert in self], h, matmul)
 
 
 class MoEBlock(nn.Module):

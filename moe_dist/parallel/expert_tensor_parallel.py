@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint.formats import slice_dim
+from ..model.lora import adapt_like
 from ..model.moe import FeedForward, LocalExperts, MoEBlock
 from ..model.routing import Routing, assign_positions
 from .expert_parallel import ExpertParallelError, _expert_shard_class, _PrecomputedGate, divisors
@@ -187,7 +188,8 @@ def slice_expert(expert: FeedForward, t: int, T: int) -> FeedForward:
     """Slice t of T of one expert, cut by `slice_tensor` (the rule the export joins slices back by).
 
     A slice is a narrower `FeedForward`, so `LocalExperts` runs slices unchanged. The down bias
-    is added once per token, so only slice 0 keeps it.
+    is added once per token, so only slice 0 keeps it. LoRA adapters come along, cut to match, and
+    every parameter keeps the expert's `requires_grad` (a LoRA run's base stays frozen).
     """
     bias = expert.up_proj.bias is not None
     out = FeedForward(
@@ -196,8 +198,11 @@ def slice_expert(expert: FeedForward, t: int, T: int) -> FeedForward:
         "swiglu" if expert.gate_proj is not None else "gelu",
         bias,
     )
+    adapt_like(out, expert)
     for name, part in out.named_parameters():
-        part.copy_(slice_tensor(expert.get_parameter(name), name, t, T))
+        full = expert.get_parameter(name)
+        part.copy_(slice_tensor(full, name, t, T))
+        part.requires_grad_(full.requires_grad)
     if bias and t > 0:
         out.down_proj.register_parameter("bias", None)
     return out.to(expert.up_proj.weight.dtype)
