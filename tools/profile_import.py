@@ -5,9 +5,10 @@ For each expert count E (`--experts`) and depth (`--layers`, one or more) the to
 `Qwen3MoeForCausalLM` folder in bf16 (the shape set by `--hidden_size`, `--moe_width`), then:
 - measures the exactness check (`convert.stock_import.check_import`: the stock class and the converted model in
   fp32, each run one decoder layer at a time, as rank 0 runs it when a run starts) in a fresh process;
-- with `--export`, writes the converted model as our checkpoint (accelerate layout, fp32) and measures
-  `python -m moe_dist.export CKPT OUT --format qwen3_moe` in a fresh process: its own peak RSS and that of the
-  stock-class check it starts (a child: getrusage of its children);
+- with `--export`, writes the converted model as our checkpoint (fp32: accelerate's layout, or with
+  `--export_ep P` DeepSpeed's, saved by P CPU ranks at EP = P through the `deepspeed` launcher, each rank holding
+  its own experts) and measures `python -m moe_dist.export CKPT OUT --format qwen3_moe --max_shard_size S` in a
+  fresh process: its own peak RSS and, in another, that of the stock-class check it runs;
 - for each EP size P (`--ep`), launches P CPU ranks through the `deepspeed` launcher (`--worker`); each rank
   builds the model on the meta device and fills it as the trainer does (`DeepSpeedEngine.shard`: experts
   sharded first, then each rank reads the replicated tensors and its own E/P experts from the safetensors).
@@ -17,6 +18,8 @@ of it.
 
     python tools/profile_import.py --experts 16 64 128 --ep 1 2 4 --out docs/import
     python tools/profile_import.py --experts 32 --layers 4 8 16 --ep --export --out docs/import/depth
+    python tools/profile_import.py --experts 32 --layers 16 --hidden_size 1024 --ep --export --export_ep 2 \
+        --out docs/import/export16
 """
 
 from __future__ import annotations
@@ -104,16 +107,66 @@ def save_ours(stock: Path, ckpt: Path) -> None:
     save_file(state, ckpt / ACCELERATE_WEIGHTS)
 
 
-def export_worker(ckpt: str) -> dict:
-    """`python -m moe_dist.export` in this process, as a user runs it (its stock check is a child process,
-    measured on its own by `stock_check_worker`)."""
-    from moe_dist.export.cli import main as export_main
+def save_ep_worker(stock: str, ep_size: int, ckpt: str) -> dict | None:
+    """One of P ranks: the converted model sharded at EP = P as the trainer loads it, saved as a DeepSpeed
+    checkpoint (ZeRO stage 0, before any step: the imported weights), with the config and trainer_state.json the
+    trainer writes beside it."""
+    from moe_dist import MoEConfig, MoEForCausalLM
+    from moe_dist.convert.stock_import import read_init_config, weight_source
+    from moe_dist.train.report import ReportTotals
+    from moe_dist.train.state import TrainerState, write_trainer_state
+
+    init = read_init_config(Path(stock))
+    config = MoEConfig(**init.fields)
+    engine = _engine(ep_size)
+    with torch.device("meta"):
+        model = MoEForCausalLM(config)
+    engine.setup(model, weight_source(init, config))
+    folder = Path(ckpt)
+    engine.save(folder)
+    if engine.is_main:
+        write_trainer_state(
+            folder, TrainerState(engine="deepspeed", ep_size=ep_size, world_size=ep_size), ReportTotals()
+        )
+        config.to_json_file(folder / "config.json")
+    peaks = engine.all_gather_objects(peak_rss_mb())
+    engine.close()
+    return {"ep_size": ep_size, "peak_rss_mb_per_rank": peaks} if engine.is_main else None
+
+
+def _engine(ep_size: int):
+    from moe_dist.parallel.engines import EngineSpec, make_engine
+
+    spec = EngineSpec(
+        micro_batch_size=1,
+        grad_accum=1,
+        grad_clip=1.0,
+        precision="fp32",
+        ep_size=ep_size,
+        lr=1e-3,
+        betas=(0.9, 0.95),
+        adam_eps=1e-8,
+        weight_decay=0.0,
+        warmup_steps=1,
+        max_steps=1,
+        min_lr_ratio=0.1,
+        dist_timeout_s=600,
+        ds_config={"train_micro_batch_size_per_gpu": 1},
+    )
+    return make_engine("deepspeed", spec)
+
+
+def export_worker(ckpt: str, max_shard_size: str) -> dict:
+    """The export in this process, as `python -m moe_dist.export CKPT OUT --format qwen3_moe --max_shard_size S`
+    runs it (`export_standard`, whose stock-class check is a child process, measured on its own by
+    `stock_check_worker`)."""
+    from moe_dist.export import export_standard
 
     out = Path(ckpt).parent / "export"
     before, t0 = peak_rss_mb(), time.perf_counter()
-    code = export_main([ckpt, str(out), "--format", "qwen3_moe"])
+    diff = export_standard(ckpt, out, "qwen3_moe", max_shard_size=max_shard_size)
     return {
-        "exit": code,
+        "diff": diff,
         "seconds": time.perf_counter() - t0,
         "rss_before_mb": before,
         "peak_rss_mb": peak_rss_mb(),
@@ -145,27 +198,10 @@ def load_worker(folder: str, ep_size: int) -> dict | None:
 
     from moe_dist import MoEConfig, MoEForCausalLM
     from moe_dist.convert.stock_import import read_init_config, weight_source
-    from moe_dist.parallel.engines import EngineSpec, make_engine
 
     init = read_init_config(Path(folder))
     config = MoEConfig(**init.fields)
-    spec = EngineSpec(
-        micro_batch_size=1,
-        grad_accum=1,
-        grad_clip=1.0,
-        precision="fp32",
-        ep_size=ep_size,
-        lr=1e-3,
-        betas=(0.9, 0.95),
-        adam_eps=1e-8,
-        weight_decay=0.0,
-        warmup_steps=1,
-        max_steps=1,
-        min_lr_ratio=0.1,
-        dist_timeout_s=600,
-        ds_config={"train_micro_batch_size_per_gpu": 1},
-    )
-    engine = make_engine("deepspeed", spec)
+    engine = _engine(ep_size)
     before, t0 = peak_rss_mb(), time.perf_counter()
     with torch.device("meta"):
         model = MoEForCausalLM(config)
@@ -187,7 +223,7 @@ def launch(args, *worker: str, ranks: int = 1) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-        if worker[0] in ("--check", "--export_ckpt", "--stock_check"):
+        if worker[0] != "--load" and worker[0] != "--save_ep":
             cmd = [sys.executable, __file__, *worker, "--result", str(result)]
         else:
             launcher, extra = deepspeed_launcher(ranks, {**env, "CUDA_VISIBLE_DEVICES": ""})
@@ -213,20 +249,24 @@ def report(result: dict) -> str:
         "qwen3_moe` of the fp32 checkpoint, and its stock-class check is the child process it starts.",
         "",
         "| experts | layers | params | fp32 size (MB) | check: peak RSS (MB, x), s | export: peak RSS (MB, x), s | "
-        "export's stock check (MB, x) |",
-        "|---:|---:|---:|---:|---|---|---|",
+        "export's stock check (MB, x) | exported checkpoint; folder |",
+        "|---:|---:|---:|---:|---|---|---|---|",
     ]
     for row in result["rows"]:
         fp32 = row["params"] * 4 / MB
         check, export = row["check"], row.get("export")
         cells = [f"{check['peak_rss_mb']:,.0f} ({check['peak_rss_mb'] / fp32:.2f}x), {check['seconds']:.1f}"]
         if export is not None:
+            saved = export.get("checkpoint", {"layout": "accelerate", "ep_size": 1})
+            shards = sum(f.endswith(".safetensors") for f in export["files"])
             cells += [
                 f"{export['peak_rss_mb']:,.0f} ({export['peak_rss_mb'] / fp32:.2f}x), {export['seconds']:.1f}",
                 f"{export['stock_check']['peak_rss_mb']:,.0f} ({export['stock_check']['peak_rss_mb'] / fp32:.2f}x)",
+                f"{saved['layout']}, EP {saved['ep_size']}; {shards} shard(s)"
+                + (f"; max diff {export['diff']:.1e}" if "diff" in export else ""),
             ]
         else:
-            cells += ["-", "-"]
+            cells += ["-", "-", "-"]
         lines.append(
             f"| {row['experts']} | {row['layers']} | {row['params'] / 1e6:.0f}M | {fp32:,.0f} | {' | '.join(cells)} |"
         )
@@ -252,10 +292,16 @@ def report(result: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    workers = {"check": check_worker, "export_ckpt": export_worker, "stock_check": stock_check_worker}
+    workers = {
+        "check": check_worker,
+        "export_ckpt": lambda ckpt: export_worker(ckpt, args.max_shard_size),
+        "stock_check": stock_check_worker,
+        "load": lambda stock: load_worker(stock, args.ep_size),
+        "save_ep": lambda stock: save_ep_worker(stock, args.ep_size, args.ckpt_out),
+    }
     chosen = [(name, getattr(args, name)) for name in workers if getattr(args, name)]
-    if chosen or args.load:
-        out = workers[chosen[0][0]](chosen[0][1]) if chosen else load_worker(args.load, args.ep_size)
+    if chosen:
+        out = workers[chosen[0][0]](chosen[0][1])
         if out is not None:
             Path(args.result).write_text(json.dumps(out))
         return 0
@@ -287,8 +333,19 @@ def measure(args, experts: int, layers: int) -> dict:
         print(f"E={experts}, {layers} layers: {params / 1e6:.0f}M parameters", flush=True)
         row = {"experts": experts, "layers": layers, "params": params, "check": launch(args, "--check", str(stock))}
         if args.export:
-            save_ours(stock, Path(tmp) / "ckpt")
-            row["export"] = launch(args, "--export_ckpt", str(Path(tmp) / "ckpt"))
+            ckpt = Path(tmp) / "ckpt"
+            if args.export_ep > 1:
+                saved = launch(
+                    args, "--save_ep", str(stock), "--ep_size", str(args.export_ep), "--ckpt_out", str(ckpt),
+                    ranks=args.export_ep,
+                )  # fmt: skip
+            else:
+                save_ours(stock, ckpt)
+                saved = {"ep_size": 1}
+            saved["layout"] = "deepspeed" if args.export_ep > 1 else "accelerate"
+            saved["files"] = len(list(ckpt.iterdir()))
+            row["export"] = launch(args, "--export_ckpt", str(ckpt), "--max_shard_size", args.max_shard_size)
+            row["export"]["checkpoint"] = saved
             row["export"]["stock_check"] = launch(args, "--stock_check", str(Path(tmp) / "export"))
         row["loads"] = [
             launch(args, "--load", str(stock), "--ep_size", str(p), ranks=p) for p in args.ep if experts % p == 0
@@ -303,6 +360,13 @@ def parse_args(argv=None):
     p.add_argument("--hidden_size", type=int, default=512)
     p.add_argument("--layers", type=int, nargs="+", default=[8], help="depths to measure")
     p.add_argument("--export", action="store_true", help="also measure the export of the converted checkpoint")
+    p.add_argument(
+        "--export_ep",
+        type=int,
+        default=1,
+        help="the exported checkpoint: 1, accelerate's layout; P > 1, DeepSpeed's, saved by P ranks at EP = P",
+    )
+    p.add_argument("--max_shard_size", default="50GB", help="the export's --max_shard_size")
     p.add_argument("--moe_width", type=int, default=512)
     p.add_argument("--vocab_size", type=int, default=4096)
     p.add_argument("--out", default="docs/import")
@@ -310,6 +374,8 @@ def parse_args(argv=None):
     p.add_argument("--load", help=argparse.SUPPRESS)
     p.add_argument("--export_ckpt", help=argparse.SUPPRESS)
     p.add_argument("--stock_check", help=argparse.SUPPRESS)
+    p.add_argument("--save_ep", help=argparse.SUPPRESS)
+    p.add_argument("--ckpt_out", help=argparse.SUPPRESS)
     p.add_argument("--ep_size", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
