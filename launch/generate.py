@@ -5,15 +5,20 @@
         --max_new_tokens 200 --json samples.json
 
     deepspeed --num_gpus 2 launch/generate.py --etp_size 2 --model_path runs/quickstart --temperature 0
+    python launch/generate.py --model_path runs/sft --chat --system "You write short stories." \\
+        --prompt "Tell me a story about a dog."
 
 --temperature 0 is greedy; top_k 0 and top_p 1 are off. A prompt file holds one prompt per line, or
 multi-line prompts separated by `<|endoftext|>` lines. No prompt at all samples unconditionally.
+`--chat` takes each prompt as a user message (after `--system`'s turn, if given), renders it with the
+folder's chat template up to the assistant's header, stops on the stop ids of its generation_config.json and
+on the template's end-of-turn marker, and prints only the reply (--json keeps the rendered prompt).
 `--etp_size T`, launched on T ranks, slices every expert over them, each rank loading only its
 slice (moe_dist.parallel.sliced_experts); rank 0 prints and writes --json. The default, 1, runs
 one whole model per process.
-Bad input (no model, a prompt longer than the context, no GPU for --device cuda, an --etp_size that
-does not divide the expert width or differs from the number of ranks) exits with
-status 2 and one line; prompt + --max_new_tokens beyond the context is clamped with a warning.
+Bad input (no model, --chat on a folder without a chat template, a prompt longer than the context, no GPU
+for --device cuda, an --etp_size that does not divide the expert width or differs from the number of ranks)
+exits with status 2 and one line; prompt + --max_new_tokens beyond the context is clamped with a warning.
 """
 
 import argparse
@@ -27,6 +32,7 @@ from moe_dist.analysis.bench import is_our_json
 from moe_dist.generation import (
     GenerationError,
     build_generation_config,
+    chat_prompts,
     context_length,
     fit_to_context,
     generate,
@@ -36,6 +42,7 @@ from moe_dist.generation import (
     read_prompt_file,
     resolve_device,
     resolve_model_dir,
+    stop_ids,
 )
 from moe_dist.parallel.process_group import shutdown_distributed
 from moe_dist.parallel.sliced_experts import (
@@ -63,6 +70,8 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch_size", type=int, default=8, help="prompts per generate() call")
     p.add_argument("--json", help="also write prompts, samples and settings to this JSON file")
+    p.add_argument("--chat", action="store_true", help="each prompt is a user message, rendered by the chat template")
+    p.add_argument("--system", help="with --chat: a system message before each user message")
     p.add_argument(
         "--etp_size",
         type=int,
@@ -85,8 +94,11 @@ def main(argv=None) -> int:
         device = _rank_device(resolve_device(args.device)) if sliced else resolve_device(args.device)
         context = context_length(model_dir)  # also the config's own errors, before the --etp_size check reads it
         check_etp_size(model_dir, args.etp_size, int(os.environ.get("WORLD_SIZE", "1")))
+        if args.system is not None and not args.chat:
+            raise GenerationError("--system: only with --chat")
         tokenizer = load_tokenizer_for_generation(model_dir)
-        max_new_tokens, warning = fit_to_context(prompt_lengths(tokenizer, prompts), context, args.max_new_tokens)
+        texts, marker = chat_prompts(tokenizer, prompts, args.system) if args.chat else (prompts, None)
+        max_new_tokens, warning = fit_to_context(prompt_lengths(tokenizer, texts), context, args.max_new_tokens)
         config = build_generation_config(
             tokenizer,
             max_new_tokens=max_new_tokens,
@@ -95,6 +107,8 @@ def main(argv=None) -> int:
             top_p=args.top_p,
             repetition_penalty=args.repetition_penalty,
             num_samples=args.num_samples,
+            eos_token_id=stop_ids(model_dir, tokenizer),
+            stop_strings=[marker] if marker else None,
         )
         if args.batch_size < 1:
             raise GenerationError(f"--batch_size {args.batch_size}: must be >= 1")
@@ -120,12 +134,15 @@ def main(argv=None) -> int:
     if warning and rank == 0:
         print(warning, file=sys.stderr)
     # Sliced, every rank decodes the same tokens (same logits after the all-reduce, same seed).
-    samples = generate(model, tokenizer, prompts, config, seed=args.seed, batch_size=args.batch_size)
+    samples = generate(model, tokenizer, texts, config, seed=args.seed, batch_size=args.batch_size)
     if started:
         shutdown_distributed()
     if rank != 0:
         return 0
     for s in samples:
+        if args.chat:  # the reply alone: the rendered prompt is the template's, not the user's
+            print(s.continuation)
+            continue
         print(
             f"=== prompt {s.prompt_index + 1}/{len(prompts)}, sample {s.sample_index + 1}/{args.num_samples}"
             f" ({s.num_new_tokens} new tokens) ===\n{s.text}\n"

@@ -6,6 +6,10 @@ of different lengths share a batch through left padding plus an attention mask; 
 then derives each row's position ids from the mask, so a prompt continues the same way alone
 or next to a longer one.
 
+Chat (`--chat`): each prompt is one user message, rendered by the folder's chat template through the
+assistant's header; generation stops on the folder's stop ids and on the template's end-of-turn marker, which a
+tokenizer without that token (ChatML on GPT-2) writes as plain text, and the reply is what comes before it.
+
 Every bad input (no model in the folder, a prompt longer than the context, no GPU for
 `--device cuda`, an impossible setting) raises `GenerationError` with a one-line message, before
 any model is loaded where that is possible.
@@ -18,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .train.conversations import _end_marker, chat_template
 from .train.data import SEPARATOR, DataError, load_tokenizer
 
 WEIGHT_FILES = (
@@ -39,7 +44,8 @@ class Sample:
     sample_index: int
     prompt: str
     continuation: str  # the new tokens only, decoded without special tokens
-    num_new_tokens: int  # up to and including the eos token when the model stopped
+    num_new_tokens: int  # up to and including the stop token when the model stopped
+    new_token_ids: list[int]  # those tokens
 
     @property
     def text(self) -> str:
@@ -133,8 +139,11 @@ def build_generation_config(
     top_p: float,
     repetition_penalty: float,
     num_samples: int,
+    eos_token_id: int | list[int] | None = None,
+    stop_strings: list[str] | None = None,
 ):
-    """The `GenerationConfig`: temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
+    """The `GenerationConfig`: temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off. It stops on
+    `eos_token_id` (default: the tokenizer's eos) and on `stop_strings`."""
     from transformers import GenerationConfig
 
     for name, value, ok, valid in (
@@ -148,7 +157,10 @@ def build_generation_config(
         if not ok:
             raise GenerationError(f"--{name} {value}: must be {valid}")
     ids = dict(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id
+        eos_token_id=tokenizer.eos_token_id if eos_token_id is None else eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        stop_strings=stop_strings,
     )
     if temperature == 0:
         if num_samples > 1:
@@ -169,6 +181,51 @@ def build_generation_config(
         num_return_sequences=num_samples,
         **ids,
     )
+
+
+def chat_prompts(tokenizer, messages: list[str], system: str | None) -> tuple[list[str], str]:
+    """`--chat`: each message as a user turn (after a system turn when `system` is given) rendered by the
+    tokenizer's chat template with the generation prompt, and the template's end-of-turn marker."""
+    try:
+        template = chat_template(tokenizer, None)
+    except DataError:
+        raise GenerationError(
+            f"--chat: the tokenizer in {tokenizer.name_or_path} has no chat template; a run trained on "
+            f"conversations saves its template with its tokenizer, or drop --chat"
+        ) from None
+    head = [{"role": "system", "content": system}] if system is not None else []
+    try:
+        marker = _end_marker(tokenizer, template)
+        texts = [
+            tokenizer.apply_chat_template(
+                [*head, {"role": "user", "content": m}],
+                chat_template=template,
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            for m in messages
+        ]
+    except DataError as e:
+        raise GenerationError(f"--chat: {e}") from None
+    except Exception as e:  # a template is code: raise_exception gives jinja2's TemplateError, a bug any error
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise GenerationError(f"--chat: the chat template refused the message ({type(e).__name__}: {first})") from None
+    return texts, marker
+
+
+def stop_ids(model_dir: Path, tokenizer) -> int | list[int] | None:
+    """What generation stops on: `generation_config.json`'s eos_token_id (an id, or a list such as Llama 3's end
+    of text and end of turn), else the tokenizer's eos."""
+    from transformers import GenerationConfig
+    from transformers.utils import GENERATION_CONFIG_NAME
+
+    if not (model_dir / GENERATION_CONFIG_NAME).is_file():
+        return tokenizer.eos_token_id
+    try:
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except (OSError, ValueError) as e:
+        raise _load_error(model_dir, e) from None
+    return tokenizer.eos_token_id if eos is None else eos
 
 
 # ---------------------------------------------------------------- model
@@ -277,7 +334,8 @@ def generate(
             return_tensors="pt",
             return_token_type_ids=False,
         ).to(model.device)
-        out = model.generate(**enc, generation_config=generation_config)
+        # Stop strings are matched on the tokenizer's strings of the ids, so generate needs the tokenizer.
+        out = model.generate(**enc, generation_config=generation_config, tokenizer=tokenizer)
         new_tokens = out[:, enc["input_ids"].shape[1] :]  # shape: (len(batch) * n, new)
         for row, ids in enumerate(new_tokens.tolist()):
             ids = _until_eos(ids, generation_config.eos_token_id)
@@ -286,13 +344,23 @@ def generate(
                     prompt_index=first + row // n,
                     sample_index=row % n,
                     prompt=batch[row // n],
-                    continuation=tokenizer.decode(ids, skip_special_tokens=True),
+                    continuation=_until_stop_string(
+                        tokenizer.decode(ids, skip_special_tokens=True), generation_config.stop_strings
+                    ),
                     num_new_tokens=len(ids),
+                    new_token_ids=ids,
                 )
             )
     return samples
 
 
-def _until_eos(ids: list[int], eos: int | None) -> list[int]:
-    # Rows that stop early are padded with pad = eos up to the batch's longest row; cut after the first eos.
-    return ids[: ids.index(eos) + 1] if eos in ids else ids
+def _until_eos(ids: list[int], eos: int | list[int] | None) -> list[int]:
+    # Rows that stop early are padded with pad = eos up to the batch's longest row; cut after the first stop id.
+    stops = set(eos) if isinstance(eos, list) else {eos}
+    return next((ids[: i + 1] for i, t in enumerate(ids) if t in stops), ids)
+
+
+def _until_stop_string(text: str, stop_strings: list[str] | None) -> str:
+    # A plain-text end-of-turn marker ends the reply and is no part of it.
+    cuts = [text.index(s) for s in stop_strings or [] if s in text]
+    return text[: min(cuts)] if cuts else text
