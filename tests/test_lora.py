@@ -5,9 +5,11 @@ layer; frozen base weights; merging; the ETP cut of the adapters; bad configurat
 """
 
 import copy
+import json
 
 import pytest
 import torch
+from launcher import ROOT, check, deepspeed, leftover_shm
 
 from moe_dist import MoEForCausalLM
 from moe_dist.checkpoint.formats import slice_dim
@@ -226,3 +228,19 @@ def test_bad_configurations_are_refused_in_one_line(kwargs, field):
 def test_adapting_twice_is_refused(base_model):
     with pytest.raises(ValueError, match="already has LoRA"):
         apply_lora(lora_model(base_model), LoRAConfig(rank=2, alpha=2.0))
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("ep, etp", [(2, 1), (1, 2)], ids=["ep2", "etp2"])
+def test_sharded_lora_gives_the_one_process_loss_and_adapter_gradients(tmp_path, ep, etp):
+    """Through the deepspeed launcher on 2 CPU ranks (tests/scripts/lora_equivalence.py). Under ETP the whole
+    factors' gradients are summed over the group (`_sum_whole_adapter_grads`); without that sum they are off
+    by about 1e-2."""
+    out = tmp_path / "result.json"
+    proc = check(deepspeed(ROOT / "tests" / "scripts" / "lora_equivalence.py", [str(out), str(ep), str(etp)]))
+    assert leftover_shm(proc) == []
+    results = json.loads(out.read_text())
+    assert set(results) == {f"{p}/{r}" for p in ("gpt2", "modern") for r in ("top2-dropless", "top2-capacity1.0")}
+    for case, result in results.items():
+        assert result["adapters_checked"] >= 96 and result["base_with_grad"] == 0, case
+        assert result["loss_diff"] <= 1e-5 and result["max_grad_diff"] <= 1e-5, case

@@ -208,6 +208,23 @@ def slice_expert(expert: FeedForward, t: int, T: int) -> FeedForward:
     return out.to(expert.up_proj.weight.dtype)
 
 
+def _sum_whole_adapter_grads(local: LocalExperts, etp_group) -> None:
+    """A LoRA factor every slice holds whole (gate/up's A, down's B; `slice_dim` None) gets only its slice's
+    share of the gradient on each rank: summed over the ETP group it is the whole expert's
+    (tests/test_lora.py), and the T copies stay equal step after step. The hook runs before the gradient
+    is accumulated, so DeepSpeed's reduction over the slice's replicas sees the sum; every rank of the
+    group runs the same graph on the same gathered tokens, so the hooks' all-reduces come in one order."""
+
+    def summed(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=etp_group)
+        return grad
+
+    for name, param in local.named_parameters():
+        if param.requires_grad and name.endswith((".lora_A", ".lora_B")) and slice_dim(name) is None:
+            param.register_hook(summed)
+
+
 # ---- the layer -------------------------------------------------------------------------------
 
 
@@ -247,6 +264,7 @@ def _expert_tensor_parallel_class():
             self.etp_group, self.sent = etp_group, {"all_gather": 0, "reduce_scatter": 0}
             first = p * self.num_local_experts
             local = LocalExperts(slice_expert(e, t, T) for e in experts[first : first + self.num_local_experts])
+            _sum_whole_adapter_grads(local, etp_group)
             shard = _expert_shard_class()(local, self.expert_group_name)
             self.deepspeed_moe = MOELayer(_PrecomputedGate(), shard, self.expert_group_name, P, self.num_local_experts)
             if a2a_group is not None:
