@@ -87,13 +87,14 @@ class CheckpointReader:
         if name not in self.names:
             raise ExportError(f"{self.ckpt}: the checkpoint has no tensor {name!r}")
         layer = layer_of(name)
-        if layer != self._layer:
+        if layer != self._layer or name not in self._held:  # a name read again re-reads its layer
             self.close()
             self._held, self._layer = self._read_layer(layer), layer
-        return self._held[name]
+        # Let go of it once handed out: as the caller fills its own copy of the layer, the held one shrinks.
+        return self._held.pop(name)
 
     def close(self) -> None:
-        """Drop the layer held (read again when asked for)."""
+        """Drop what is held of the layer read last."""
         self._layer, self._held = -1, {}
 
     def _full_name(self, stored: str) -> str:
