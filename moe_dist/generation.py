@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .train.conversations import _end_marker, chat_template
+from .train.conversations import chat_template, end_marker
 from .train.data import SEPARATOR, DataError, load_tokenizer
 
 WEIGHT_FILES = (
@@ -195,7 +195,7 @@ def chat_prompts(tokenizer, messages: list[str], system: str | None) -> tuple[li
         ) from None
     head = [{"role": "system", "content": system}] if system is not None else []
     try:
-        marker = _end_marker(tokenizer, template)
+        marker = end_marker(tokenizer, template)
         texts = [
             tokenizer.apply_chat_template(
                 [*head, {"role": "user", "content": m}],

@@ -171,7 +171,7 @@ def _render_text(tokenizer, template: str, messages: list[dict], generation_prom
         raise DataError(f"the chat template refused the conversation ({type(e).__name__}: {_one_line(e)})") from None
 
 
-def _end_marker(tokenizer, template: str) -> str:
+def end_marker(tokenizer, template: str) -> str:
     """What the template writes after an assistant's content to end the turn (rule 1 of the module docstring)."""
     probe = [{"role": "user", "content": _PROBE[0]}, {"role": "assistant", "content": _PROBE[1]}]
     text = _render_text(tokenizer, template, probe)
@@ -215,7 +215,7 @@ def _turn_span(tokenizer, template: str, messages: list[dict], i: int, text: str
 
 def _assistant_spans(tokenizer, template: str, messages: list[dict], text: str) -> list[tuple[int, int]]:
     """[start, end) of every assistant body in `text`, in order (rules 1 to 3)."""
-    marker, spans = _end_marker(tokenizer, template), []
+    marker, spans = end_marker(tokenizer, template), []
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
             after = spans[-1][1] if spans else 0

@@ -26,15 +26,14 @@ PROBE_FILE = "routing_probe.pt"
 
 @torch.no_grad()
 def capture_probe(model, blocks: np.ndarray, device: torch.device, autocast) -> dict[int, torch.Tensor]:
-    """Each router's input for the real tokens of the first row of `blocks` (fp32, on the CPU), by layer."""
+    """Each router's input for the real tokens of the first row of `blocks` (in the dtype the router saw, on the
+    CPU), by layer."""
     input_ids, _, *packed = (t[:, :PROBE_TOKENS].to(device) for t in batch_tensors(blocks, np.arange(1)))
     kwargs = dict(zip(("position_ids", "real_tokens"), packed))
     real = kwargs.get("real_tokens", torch.ones_like(input_ids, dtype=torch.bool)).reshape(-1)
     seen: dict[int, torch.Tensor] = {}
     hooks = [
-        router.register_forward_hook(
-            lambda mod, args, out: seen.__setitem__(mod.layer_idx, args[0][real].float().cpu())
-        )
+        router.register_forward_hook(lambda mod, args, out: seen.__setitem__(mod.layer_idx, args[0][real].cpu()))
         for router in model.routers()
     ]
     was_training = model.training
