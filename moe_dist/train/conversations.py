@@ -33,7 +33,6 @@ it, bodies out of order), is refused with one line naming its line number.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
@@ -43,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data_prep import DataError
+from .data_prep import DataError, open_bytes
 
 ROLES = ("system", "user", "assistant")
 _FORMATS = 'one JSON object per line with "messages" (a list of {"role", "content"}), or "prompt" and "completion"'
@@ -57,17 +56,12 @@ class Example:
     supervised: np.ndarray  # bool, same length: True exactly on the assistant turns' bodies
 
 
-def _open(path: str | Path):
-    # data.open_bytes does the same, but data.py is the caller of this module: importing it back would be a cycle.
-    return gzip.open(path, "rb") if str(path).lower().endswith(".gz") else open(path, "rb")
-
-
 def is_conversation_file(path: str | Path) -> bool:
     """A `.jsonl` or `.jsonl.gz` whose first non-empty record holds "messages", or "prompt" and "completion"."""
     if not str(path).lower().removesuffix(".gz").endswith(".jsonl") or not Path(path).is_file():
         return False
     try:
-        with _open(path) as f:
+        with open_bytes(path) as f:
             line = next((line for line in f if line.strip()), b"")
         record = json.loads(line) if line else None
     except (OSError, EOFError, zlib.error, ValueError, RecursionError):  # unreadable: the text path says why
@@ -81,7 +75,7 @@ def _numbered_records(path: str | Path, field: str):
     if not Path(path).is_file():
         raise DataError(f"{where} does not exist or is not a file; pass a .jsonl or .jsonl.gz file")
     try:
-        with _open(path) as f:
+        with open_bytes(path) as f:
             for number, line in enumerate(f, 1):
                 if not line.strip():
                     continue

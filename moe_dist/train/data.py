@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import gzip
 import hashlib
 import json
 import logging
@@ -31,6 +30,7 @@ from .data_prep import (
     default_num_proc,
     log_phase,
     one_thread_tokenizers,
+    open_bytes,
     pack_file,
     progress,
     token_dtype,
@@ -192,11 +192,6 @@ def file_kind(path: str | Path) -> str | None:
     if suffixes and suffixes[-1] == ".gz":
         suffixes.pop()
     return _FILE_KINDS.get(suffixes[-1]) if suffixes else None
-
-
-def open_bytes(path: str | Path):
-    """A binary file object over the text, decompressing .gz on the fly."""
-    return gzip.open(path, "rb") if str(path).lower().endswith(".gz") else open(path, "rb")
 
 
 def trained_vocab_size(spec: str) -> int | None:

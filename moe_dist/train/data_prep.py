@@ -45,6 +45,11 @@ class DataError(ValueError):
     """Bad data input. The message is one line naming the field or path and what is valid."""
 
 
+def open_bytes(path: str | Path):
+    """A binary file object over the text, decompressing .gz on the fly."""
+    return gzip.open(path, "rb") if str(path).lower().endswith(".gz") else open(path, "rb")
+
+
 CHUNK_STORIES = 2000  # stories per task sent to a worker: large enough to amortise the IPC, small for memory
 _READ_BYTES = 1 << 22
 _PACK_ROWS = 1 << 16  # blocks copied per slab while packing
