@@ -14,6 +14,7 @@ from stock_models import save_stock, tokenizer_for_tests
 
 from moe_dist.model.configuration import MoEConfig
 from moe_dist.model.modeling import MoEForCausalLM
+from moe_dist.train.cli import main
 
 TRAIN = ROOT / "launch" / "train.py"
 SAMPLE = ROOT / "data" / "conversations"
@@ -102,23 +103,23 @@ BAD = {  # each the third line of a file whose first two are good
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_a_bad_conversation_file_is_one_line_naming_its_line_before_any_work(tmp_path, case):
+def test_a_bad_conversation_file_is_one_line_naming_its_line_before_any_work(capsys, tmp_path, case):
     good = '{"prompt": "a", "completion": "b"}\n'
     (tmp_path / "train.jsonl").write_text(good * 2 + BAD[case] + "\n")
     (tmp_path / "valid.jsonl").write_text(good)
     run = tmp_path / "run"
     args = ["--model", "tiny-moe", "--train_file", str(tmp_path / "train.jsonl")]
     args += ["--valid_file", str(tmp_path / "valid.jsonl"), "--chat_template", CHATML]
-    proc = python(TRAIN, [*args, "--max_steps", "1", "--output_dir", str(run)])
-    errors = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    code = main([*args, "--max_steps", "1", "--output_dir", str(run)])
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(errors) == 1, errors
     assert "line 3" in errors[0] and "train_file" in errors[0], errors[0]
     assert not run.exists()
 
 
-def test_conversations_with_no_chat_template_anywhere_are_refused_before_any_work(tmp_path):
+def test_conversations_with_no_chat_template_anywhere_are_refused_before_any_work(capsys, tmp_path):
     run = tmp_path / "run"
-    proc = python(TRAIN, ["--model", "tiny-moe", *SFT_DATA, "--max_steps", "1", "--output_dir", str(run)])
-    errors = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == 2 and len(errors) == 1 and "--chat_template" in errors[0], proc.stderr
+    code = main(["--model", "tiny-moe", *SFT_DATA, "--max_steps", "1", "--output_dir", str(run)])
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(errors) == 1 and "--chat_template" in errors[0], errors
     assert not run.exists()
