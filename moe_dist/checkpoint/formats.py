@@ -9,6 +9,8 @@ One checkpoint folder (`checkpoints/stepNNNNNNNN/`) holds, from DeepSpeed with n
                                                       (bf16_zero_pp_rank_... in a bf16 run)
     expert_slices.json                                only with expert tensor parallelism: the expert
                                                       files then hold slices, id = (p*T + t) * E/P + local expert
+    lora.json                                         only with LoRA: rank, alpha, dropout and targets of the
+                                                      adapters (`<proj>.lora_A` / `.lora_B`) the weights hold
 
 (`zero_to_fp32` ignores the expert files, DeepSpeed #4497, so weights are assembled here), or from
 accelerate:
@@ -47,7 +49,8 @@ _HF_EXPERT_PATH = ".experts."
 _SHARD_RANK = re.compile(r"zero_pp_rank_(\d+)_")
 _LOCAL_ID = re.compile(re.escape(_DS_EXPERT_PATH) + r"(\d+)\.")
 EXPERT_SLICES = "expert_slices.json"
-_SLICE_KEY = re.compile(r"^(.*\.experts\.)(\d+)\.(up_proj|gate_proj|down_proj)\.(weight|bias)$")
+_SLICE_KEY = re.compile(r"^(.*\.experts\.)(\d+)\.(up_proj|gate_proj|down_proj)\.(weight|bias|lora_A|lora_B)$")
+LORA_ADAPTERS = "lora.json"
 
 
 class ExportError(RuntimeError):
@@ -143,6 +146,12 @@ def load_zero_shard(shard: Path, *, mmap: bool = False) -> dict:
 def read_expert_slices(ckpt: Path) -> dict | None:
     """{"ep_size": P, "etp_size": T, "experts_per_ep_rank": E/P} of a sliced save; None if experts are whole."""
     path = ckpt / EXPERT_SLICES
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_lora(ckpt: Path) -> dict | None:
+    """A LoRA run's `lora.json` (`model.lora.LoRAConfig.record`); None: the weights hold no adapters."""
+    path = ckpt / LORA_ADAPTERS
     return json.loads(path.read_text()) if path.is_file() else None
 
 

@@ -7,7 +7,8 @@ each tensor from disk on demand, so no rank ever holds the whole checkpoint. Sou
 - `SafetensorsFiles`: one folder's `model.safetensors`, or the shards its `model.safetensors.index.json` lists;
 - `NativeSource`: our own export (`hf/`), whose names are ours;
 - `StockSource`: a stock transformers folder, through `standard_keys.key_pairs` (the exporter's table, read
-  the other way).
+  the other way);
+- `AdaptedSource`: any of these for a LoRA model, each adapter factor at its starting value.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..checkpoint.formats import ExportError
 from ..model.configuration import MoEConfig
+from ..model.lora import initial_factor
 from .standard_keys import Pair, disk_names, key_pairs
 
 INDEX = "model.safetensors.index.json"
@@ -151,3 +153,19 @@ class StockSource:
 
     def close(self) -> None:
         self.files.close()
+
+
+class AdaptedSource:
+    """`base`'s tensors for a model with LoRA adapters (`model.lora`): each factor in `shapes` (checkpoint key ->
+    whole shape) starts at `initial_factor(key, shape, seed)`, the value the same model built in memory gets."""
+
+    def __init__(self, base, shapes: dict[str, torch.Size], seed: int):
+        self.base, self.shapes, self.seed = base, shapes, seed
+
+    def has(self, name: str) -> bool:
+        return name in self.shapes or self.base.has(name)
+
+    def read(self, name: str) -> torch.Tensor:
+        if name in self.shapes:
+            return initial_factor(name, self.shapes[name], self.seed)
+        return self.base.read(name)

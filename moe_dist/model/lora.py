@@ -20,6 +20,7 @@ This file is not imported by `modeling.py`: an export ships merged weights (`mer
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -68,6 +69,15 @@ class LoRAConfig:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    def record(self) -> dict:
+        """As run.json and a checkpoint's lora.json keep it (`LoRAConfig(**record)` reads it back)."""
+        return {
+            "rank": self.rank,
+            "alpha": float(self.alpha),
+            "dropout": float(self.dropout),
+            "targets": list(self.targets),
+        }
 
 
 class LoRALinear(nn.Linear):
@@ -141,7 +151,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
 
     Apply it to the whole model before EP or ETP shards the experts, as every rank builds the whole
     model alike: the sharding then tags and slices the adapters with their experts. A draws from torch's
-    global generator in module order, so the same seed gives the same adapters on every rank.
+    global generator in module order, so the same seed gives the same adapters on every rank; the trainer
+    then sets them by key (`initial_factor`), which also holds for a model filled after sharding.
     """
     if next(adapters(model), None) is not None:
         raise ValueError("apply_lora: the model already has LoRA adapters")
@@ -150,6 +161,28 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     for owner, name in list(_projections(model, cfg.targets)):
         setattr(owner, name, LoRALinear(getattr(owner, name), cfg.rank, cfg.alpha, cfg.dropout))
     return model
+
+
+def initial_factor(name: str, shape: torch.Size, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The starting value of the adapter factor under checkpoint key `name`: B zeros; A Kaiming-uniform
+    (a = sqrt(5)) from a generator seeded by (seed, key).
+
+    The key names the layer, the global expert id and the projection, so A does not depend on the order
+    modules are built in, on how many experts a rank holds, or on whether the model was built on the meta
+    device and filled later (`--init_from`): every layout starts from the same adapters, as `_init_experts`
+    in `modeling.py` seeds the experts themselves.
+    """
+    if name.endswith(".lora_B"):
+        return torch.zeros(shape, dtype=dtype)
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    return nn.init.kaiming_uniform_(torch.empty(shape), a=math.sqrt(5), generator=gen).to(dtype)
+
+
+@torch.no_grad()
+def init_adapters(model: nn.Module, seed: int) -> None:
+    """Set every adapter factor of `model` (whole, before sharding) to its `initial_factor`."""
+    for name, param in adapter_parameters(model):
+        param.copy_(initial_factor(name, param.shape, seed, param.dtype))
 
 
 def adapt_like(module: nn.Module, like: nn.Module) -> nn.Module:
@@ -167,13 +200,28 @@ def merge_lora(model: nn.Module) -> nn.Module:
     plain `nn.Linear` back, with the same parameter objects. `requires_grad` is left as it is."""
     for owner, name, lora in list(adapters(model)):
         weight = lora.weight
-        delta = lora.scale * (lora.lora_B.float() @ lora.lora_A.float())
-        weight.copy_((weight.float() + delta).to(weight.dtype))
+        weight.copy_(merged_weight(weight, lora.lora_A, lora.lora_B, lora.scale))
         plain = nn.Linear(lora.in_features, lora.out_features, bias=lora.bias is not None, device="meta")
         plain.weight = weight
         plain.bias = lora.bias
         setattr(owner, name, plain)
     return model
+
+
+def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + scale * B @ A, computed in fp32 and rounded once to W's dtype."""
+    return (weight.float() + scale * (b.float() @ a.float())).to(weight.dtype)
+
+
+def fold_adapters(tensors: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """`tensors` (checkpoint key -> tensor) with each `<proj>.lora_A` / `.lora_B` pair folded into `<proj>.weight`
+    (`merged_weight`) and dropped: what `merge_lora` does to a model, done to a state dict (one layer of it)."""
+    out = {k: v for k, v in tensors.items() if not k.endswith((".lora_A", ".lora_B"))}
+    for key, a in tensors.items():
+        if key.endswith(".lora_A"):
+            proj = key.removesuffix(".lora_A")
+            out[f"{proj}.weight"] = merged_weight(tensors[f"{proj}.weight"], a, tensors[f"{proj}.lora_B"], scale)
+    return out
 
 
 def adapter_parameters(model: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:

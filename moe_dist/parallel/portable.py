@@ -204,6 +204,6 @@ def apply_zero(ds_engine, state: PortableState, named_params) -> None:
     for name, param in named_params:
         param.copy_(state.weights[name])
         safe_set_full_fp32_param(param, state.weights[name])
-        if state.exp_avg is not None:
+        if state.exp_avg is not None and param.requires_grad:  # a frozen weight (LoRA's base) has no moments
             safe_set_full_optimizer_state(param, state.exp_avg[name], "exp_avg")
             safe_set_full_optimizer_state(param, state.exp_avg_sq[name], "exp_avg_sq")

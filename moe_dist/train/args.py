@@ -19,6 +19,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from ..model.configuration import MoEConfig
+from ..model.lora import TARGETS, LoRAConfig
 from ..parallel.ds_config import ConfigError
 from ..parallel.process_group import WATCHDOG_MARGIN_S
 from .data import DataConfig
@@ -108,6 +109,17 @@ class ModelArgs:
         "off: no dropout (attention, residual, embedding), whatever the preset or --init_from's config "
         "sets (GPT-2 releases train with 0.1); default: theirs"
     )
+    lora_rank: int | None = _help(
+        "LoRA: train a rank-r adapter on each targeted projection with every base weight frozen (docs/lora.md); "
+        "default: full fine-tuning"
+    )
+    lora_alpha: float | None = _help("LoRA: the update is scaled by alpha / rank (default: the rank, scale 1)")
+    lora_dropout: float | None = _help("LoRA: dropout on the adapters' input, in [0, 1) (default 0)")
+    lora_targets: str | None = _help(
+        f"LoRA: comma-separated, of {', '.join(TARGETS)} (default: all); the router follows --freeze_router"
+    )
+
+    RANGES = {"lora_rank": Range(1), "lora_alpha": Range(0, low_open=True), "lora_dropout": Range(0, 1, high_open=True)}
 
     @property
     def preset(self) -> str:
@@ -119,6 +131,29 @@ class ModelArgs:
                 f"--model {self.model} conflicts with --init_from {self.init_from}: the folder's "
                 f"config.json is the model; drop --model"
             )
+        check_ranges(self)
+
+    def lora(self) -> LoRAConfig | None:
+        """The LoRA adapters asked for; None: full fine-tuning."""
+        extra = [f"--{n}" for n in ("lora_alpha", "lora_dropout", "lora_targets") if getattr(self, n) is not None]
+        if self.lora_rank is None:
+            if extra:
+                raise ConfigError(f"{', '.join(extra)}: LoRA needs --lora_rank (the adapters' rank, an integer >= 1)")
+            return None
+        targets = (
+            TARGETS
+            if self.lora_targets is None
+            else tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+        )
+        try:
+            return LoRAConfig(
+                rank=self.lora_rank,
+                alpha=float(self.lora_rank if self.lora_alpha is None else self.lora_alpha),
+                dropout=self.lora_dropout or 0.0,
+                targets=targets,
+            )
+        except ValueError as e:  # an unknown or empty target: the message names the flag and the valid ones
+            raise ConfigError(f"--{e}") from None
 
     def model_overrides(self) -> dict:
         """The `MoEConfig` fields given on the command line (the fields named after one)."""

@@ -31,6 +31,7 @@ from ..convert.stock_import import (
 )
 from ..convert.upcycle import Upcycling, moe_fields
 from ..model.configuration import MAX_EXPERTS, MoEConfig
+from ..model.lora import LoRAConfig
 from ..output_guard import check as check_outputs
 from ..parallel.ds_config import ConfigError, DeepSpeedSettings, launcher_world_size, load_deepspeed_config
 from ..parallel.engines import EngineSpec
@@ -89,6 +90,7 @@ class RunPlan:
     settings: tuple[Setting, ...] = ()  # every setting with its source (`settings.resolve`)
     freeze_router: bool = False  # routers' weights stay as they start
     freeze_router_bias: bool = False  # the aux-loss-free selection bias stays as it starts
+    lora: LoRAConfig | None = None  # LoRA adapters on a frozen base; None: full fine-tuning
 
     @property
     def run_dir(self) -> Path:
@@ -142,6 +144,7 @@ def plan_run(
         grad_ckpt=model.grad_ckpt,
         freeze_router=model.freeze_router,
         freeze_router_bias=model.freeze_router_bias,
+        lora=model.lora(),
         data=data,
         spec=_engine_spec(engine, optim, ds, ep_size, run.max_steps),
         run=run,
@@ -428,6 +431,7 @@ def run_record(plan: RunPlan, config: MoEConfig) -> dict:
     # engine may only with --allow_engine_change; the model never.
     record = {"engine": plan.engine, "preset": plan.preset, "model_config": _comparable(config)}
     record["settings"] = settings_record(plan.settings, config)  # shown, never compared on resume
+    record["lora"] = plan.lora.record() if plan.lora else None  # compared on resume: the trained parameters
     if plan.init is not None:  # what the model started from: the exporter's `--format auto` tries its class first
         record["init_from"] = {"path": str(plan.init.folder.resolve()), "format": plan.init.fmt}
         if plan.upcycling is not None:
@@ -460,6 +464,7 @@ def check_run_folder(plan: RunPlan, config: MoEConfig | None = None) -> None:
             f"asks {plan.upcycling and plan.upcycling.record()}. Resume with the same --upcycle_* "
             f"flags, or {fresh}"
         )
+    _check_same_lora(plan, saved.get("lora"), fresh)
     if saved["engine"] != plan.engine and not plan.run.allow_engine_change:
         how = "add --deepspeed" if saved["engine"] == "deepspeed" else "drop --deepspeed"
         raise ConfigError(
@@ -477,3 +482,24 @@ def check_run_folder(plan: RunPlan, config: MoEConfig | None = None) -> None:
     if diff:
         changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
         raise ConfigError(f"{plan.run_dir} holds a run of a different model ({changes}); {fresh}")
+
+
+def _check_same_lora(plan: RunPlan, saved: dict | None, fresh: str) -> None:
+    """A run resumes training what it trained: its adapters (the same rank, alpha, dropout and targets), or every
+    weight. A record without the key was written before LoRA existed: full fine-tuning."""
+    asked = plan.lora.record() if plan.lora else None
+    if saved == asked:
+        return
+
+    def described(record: dict | None) -> str:
+        if record is None:
+            return "without LoRA (full fine-tuning)"
+        return f"with LoRA rank {record['rank']}, alpha {record['alpha']:g}, dropout {record['dropout']:g}, " + (
+            f"targets {','.join(record['targets'])}"
+        )
+
+    how = "the same --lora_* flags" if saved else "no --lora_* flags"
+    raise ConfigError(
+        f"{plan.run_dir} holds a run trained {described(saved)}; this command asks {described(asked)}. "
+        f"Resume with {how}, or {fresh} (--init_from {plan.run_dir / 'hf'} starts LoRA from its weights)"
+    )

@@ -10,6 +10,7 @@ expert slices back into whole experts, and the engine cuts them again when this 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,9 +49,18 @@ def find_checkpoint(engine: TrainEngine, store: CheckpointStore) -> Path | None:
 
 
 def load_checkpoint(
-    path: Path, engine: TrainEngine, *, ep_size: int, config: MoEConfig, allow_optimizer_reset: bool
+    path: Path,
+    engine: TrainEngine,
+    *,
+    ep_size: int,
+    config: MoEConfig,
+    allow_optimizer_reset: bool,
+    trainable: Callable[[MoEForCausalLM], MoEForCausalLM] = lambda model: model,
 ) -> tuple[TrainerState, ReportTotals]:
-    """Restore the engine (and this rank's RNG) from `path`; returns the loop's state and report totals."""
+    """Restore the engine (and this rank's RNG) from `path`; returns the loop's state and report totals.
+
+    `trainable` sets which of a model's weights train (LoRA, a frozen router), as the run's model has it: the
+    saved optimizer state holds those alone."""
     state, totals = read_trainer_state(path)
     saved_etp = (read_expert_slices(path) or {}).get("etp_size", 1)
     if (state.engine, state.ep_size, state.world_size, saved_etp) == (*layout(engine, ep_size), engine.spec.etp_size):
@@ -65,6 +75,7 @@ def load_checkpoint(
             saved_etp=saved_etp,
             config=config,
             allow_optimizer_reset=allow_optimizer_reset,
+            trainable=trainable,
         )
     return state, totals
 
@@ -78,10 +89,12 @@ def _reshard(
     saved_etp: int,
     config: MoEConfig,
     allow_optimizer_reset: bool,
+    trainable: Callable[[MoEForCausalLM], MoEForCausalLM],
 ) -> None:
     """Load a checkpoint written by another engine, EP size, ETP size or world size, through the portable state."""
     with torch.device("meta"):
-        shapes = {n: p.shape for n, p in MoEForCausalLM(config).named_parameters() if p.requires_grad}
+        model = trainable(MoEForCausalLM(config))
+    shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
     state = read_state(
         path, engine=saved.engine, ep_size=saved.ep_size, num_experts=config.num_local_experts, shapes=shapes
     )

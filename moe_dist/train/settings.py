@@ -117,7 +117,12 @@ def _model_settings(plan, model: ModelArgs) -> list[Setting]:
         "freeze_router_bias",
         *(_UPCYCLE_FLAGS if plan.upcycling is not None else ()),
     )
-    return rows + [Setting("model", n, getattr(model, n), FLAG if n in typed else DEFAULT) for n in flags]
+    rows += [Setting("model", n, getattr(model, n), FLAG if n in typed else DEFAULT) for n in flags]
+    lora = plan.lora.record() if plan.lora is not None else {}
+    return rows + [
+        Setting("model", f"lora_{k}", ",".join(v) if k == "targets" else v, FLAG if f"lora_{k}" in typed else DEFAULT)
+        for k, v in lora.items()
+    ]
 
 
 def _data_settings(plan, data: DataConfig) -> list[Setting]:

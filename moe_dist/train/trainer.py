@@ -21,11 +21,13 @@ import torch
 import transformers
 
 from ..atomic_io import write_atomic
-from ..checkpoint.formats import hf_named_parameters
+from ..checkpoint.formats import LORA_ADAPTERS, hf_named_parameters
+from ..convert.sources import AdaptedSource
 from ..convert.stock_import import weight_source
 from ..convert.upcycle import source_record, step0_description
 from ..export import export_checkpoint
 from ..model.configuration import MoEConfig
+from ..model.lora import adapter_parameters, apply_lora, init_adapters
 from ..model.modeling import MoEForCausalLM
 from ..output_guard import record as record_outputs
 from ..parallel.engines import TrainEngine, make_engine
@@ -145,11 +147,30 @@ def _build_model(plan: RunPlan, config: MoEConfig):
         model = MoEForCausalLM(config)
     if plan.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    for router in model.routers():
-        # Before the engine builds its optimizer, which then holds no state for a frozen router.
-        router.weight.requires_grad_(router.weight.requires_grad and not plan.freeze_router)
-        router.freeze_bias = plan.freeze_router_bias
+    set_trainable(model, plan)
+    if plan.lora is not None:
+        # Each adapter factor starts from (seed, its key) alone, whole, before the engine shards it: a model
+        # filled after sharding reads the same values through the source.
+        if weights is None:
+            init_adapters(model, plan.run.seed)
+        else:
+            weights = AdaptedSource(weights, {n: p.shape for n, p in adapter_parameters(model)}, plan.run.seed)
     return model, weights
+
+
+def set_trainable(model: MoEForCausalLM, plan: RunPlan) -> MoEForCausalLM:
+    """What trains: LoRA's adapters on a frozen base (with --lora_rank), and the routers unless --freeze_router.
+
+    Before the engine builds its optimizer, which then holds no state for a frozen weight; a resharded resume
+    applies it to its meta model to match the saved optimizer state to names (`resume.load_checkpoint`).
+    """
+    routers = [(router, router.weight.requires_grad) for router in model.routers()]  # a random router never trains
+    if plan.lora is not None:
+        apply_lora(model, plan.lora)  # freezes every weight, the routers' too
+    for router, trains in routers:
+        router.weight.requires_grad_(trains and not plan.freeze_router)
+        router.freeze_bias = plan.freeze_router_bias
+    return model
 
 
 def _checkpoint_writer(engine: TrainEngine):
@@ -394,6 +415,7 @@ class _Checkpoints:
             ep_size=self.plan.spec.ep_size,
             config=self.config,
             allow_optimizer_reset=self.plan.run.allow_optimizer_reset,
+            trainable=lambda model: set_trainable(model, self.plan),
         )
         self.sampler.load_state_dict(state.sampler)
         self.collapse.load_state_dict(state.collapse)
@@ -417,6 +439,8 @@ class _Checkpoints:
             state.engine, state.ep_size, state.world_size = layout(engine, self.plan.spec.ep_size)
             write_trainer_state(staging, state, self.report.totals)
             self.config.to_json_file(staging / "config.json")
+            if self.plan.lora is not None:  # what the adapters in the weights are: the export folds them
+                (staging / LORA_ADAPTERS).write_text(json.dumps(self.plan.lora.record()))
         self.store.seal(staging)
         self.hooks.fire("before_commit", state.step)
         path = self.store.publish(staging, best=best, keep_last=self.plan.run.keep_last)
