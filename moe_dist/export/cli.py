@@ -2,7 +2,7 @@
 
     python -m moe_dist.export CHECKPOINT_OR_RUN OUT_DIR [--tokenizer DIR] [--dtype fp32|bf16]
                               [--format native|gpt2|llama|qwen3|mixtral|qwen3_moe|olmoe|ernie4_5_moe|auto]
-                              [--max_shard_size 50GB]
+                              [--max_shard_size 50GB] [--merge]
     (console script: moe-dist-export)
 
 A run folder means its latest checkpoint. `native` (the default) needs `import moe_dist` or
@@ -10,7 +10,8 @@ trust_remote_code to load; the standard formats load with the stock transformers
 for exactness before the folder appears. OUT_DIR must be new, empty, or an earlier export of ours, which is
 replaced whole and atomically; a folder holding anything else is refused. Exit status 2: OUT_DIR is refused,
 or the checkpoint cannot be exported in that format (the message names the file, or the field and the formats
-that can represent it), or --max_shard_size is not a size, and nothing is written.
+that can represent it), or --max_shard_size is not a size, or --merge is missing for a LoRA run (or given for
+another), and nothing is written.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..checkpoint.formats import ExportError
+from ..checkpoint.formats import ExportError, read_lora
 from ..convert.standard import STANDARD_FORMATS, blocking_field, fitting_formats
 from ..convert.stock_import import read_config_json
 from ..model.configuration import MoEConfig
@@ -56,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         help=f"largest weights file (default {MAX_SHARD_SIZE}, as save_pretrained); a bigger model is written as "
         "model-0000i-of-0000n.safetensors with model.safetensors.index.json. KB, MB, GB, TB, or bytes",
     )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="a LoRA run (--lora_rank): fold scale * B @ A into each adapted weight, exported in any format",
+    )
     args = parser.parse_args(argv)
     ckpt = _resolve_checkpoint(Path(args.checkpoint))
     tokenizer = args.tokenizer or next((str(p) for p in (ckpt.parent.parent / "tokenizer",) if p.is_dir()), None)
@@ -63,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         args.max_shard_size = shard_size(args.max_shard_size)
         check_export_dir(args.out_dir)  # before any work: OUT_DIR is new, empty, or our own earlier export
         _check_ours(ckpt)
+        _check_merge(ckpt, args.merge)
         formats = _auto_formats(ckpt) if args.format == "auto" else [args.format]
         for fmt in formats[:-1]:  # auto only: a class can still be ruled out by the weights or the logits check
             try:
@@ -118,6 +125,18 @@ def _check_ours(ckpt: Path) -> None:
         MoEConfig.from_dict(config)
     except (TypeError, ValueError) as e:
         raise ExportError(f"{ckpt / 'config.json'}: {' '.join(str(e).split())}") from None
+
+
+def _check_merge(ckpt: Path, merge: bool) -> None:
+    """--merge is the user's word that the export holds the LoRA adapters folded into the base weights."""
+    lora = read_lora(ckpt)
+    if lora and not merge:
+        raise ExportError(
+            f"{ckpt} holds LoRA adapters (rank {lora['rank']}, targets {','.join(lora['targets'])}): pass --merge "
+            f"to fold them into the weights (W + alpha/r * B @ A)"
+        )
+    if merge and not lora:
+        raise ExportError(f"--merge: {ckpt} holds no LoRA adapters (its run trained without --lora_rank)")
 
 
 def _resolve_checkpoint(path: Path) -> Path:

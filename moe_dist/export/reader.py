@@ -5,7 +5,8 @@ per-expert files and, from a ZeRO-1/2 run, the fp32 masters in its optimizer sha
 those whole to resume; here only the fragments of the layer asked for are copied out). Expert slices (ETP) are
 joined into whole experts as they are read. A file is mapped (`torch.load(mmap=True)`, `safe_open`) only while a
 layer is read and unmapped after: a mapped page that was read counts in the process's RSS while it stays mapped.
-So the reader holds one layer (or the embeddings, final norm and head), whatever the depth.
+So the reader holds one layer (or the embeddings, final norm and head), whatever the depth. A LoRA run's
+adapters (its `lora.json`) are folded into their weights as each layer is read: W + (alpha / r) * B @ A.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ from ..checkpoint.formats import (
     local_to_hf_key,
     merge_expert_slices,
     read_expert_slices,
+    read_lora,
     slice_dim,
     split_slice_key,
     zero_shards,
 )
 from ..model.configuration import MoEConfig
+from ..model.lora import LoRAConfig, apply_lora, fold_adapters
 from ..model.modeling import MoEForCausalLM
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -66,8 +69,12 @@ class CheckpointReader:
 
     def __init__(self, ckpt: Path, config: MoEConfig, dtype: torch.dtype | None = None):
         self.ckpt, self.dtype = Path(ckpt), dtype
+        lora = read_lora(self.ckpt)
+        self.lora = LoRAConfig(**lora) if lora else None
         with torch.device("meta"):
             model = MoEForCausalLM(config)
+            if self.lora is not None:  # the adapters are stored beside their weights
+                apply_lora(model, self.lora)
         # Each tensor's dtype as `model.to(dtype)` leaves it: the routers' selection bias stays fp32.
         state = (model.to(dtype) if dtype is not None else model).state_dict()
         self.shapes, self.dtypes = {k: v.shape for k, v in state.items()}, {k: v.dtype for k, v in state.items()}
@@ -78,6 +85,7 @@ class CheckpointReader:
             self.stored[layer_of(self._full_name(stored))].append(stored)
         self.names = {self._full_name(s) for s in self.pieces}
         self._check_names(config)
+        self.names -= {n for n in self.names if n.endswith((".lora_A", ".lora_B"))}  # read folded into weights
         self._layer, self._held = -1, {}
 
     def has(self, name: str) -> bool:
@@ -139,6 +147,8 @@ class CheckpointReader:
             held[stored] = whole.view(self._stored_shape(stored)) if self.pieces[stored][0].numel >= 0 else whole
         if self.slices:
             held = merge_expert_slices(held, self.slices)
+        if self.lora is not None:  # in the stored precision (a run's fp32 masters), before any cast
+            held = fold_adapters(held, self.lora.scale)
         for name, tensor in held.items():
             if tensor.shape != self.shapes[name]:
                 raise ExportError(
