@@ -123,3 +123,18 @@ def test_conversations_with_no_chat_template_anywhere_are_refused_before_any_wor
     errors = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(errors) == 1 and "--chat_template" in errors[0], errors
     assert not run.exists()
+
+
+def test_a_frozen_selection_bias_stays_while_the_router_weights_train(tmp_path):
+    run = tmp_path / "run"
+    args = ["--model", "ernie-tiny", *SFT_DATA, *SHORT, "--seq_len", "64", "--freeze_router_bias", "true"]
+    check(python(TRAIN, [*args, "--lr", "3e-3", "--max_steps", "3", "--eval_every", "3", "--output_dir", str(run)]))
+    config = MoEConfig.from_pretrained(run / "hf")
+    assert config.router_bias_update_rate > 0  # ernie-tiny balances by the selection bias: frozen here
+    weights = load_file(run / "hf" / "model.safetensors")
+    biases = [v for k, v in weights.items() if k.endswith("router.score_bias")]
+    assert biases and all(not b.any() for b in biases)  # as initialised: zeros
+    torch.manual_seed(0)
+    initial = MoEForCausalLM(config).state_dict()
+    routers = [k for k in weights if k.endswith("router.weight")]
+    assert routers and not all(torch.equal(weights[k], initial[k]) for k in routers)
