@@ -204,3 +204,17 @@ def test_export_needs_merge_for_a_lora_run_and_refuses_it_without_one(capsys, on
     folded = fold_adapters(load_hf_state_dict(ckpt), 8 / 4)
     got = load_file(tmp_path / "c" / "model.safetensors")
     assert all(torch.equal(got[k], folded[k].to(got[k].dtype)) for k in got)  # folded in fp32, then rounded
+
+
+@pytest.mark.multirank
+def test_experts_only_with_a_frozen_router_trains_under_deepspeed(tmp_path):
+    """No trainable non-expert parameter: DeepSpeed drops the empty groups from the optimizer, and the schedule
+    must have been built without them too. The routers stay bitwise as they started."""
+    run = tmp_path / "run"
+    args = [*ARGS, "--max_steps", "2", "--save_every", "2", "--lora_targets", "experts", "--freeze_router", "true"]
+    check(python(TRAIN, ["--deepspeed", _ds(tmp_path, moe={"ep_size": 1}), *args, "--output_dir", str(run)]))
+    state = load_hf_state_dict(_step(run, 2))
+    transformers.set_seed(0)
+    start = MoEForCausalLM(MoEConfig.from_pretrained(_step(run, 2))).state_dict()
+    assert all(torch.equal(state[k], start[k]) for k in state if not k.endswith((".lora_A", ".lora_B")))
+    assert all(".experts." in k for k in _adapters(state))

@@ -291,7 +291,10 @@ class DeepSpeedEngine(TrainEngine):
         if model.config.is_moe:
             # Expert parameters get their own groups, reduced over expert-data-parallel ranks only.
             groups = split_params_into_different_moe_groups_for_optimizer(groups)
-        return groups
+        # deepspeed.initialize drops an empty group from the optimizer but not from the schedule built on it,
+        # which then no longer matches (LoRA on the experts alone with a frozen router leaves no trainable
+        # non-expert parameter): the empty groups go before either is built.
+        return [g for g in groups if g["params"]]
 
     def _wrap(self, model: MoEForCausalLM) -> None:
         import deepspeed
