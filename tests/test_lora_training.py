@@ -170,6 +170,7 @@ def _refused(capsys, argv: list[str], run) -> str:
         (["--lora_rank", "4", "--lora_targets", "experts,router"], "--lora_targets='experts,router' is invalid"),
         (["--lora_alpha", "16"], "--lora_alpha: LoRA needs --lora_rank"),
         (["--lora_rank", "4", "--lora_dropout", "1"], "--lora_dropout=1 is invalid: must be in [0, 1)"),
+        (["--lora_rank", "4", "--lora_targets", "mlp"], "it has nothing for mlp; valid targets here are attention"),
     ],
 )
 def test_bad_lora_flags_are_one_line_before_any_work(capsys, tmp_path, flags, expected):

@@ -116,7 +116,8 @@ class ModelArgs:
     lora_alpha: float | None = _help("LoRA: the update is scaled by alpha / rank (default: the rank, scale 1)")
     lora_dropout: float | None = _help("LoRA: dropout on the adapters' input, in [0, 1) (default 0)")
     lora_targets: str | None = _help(
-        f"LoRA: comma-separated, of {', '.join(TARGETS)} (default: all); the router follows --freeze_router"
+        f"LoRA: comma-separated, of {', '.join(TARGETS)} (default: every one the model has); the router follows "
+        "--freeze_router"
     )
 
     RANGES = {"lora_rank": Range(1), "lora_alpha": Range(0, low_open=True), "lora_dropout": Range(0, 1, high_open=True)}

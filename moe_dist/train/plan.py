@@ -31,7 +31,8 @@ from ..convert.stock_import import (
 )
 from ..convert.upcycle import Upcycling, moe_fields
 from ..model.configuration import MAX_EXPERTS, MoEConfig
-from ..model.lora import LoRAConfig
+from ..model.lora import TARGETS, LoRAConfig, adapters, apply_lora
+from ..model.modeling import MoEForCausalLM
 from ..output_guard import check as check_outputs
 from ..parallel.ds_config import ConfigError, DeepSpeedSettings, launcher_world_size, load_deepspeed_config
 from ..parallel.engines import EngineSpec
@@ -144,7 +145,7 @@ def plan_run(
         grad_ckpt=model.grad_ckpt,
         freeze_router=model.freeze_router,
         freeze_router_bias=model.freeze_router_bias,
-        lora=model.lora(),
+        lora=_lora(model, config),
         data=data,
         spec=_engine_spec(engine, optim, ds, ep_size, run.max_steps),
         run=run,
@@ -157,6 +158,31 @@ def plan_run(
     _check_data_files(data)
     _check_stock_import(plan)
     return plan
+
+
+def _lora(model: ModelArgs, config: MoEConfig) -> LoRAConfig | None:
+    """The LoRA adapters asked for, on the targets this model has: all of them unless --lora_targets names some,
+    and a named target the model has nothing for (`mlp` where every FFN is routed) is refused rather than left
+    to train nothing. Counted on the meta device: no weight is allocated."""
+    lora = model.lora()
+    if lora is None:
+        return None
+
+    def adapts(target: str) -> bool:
+        with torch.device("meta"):
+            meta = apply_lora(MoEForCausalLM(config), LoRAConfig(1, 1.0, targets=(target,)))
+        return next(adapters(meta), None) is not None
+
+    found = tuple(t for t in TARGETS if adapts(t))
+    if model.lora_targets is None:
+        return dataclasses.replace(lora, targets=found)
+    for target in lora.targets:
+        if target not in found:
+            raise ConfigError(
+                f"--lora_targets={','.join(lora.targets)!r} is invalid for this model: it has nothing for {target}; "
+                f"valid targets here are {', '.join(found)}"
+            )
+    return lora
 
 
 def _check_memory(plan: RunPlan, zero_stage: int, gpu_mem_gib: float | None) -> None:
