@@ -113,6 +113,72 @@ MODELS = {
 }
 
 
+# The released depths, for the memory each process needs at full size: it holds the embeddings, the head and about
+# one decoder layer at a time (docs/import/depth, docs/import/export16: flat in depth), so the rows measured at one
+# or two layers bound the full models.
+FULL_LAYERS = {
+    "Qwen3-30B-A3B": 48,
+    "OLMoE-1B-7B": 16,
+    "Mixtral-8x7B": 32,
+    "Llama-3.2-1B": 16,
+    "ERNIE-4.5-21B-A3B": 28,
+}
+BASE_MB = 512  # the interpreter, torch and transformers, before any tensor (profile_import's `before`)
+PROCESSES = ("check", "export", "stock_check")
+
+
+def span_params(name: str, layers: int) -> tuple[int, int]:
+    """(parameters outside the decoder layers, those of the largest layer) of `name` at `layers` layers."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, fields, _ = MODELS[name]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, num_hidden_layers=layers, **fields))
+    per_layer: dict[str, int] = {}
+    outside = 0
+    for key, p in model.named_parameters():  # tied weights once, as num_parameters counts them
+        parts = key.split(".")
+        if "layers" in parts:
+            layer = parts[parts.index("layers") + 1]
+            per_layer[layer] = per_layer.get(layer, 0) + p.numel()
+        else:
+            outside += p.numel()
+    return outside, max(per_layer.values())
+
+
+def full_size(result: dict) -> list[str]:
+    """The bound fitted on the rows, peak <= BASE_MB + k x fp32(outside + largest layer) per process, and what it
+    gives at each model's released depth."""
+    spans = {r["model"]: sum(span_params(r["model"], r["layers"])) * 4 / MB for r in result["rows"]}
+    k = {
+        proc: max((r[proc]["peak_rss_mb"] - BASE_MB) / spans[r["model"]] for r in result["rows"] if proc in r)
+        for proc in PROCESSES
+    }
+    lines = [
+        "",
+        "## At full size",
+        "",
+        f"Each process holds the embeddings, the head and about one decoder layer at a time, so its peak is fitted as "
+        f"{BASE_MB} MB + k x the fp32 size of (everything outside the decoder layers + the largest layer), k the "
+        f"largest over the rows above: check k = {k['check']:.2f}, export k = {k['export']:.2f}, stock check "
+        f"k = {k['stock_check']:.2f}. The same span at the released depth gives each model's need per process "
+        f"(GB = 2^30 bytes); the whole model in fp32 is what the earlier import check held about 2.4x of.",
+        "",
+        "| model | released layers | params | fp32 (GB) | span (GB) | check (GB) | export (GB) | stock check (GB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        outside, layer = span_params(r["model"], FULL_LAYERS[r["model"]])
+        params = outside + layer + (FULL_LAYERS[r["model"]] - 1) * layer  # an upper count: every layer the largest
+        span_mb = (outside + layer) * 4 / MB
+        need = [f"{(BASE_MB + k[p] * span_mb) / 1024:.1f}" for p in PROCESSES]
+        lines.append(
+            f"| {r['model']} | {FULL_LAYERS[r['model']]} | <= {params / 1e9:.1f}B | {params * 4 / 2**30:.0f} | "
+            f"{span_mb / 1024:.2f} | {' | '.join(need)} |"
+        )
+    return lines
+
+
 def peak_rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -271,7 +337,7 @@ def report(result: dict) -> str:
         lines.append(
             f"| {row['model']} | {row['layers']} | {row['params'] / 1e6:,.0f}M | {fp32:,.0f} | {' | '.join(cells)} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + full_size(result)) + "\n"
 
 
 def main(argv=None) -> int:
@@ -279,6 +345,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
     p.add_argument("--no_round_trip", nargs="*", default=[], help="models to check only (memory)")
     p.add_argument("--out", default="docs/import/released")
+    p.add_argument("--report_only", action="store_true", help="rewrite report.md from the stored rows, measure none")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args, rest = p.parse_known_args(argv)
@@ -296,12 +363,13 @@ def main(argv=None) -> int:
     # the rows of earlier commands, with the command and machine that measured it.
     stored = out / "released.json"
     result = json.loads(stored.read_text()) if stored.is_file() else {"rows": []}
-    for name in args.models:
+    for name in [] if args.report_only else args.models:
         row = measure(name, name not in args.no_round_trip)
         row.update(command=command_line("python"), machine=machine(torch.device("cpu")))
         result["rows"] = [r for r in result["rows"] if r["model"] != name] + [row]
         write_json(stored, result)
         (out / "report.md").write_text(report(result))
+    (out / "report.md").write_text(report(result))
     print(report(result))
     return 0
 
