@@ -219,3 +219,22 @@ def test_experts_only_with_a_frozen_router_trains_under_deepspeed(tmp_path):
     start = MoEForCausalLM(MoEConfig.from_pretrained(_step(run, 2))).state_dict()
     assert all(torch.equal(state[k], start[k]) for k in state if not k.endswith((".lora_A", ".lora_B")))
     assert all(".experts." in k for k in _adapters(state))
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("layout", ["etp2-2ranks", "accelerate"])
+def test_etp2_and_accelerate_train_the_adapters_of_one_process(one_process, tmp_path, layout):
+    """EP 1 x ETP 2 on 2 ranks (accumulation 2), and the accelerate engine on one process (micro-batch 4 x
+    accumulation 4, capacity 1.0 as the DeepSpeed path routes): the losses and adapters of one DeepSpeed process."""
+    run = tmp_path / "run"
+    if layout == "accelerate":
+        engine = ["--micro_batch_size", "4", "--grad_accum", "4", "--capacity_factor", "1.0"]
+        check(python(TRAIN, [*ARGS, *engine, "--output_dir", str(run)], timeout=600))
+    else:
+        ds = _ds(tmp_path, gradient_accumulation_steps=2, moe={"ep_size": 1, "etp_size": 2})
+        check(deepspeed(TRAIN, ["--deepspeed", ds, *ARGS, "--output_dir", str(run)], ranks=2, timeout=600))
+    a, b = metrics(one_process), metrics(run)
+    assert sorted(b) == list(range(1, STEPS + 1))
+    assert all(abs(a[s]["loss"] - b[s]["loss"]) <= 1e-5 for s in b), [(a[s]["loss"], b[s]["loss"]) for s in b]
+    want, got = (_adapters(load_hf_state_dict(_step(r, STEPS))) for r in (one_process, run))
+    assert want.keys() == got.keys() and all((want[k] - got[k]).abs().max() <= 1e-5 for k in want)
