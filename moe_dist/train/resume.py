@@ -55,7 +55,7 @@ def load_checkpoint(
     ep_size: int,
     config: MoEConfig,
     allow_optimizer_reset: bool,
-    trainable: Callable[[MoEForCausalLM], MoEForCausalLM] = lambda model: model,
+    trainable: Callable[[MoEForCausalLM], MoEForCausalLM],
 ) -> tuple[TrainerState, ReportTotals]:
     """Restore the engine (and this rank's RNG) from `path`; returns the loop's state and report totals.
 
