@@ -17,9 +17,10 @@ from moe_dist.checkpoint.formats import load_hf_state_dict, load_zero_shard, zer
 from moe_dist.convert.sources import AdaptedSource
 from moe_dist.export.cli import main as export_main
 from moe_dist.model.configuration import MoEConfig
-from moe_dist.model.lora import LoRAConfig, adapter_parameters, apply_lora, fold_adapters, init_adapters
+from moe_dist.model.lora import TARGETS, LoRAConfig, adapter_parameters, apply_lora, fold_adapters, init_adapters
 from moe_dist.model.modeling import MoEForCausalLM
 from moe_dist.train.cli import main
+from moe_dist.train.plan import lora_targets_of
 
 CPU_ETP = ROOT / "ds_configs" / "cpu_ep2_etp2.json"  # micro-batch 4 per rank, ZeRO-2: a global batch of 16
 STEPS = 10
@@ -238,3 +239,23 @@ def test_etp2_and_accelerate_train_the_adapters_of_one_process(one_process, tmp_
     assert all(abs(a[s]["loss"] - b[s]["loss"]) <= 1e-5 for s in b), [(a[s]["loss"], b[s]["loss"]) for s in b]
     want, got = (_adapters(load_hf_state_dict(_step(r, STEPS))) for r in (one_process, run))
     assert want.keys() == got.keys() and all((want[k] - got[k]).abs().max() <= 1e-5 for k in want)
+
+
+@pytest.mark.parametrize(
+    "preset,overrides",
+    [
+        ("tiny-moe", {}),
+        ("tiny-moe", dict(num_shared_experts=1, skip_first_moe=1)),
+        ("tiny-modern", dict(moe_every=2)),
+        ("tiny-dense", {}),
+        ("ernie-tiny", {}),
+    ],
+)
+def test_the_planner_names_the_targets_apply_lora_finds(preset, overrides):
+    config = MoEConfig.from_preset(preset, **overrides)
+    found = []
+    for target in TARGETS:
+        with torch.device("meta"):
+            model = apply_lora(MoEForCausalLM(config), LoRAConfig(rank=1, alpha=1.0, targets=(target,)))
+        found += [target] if any(True for _ in adapter_parameters(model)) else []
+    assert lora_targets_of(config) == tuple(found)

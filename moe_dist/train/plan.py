@@ -31,8 +31,7 @@ from ..convert.stock_import import (
 )
 from ..convert.upcycle import Upcycling, moe_fields
 from ..model.configuration import MAX_EXPERTS, MoEConfig
-from ..model.lora import TARGETS, LoRAConfig, adapters, apply_lora
-from ..model.modeling import MoEForCausalLM
+from ..model.lora import TARGETS, LoRAConfig
 from ..output_guard import check as check_outputs
 from ..parallel.ds_config import ConfigError, DeepSpeedSettings, launcher_world_size, load_deepspeed_config
 from ..parallel.engines import EngineSpec
@@ -163,17 +162,11 @@ def plan_run(
 def _lora(model: ModelArgs, config: MoEConfig) -> LoRAConfig | None:
     """The LoRA adapters asked for, on the targets this model has: all of them unless --lora_targets names some,
     and a named target the model has nothing for (`mlp` where every FFN is routed) is refused rather than left
-    to train nothing. Counted on the meta device: no weight is allocated."""
+    to train nothing."""
     lora = model.lora()
     if lora is None:
         return None
-
-    def adapts(target: str) -> bool:
-        with torch.device("meta"):
-            meta = apply_lora(MoEForCausalLM(config), LoRAConfig(1, 1.0, targets=(target,)))
-        return next(adapters(meta), None) is not None
-
-    found = tuple(t for t in TARGETS if adapts(t))
+    found = lora_targets_of(config)
     if model.lora_targets is None:
         return dataclasses.replace(lora, targets=found)
     for target in lora.targets:
@@ -183,6 +176,19 @@ def _lora(model: ModelArgs, config: MoEConfig) -> LoRAConfig | None:
                 f"valid targets here are {', '.join(found)}"
             )
     return lora
+
+
+def lora_targets_of(config: MoEConfig) -> tuple[str, ...]:
+    """The LoRA targets (`model.lora.TARGETS`) that name some projection of a model of `config`, from the config
+    alone: building even a meta model of a released MoE takes seconds, on every rank."""
+    moe_layers = set(config.moe_layer_indices)
+    has = {
+        "attention": True,
+        "experts": bool(moe_layers),
+        "shared_experts": bool(moe_layers) and config.num_shared_experts > 0,
+        "mlp": len(moe_layers) < config.num_hidden_layers,
+    }
+    return tuple(t for t in TARGETS if has[t])
 
 
 def _check_memory(plan: RunPlan, zero_stage: int, gpu_mem_gib: float | None) -> None:
